@@ -1,0 +1,344 @@
+"""Typed, frozen configuration parsed from ``params.yaml``.
+
+Each top-level section of ``params.yaml`` maps onto one frozen dataclass below. Parsing is
+strict: an unknown key or a value of the wrong type raises :class:`ConfigError` naming the
+full dotted key (``train.lr``), so a typo fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter file or override is malformed; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which dataset to prepare and how to split it."""
+
+    name: str = "digits"
+    #: fashion-mnist: directory of IDX files; parquet: path of the user's table.
+    path: str | None = None
+    test_fraction: float = 0.2
+    seed: int = 0
+    #: Optional seeded subsample sizes (quick runs on large sets); null keeps everything.
+    max_train: int | None = None
+    max_test: int | None = None
+    out_dir: str = "data/prepared"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture from the model registry."""
+
+    name: str = "mlp"
+    hidden: tuple[int, ...] = (128, 128)
+    channels: tuple[int, ...] = (16, 32)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Single-model training (original model and retrain-from-scratch oracle)."""
+
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9
+    seed: int = 0
+    oracle_seed: int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass(frozen=True)
+class RequestConfig:
+    """Where the deletion request lives and where its id manifests are written."""
+
+    file: str = "requests/example.yaml"
+    out_dir: str = "data/forget"
+
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """Per-sample Fisher diagonal (algorithms.md §1).
+
+    ``kind``: ``true_expected`` sums over classes weighted by the model's probabilities (exact
+    true Fisher, deterministic; default), ``true_sampled`` draws one label from the model per
+    sample, ``empirical`` uses the dataset label.
+    """
+
+    kind: Literal["true_expected", "true_sampled", "empirical"] = "true_expected"
+    batch_size: int = 256
+    seed: int = 0
+    #: Seeded subsample of the retain set used for I_R (null: all of it).
+    max_retain: int | None = None
+
+
+@dataclass(frozen=True)
+class FisherDiagonalParams:
+    """DeepClean Fisher-diagonal forgetting (algorithms.md §1)."""
+
+    #: γ: reset weights with I_F/(I_R+ε) > threshold. Null: use ``top_fraction`` instead.
+    threshold: float | None = None
+    #: Fraction of weights with the largest ratio to reset when ``threshold`` is null.
+    top_fraction: float = 0.2
+    eps: float = 1e-8
+    #: Value the selected weights restart from (the paper leaves it open).
+    reset: Literal["zero", "reinit"] = "reinit"
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Fine-tune baseline: continue training all weights on the retain set."""
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    """Retrain baseline: train from scratch on the retain set with the ``train`` section."""
+
+    seed: int = 2
+
+
+@dataclass(frozen=True)
+class UnlearnConfig:
+    """Which unlearning method runs, with one typed sub-section per method."""
+
+    method: str = "fisher_diagonal"
+    seed: int = 0
+    fisher_diagonal: FisherDiagonalParams = field(default_factory=FisherDiagonalParams)
+    finetune: FinetuneParams = field(default_factory=FinetuneParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
+
+    def method_params(self, name: str | None = None) -> Any:
+        """The typed hyper-parameters of ``name`` (default: the selected method)."""
+        return getattr(self, name or self.method)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Evaluation (shared/reference/evaluation.md)."""
+
+    seed: int = 0
+    mia_folds: int = 5
+    #: RBF-SVC settings of SalUn's MIA-efficacy.
+    mia_svc_c: float = 3.0
+    report_dir: str = "reports"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where MLflow, DVC and artifacts live."""
+
+    mlflow_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "unlearnflow"
+    dvc_root: str = "."
+    artifacts_dir: str = "artifacts"
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Ray connection: null address starts a local Ray; otherwise RAY_ADDRESS-style."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+
+
+@dataclass(frozen=True)
+class Params:
+    """The whole ``params.yaml``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    request: RequestConfig = field(default_factory=RequestConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return parse_section(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        item_tp = args[0]
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            # YAML 1.1 reads "1e-3" (no dot) as a string: accept what float() accepts.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported annotation {_type_name(tp)}")  # pragma: no cover
+
+
+def parse_section(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build frozen dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown key {where}{unknown[0]}"
+            + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
+            + f"; valid keys{' of ' + prefix if prefix else ''}: {', '.join(names)}"
+        )
+    kwargs = {}
+    for name in names:
+        if name in data:
+            key = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], key)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def read_params_file(path: str | Path) -> dict[str, Any]:
+    """Load the raw mapping of a params file with a clear error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return raw
+
+
+def build_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Params:
+    """Parse a raw mapping plus dotted-key ``overrides`` into :class:`Params`."""
+    tree = _deep_copy(raw)
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(tree, dotted, value)
+    params = parse_section(Params, tree)
+    validate_names(params)
+    return params
+
+
+def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read ``params.yaml`` and apply overrides such as ``{"unlearn.method": "finetune"}``."""
+    return build_params(read_params_file(path), overrides)
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def validate_names(params: Params) -> None:
+    """Check registry-backed names; the error lists the valid choices."""
+    from pipeline_lib.data import DATASETS
+    from pipeline_lib.methods import METHODS
+    from pipeline_lib.models import MODELS
+
+    for key, value, registry in (
+        ("data.name", params.data.name, DATASETS),
+        ("model.name", params.model.name, MODELS),
+        ("unlearn.method", params.unlearn.method, METHODS),
+    ):
+        if value not in registry:
+            raise ConfigError(f"{key}: unknown name {value!r}; valid: {', '.join(sorted(registry))}")
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) for YAML/JSON dumps."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(params))
+
+
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted-key view (``train.lr``) used for tracking parameters."""
+    out: dict[str, Any] = {}
+    for key, value in (to_dict(params) if not isinstance(params, dict) else params).items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out

@@ -1,0 +1,300 @@
+"""Dataset registry and prepared-data format.
+
+Prepared data is a directory with ``samples.parquet`` (columns ``sample_id`` string, ``split``
+``train``/``test``, ``label`` int64, ``features`` fixed-size list of float32, the flattened
+sample) and ``meta.json`` (sample shape, class count, content hash, counts, source).
+``sample_id`` is stable: derived from the source, never from row order after shuffling.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline_lib.config import ConfigError, DataConfig
+from pipeline_lib.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class RawDataset:
+    """Samples as loaded from a source. ``X``: (N, *shape) float32; ``y``: (N,) int64."""
+
+    ids: np.ndarray
+    X: np.ndarray
+    y: np.ndarray
+    #: Official split per sample ("train"/"test") or None when the source has none.
+    split: np.ndarray | None
+    n_classes: int
+    source: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A prepared dataset read back from disk."""
+
+    ids: np.ndarray  # (N,) str
+    split: np.ndarray  # (N,) str
+    X: np.ndarray  # (N, *shape) float32
+    y: np.ndarray  # (N,) int64
+    meta: dict
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.meta["shape"])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.meta["n_classes"])
+
+    @property
+    def content_hash(self) -> str:
+        return str(self.meta["content_hash"])
+
+    def subset(self, ids: np.ndarray | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(X, y) for ``ids`` in the order given; unknown ids raise KeyError naming one."""
+        index = {sid: i for i, sid in enumerate(self.ids)}
+        try:
+            rows = np.fromiter((index[s] for s in ids), dtype=np.int64, count=len(ids))
+        except KeyError as exc:
+            raise KeyError(f"sample id {exc.args[0]!r} is not in the prepared data") from None
+        return self.X[rows], self.y[rows]
+
+    def split_ids(self, split: str) -> np.ndarray:
+        return self.ids[self.split == split]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def load_digits_source(cfg: DataConfig) -> RawDataset:
+    """scikit-learn's 8×8 digits (1,797 images, 10 classes), scaled to [0, 1]."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    X = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
+    ids = np.array([f"digits-{i:04d}" for i in range(len(X))])
+    return RawDataset(ids, X, bunch.target.astype(np.int64), None, 10, "sklearn.datasets.load_digits")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped), the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic)")
+    dtype_code, ndim = data[2], data[3]
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if dtype_code not in dtypes:
+        raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise ValueError(f"{path}: expected {int(np.prod(dims))} elements, found {arr.size}")
+    return arr.reshape(dims)
+
+
+def _find_idx(directory: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (directory / name).is_file():
+            return directory / name
+    raise FileNotFoundError(
+        f"{directory}: missing {stem}[.gz]. Fashion-MNIST ships in Debian's "
+        "dataset-fashion-mnist package (apt-get install dataset-fashion-mnist), or set "
+        "data.path to a directory holding the four IDX files"
+    )
+
+
+def load_fashion_mnist_source(cfg: DataConfig) -> RawDataset:
+    """Fashion-MNIST IDX files from ``data.path`` (default: Debian's package directory).
+
+    The official 60k/10k split is kept; ids are ``fmnist-train-00000`` / ``fmnist-test-00000``.
+    """
+    directory = Path(cfg.path or FASHION_MNIST_DEFAULT_DIR)
+    if not directory.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST directory not found: {directory} (install Debian's "
+            "dataset-fashion-mnist or set data.path)"
+        )
+    parts = []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        images = read_idx(_find_idx(directory, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(directory, f"{prefix}-labels-idx1-ubyte"))
+        if len(images) != len(labels):
+            raise ValueError(f"{directory}: {split} images and labels differ in count")
+        ids = np.array([f"fmnist-{split}-{i:05d}" for i in range(len(images))])
+        parts.append((ids, images, labels, np.full(len(images), split)))
+    ids, images, labels, split_arr = (np.concatenate(p) for p in zip(*parts, strict=True))
+    X = (images.astype(np.float32) / 255.0)[:, None, :, :]
+    return RawDataset(ids, X, labels.astype(np.int64), split_arr, 10, str(directory))
+
+
+def load_parquet_source(cfg: DataConfig) -> RawDataset:
+    """A user's table: ``sample_id``, ``label`` and either a ``features`` list column, an
+    ``image`` column (nested lists, H×W or C×H×W), or plain numeric feature columns.
+    An optional ``split`` column (train/test) is kept; otherwise the split is seeded."""
+    if not cfg.path:
+        raise ConfigError("data.path: the parquet dataset needs the path of a Parquet table")
+    path = Path(cfg.path)
+    if not path.exists():
+        raise FileNotFoundError(f"data.path: Parquet table not found: {path}")
+    table = pq.read_table(path)
+    cols = set(table.column_names)
+    missing = {"sample_id", "label"} - cols
+    if missing:
+        raise ValueError(f"{path}: missing required column(s) {', '.join(sorted(missing))}")
+    ids = np.array([str(s) for s in table.column("sample_id").to_pylist()])
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: sample_id values are not unique")
+    y = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+    if "features" in cols:
+        X = np.array(table.column("features").to_pylist(), dtype=np.float32)
+    elif "image" in cols:
+        X = np.array(table.column("image").to_pylist(), dtype=np.float32)
+        if X.ndim == 3:
+            X = X[:, None]
+    else:
+        reserved = {"sample_id", "label", "split"}
+        numeric = [
+            f.name for f in table.schema
+            if f.name not in reserved and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
+        ]
+        if not numeric:
+            raise ValueError(f"{path}: no 'features' or 'image' column and no numeric feature columns")
+        X = np.stack([table.column(c).to_numpy().astype(np.float32) for c in numeric], axis=1)
+    split = None
+    if "split" in cols:
+        split = np.array(table.column("split").to_pylist(), dtype=str)
+        bad = sorted(set(split) - set(SPLITS))
+        if bad:
+            raise ValueError(f"{path}: split column holds {bad[0]!r}; valid: train, test")
+    if y.min() < 0:
+        raise ValueError(f"{path}: labels must be non-negative class indices")
+    return RawDataset(ids, X, y, split, int(y.max()) + 1, str(path))
+
+
+DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
+    "digits": load_digits_source,
+    "fashion-mnist": load_fashion_mnist_source,
+    "parquet": load_parquet_source,
+}
+
+
+def get_dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
+    if name not in DATASETS:
+        raise ConfigError(f"data.name: unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
+    return DATASETS[name]
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def assign_split(raw: RawDataset, cfg: DataConfig) -> np.ndarray:
+    """The source's split if it has one, else a seeded stratified split.
+
+    Ids are sorted first so the split depends on the set of ids, not on their order."""
+    if raw.split is not None:
+        return raw.split.copy()
+    if not 0.0 < cfg.test_fraction < 1.0:
+        raise ConfigError(f"data.test_fraction: must be in (0, 1), got {cfg.test_fraction}")
+    order = np.argsort(raw.ids, kind="stable")
+    rng = np.random.default_rng(cfg.seed)
+    split = np.full(len(raw.ids), "train", dtype=object)
+    for c in np.unique(raw.y):
+        members = order[raw.y[order] == c]
+        members = members[rng.permutation(len(members))]
+        n_test = int(round(cfg.test_fraction * len(members)))
+        split[members[:n_test]] = "test"
+    return split.astype(str)
+
+
+def _subsample(mask: np.ndarray, limit: int | None, rng: np.random.Generator) -> np.ndarray:
+    idx = np.flatnonzero(mask)
+    if limit is None or limit >= len(idx):
+        return idx
+    return np.sort(rng.choice(idx, size=limit, replace=False))
+
+
+def content_hash(ids: np.ndarray, split: np.ndarray, X: np.ndarray, y: np.ndarray) -> str:
+    """sha256 over ids, splits, labels and feature bytes, in sample_id order."""
+    order = np.argsort(ids, kind="stable")
+    h = hashlib.sha256()
+    h.update("\n".join(ids[order]).encode())
+    h.update("\n".join(split[order]).encode())
+    h.update(np.ascontiguousarray(y[order], dtype="<i8").tobytes())
+    h.update(np.ascontiguousarray(X[order], dtype="<f4").tobytes())
+    return h.hexdigest()
+
+
+def prepare_dataset(cfg: DataConfig, out_dir: str | Path | None = None) -> dict:
+    """Load ``cfg.name``, split, subsample, and write the prepared directory atomically.
+
+    Returns the metadata written to ``meta.json``.
+    """
+    raw = get_dataset_loader(cfg.name)(cfg)
+    split = assign_split(raw, cfg)
+    rng = np.random.default_rng(cfg.seed + 1)
+    keep = np.concatenate(
+        [_subsample(split == "train", cfg.max_train, rng), _subsample(split == "test", cfg.max_test, rng)]
+    )
+    keep.sort()
+    ids, X, y, split = raw.ids[keep], raw.X[keep], raw.y[keep], split[keep]
+    if (split == "train").sum() == 0 or (split == "test").sum() == 0:
+        raise ValueError(f"dataset {cfg.name!r}: train and test splits must both be non-empty")
+    flat = np.ascontiguousarray(X.reshape(len(X), -1), dtype=np.float32)
+    table = pa.table(
+        {
+            "sample_id": pa.array(ids, pa.string()),
+            "split": pa.array(split, pa.string()),
+            "label": pa.array(y, pa.int64()),
+            "features": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1]),
+        }
+    )
+    meta = {
+        "dataset": cfg.name,
+        "source": raw.source,
+        "shape": list(X.shape[1:]),
+        "n_classes": raw.n_classes,
+        "n_train": int((split == "train").sum()),
+        "n_test": int((split == "test").sum()),
+        "content_hash": content_hash(ids, split, X, y),
+    }
+    out = Path(out_dir or cfg.out_dir)
+    with atomic_path(out) as tmp:
+        tmp.mkdir(parents=True)
+        pq.write_table(table, tmp / "samples.parquet")
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    log.info("prepared %s: %d train, %d test -> %s", cfg.name, meta["n_train"], meta["n_test"], out)
+    return meta
+
+
+def load_prepared(path: str | Path, verify: bool = False) -> Prepared:
+    """Read a prepared directory; ``verify`` recomputes the content hash."""
+    path = Path(path)
+    if not (path / "samples.parquet").is_file() or not (path / "meta.json").is_file():
+        raise FileNotFoundError(f"{path}: not a prepared dataset (samples.parquet/meta.json missing)")
+    meta = json.loads((path / "meta.json").read_text())
+    table = pq.read_table(path / "samples.parquet")
+    ids = np.array(table.column("sample_id").to_pylist(), dtype=str)
+    split = np.array(table.column("split").to_pylist(), dtype=str)
+    y = table.column("label").to_numpy().astype(np.int64)
+    feats = table.column("features").combine_chunks()
+    X = feats.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), *meta["shape"]).astype(np.float32)
+    if verify and content_hash(ids, split, X, y) != meta["content_hash"]:
+        raise ValueError(f"{path}: content hash does not match meta.json (data changed on disk)")
+    return Prepared(ids, split, X, y, meta)

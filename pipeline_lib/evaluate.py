@@ -1,0 +1,172 @@
+"""Unlearning evaluation (shared/reference/evaluation.md): accuracies, MIA, Avg. Gap, cost.
+
+- UA = 100 − accuracy on F, RA = accuracy on R, TA = accuracy on the test split.
+- MIA-efficacy (SalUn, ICLR 2024): an RBF SVC (C=3, gamma='auto') on the confidence p_y(x),
+  members = a retain subset the size of the test split, non-members = the test split;
+  efficacy = 100 × fraction of F predicted non-member. Compared with Retrain's value.
+- Loss MIA AUC (SCRUB): logistic regression on the per-sample loss, F (1) vs test (0),
+  class-balanced, cross-validated; 0.5 means indistinguishable.
+- Avg. Gap = mean(|UA−UA_R|, |RA−RA_R|, |TA−TA_R|, |MIA−MIA_R|) against the retrained oracle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline_lib.io import atomic_path
+from pipeline_lib.train import predict_logits
+
+GAP_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
+
+
+@dataclass(frozen=True)
+class EvalSplits:
+    forget_X: torch.Tensor
+    forget_y: torch.Tensor
+    retain_X: torch.Tensor
+    retain_y: torch.Tensor
+    test_X: torch.Tensor
+    test_y: torch.Tensor
+
+
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * float((logits.argmax(-1) == y).float().mean())
+
+
+def per_sample_loss(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    return nn.functional.cross_entropy(logits.double(), y, reduction="none").numpy()
+
+
+def confidence(logits: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """p_y(x), the model's probability of the true label."""
+    return logits.double().softmax(-1).gather(1, y[:, None]).squeeze(1).numpy()
+
+
+def mia_efficacy(
+    conf_retain: np.ndarray, conf_test: np.ndarray, conf_forget: np.ndarray, c: float, seed: int
+) -> float:
+    """SalUn's MIA-efficacy in percent (see module docstring)."""
+    from sklearn.svm import SVC
+
+    rng = np.random.default_rng(seed)
+    n = min(len(conf_retain), len(conf_test))
+    members = conf_retain[rng.choice(len(conf_retain), size=n, replace=False)]
+    nonmembers = conf_test[rng.choice(len(conf_test), size=n, replace=False)]
+    features = np.concatenate([members, nonmembers])[:, None]
+    labels = np.concatenate([np.ones(n), np.zeros(n)])
+    svc = SVC(C=c, gamma="auto", kernel="rbf").fit(features, labels)
+    return 100.0 * float((svc.predict(conf_forget[:, None]) == 0).mean())
+
+
+def loss_mia_auc(loss_forget: np.ndarray, loss_test: np.ndarray, folds: int, seed: int) -> float:
+    """Cross-validated AUC of a logistic regression telling F (1) from test (0) by loss."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+    rng = np.random.default_rng(seed)
+    n = min(len(loss_forget), len(loss_test))
+    if n < 2:
+        return float("nan")
+    f = loss_forget[rng.choice(len(loss_forget), size=n, replace=False)]
+    t = loss_test[rng.choice(len(loss_test), size=n, replace=False)]
+    features = np.log1p(np.concatenate([f, t]))[:, None]
+    labels = np.concatenate([np.ones(n), np.zeros(n)])
+    k = max(2, min(folds, n))
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    scores = cross_val_predict(LogisticRegression(), features, labels, cv=cv, method="predict_proba")[:, 1]
+    return float(roc_auc_score(labels, scores))
+
+
+def evaluate_model(model: nn.Module, splits: EvalSplits, c: float = 3.0, folds: int = 5, seed: int = 0) -> dict[str, float]:
+    """Accuracy and membership-inference metrics of one model (percent except the AUC)."""
+    lf = predict_logits(model, splits.forget_X)
+    lr = predict_logits(model, splits.retain_X)
+    lt = predict_logits(model, splits.test_X)
+    fa = accuracy(lf, splits.forget_y)
+    return {
+        "forget_acc": fa,
+        "UA": 100.0 - fa,
+        "RA": accuracy(lr, splits.retain_y),
+        "TA": accuracy(lt, splits.test_y),
+        "MIA_efficacy": mia_efficacy(
+            confidence(lr, splits.retain_y), confidence(lt, splits.test_y), confidence(lf, splits.forget_y), c, seed
+        ),
+        "loss_MIA_AUC": loss_mia_auc(per_sample_loss(lf, splits.forget_y), per_sample_loss(lt, splits.test_y), folds, seed),
+    }
+
+
+def avg_gap(metrics: Mapping[str, float], oracle: Mapping[str, float]) -> float:
+    """Mean absolute gap to the retrained oracle over UA, RA, TA and MIA-efficacy."""
+    return float(np.mean([abs(metrics[k] - oracle[k]) for k in GAP_METRICS]))
+
+
+def build_report(
+    models: Mapping[str, Mapping[str, float]],
+    unlearn_seconds: float,
+    retrain_seconds: float,
+    extra: Mapping[str, object] | None = None,
+) -> dict:
+    """Assemble the JSON report: per-model metrics with Avg. Gap to ``models['oracle']``,
+    and the cost of unlearning relative to retraining."""
+    oracle = models["oracle"]
+    table = {name: {**m, "avg_gap": avg_gap(m, oracle)} for name, m in models.items()}
+    return {
+        "models": table,
+        "cost": {
+            "unlearn_seconds": unlearn_seconds,
+            "retrain_seconds": retrain_seconds,
+            "unlearn_over_retrain": unlearn_seconds / retrain_seconds if retrain_seconds > 0 else float("nan"),
+        },
+        **(dict(extra) if extra else {}),
+    }
+
+
+SUMMARY_COLUMNS = ("forget_acc", "RA", "TA", "UA", "MIA_efficacy", "loss_MIA_AUC", "avg_gap")
+
+
+def format_table(report: Mapping) -> str:
+    """Plain-text summary table of a report (one row per model) plus the cost line."""
+    header = f"{'model':<12}" + "".join(f"{c:>14}" for c in SUMMARY_COLUMNS)
+    lines = [header, "-" * len(header)]
+    for name, m in report["models"].items():
+        lines.append(f"{name:<12}" + "".join(f"{m[c]:>14.3f}" for c in SUMMARY_COLUMNS))
+    cost = report["cost"]
+    lines.append(
+        f"unlearning {cost['unlearn_seconds']:.2f}s vs retraining {cost['retrain_seconds']:.2f}s "
+        f"(ratio {cost['unlearn_over_retrain']:.3f})"
+    )
+    return "\n".join(lines)
+
+
+def plot_report(report: Mapping, path: str | Path) -> None:
+    """Grouped bars per metric for every model in the report; written atomically as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = ["forget_acc", "RA", "TA", "MIA_efficacy", "avg_gap"]
+    names = list(report["models"])
+    x = np.arange(len(metrics))
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for i, name in enumerate(names):
+        vals = [report["models"][name][m] for m in metrics]
+        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
+    ax.set_xticks(x, metrics)
+    ax.set_ylabel("percent")
+    title = report.get("title", "unlearning evaluation")
+    ax.set_title(str(title))
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

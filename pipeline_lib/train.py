@@ -1,0 +1,119 @@
+"""A plain single-model trainer, with optional per-weight gradient masks.
+
+The masked variant is the shared "fine-tune only these weights" loop used by the
+Fisher-diagonal method (and later by SalUn); everything is seeded so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but torch sees no CUDA device")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    epochs: int
+    batch_size: int
+    lr: float
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+
+
+def _optimizer(params: list[torch.Tensor], s: FitSettings) -> torch.optim.Optimizer:
+    if s.optimizer == "adam":
+        return torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+    if s.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}; valid: adam, sgd")
+
+
+def fit(
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    settings: FitSettings,
+    seed: int,
+    grad_mask: dict[str, torch.Tensor] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """Train ``model`` in place on (X (N, *shape), y (N,)) with seeded shuffling.
+
+    ``grad_mask`` maps parameter names to bool tensors of the parameter's shape: only the
+    True entries move (the rest keep their value exactly; parameters with no True entry are
+    left out of the optimiser). Returns the model.
+    """
+    if len(X) == 0:
+        raise ValueError("fit: empty training set")
+    device = device or torch.device("cpu")
+    model.to(device).train()
+    loss_fn = loss_fn or nn.functional.cross_entropy
+    named = dict(model.named_parameters())
+    masks = {}
+    if grad_mask is not None:
+        unknown = sorted(set(grad_mask) - set(named))
+        if unknown:
+            raise KeyError(f"grad_mask names unknown parameter {unknown[0]!r}")
+        masks = {k: m.to(device) for k, m in grad_mask.items() if bool(m.any())}
+        for name, p in named.items():
+            p.requires_grad_(name in masks)
+        trainable = [named[k] for k in masks]
+    else:
+        trainable = list(named.values())
+    if not trainable:
+        log.warning("fit: no trainable weight selected; model unchanged")
+        return model.eval()
+    opt = _optimizer(trainable, settings)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(X)
+    t0 = time.perf_counter()
+    for epoch in range(settings.epochs):
+        order = torch.randperm(n, generator=gen)
+        total = 0.0
+        for start in range(0, n, settings.batch_size):
+            idx = order[start : start + settings.batch_size]
+            xb, yb = X[idx].to(device), y[idx].to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            for name, m in masks.items():
+                named[name].grad.mul_(m)
+            if masks and settings.weight_decay:
+                # decoupled from grads: keep frozen entries exact by restoring them after step
+                frozen = {k: named[k].detach().clone() for k in masks}
+                opt.step()
+                with torch.no_grad():
+                    for k, m in masks.items():
+                        named[k].copy_(torch.where(m, named[k], frozen[k]))
+            else:
+                opt.step()
+            total += float(loss.detach()) * len(idx)
+        log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, settings.epochs, total / n, time.perf_counter() - t0)
+    for p in named.values():
+        p.requires_grad_(True)
+    return model.eval()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """Logits (N, n_classes) on CPU, computed in eval mode on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = [model(X[i : i + batch_size].to(device)).cpu() for i in range(0, len(X), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
