@@ -1,0 +1,1 @@
+"""Prefect flows and the ``unlearn`` CLI that starts them."""

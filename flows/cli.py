@@ -1,0 +1,143 @@
+"""``unlearn``: the command line of unlearnflow.
+
+    unlearn run [--params params.yaml] [--request FILE] [--method NAME] [--set KEY=VALUE ...]
+    unlearn requests validate FILE [FILE ...] [--params params.yaml]
+    unlearn methods
+
+Every argument is checked before any work starts: a wrong name fails at once and lists the
+valid choices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline_lib.config import ConfigError, load_params
+from pipeline_lib.requests import RequestError, check_unique_ids, extract_forget_set, load_request
+
+
+def _setup_env() -> None:
+    """Defaults for the embedded single-machine mode; every one can be overridden by the
+    environment (PREFECT_API_URL for a Prefect server, RAY_ADDRESS, MLFLOW_TRACKING_URI)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve()))
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
+    os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=10")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = _parse_set(args.set or [])
+    if args.request:
+        overrides["request.file"] = str(Path(args.request).resolve())
+    if args.method:
+        overrides["unlearn.method"] = args.method
+    if os.environ.get("MLFLOW_TRACKING_URI") and "tracking.mlflow_uri" not in overrides:
+        overrides["tracking.mlflow_uri"] = os.environ["MLFLOW_TRACKING_URI"]
+    return overrides
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    params = load_params(args.params, overrides)  # fails fast on any bad name or key
+    root = Path(params.tracking.dvc_root)
+    req_path = Path(params.request.file)
+    load_request(req_path if req_path.is_absolute() else root / req_path)  # schema check before work
+    _setup_env()
+    from flows.pipeline import unlearning_pipeline  # prefect import after env setup
+    from pipeline_lib.evaluate import format_table
+
+    result = unlearning_pipeline(params_path=args.params, overrides=overrides)
+    print()
+    print(format_table(result["report"]))
+    print(f"\nMLflow run {result['run_id']} ({params.tracking.mlflow_uri}); report in {result['report_dir']}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Schema-check request files; check ids against prepared data when it exists."""
+    requests = [(f, load_request(f)) for f in args.files]
+    check_unique_ids(requests)
+    prepared = None
+    try:
+        params = load_params(args.params)
+        prepared_dir = Path(params.tracking.dvc_root) / params.data.out_dir
+        if (prepared_dir / "meta.json").is_file():
+            from pipeline_lib.data import load_prepared
+
+            prepared = load_prepared(prepared_dir)
+    except ConfigError:
+        if args.params != "params.yaml":
+            raise
+    for source, req in requests:
+        line = f"{source}: ok ({req.request_id}, forget by {req.kind})"
+        if prepared is not None:
+            forget, retain = extract_forget_set(req, prepared)
+            line += f"; {len(forget)} forget / {len(retain)} retain in {prepared.meta['dataset']}"
+        print(line)
+    if prepared is None:
+        print("(no prepared data found: ids not checked against the dataset; run `unlearn run` or `dvc repro prepare`)")
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from pipeline_lib.methods import METHODS
+
+    for m in METHODS.values():
+        print(f"{m.name:<18} {m.summary}{'  [needs Fisher statistics]' if m.needs_fisher else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipeline_lib.methods import METHODS
+
+    parser = argparse.ArgumentParser(prog="unlearn", description="unlearnflow: audited machine unlearning pipeline")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the pipeline for one deletion request")
+    run.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    run.add_argument("--request", help="deletion request YAML (overrides request.file)")
+    run.add_argument("--method", help=f"unlearning method (overrides unlearn.method): {', '.join(sorted(METHODS))}")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter, e.g. train.epochs=10")
+    run.set_defaults(func=cmd_run)
+    req = sub.add_parser("requests", help="deletion requests")
+    req_sub = req.add_subparsers(dest="requests_command", required=True)
+    val = req_sub.add_parser("validate", help="check request files (schema, unique ids, ids in the data)")
+    val.add_argument("files", nargs="+")
+    val.add_argument("--params", default="params.yaml")
+    val.set_defaults(func=cmd_validate)
+    methods = sub.add_parser("methods", help="list the registered unlearning methods")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "matplotlib", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (ConfigError, RequestError, FileNotFoundError) as exc:
+        print(f"unlearn: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The unlearning pipeline as a Prefect flow.
+
+prepare data → extract the forget set (both DVC stages, via ``dvc repro``) → train the
+original model → train the retrain-from-scratch oracle → Fisher statistics (when the method
+needs them) → unlearn → evaluate → track everything in one MLflow parent run named after the
+request id.
+
+Relative paths in the params file are relative to ``tracking.dvc_root`` (the project root by
+default), where the DVC stages run; the MLflow URI is used as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+
+from pipeline_lib.config import Params, flatten, load_params, to_dict
+from pipeline_lib.evaluate import SUMMARY_COLUMNS, format_table
+from pipeline_lib.methods import get_method
+from pipeline_lib.requests import load_request
+from pipeline_lib.steps import code_version
+from tasks import compute, tracking, versioning
+
+
+def _resolve(root: Path, path: str) -> str:
+    return str(path if Path(path).is_absolute() else root / path)
+
+
+def _with_files(task, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any]:
+    """Call a cached task; if a cached result points at files that are gone (someone cleaned
+    the artifacts directory), run it again instead of failing later."""
+    result = task(*args)
+    if all(Path(result[k]).is_file() for k in result_keys):
+        return result
+    get_run_logger().warning("%s: cached artifacts missing on disk, recomputing", task.name)
+    return task.with_options(refresh_cache=True)(*args)
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    head = "| model | " + " | ".join(SUMMARY_COLUMNS) + " |"
+    sep = "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"
+    rows = [
+        f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in SUMMARY_COLUMNS) + " |"
+        for name, m in report["models"].items()
+    ]
+    cost = report["cost"]
+    return "\n".join([head, sep, *rows, "",
+                      f"unlearning {cost['unlearn_seconds']:.2f}s, retraining {cost['retrain_seconds']:.2f}s, "
+                      f"ratio {cost['unlearn_over_retrain']:.3f}"])
+
+
+def prepare_params(params: Params) -> Params:
+    """Point ``request.file`` inside the DVC root and sync params.yaml there (DVC reads it)."""
+    root = Path(params.tracking.dvc_root).resolve()
+    request_path = _resolve(root, params.request.file)
+    request = load_request(request_path)
+    rel = versioning.stage_request_file(root, request_path, request.request_id)
+    params = dataclasses.replace(params, request=dataclasses.replace(params.request, file=rel))
+    changed = versioning.sync_params_file(root, params)
+    if changed:
+        get_run_logger().info("params.yaml in %s updated for DVC: %s", root, ", ".join(changed))
+    return params
+
+
+@flow(name="unlearning-pipeline")
+def unlearning_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one deletion request end to end; returns the MLflow run id and the report."""
+    logger = get_run_logger()
+    params = load_params(params_path, overrides)
+    method = get_method(params.unlearn.method)
+    tr = params.tracking
+    root = Path(tr.dvc_root).resolve()
+    request = load_request(_resolve(root, params.request.file))
+    tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
+    params = prepare_params(params)
+
+    md5s = versioning.dvc_repro(str(root), "extract")
+    data = {
+        "prepared_dir": _resolve(root, params.data.out_dir),
+        "prepared_md5": md5s["prepare"][params.data.out_dir],
+    }
+    request_data = {
+        **data,
+        "manifests_dir": _resolve(root, params.request.out_dir),
+        "manifests_md5": md5s["extract"][params.request.out_dir],
+    }
+    code = code_version()
+    artifacts = _resolve(root, tr.artifacts_dir)
+    cfg = to_dict(params)
+    run_id = tracking.start_run(
+        tr.mlflow_uri, tr.experiment, request.request_id,
+        {"request_digest": request.digest, "method": method.name, "code_version": code,
+         "request_reason": request.reason[:500]},
+        str(root),
+    )
+    try:
+        tracking.log_lineage(tr.mlflow_uri, run_id, flatten(params), request_data)
+        original = _with_files(compute.train_model, ("path",), data, "original", cfg["model"], cfg["train"],
+                               params.train.seed, artifacts, code)
+        oracle = _with_files(compute.train_model, ("path",), request_data, "oracle", cfg["model"], cfg["train"],
+                             params.train.oracle_seed, artifacts, code)
+        fisher = None
+        if method.needs_fisher:
+            fisher = _with_files(compute.fisher_statistics, ("forget_path", "retain_path"), request_data, original,
+                                 cfg["model"], cfg["fisher"], artifacts, code)
+        unlearned = _with_files(compute.unlearn, ("path",), request_data, original, cfg["model"], cfg["train"],
+                                cfg["unlearn"], fisher, artifacts, code)
+        unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
+        report_dir = Path(_resolve(root, params.evaluate.report_dir)) / request.request_id / method.name
+        report = compute.evaluate(
+            request_data, params,
+            {"original": original["path"], "oracle": oracle["path"], "unlearned": unlearned["path"]},
+            unlearn_seconds, oracle["seconds"], str(report_dir),
+            {"title": f"{request.request_id}: {method.name}", "request_id": request.request_id,
+             "method": method.name, "method_info": unlearned["info"], "mlflow_run_id": run_id},
+        )
+        extra = {
+            "time.original_train_seconds": original["seconds"],
+            "time.oracle_train_seconds": oracle["seconds"],
+            "time.method_seconds": unlearned["seconds"],
+            **({"time.fisher_seconds": fisher["seconds"]} if fisher else {}),
+            **{f"method.{k}": float(v) for k, v in unlearned["info"].items() if isinstance(v, int | float)},
+        }
+        tracking.log_results(tr.mlflow_uri, run_id, report,
+                             {"original": original, "oracle": oracle, "unlearned": unlearned},
+                             str(report_dir), extra)
+        create_markdown_artifact(markdown_table(report), key=f"report-{request.request_id.lower()}".replace("_", "-")[:60],
+                                 description=f"unlearning report, MLflow run {run_id}")
+    except BaseException:
+        tracking.end_run(tr.mlflow_uri, run_id, "FAILED")
+        raise
+    tracking.end_run(tr.mlflow_uri, run_id, "FINISHED")
+    logger.info("MLflow run %s: unlearned Avg. Gap %.3f, unlearn/retrain time %.3f", run_id,
+                report["models"]["unlearned"]["avg_gap"], report["cost"]["unlearn_over_retrain"])
+    return {"run_id": run_id, "report": report, "report_dir": str(report_dir)}

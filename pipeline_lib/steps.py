@@ -1,0 +1,207 @@
+"""Pipeline steps as plain functions: paths and config in, files and metric dicts out.
+
+Each Prefect task in ``tasks/`` is a thin wrapper around one of these (load → compute → save);
+keeping them here means the whole pipeline is testable without any orchestrator.
+Every file is written atomically and named by its content digest, so a re-run never sees a
+half-written artifact and two runs never overwrite each other's weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline_lib.config import FisherConfig, ModelConfig, Params, TrainConfig, UnlearnConfig
+from pipeline_lib.data import Prepared, load_prepared
+from pipeline_lib.evaluate import EvalSplits, build_report, evaluate_model, format_table, plot_report
+from pipeline_lib.fisher import fisher_diagonal
+from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write_json
+from pipeline_lib.methods import UnlearnInputs, get_method
+from pipeline_lib.models import build_model
+from pipeline_lib.requests import Manifests, load_manifests
+from pipeline_lib.train import FitSettings, fit, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def code_version() -> str:
+    """sha256 over pipeline_lib's sources: part of every cache key, so caches follow code."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.glob("*.py")):
+        h.update(path.name.encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Tensors of one request: X (N, *shape) float32, y (N,) int64."""
+
+    data: Prepared
+    manifests: Manifests
+    forget: tuple[torch.Tensor, torch.Tensor]
+    retain: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+
+    def eval_splits(self) -> EvalSplits:
+        return EvalSplits(*self.forget, *self.retain, *self.test)
+
+
+def load_splits(prepared_dir: str | Path, manifests_dir: str | Path) -> Splits:
+    data = load_prepared(prepared_dir)
+    man = load_manifests(manifests_dir)
+    if man.summary["data_content_hash"] != data.content_hash:
+        raise ValueError(
+            f"{manifests_dir} was extracted from other data ({man.summary['data_content_hash'][:12]}) "
+            f"than {prepared_dir} ({data.content_hash[:12]}); re-run the extract stage"
+        )
+
+    def tensors(ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        X, y = data.subset(ids)
+        return torch.from_numpy(X), torch.from_numpy(y)
+
+    return Splits(
+        data, man, tensors(man.forget_ids), tensors(man.retain_ids),
+        tensors(data.split_ids("test")),
+    )
+
+
+def model_factory(model_cfg: ModelConfig, data: Prepared):
+    return lambda seed: build_model(model_cfg, data.shape, data.n_classes, seed)
+
+
+def load_model(weights_path: str | Path, model_cfg: ModelConfig, data: Prepared) -> nn.Module:
+    model = build_model(model_cfg, data.shape, data.n_classes, seed=0)
+    model.load_state_dict(load_weights(weights_path))
+    return model.eval()
+
+
+def _save_model(model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]) -> tuple[str, str]:
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    digest = state_dict_digest(state)
+    path = Path(out_dir) / "models" / f"{role}-{digest[:16]}.safetensors"
+    save_weights(state, path, {"role": role, **meta})
+    return str(path), digest
+
+
+def train_step(
+    prepared_dir: str | Path,
+    manifests_dir: str | Path | None,
+    role: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    seed: int,
+    out_dir: str | Path,
+) -> dict[str, Any]:
+    """Train a fresh model: on the whole training split when ``manifests_dir`` is None (the
+    original model, independent of any request), else on the request's retain set (the
+    retrain-from-scratch oracle). Returns path, digest, seconds, n_train, seed."""
+    if manifests_dir is None:
+        data = load_prepared(prepared_dir)
+        Xn, yn = data.subset(np.sort(data.split_ids("train")))
+        X, y = torch.from_numpy(Xn), torch.from_numpy(yn)
+    else:
+        splits = load_splits(prepared_dir, manifests_dir)
+        data = splits.data
+        X, y = splits.retain
+    device = resolve_device(train_cfg.device)
+    model = model_factory(model_cfg, data)(seed)
+    settings = FitSettings(
+        train_cfg.epochs, train_cfg.batch_size, train_cfg.lr, train_cfg.optimizer,
+        train_cfg.weight_decay, train_cfg.momentum,
+    )
+    t0 = time.perf_counter()
+    fit(model, X, y, settings, seed, device=device)
+    seconds = time.perf_counter() - t0
+    path, digest = _save_model(model.cpu(), out_dir, role, {"seed": str(seed)})
+    log.info("trained %s on %d samples in %.2fs -> %s", role, len(X), seconds, path)
+    return {"path": path, "digest": digest, "seconds": seconds, "n_train": len(X), "seed": seed}
+
+
+def fisher_step(
+    splits: Splits, weights_path: str, model_cfg: ModelConfig, cfg: FisherConfig, out_dir: str | Path
+) -> dict[str, Any]:
+    """I_F and I_R of the original model, saved as safetensors. Returns paths and seconds."""
+    model = load_model(weights_path, model_cfg, splits.data)
+    rX, ry = splits.retain
+    if cfg.max_retain is not None and cfg.max_retain < len(rX):
+        rows = torch.from_numpy(np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False)))
+        rX, ry = rX[rows], ry[rows]
+    t0 = time.perf_counter()
+    fisher_f = fisher_diagonal(model, *splits.forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed)
+    fisher_r = fisher_diagonal(model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed)
+    seconds = time.perf_counter() - t0
+    out = {"seconds": seconds, "n_forget": len(splits.forget[0]), "n_retain": len(rX)}
+    for name, stats in (("forget", fisher_f), ("retain", fisher_r)):
+        digest = state_dict_digest(stats)
+        path = Path(out_dir) / "fisher" / f"{name}-{digest[:16]}.safetensors"
+        save_weights(stats, path, {"kind": cfg.kind, "split": name, "n": str(out[f"n_{name}"])})
+        out[f"{name}_path"] = str(path)
+    log.info("Fisher diagonals (%s) in %.2fs", cfg.kind, seconds)
+    return out
+
+
+def unlearn_step(
+    splits: Splits,
+    weights_path: str,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    unlearn_cfg: UnlearnConfig,
+    out_dir: str | Path,
+    fisher: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Apply ``unlearn_cfg.method`` to the original model. Returns path, digest, seconds, info."""
+    method = get_method(unlearn_cfg.method)
+    if method.needs_fisher and fisher is None:
+        raise ValueError(f"method {method.name} needs Fisher statistics; run the fisher step first")
+    device = resolve_device(train_cfg.device)
+    original = load_model(weights_path, model_cfg, splits.data).to(device)
+    inputs = UnlearnInputs(
+        *splits.forget, *splits.retain,
+        model_factory=model_factory(model_cfg, splits.data), train=train_cfg,
+        fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
+        fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
+        device=device,
+    )
+    t0 = time.perf_counter()
+    model, info = method.fn(copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed)
+    seconds = time.perf_counter() - t0
+    path, digest = _save_model(model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name})
+    log.info("unlearned with %s in %.2fs -> %s", method.name, seconds, path)
+    return {"path": path, "digest": digest, "seconds": seconds, "info": info, "method": method.name}
+
+
+def evaluate_step(
+    splits: Splits,
+    params: Params,
+    weights: dict[str, str],
+    unlearn_seconds: float,
+    retrain_seconds: float,
+    report_dir: str | Path,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate the models named in ``weights`` (must include ``oracle``); write
+    ``report.json`` and ``report.png`` into ``report_dir``. Returns the report."""
+    ev = params.evaluate
+    metrics = {
+        name: evaluate_model(
+            load_model(path, params.model, splits.data), splits.eval_splits(), ev.mia_svc_c, ev.mia_folds, ev.seed
+        )
+        for name, path in weights.items()
+    }
+    report = build_report(metrics, unlearn_seconds, retrain_seconds, extra)
+    report_dir = Path(report_dir)
+    write_json(report_dir / "report.json", report)
+    plot_report(report, report_dir / "report.png")
+    log.debug("evaluation:\n%s", format_table(report))
+    return report

@@ -1,0 +1,141 @@
+"""MLflow edge: one parent run per pipeline run, named after the request id.
+
+Lineage recorded on the run: the flattened params; the prepared data and the forget/retain
+manifests as dataset inputs (MLflow digest over the id table, the source path, and tags with
+the DVC md5 and the full content hash); tags with the request digest, code version and git
+commit; the original, oracle and unlearned weights (safetensors), every metric, the report
+and the plot. ``search_runs(filter_string="tags.request_id = '...'")`` answers "which data
+version and model did this come from" after the fact.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from prefect import task
+
+from pipeline_lib.data import load_prepared
+from pipeline_lib.requests import load_manifests
+
+RETRY = dict(retries=2, retry_delay_seconds=2)
+
+
+class DuplicateRequest(ValueError):
+    """The request id was already used for a different request."""
+
+
+def client_for(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, name: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    return exp.experiment_id if exp else client.create_experiment(name)
+
+
+def _git_commit(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def check_request_id(uri: str, experiment: str, request_id: str, request_digest: str) -> None:
+    """Refuse a request id already used in this experiment for different request content."""
+    client = client_for(uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.request_id = '{request_id}'")
+    for run in runs:
+        if run.data.tags.get("request_digest") not in (None, request_digest):
+            raise DuplicateRequest(
+                f"duplicate request_id {request_id!r}: run {run.info.run_id} already processed a "
+                "different request under this id; give the new request its own id"
+            )
+
+
+@task(name="mlflow-start-run", **RETRY)
+def start_run(uri: str, experiment: str, request_id: str, tags: dict[str, str], dvc_root: str) -> str:
+    """Create the parent run (status RUNNING) and return its id."""
+    client = client_for(uri)
+    commit = _git_commit(Path(dvc_root))
+    run = client.create_run(
+        _experiment_id(client, experiment),
+        run_name=request_id,
+        tags={**tags, "request_id": request_id, **({"mlflow.source.git.commit": commit} if commit else {})},
+    )
+    return run.info.run_id
+
+
+def _dataset_input(df: pd.DataFrame, source: str, name: str, context: str, tags: dict[str, str]) -> DatasetInput:
+    ds = mlflow.data.from_pandas(df, source=source, name=name)
+    all_tags = {"mlflow.data.context": context, **tags}
+    return DatasetInput(ds._to_mlflow_entity(), [InputTag(k, str(v)) for k, v in all_tags.items()])
+
+
+@task(name="mlflow-log-lineage", **RETRY)
+def log_lineage(uri: str, run_id: str, flat_params: dict[str, Any], data: dict[str, str]) -> None:
+    """Params, and the prepared data and manifests as dataset inputs with DVC md5 tags."""
+    client = client_for(uri)
+    params = [Param(k, str(v)[:6000]) for k, v in sorted(flat_params.items())]
+    client.log_batch(run_id, params=params)
+    prepared = load_prepared(data["prepared_dir"])
+    man = load_manifests(data["manifests_dir"])
+    ids_table = pd.DataFrame({"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y})
+    inputs = [
+        _dataset_input(ids_table, str(Path(data["prepared_dir"]).resolve()), f"{prepared.meta['dataset']}-prepared",
+                       "training", {"dvc_md5": data["prepared_md5"], "content_hash": prepared.content_hash}),
+    ]
+    for split, ids in (("forget", man.forget_ids), ("retain", man.retain_ids)):
+        inputs.append(_dataset_input(
+            pd.DataFrame({"sample_id": ids}), str(Path(data["manifests_dir"]).resolve() / f"{split}_ids.parquet"),
+            f"{man.summary['request']['request_id']}-{split}", split,
+            {"dvc_md5": data["manifests_md5"], "request_digest": man.summary["request_digest"]},
+        ))
+    client.log_inputs(run_id, datasets=inputs)
+    client.log_batch(run_id, tags=[
+        RunTag("data_content_hash", prepared.content_hash),
+        RunTag("dvc.prepared_md5", data["prepared_md5"]),
+        RunTag("dvc.manifests_md5", data["manifests_md5"]),
+    ])
+
+
+def _numeric(d: dict[str, Any], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+@task(name="mlflow-log-results", **RETRY)
+def log_results(
+    uri: str, run_id: str, report: dict[str, Any], weights: dict[str, dict[str, Any]],
+    report_dir: str, extra_metrics: dict[str, float],
+) -> None:
+    """Metrics of every model, cost, weights (safetensors) and the report files."""
+    client = client_for(uri)
+    metrics: dict[str, float] = {}
+    for model_name, m in report["models"].items():
+        metrics.update(_numeric(m, f"{model_name}.")) 
+    metrics.update(_numeric(report["cost"], "cost."))
+    metrics.update(extra_metrics)
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in sorted(metrics.items())],
+        tags=[RunTag(f"weights.{role}.digest", w["digest"]) for role, w in weights.items()],
+    )
+    for w in weights.values():
+        client.log_artifact(run_id, w["path"], artifact_path="models")
+    for name in ("report.json", "report.png"):
+        client.log_artifact(run_id, str(Path(report_dir) / name), artifact_path="report")
+
+
+def end_run(uri: str, run_id: str, status: str) -> None:
+    client_for(uri).set_terminated(run_id, status=status)
