@@ -15,14 +15,15 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import Params, flatten, load_params, to_dict
 from pipeline_lib.evaluate import SUMMARY_COLUMNS, format_table
 from pipeline_lib.methods import get_method
-from pipeline_lib.requests import load_request
+from pipeline_lib.data import load_prepared
+from pipeline_lib.requests import DeletionRequest, extract_forget_set, load_request
 from pipeline_lib.steps import code_version
 from tasks import compute, tracking, versioning
 
@@ -54,17 +55,32 @@ def markdown_table(report: dict[str, Any]) -> str:
                       f"ratio {cost['unlearn_over_retrain']:.3f}"])
 
 
-def prepare_params(params: Params) -> Params:
-    """Point ``request.file`` inside the DVC root and sync params.yaml there (DVC reads it)."""
+def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[str, Any]]:
+    """Run the DVC stages for this run's parameters.
+
+    The ``data`` keys are synced into the DVC root's params.yaml (as ``dvc exp run -S``
+    would) and ``dvc repro prepare`` runs; the request is then checked against the prepared
+    data in-process, so a bad request fails with a clear message *before* it is written into
+    params.yaml; only then are the ``request`` keys synced and ``dvc repro extract`` runs.
+    Returns the params (request.file made relative to the DVC root) and the stage md5s."""
+    logger = get_run_logger()
     root = Path(params.tracking.dvc_root).resolve()
-    request_path = _resolve(root, params.request.file)
-    request = load_request(request_path)
-    rel = versioning.stage_request_file(root, request_path, request.request_id)
+    for key in versioning.sync_params_file(root, params, ("data",)):
+        logger.info("params.yaml: set %s for DVC", key)
+    versioning.dvc_repro(str(root), "prepare")
+    validate_request(request, _resolve(root, params.data.out_dir))
+    rel = versioning.stage_request_file(root, _resolve(root, params.request.file), request.request_id)
     params = dataclasses.replace(params, request=dataclasses.replace(params.request, file=rel))
-    changed = versioning.sync_params_file(root, params)
-    if changed:
-        get_run_logger().info("params.yaml in %s updated for DVC: %s", root, ", ".join(changed))
-    return params
+    for key in versioning.sync_params_file(root, params, ("request",)):
+        logger.info("params.yaml: set %s for DVC", key)
+    return params, versioning.dvc_repro(str(root), "extract")
+
+
+@task(name="validate-request")
+def validate_request(request: DeletionRequest, prepared_dir: str) -> dict[str, int]:
+    """Resolve the request against the prepared data; raises RequestError naming the problem."""
+    forget, retain = extract_forget_set(request, load_prepared(prepared_dir))
+    return {"n_forget": len(forget), "n_retain": len(retain)}
 
 
 @flow(name="unlearning-pipeline")
@@ -77,9 +93,7 @@ def unlearning_pipeline(params_path: str = "params.yaml", overrides: dict[str, A
     root = Path(tr.dvc_root).resolve()
     request = load_request(_resolve(root, params.request.file))
     tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
-    params = prepare_params(params)
-
-    md5s = versioning.dvc_repro(str(root), "extract")
+    params, md5s = stage_data(params, request)
     data = {
         "prepared_dir": _resolve(root, params.data.out_dir),
         "prepared_md5": md5s["prepare"][params.data.out_dir],

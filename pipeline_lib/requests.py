@@ -152,7 +152,7 @@ def check_unique_ids(requests: Iterable[tuple[str, DeletionRequest]]) -> None:
 
 def _preview(items: list[str], n: int = 5) -> str:
     more = f" (and {len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(map(repr, items[:n])) + more
+    return ", ".join(repr(str(i)) for i in items[:n]) + more
 
 
 def extract_forget_set(request: DeletionRequest, data: Prepared) -> tuple[np.ndarray, np.ndarray]:

@@ -39,9 +39,9 @@ def stage_request_file(dvc_root: Path, request_file: str, request_id: str) -> st
     return str(dest.relative_to(root))
 
 
-def sync_params_file(dvc_root: Path, params: Params) -> list[str]:
-    """Write the DVC-relevant keys of ``params`` into ``<dvc_root>/params.yaml``, as
-    ``dvc exp run -S`` would, keeping comments and every other key. Returns changed keys."""
+def sync_params_file(dvc_root: Path, params: Params, sections: tuple[str, ...] = DVC_SECTIONS) -> list[str]:
+    """Write ``sections`` of ``params`` into ``<dvc_root>/params.yaml``, as ``dvc exp run -S``
+    would, keeping comments and every other key. Returns the changed dotted keys."""
     from ruamel.yaml import YAML  # installed with dvc; round-trips comments
 
     path = dvc_root / "params.yaml"
@@ -50,7 +50,7 @@ def sync_params_file(dvc_root: Path, params: Params) -> list[str]:
     doc = rt.load(path.read_text()) if path.exists() else {}
     wanted = to_dict(params)
     changed = []
-    for section in DVC_SECTIONS:
+    for section in sections:
         node = doc.setdefault(section, {})
         for key, value in wanted[section].items():
             if key not in node or node[key] != value:

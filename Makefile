@@ -1,0 +1,33 @@
+# unlearnflow: `make run` and `make test` are the two commands of the README.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test install install-test lint clean
+
+# torch is installed first, pinned, so no resolver pulls the CUDA build (see README: GPU).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/unlearn run
+
+test: install-test
+	$(BIN)/python -m pytest -m "not slow and not gpu"
+
+lint: install-test
+	$(BIN)/ruff check pipeline_lib tasks flows tests benchmarks
+
+clean:
+	rm -rf data/prepared data/forget artifacts reports mlflow.db mlruns .prefect-results
