@@ -98,7 +98,7 @@ class FisherDiagonalParams:
     top_fraction: float = 0.2
     eps: float = 1e-8
     #: Value the selected weights restart from (the paper leaves it open).
-    reset: Literal["zero", "reinit"] = "reinit"
+    reset: Literal["zero", "reinit"] = "zero"
     epochs: int = 5
     lr: float = 1e-3
     batch_size: int = 64

@@ -99,8 +99,9 @@ def fisher_diagonal_forgetting(
 
     1. r_i = I_F(θ_i) / (I_R(θ_i) + ε) from the per-sample Fisher diagonals of F and R.
     2. Weights with r_i > γ (or the ``top_fraction`` largest r_i) are the forget-sensitive
-       ones: reset them — to zero, or (default, the paper leaves it open) to a fresh
-       initialisation drawn with ``seed``.
+       ones: reset them — to zero (default; the paper leaves it open), or to a fresh
+       initialisation drawn with ``seed``. On digits zero forgets more at equal test
+       accuracy (BENCHMARKS.md).
     3. Fine-tune only those weights on R for ``epochs`` epochs, all others frozen.
     """
     if inputs.fisher_forget is None or inputs.fisher_retain is None:
