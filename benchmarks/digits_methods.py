@@ -36,9 +36,13 @@ def variants(params: Params) -> dict[str, tuple[str, object]]:
     for frac in (0.05, 0.2, 0.4):
         for reset in ("reinit", "zero"):
             out[f"fisher_diagonal top={frac} {reset}"] = (
-                "fisher_diagonal", dataclasses.replace(fd, top_fraction=frac, reset=reset))
+                "fisher_diagonal",
+                dataclasses.replace(fd, top_fraction=frac, reset=reset),
+            )
     out["fisher_diagonal top=0.2 zero, cheap stats"] = (
-        "fisher_diagonal", dataclasses.replace(fd, top_fraction=0.2, reset="zero"))
+        "fisher_diagonal",
+        dataclasses.replace(fd, top_fraction=0.2, reset="zero"),
+    )
     out["finetune"] = ("finetune", params.unlearn.finetune)
     out["retrain"] = ("retrain", params.unlearn.retrain)
     return out
@@ -60,10 +64,17 @@ def main() -> None:
         train_idx = np.flatnonzero(split == "train")
         test_idx = np.flatnonzero(split == "test")
         rng = np.random.default_rng(s)
-        forget_idx = np.sort(rng.choice(train_idx, int(round(args.fraction * len(train_idx))), replace=False))
+        forget_idx = np.sort(
+            rng.choice(train_idx, int(round(args.fraction * len(train_idx))), replace=False)
+        )
         retain_idx = np.setdiff1d(train_idx, forget_idx)
         T = lambda idx: (torch.from_numpy(raw.X[idx]), torch.from_numpy(raw.y[idx]))  # noqa: E731
-        (fX, fy), (rX, ry), (teX, tey), (trX, try_) = T(forget_idx), T(retain_idx), T(test_idx), T(train_idx)
+        (fX, fy), (rX, ry), (teX, tey), (trX, try_) = (
+            T(forget_idx),
+            T(retain_idx),
+            T(test_idx),
+            T(train_idx),
+        )
         factory = lambda seed: build_model(params.model, raw.X.shape[1:], raw.n_classes, seed)  # noqa: E731
         original = fit(factory(s), trX, try_, settings, s)
         t0 = time.perf_counter()
@@ -73,7 +84,9 @@ def main() -> None:
         ev = params.evaluate
         oracle_m = evaluate_model(oracle, splits, ev.mia_svc_c, ev.mia_folds, s)
         orig_m = evaluate_model(original, splits, ev.mia_svc_c, ev.mia_folds, s)
-        rows.setdefault("original", []).append({**orig_m, "avg_gap": avg_gap(orig_m, oracle_m), "ratio": 0.0})
+        rows.setdefault("original", []).append(
+            {**orig_m, "avg_gap": avg_gap(orig_m, oracle_m), "ratio": 0.0}
+        )
         rows.setdefault("oracle", []).append({**oracle_m, "avg_gap": 0.0, "ratio": 1.0})
         t0 = time.perf_counter()
         fk = params.fisher
@@ -86,7 +99,12 @@ def main() -> None:
         t0 = time.perf_counter()
         sub = torch.from_numpy(np.sort(rng.choice(len(rX), min(256, len(rX)), replace=False)))
         cheap = UnlearnInputs(
-            fX, fy, rX, ry, factory, t,
+            fX,
+            fy,
+            rX,
+            ry,
+            factory,
+            t,
             fisher_diagonal(original, fX, fy, "empirical", fk.batch_size),
             fisher_diagonal(original, rX[sub], ry[sub], "empirical", fk.batch_size),
         )
@@ -99,12 +117,16 @@ def main() -> None:
             stats_s = (cheap_s if is_cheap else fisher_s) if method.needs_fisher else 0.0
             secs = time.perf_counter() - t0 + stats_s
             m = evaluate_model(model, splits, ev.mia_svc_c, ev.mia_folds, s)
-            rows.setdefault(label, []).append({**m, "avg_gap": avg_gap(m, oracle_m), "ratio": secs / retrain_s})
+            rows.setdefault(label, []).append(
+                {**m, "avg_gap": avg_gap(m, oracle_m), "ratio": secs / retrain_s}
+            )
         print(f"seed {s} done (retrain {retrain_s:.2f}s, Fisher {fisher_s:.2f}s)", file=sys.stderr)
 
     cols = ("forget_acc", "TA", "RA", "MIA_efficacy", "avg_gap", "ratio")
-    print(f"python benchmarks/digits_methods.py --seeds {args.seeds} --fraction {args.fraction}  "
-          f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    print(
+        f"python benchmarks/digits_methods.py --seeds {args.seeds} --fraction {args.fraction}  "
+        f"(torch {torch.__version__}, {torch.get_num_threads()} threads)"
+    )
     print(f"| {'model':<34} | " + " | ".join(f"{c:>14}" for c in cols) + " |")
     print("|" + "---|" * (len(cols) + 1))
     for label, rs in rows.items():

@@ -27,7 +27,9 @@ def _setup_env() -> None:
     """Defaults for the embedded single-machine mode; every one can be overridden by the
     environment (PREFECT_API_URL for a Prefect server, RAY_ADDRESS, MLFLOW_TRACKING_URI)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve()))
+    os.environ.setdefault(
+        "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve())
+    )
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -59,7 +61,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = load_params(args.params, overrides)  # fails fast on any bad name or key
     root = Path(params.tracking.dvc_root)
     req_path = Path(params.request.file)
-    load_request(req_path if req_path.is_absolute() else root / req_path)  # schema check before work
+    load_request(
+        req_path if req_path.is_absolute() else root / req_path
+    )  # schema check before work
     _setup_env()
     from flows.pipeline import unlearning_pipeline  # prefect import after env setup
     from pipeline_lib.evaluate import format_table
@@ -67,7 +71,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = unlearning_pipeline(params_path=args.params, overrides=overrides)
     print()
     print(format_table(result["report"]))
-    print(f"\nMLflow run {result['run_id']} ({params.tracking.mlflow_uri}); report in {result['report_dir']}")
+    print(
+        f"\nMLflow run {result['run_id']} ({params.tracking.mlflow_uri}); report in {result['report_dir']}"
+    )
     return 0
 
 
@@ -93,7 +99,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
             line += f"; {len(forget)} forget / {len(retain)} retain in {prepared.meta['dataset']}"
         print(line)
     if prepared is None:
-        print("(no prepared data found: ids not checked against the dataset; run `unlearn run` or `dvc repro prepare`)")
+        print(
+            "(no prepared data found: ids not checked against the dataset; run `unlearn run` or `dvc repro prepare`)"
+        )
     return 0
 
 
@@ -108,17 +116,31 @@ def cmd_methods(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from pipeline_lib.methods import METHODS
 
-    parser = argparse.ArgumentParser(prog="unlearn", description="unlearnflow: audited machine unlearning pipeline")
+    parser = argparse.ArgumentParser(
+        prog="unlearn", description="unlearnflow: audited machine unlearning pipeline"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the pipeline for one deletion request")
-    run.add_argument("--params", default="params.yaml", help="parameter file (default: params.yaml)")
+    run.add_argument(
+        "--params", default="params.yaml", help="parameter file (default: params.yaml)"
+    )
     run.add_argument("--request", help="deletion request YAML (overrides request.file)")
-    run.add_argument("--method", help=f"unlearning method (overrides unlearn.method): {', '.join(sorted(METHODS))}")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter, e.g. train.epochs=10")
+    run.add_argument(
+        "--method",
+        help=f"unlearning method (overrides unlearn.method): {', '.join(sorted(METHODS))}",
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any parameter, e.g. train.epochs=10",
+    )
     run.set_defaults(func=cmd_run)
     req = sub.add_parser("requests", help="deletion requests")
     req_sub = req.add_subparsers(dest="requests_command", required=True)
-    val = req_sub.add_parser("validate", help="check request files (schema, unique ids, ids in the data)")
+    val = req_sub.add_parser(
+        "validate", help="check request files (schema, unique ids, ids in the data)"
+    )
     val.add_argument("files", nargs="+")
     val.add_argument("--params", default="params.yaml")
     val.set_defaults(func=cmd_validate)
@@ -129,7 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for noisy in ("httpx", "matplotlib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:

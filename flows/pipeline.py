@@ -20,9 +20,9 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import Params, flatten, load_params, to_dict
-from pipeline_lib.evaluate import SUMMARY_COLUMNS, format_table
-from pipeline_lib.methods import get_method
 from pipeline_lib.data import load_prepared
+from pipeline_lib.evaluate import SUMMARY_COLUMNS
+from pipeline_lib.methods import get_method
 from pipeline_lib.requests import DeletionRequest, extract_forget_set, load_request
 from pipeline_lib.steps import code_version
 from tasks import compute, tracking, versioning
@@ -50,9 +50,16 @@ def markdown_table(report: dict[str, Any]) -> str:
         for name, m in report["models"].items()
     ]
     cost = report["cost"]
-    return "\n".join([head, sep, *rows, "",
-                      f"unlearning {cost['unlearn_seconds']:.2f}s, retraining {cost['retrain_seconds']:.2f}s, "
-                      f"ratio {cost['unlearn_over_retrain']:.3f}"])
+    return "\n".join(
+        [
+            head,
+            sep,
+            *rows,
+            "",
+            f"unlearning {cost['unlearn_seconds']:.2f}s, retraining {cost['retrain_seconds']:.2f}s, "
+            f"ratio {cost['unlearn_over_retrain']:.3f}",
+        ]
+    )
 
 
 def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[str, Any]]:
@@ -69,7 +76,9 @@ def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[s
         logger.info("params.yaml: set %s for DVC", key)
     versioning.dvc_repro(str(root), "prepare")
     validate_request(request, _resolve(root, params.data.out_dir))
-    rel = versioning.stage_request_file(root, _resolve(root, params.request.file), request.request_id)
+    rel = versioning.stage_request_file(
+        root, _resolve(root, params.request.file), request.request_id
+    )
     params = dataclasses.replace(params, request=dataclasses.replace(params.request, file=rel))
     for key in versioning.sync_params_file(root, params, ("request",)):
         logger.info("params.yaml: set %s for DVC", key)
@@ -84,7 +93,9 @@ def validate_request(request: DeletionRequest, prepared_dir: str) -> dict[str, i
 
 
 @flow(name="unlearning-pipeline")
-def unlearning_pipeline(params_path: str = "params.yaml", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def unlearning_pipeline(
+    params_path: str = "params.yaml", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run one deletion request end to end; returns the MLflow run id and the report."""
     logger = get_run_logger()
     params = load_params(params_path, overrides)
@@ -107,48 +118,120 @@ def unlearning_pipeline(params_path: str = "params.yaml", overrides: dict[str, A
     artifacts = _resolve(root, tr.artifacts_dir)
     cfg = to_dict(params)
     run_id = tracking.start_run(
-        tr.mlflow_uri, tr.experiment, request.request_id,
-        {"request_digest": request.digest, "method": method.name, "code_version": code,
-         "request_reason": request.reason[:500]},
+        tr.mlflow_uri,
+        tr.experiment,
+        request.request_id,
+        {
+            "request_digest": request.digest,
+            "method": method.name,
+            "code_version": code,
+            "request_reason": request.reason[:500],
+        },
         str(root),
     )
     try:
         tracking.log_lineage(tr.mlflow_uri, run_id, flatten(params), request_data)
-        original = _with_files(compute.train_model, ("path",), data, "original", cfg["model"], cfg["train"],
-                               params.train.seed, artifacts, code)
-        oracle = _with_files(compute.train_model, ("path",), request_data, "oracle", cfg["model"], cfg["train"],
-                             params.train.oracle_seed, artifacts, code)
+        original = _with_files(
+            compute.train_model,
+            ("path",),
+            data,
+            "original",
+            cfg["model"],
+            cfg["train"],
+            params.train.seed,
+            artifacts,
+            code,
+        )
+        oracle = _with_files(
+            compute.train_model,
+            ("path",),
+            request_data,
+            "oracle",
+            cfg["model"],
+            cfg["train"],
+            params.train.oracle_seed,
+            artifacts,
+            code,
+        )
         fisher = None
         if method.needs_fisher:
-            fisher = _with_files(compute.fisher_statistics, ("forget_path", "retain_path"), request_data, original,
-                                 cfg["model"], cfg["fisher"], artifacts, code)
-        unlearned = _with_files(compute.unlearn, ("path",), request_data, original, cfg["model"], cfg["train"],
-                                cfg["unlearn"], fisher, artifacts, code)
+            fisher = _with_files(
+                compute.fisher_statistics,
+                ("forget_path", "retain_path"),
+                request_data,
+                original,
+                cfg["model"],
+                cfg["fisher"],
+                artifacts,
+                code,
+            )
+        unlearned = _with_files(
+            compute.unlearn,
+            ("path",),
+            request_data,
+            original,
+            cfg["model"],
+            cfg["train"],
+            cfg["unlearn"],
+            fisher,
+            artifacts,
+            code,
+        )
         unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
-        report_dir = Path(_resolve(root, params.evaluate.report_dir)) / request.request_id / method.name
+        report_dir = (
+            Path(_resolve(root, params.evaluate.report_dir)) / request.request_id / method.name
+        )
         report = compute.evaluate(
-            request_data, params,
-            {"original": original["path"], "oracle": oracle["path"], "unlearned": unlearned["path"]},
-            unlearn_seconds, oracle["seconds"], str(report_dir),
-            {"title": f"{request.request_id}: {method.name}", "request_id": request.request_id,
-             "method": method.name, "method_info": unlearned["info"], "mlflow_run_id": run_id},
+            request_data,
+            params,
+            {
+                "original": original["path"],
+                "oracle": oracle["path"],
+                "unlearned": unlearned["path"],
+            },
+            unlearn_seconds,
+            oracle["seconds"],
+            str(report_dir),
+            {
+                "title": f"{request.request_id}: {method.name}",
+                "request_id": request.request_id,
+                "method": method.name,
+                "method_info": unlearned["info"],
+                "mlflow_run_id": run_id,
+            },
         )
         extra = {
             "time.original_train_seconds": original["seconds"],
             "time.oracle_train_seconds": oracle["seconds"],
             "time.method_seconds": unlearned["seconds"],
             **({"time.fisher_seconds": fisher["seconds"]} if fisher else {}),
-            **{f"method.{k}": float(v) for k, v in unlearned["info"].items() if isinstance(v, int | float)},
+            **{
+                f"method.{k}": float(v)
+                for k, v in unlearned["info"].items()
+                if isinstance(v, int | float)
+            },
         }
-        tracking.log_results(tr.mlflow_uri, run_id, report,
-                             {"original": original, "oracle": oracle, "unlearned": unlearned},
-                             str(report_dir), extra)
-        create_markdown_artifact(markdown_table(report), key=f"report-{request.request_id.lower()}".replace("_", "-")[:60],
-                                 description=f"unlearning report, MLflow run {run_id}")
+        tracking.log_results(
+            tr.mlflow_uri,
+            run_id,
+            report,
+            {"original": original, "oracle": oracle, "unlearned": unlearned},
+            str(report_dir),
+            extra,
+        )
+        create_markdown_artifact(
+            markdown_table(report),
+            key=f"report-{request.request_id.lower()}".replace("_", "-")[:60],
+            description=f"unlearning report, MLflow run {run_id}",
+        )
     except BaseException:
         tracking.end_run(tr.mlflow_uri, run_id, "FAILED")
         raise
     tracking.end_run(tr.mlflow_uri, run_id, "FINISHED")
-    logger.info("MLflow run %s: unlearned Avg. Gap %.3f, unlearn/retrain time %.3f", run_id,
-                report["models"]["unlearned"]["avg_gap"], report["cost"]["unlearn_over_retrain"])
+    logger.info(
+        "MLflow run %s: unlearned Avg. Gap %.3f, unlearn/retrain time %.3f",
+        run_id,
+        report["models"]["unlearned"]["avg_gap"],
+        report["cost"]["unlearn_over_retrain"],
+    )
     return {"run_id": run_id, "report": report, "report_dir": str(report_dir)}

@@ -205,7 +205,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {tp}"
+        )
     if origin is Literal:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
@@ -316,7 +318,9 @@ def validate_names(params: Params) -> None:
         ("unlearn.method", params.unlearn.method, METHODS),
     ):
         if value not in registry:
-            raise ConfigError(f"{key}: unknown name {value!r}; valid: {', '.join(sorted(registry))}")
+            raise ConfigError(
+                f"{key}: unknown name {value!r}; valid: {', '.join(sorted(registry))}"
+            )
 
 
 def to_dict(params: Any) -> dict[str, Any]:

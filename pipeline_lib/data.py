@@ -88,7 +88,9 @@ def load_digits_source(cfg: DataConfig) -> RawDataset:
     bunch = load_digits()
     X = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     ids = np.array([f"digits-{i:04d}" for i in range(len(X))])
-    return RawDataset(ids, X, bunch.target.astype(np.int64), None, 10, "sklearn.datasets.load_digits")
+    return RawDataset(
+        ids, X, bunch.target.astype(np.int64), None, 10, "sklearn.datasets.load_digits"
+    )
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -171,11 +173,15 @@ def load_parquet_source(cfg: DataConfig) -> RawDataset:
     else:
         reserved = {"sample_id", "label", "split"}
         numeric = [
-            f.name for f in table.schema
-            if f.name not in reserved and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
+            f.name
+            for f in table.schema
+            if f.name not in reserved
+            and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
         ]
         if not numeric:
-            raise ValueError(f"{path}: no 'features' or 'image' column and no numeric feature columns")
+            raise ValueError(
+                f"{path}: no 'features' or 'image' column and no numeric feature columns"
+            )
         X = np.stack([table.column(c).to_numpy().astype(np.float32) for c in numeric], axis=1)
     split = None
     if "split" in cols:
@@ -197,7 +203,9 @@ DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
 
 def get_dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
     if name not in DATASETS:
-        raise ConfigError(f"data.name: unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}")
+        raise ConfigError(
+            f"data.name: unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}"
+        )
     return DATASETS[name]
 
 
@@ -250,7 +258,10 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path | None = None) -> dict:
     split = assign_split(raw, cfg)
     rng = np.random.default_rng(cfg.seed + 1)
     keep = np.concatenate(
-        [_subsample(split == "train", cfg.max_train, rng), _subsample(split == "test", cfg.max_test, rng)]
+        [
+            _subsample(split == "train", cfg.max_train, rng),
+            _subsample(split == "test", cfg.max_test, rng),
+        ]
     )
     keep.sort()
     ids, X, y, split = raw.ids[keep], raw.X[keep], raw.y[keep], split[keep]
@@ -287,14 +298,21 @@ def load_prepared(path: str | Path, verify: bool = False) -> Prepared:
     """Read a prepared directory; ``verify`` recomputes the content hash."""
     path = Path(path)
     if not (path / "samples.parquet").is_file() or not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path}: not a prepared dataset (samples.parquet/meta.json missing)")
+        raise FileNotFoundError(
+            f"{path}: not a prepared dataset (samples.parquet/meta.json missing)"
+        )
     meta = json.loads((path / "meta.json").read_text())
     table = pq.read_table(path / "samples.parquet")
     ids = np.array(table.column("sample_id").to_pylist(), dtype=str)
     split = np.array(table.column("split").to_pylist(), dtype=str)
     y = table.column("label").to_numpy().astype(np.int64)
     feats = table.column("features").combine_chunks()
-    X = feats.flatten().to_numpy(zero_copy_only=False).reshape(len(ids), *meta["shape"]).astype(np.float32)
+    X = (
+        feats.flatten()
+        .to_numpy(zero_copy_only=False)
+        .reshape(len(ids), *meta["shape"])
+        .astype(np.float32)
+    )
     if verify and content_hash(ids, split, X, y) != meta["content_hash"]:
         raise ValueError(f"{path}: content hash does not match meta.json (data changed on disk)")
     return Prepared(ids, split, X, y, meta)

@@ -81,11 +81,15 @@ def loss_mia_auc(loss_forget: np.ndarray, loss_test: np.ndarray, folds: int, see
     labels = np.concatenate([np.ones(n), np.zeros(n)])
     k = max(2, min(folds, n))
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    scores = cross_val_predict(LogisticRegression(), features, labels, cv=cv, method="predict_proba")[:, 1]
+    scores = cross_val_predict(
+        LogisticRegression(), features, labels, cv=cv, method="predict_proba"
+    )[:, 1]
     return float(roc_auc_score(labels, scores))
 
 
-def evaluate_model(model: nn.Module, splits: EvalSplits, c: float = 3.0, folds: int = 5, seed: int = 0) -> dict[str, float]:
+def evaluate_model(
+    model: nn.Module, splits: EvalSplits, c: float = 3.0, folds: int = 5, seed: int = 0
+) -> dict[str, float]:
     """Accuracy and membership-inference metrics of one model (percent except the AUC)."""
     lf = predict_logits(model, splits.forget_X)
     lr = predict_logits(model, splits.retain_X)
@@ -97,9 +101,15 @@ def evaluate_model(model: nn.Module, splits: EvalSplits, c: float = 3.0, folds: 
         "RA": accuracy(lr, splits.retain_y),
         "TA": accuracy(lt, splits.test_y),
         "MIA_efficacy": mia_efficacy(
-            confidence(lr, splits.retain_y), confidence(lt, splits.test_y), confidence(lf, splits.forget_y), c, seed
+            confidence(lr, splits.retain_y),
+            confidence(lt, splits.test_y),
+            confidence(lf, splits.forget_y),
+            c,
+            seed,
         ),
-        "loss_MIA_AUC": loss_mia_auc(per_sample_loss(lf, splits.forget_y), per_sample_loss(lt, splits.test_y), folds, seed),
+        "loss_MIA_AUC": loss_mia_auc(
+            per_sample_loss(lf, splits.forget_y), per_sample_loss(lt, splits.test_y), folds, seed
+        ),
     }
 
 
@@ -123,7 +133,9 @@ def build_report(
         "cost": {
             "unlearn_seconds": unlearn_seconds,
             "retrain_seconds": retrain_seconds,
-            "unlearn_over_retrain": unlearn_seconds / retrain_seconds if retrain_seconds > 0 else float("nan"),
+            "unlearn_over_retrain": unlearn_seconds / retrain_seconds
+            if retrain_seconds > 0
+            else float("nan"),
         },
         **(dict(extra) if extra else {}),
     }

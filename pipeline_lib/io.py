@@ -59,7 +59,11 @@ def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
+        h.update(
+            t.numpy().tobytes()
+            if t.dtype != torch.bfloat16
+            else t.view(torch.int16).numpy().tobytes()
+        )
     return h.hexdigest()
 
 

@@ -78,7 +78,9 @@ def select_by_ratio(
     if threshold is not None:
         return {k: ratio[k] > threshold for k in names}, float(threshold)
     if not 0.0 < top_fraction <= 1.0:
-        raise ConfigError(f"unlearn.fisher_diagonal.top_fraction must be in (0, 1], got {top_fraction}")
+        raise ConfigError(
+            f"unlearn.fisher_diagonal.top_fraction must be in (0, 1], got {top_fraction}"
+        )
     flat = torch.cat([ratio[k].flatten() for k in names])
     k = max(1, int(round(top_fraction * flat.numel())))
     chosen = torch.zeros_like(flat, dtype=torch.bool)
@@ -107,19 +109,33 @@ def fisher_diagonal_forgetting(
     if inputs.fisher_forget is None or inputs.fisher_retain is None:
         raise ValueError("fisher_diagonal needs the forget and retain Fisher diagonals")
     masks, gamma = select_by_ratio(
-        inputs.fisher_forget, inputs.fisher_retain, params.eps, params.threshold, params.top_fraction
+        inputs.fisher_forget,
+        inputs.fisher_retain,
+        params.eps,
+        params.threshold,
+        params.top_fraction,
     )
     named = dict(model.named_parameters())
     fresh = dict(inputs.model_factory(seed).named_parameters()) if params.reset == "reinit" else {}
     with torch.no_grad():
         for name, m in masks.items():
-            replacement = fresh[name].to(named[name].device) if fresh else torch.zeros_like(named[name])
+            replacement = (
+                fresh[name].to(named[name].device) if fresh else torch.zeros_like(named[name])
+            )
             named[name].copy_(torch.where(m.to(named[name].device), replacement, named[name]))
     n_reset = int(sum(int(m.sum()) for m in masks.values()))
     n_total = int(sum(m.numel() for m in masks.values()))
     log.info("fisher_diagonal: reset %d of %d weights (γ=%.4g)", n_reset, n_total, gamma)
     settings = FitSettings(params.epochs, params.batch_size, params.lr, "adam")
-    fit(model, inputs.retain_X, inputs.retain_y, settings, seed, grad_mask=masks, device=inputs.device)
+    fit(
+        model,
+        inputs.retain_X,
+        inputs.retain_y,
+        settings,
+        seed,
+        grad_mask=masks,
+        device=inputs.device,
+    )
     return model, {"n_reset": n_reset, "fraction_reset": n_reset / n_total, "gamma": gamma}
 
 
@@ -147,8 +163,13 @@ def retrain(
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("fisher_diagonal", fisher_diagonal_forgetting, FisherDiagonalParams, True,
-               "reset weights with high forget/retain Fisher ratio, fine-tune them on R"),
+        Method(
+            "fisher_diagonal",
+            fisher_diagonal_forgetting,
+            FisherDiagonalParams,
+            True,
+            "reset weights with high forget/retain Fisher ratio, fine-tune them on R",
+        ),
         Method("finetune", finetune, FinetuneParams, False, "fine-tune all weights on R"),
         Method("retrain", retrain, RetrainParams, False, "train from scratch on R (oracle)"),
     )
@@ -158,5 +179,7 @@ METHODS: dict[str, Method] = {
 def get_method(name: str) -> Method:
     """Look up a method; an unknown name lists the registered ones."""
     if name not in METHODS:
-        raise ConfigError(f"unknown unlearning method {name!r}; valid: {', '.join(sorted(METHODS))}")
+        raise ConfigError(
+            f"unknown unlearning method {name!r}; valid: {', '.join(sorted(METHODS))}"
+        )
     return METHODS[name]

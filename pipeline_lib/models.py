@@ -56,13 +56,18 @@ def _cnn(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return SmallCNN(shape[0], cfg.channels, n_classes)
 
 
-MODELS: dict[str, Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = {"mlp": _mlp, "cnn": _cnn}
+MODELS: dict[str, Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = {
+    "mlp": _mlp,
+    "cnn": _cnn,
+}
 
 
 def build_model(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int, seed: int) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights."""
     if cfg.name not in MODELS:
-        raise ConfigError(f"model.name: unknown model {cfg.name!r}; valid: {', '.join(sorted(MODELS))}")
+        raise ConfigError(
+            f"model.name: unknown model {cfg.name!r}; valid: {', '.join(sorted(MODELS))}"
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return MODELS[cfg.name](cfg, tuple(shape), n_classes)

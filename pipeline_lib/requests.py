@@ -70,7 +70,9 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
     allowed = {"request_id", "reason", "forget"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise RequestError(f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}")
+        raise RequestError(
+            f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}"
+        )
     rid = raw.get("request_id")
     if not isinstance(rid, str) or not REQUEST_ID_RE.match(rid):
         raise RequestError(
@@ -82,7 +84,9 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
         raise RequestError(f"{source}: reason must be a non-empty string")
     forget = raw.get("forget")
     if not isinstance(forget, Mapping):
-        raise RequestError(f"{source}: forget must be a mapping with one of {', '.join(FORGET_KINDS)}")
+        raise RequestError(
+            f"{source}: forget must be a mapping with one of {', '.join(FORGET_KINDS)}"
+        )
     forget = dict(forget)
     if "class" in forget:
         if "classes" in forget:
@@ -104,27 +108,41 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
         raise RequestError(f"{source}: forget.seed must be an integer, got {seed!r}")
     if kind == "sample_ids":
         ids = forget["sample_ids"]
-        if not isinstance(ids, list) or not all(isinstance(i, str | int) and not isinstance(i, bool) for i in ids):
+        if not isinstance(ids, list) or not all(
+            isinstance(i, str | int) and not isinstance(i, bool) for i in ids
+        ):
             raise RequestError(f"{source}: forget.sample_ids must be a list of ids")
         ids = [str(i) for i in ids]
         if not ids:
-            raise RequestError(f"{source}: forget.sample_ids is empty: the forget set would be empty")
+            raise RequestError(
+                f"{source}: forget.sample_ids is empty: the forget set would be empty"
+            )
         dupes = sorted(i for i, n in Counter(ids).items() if n > 1)
         if dupes:
             raise RequestError(f"{source}: forget.sample_ids lists {dupes[0]!r} more than once")
         return DeletionRequest(rid, reason, "sample_ids", sample_ids=tuple(ids), seed=seed)
     if kind == "classes":
         classes = forget["classes"]
-        if not isinstance(classes, list) or not classes or not all(
-            isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes
+        if (
+            not isinstance(classes, list)
+            or not classes
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes)
         ):
-            raise RequestError(f"{source}: forget.classes must be a non-empty list of class indices")
+            raise RequestError(
+                f"{source}: forget.classes must be a non-empty list of class indices"
+            )
         if len(set(classes)) != len(classes):
             raise RequestError(f"{source}: forget.classes repeats a class")
         return DeletionRequest(rid, reason, "classes", classes=tuple(sorted(classes)), seed=seed)
     fraction = forget["fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0.0 < fraction < 1.0:
-        raise RequestError(f"{source}: forget.fraction must be a number in (0, 1), got {fraction!r}")
+    if (
+        isinstance(fraction, bool)
+        or not isinstance(fraction, int | float)
+        or not 0.0 < fraction < 1.0
+    ):
+        raise RequestError(
+            f"{source}: forget.fraction must be a number in (0, 1), got {fraction!r}"
+        )
     return DeletionRequest(rid, reason, "fraction", fraction=float(fraction), seed=seed)
 
 
@@ -194,9 +212,13 @@ def extract_forget_set(request: DeletionRequest, data: Prepared) -> tuple[np.nda
         rng = np.random.default_rng(request.seed)
         forget = np.sort(train_ids[rng.permutation(len(train_ids))[:n]])
     if len(forget) == 0:
-        raise RequestError(f"{src}: the forget set is empty (fraction too small for {len(train_ids)} samples?)")
+        raise RequestError(
+            f"{src}: the forget set is empty (fraction too small for {len(train_ids)} samples?)"
+        )
     if len(forget) >= len(train_ids):
-        raise RequestError(f"{src}: the forget set is the whole training split; nothing would be retained")
+        raise RequestError(
+            f"{src}: the forget set is the whole training split; nothing would be retained"
+        )
     retain = np.setdiff1d(train_ids, forget, assume_unique=True)
     return forget, retain
 
@@ -220,7 +242,9 @@ def write_manifests(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         for name, ids in (("forget_ids", forget_ids), ("retain_ids", retain_ids)):
-            pq.write_table(pa.table({"sample_id": pa.array(ids, pa.string())}), tmp / f"{name}.parquet")
+            pq.write_table(
+                pa.table({"sample_id": pa.array(ids, pa.string())}), tmp / f"{name}.parquet"
+            )
         (tmp / "request.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return summary
 
@@ -238,4 +262,8 @@ def load_manifests(path: str | Path) -> Manifests:
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path}: missing {name}; run the extract stage first")
     read = lambda n: np.array(pq.read_table(path / n).column("sample_id").to_pylist(), dtype=str)  # noqa: E731
-    return Manifests(read("forget_ids.parquet"), read("retain_ids.parquet"), json.loads((path / "request.json").read_text()))
+    return Manifests(
+        read("forget_ids.parquet"),
+        read("retain_ids.parquet"),
+        json.loads((path / "request.json").read_text()),
+    )

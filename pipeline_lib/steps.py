@@ -22,7 +22,13 @@ from torch import nn
 
 from pipeline_lib.config import FisherConfig, ModelConfig, Params, TrainConfig, UnlearnConfig
 from pipeline_lib.data import Prepared, load_prepared
-from pipeline_lib.evaluate import EvalSplits, build_report, evaluate_model, format_table, plot_report
+from pipeline_lib.evaluate import (
+    EvalSplits,
+    build_report,
+    evaluate_model,
+    format_table,
+    plot_report,
+)
 from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write_json
 from pipeline_lib.methods import UnlearnInputs, get_method
@@ -71,7 +77,10 @@ def load_splits(prepared_dir: str | Path, manifests_dir: str | Path) -> Splits:
         return torch.from_numpy(X), torch.from_numpy(y)
 
     return Splits(
-        data, man, tensors(man.forget_ids), tensors(man.retain_ids),
+        data,
+        man,
+        tensors(man.forget_ids),
+        tensors(man.retain_ids),
         tensors(data.split_ids("test")),
     )
 
@@ -86,7 +95,9 @@ def load_model(weights_path: str | Path, model_cfg: ModelConfig, data: Prepared)
     return model.eval()
 
 
-def _save_model(model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]) -> tuple[str, str]:
+def _save_model(
+    model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]
+) -> tuple[str, str]:
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     digest = state_dict_digest(state)
     path = Path(out_dir) / "models" / f"{role}-{digest[:16]}.safetensors"
@@ -117,8 +128,12 @@ def train_step(
     device = resolve_device(train_cfg.device)
     model = model_factory(model_cfg, data)(seed)
     settings = FitSettings(
-        train_cfg.epochs, train_cfg.batch_size, train_cfg.lr, train_cfg.optimizer,
-        train_cfg.weight_decay, train_cfg.momentum,
+        train_cfg.epochs,
+        train_cfg.batch_size,
+        train_cfg.lr,
+        train_cfg.optimizer,
+        train_cfg.weight_decay,
+        train_cfg.momentum,
     )
     t0 = time.perf_counter()
     fit(model, X, y, settings, seed, device=device)
@@ -129,17 +144,27 @@ def train_step(
 
 
 def fisher_step(
-    splits: Splits, weights_path: str, model_cfg: ModelConfig, cfg: FisherConfig, out_dir: str | Path
+    splits: Splits,
+    weights_path: str,
+    model_cfg: ModelConfig,
+    cfg: FisherConfig,
+    out_dir: str | Path,
 ) -> dict[str, Any]:
     """I_F and I_R of the original model, saved as safetensors. Returns paths and seconds."""
     model = load_model(weights_path, model_cfg, splits.data)
     rX, ry = splits.retain
     if cfg.max_retain is not None and cfg.max_retain < len(rX):
-        rows = torch.from_numpy(np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False)))
+        rows = torch.from_numpy(
+            np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False))
+        )
         rX, ry = rX[rows], ry[rows]
     t0 = time.perf_counter()
-    fisher_f = fisher_diagonal(model, *splits.forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed)
-    fisher_r = fisher_diagonal(model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed)
+    fisher_f = fisher_diagonal(
+        model, *splits.forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    fisher_r = fisher_diagonal(
+        model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
+    )
     seconds = time.perf_counter() - t0
     out = {"seconds": seconds, "n_forget": len(splits.forget[0]), "n_retain": len(rX)}
     for name, stats in (("forget", fisher_f), ("retain", fisher_r)):
@@ -167,16 +192,22 @@ def unlearn_step(
     device = resolve_device(train_cfg.device)
     original = load_model(weights_path, model_cfg, splits.data).to(device)
     inputs = UnlearnInputs(
-        *splits.forget, *splits.retain,
-        model_factory=model_factory(model_cfg, splits.data), train=train_cfg,
+        *splits.forget,
+        *splits.retain,
+        model_factory=model_factory(model_cfg, splits.data),
+        train=train_cfg,
         fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
         fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
         device=device,
     )
     t0 = time.perf_counter()
-    model, info = method.fn(copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed)
+    model, info = method.fn(
+        copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed
+    )
     seconds = time.perf_counter() - t0
-    path, digest = _save_model(model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name})
+    path, digest = _save_model(
+        model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name}
+    )
     log.info("unlearned with %s in %.2fs -> %s", method.name, seconds, path)
     return {"path": path, "digest": digest, "seconds": seconds, "info": info, "method": method.name}
 
@@ -195,7 +226,11 @@ def evaluate_step(
     ev = params.evaluate
     metrics = {
         name: evaluate_model(
-            load_model(path, params.model, splits.data), splits.eval_splits(), ev.mia_svc_c, ev.mia_folds, ev.seed
+            load_model(path, params.model, splits.data),
+            splits.eval_splits(),
+            ev.mia_svc_c,
+            ev.mia_folds,
+            ev.seed,
         )
         for name, path in weights.items()
     }

@@ -104,7 +104,13 @@ def fit(
             else:
                 opt.step()
             total += float(loss.detach()) * len(idx)
-        log.info("epoch %d/%d loss %.4f (%.1fs)", epoch + 1, settings.epochs, total / n, time.perf_counter() - t0)
+        log.info(
+            "epoch %d/%d loss %.4f (%.1fs)",
+            epoch + 1,
+            settings.epochs,
+            total / n,
+            time.perf_counter() - t0,
+        )
     for p in named.values():
         p.requires_grad_(True)
     return model.eval()

@@ -16,7 +16,14 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from pipeline_lib import steps
-from pipeline_lib.config import FisherConfig, ModelConfig, Params, TrainConfig, UnlearnConfig, parse_section
+from pipeline_lib.config import (
+    FisherConfig,
+    ModelConfig,
+    Params,
+    TrainConfig,
+    UnlearnConfig,
+    parse_section,
+)
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json")
 
@@ -27,44 +34,80 @@ def _splits(data: dict[str, str]) -> steps.Splits:
 
 @task(name="train-model", **CACHED)
 def train_model(
-    data: dict[str, str], role: str, model: dict, train: dict, seed: int, artifacts_dir: str, code: str
+    data: dict[str, str],
+    role: str,
+    model: dict,
+    train: dict,
+    seed: int,
+    artifacts_dir: str,
+    code: str,
 ) -> dict[str, Any]:
     """Train the original (``data`` without manifests: whole training split, reusable across
     requests) or the oracle (``data`` with manifests: retain set only).
 
     ``data`` holds the directories and their DVC md5s, which key the cache."""
     return steps.train_step(
-        data["prepared_dir"], data.get("manifests_dir"), role,
-        parse_section(ModelConfig, model), parse_section(TrainConfig, train), seed, artifacts_dir,
+        data["prepared_dir"],
+        data.get("manifests_dir"),
+        role,
+        parse_section(ModelConfig, model),
+        parse_section(TrainConfig, train),
+        seed,
+        artifacts_dir,
     )
 
 
 @task(name="fisher-statistics", **CACHED)
 def fisher_statistics(
-    data: dict[str, str], weights: dict[str, Any], model: dict, fisher: dict, artifacts_dir: str, code: str
+    data: dict[str, str],
+    weights: dict[str, Any],
+    model: dict,
+    fisher: dict,
+    artifacts_dir: str,
+    code: str,
 ) -> dict[str, Any]:
     """Per-sample Fisher diagonals I_F and I_R of the original model."""
     return steps.fisher_step(
-        _splits(data), weights["path"], parse_section(ModelConfig, model), parse_section(FisherConfig, fisher), artifacts_dir
+        _splits(data),
+        weights["path"],
+        parse_section(ModelConfig, model),
+        parse_section(FisherConfig, fisher),
+        artifacts_dir,
     )
 
 
 @task(name="unlearn", **CACHED)
 def unlearn(
-    data: dict[str, str], weights: dict[str, Any], model: dict, train: dict, unlearn_cfg: dict,
-    fisher: dict[str, Any] | None, artifacts_dir: str, code: str,
+    data: dict[str, str],
+    weights: dict[str, Any],
+    model: dict,
+    train: dict,
+    unlearn_cfg: dict,
+    fisher: dict[str, Any] | None,
+    artifacts_dir: str,
+    code: str,
 ) -> dict[str, Any]:
     """Apply the configured unlearning method to the original model."""
     return steps.unlearn_step(
-        _splits(data), weights["path"], parse_section(ModelConfig, model), parse_section(TrainConfig, train),
-        parse_section(UnlearnConfig, unlearn_cfg), artifacts_dir, fisher,
+        _splits(data),
+        weights["path"],
+        parse_section(ModelConfig, model),
+        parse_section(TrainConfig, train),
+        parse_section(UnlearnConfig, unlearn_cfg),
+        artifacts_dir,
+        fisher,
     )
 
 
 @task(name="evaluate")
 def evaluate(
-    data: dict[str, str], params: Params, weights: dict[str, str], unlearn_seconds: float,
-    retrain_seconds: float, report_dir: str, extra: dict[str, Any],
+    data: dict[str, str],
+    params: Params,
+    weights: dict[str, str],
+    unlearn_seconds: float,
+    retrain_seconds: float,
+    report_dir: str,
+    extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Metrics of original, oracle and unlearned models; report.json and report.png."""
     return steps.evaluate_step(

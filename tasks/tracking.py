@@ -42,7 +42,9 @@ def _experiment_id(client: MlflowClient, name: str) -> str:
 
 def _git_commit(cwd: Path) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
@@ -54,7 +56,9 @@ def check_request_id(uri: str, experiment: str, request_id: str, request_digest:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.request_id = '{request_id}'")
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.request_id = '{request_id}'"
+    )
     for run in runs:
         if run.data.tags.get("request_digest") not in (None, request_digest):
             raise DuplicateRequest(
@@ -64,19 +68,27 @@ def check_request_id(uri: str, experiment: str, request_id: str, request_digest:
 
 
 @task(name="mlflow-start-run", **RETRY)
-def start_run(uri: str, experiment: str, request_id: str, tags: dict[str, str], dvc_root: str) -> str:
+def start_run(
+    uri: str, experiment: str, request_id: str, tags: dict[str, str], dvc_root: str
+) -> str:
     """Create the parent run (status RUNNING) and return its id."""
     client = client_for(uri)
     commit = _git_commit(Path(dvc_root))
     run = client.create_run(
         _experiment_id(client, experiment),
         run_name=request_id,
-        tags={**tags, "request_id": request_id, **({"mlflow.source.git.commit": commit} if commit else {})},
+        tags={
+            **tags,
+            "request_id": request_id,
+            **({"mlflow.source.git.commit": commit} if commit else {}),
+        },
     )
     return run.info.run_id
 
 
-def _dataset_input(df: pd.DataFrame, source: str, name: str, context: str, tags: dict[str, str]) -> DatasetInput:
+def _dataset_input(
+    df: pd.DataFrame, source: str, name: str, context: str, tags: dict[str, str]
+) -> DatasetInput:
     ds = mlflow.data.from_pandas(df, source=source, name=name)
     all_tags = {"mlflow.data.context": context, **tags}
     return DatasetInput(ds._to_mlflow_entity(), [InputTag(k, str(v)) for k, v in all_tags.items()])
@@ -90,39 +102,61 @@ def log_lineage(uri: str, run_id: str, flat_params: dict[str, Any], data: dict[s
     client.log_batch(run_id, params=params)
     prepared = load_prepared(data["prepared_dir"])
     man = load_manifests(data["manifests_dir"])
-    ids_table = pd.DataFrame({"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y})
+    ids_table = pd.DataFrame(
+        {"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y}
+    )
     inputs = [
-        _dataset_input(ids_table, str(Path(data["prepared_dir"]).resolve()), f"{prepared.meta['dataset']}-prepared",
-                       "training", {"dvc_md5": data["prepared_md5"], "content_hash": prepared.content_hash}),
+        _dataset_input(
+            ids_table,
+            str(Path(data["prepared_dir"]).resolve()),
+            f"{prepared.meta['dataset']}-prepared",
+            "training",
+            {"dvc_md5": data["prepared_md5"], "content_hash": prepared.content_hash},
+        ),
     ]
     for split, ids in (("forget", man.forget_ids), ("retain", man.retain_ids)):
-        inputs.append(_dataset_input(
-            pd.DataFrame({"sample_id": ids}), str(Path(data["manifests_dir"]).resolve() / f"{split}_ids.parquet"),
-            f"{man.summary['request']['request_id']}-{split}", split,
-            {"dvc_md5": data["manifests_md5"], "request_digest": man.summary["request_digest"]},
-        ))
+        inputs.append(
+            _dataset_input(
+                pd.DataFrame({"sample_id": ids}),
+                str(Path(data["manifests_dir"]).resolve() / f"{split}_ids.parquet"),
+                f"{man.summary['request']['request_id']}-{split}",
+                split,
+                {"dvc_md5": data["manifests_md5"], "request_digest": man.summary["request_digest"]},
+            )
+        )
     client.log_inputs(run_id, datasets=inputs)
-    client.log_batch(run_id, tags=[
-        RunTag("data_content_hash", prepared.content_hash),
-        RunTag("dvc.prepared_md5", data["prepared_md5"]),
-        RunTag("dvc.manifests_md5", data["manifests_md5"]),
-    ])
+    client.log_batch(
+        run_id,
+        tags=[
+            RunTag("data_content_hash", prepared.content_hash),
+            RunTag("dvc.prepared_md5", data["prepared_md5"]),
+            RunTag("dvc.manifests_md5", data["manifests_md5"]),
+        ],
+    )
 
 
 def _numeric(d: dict[str, Any], prefix: str) -> dict[str, float]:
-    return {f"{prefix}{k}": float(v) for k, v in d.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {
+        f"{prefix}{k}": float(v)
+        for k, v in d.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 @task(name="mlflow-log-results", **RETRY)
 def log_results(
-    uri: str, run_id: str, report: dict[str, Any], weights: dict[str, dict[str, Any]],
-    report_dir: str, extra_metrics: dict[str, float],
+    uri: str,
+    run_id: str,
+    report: dict[str, Any],
+    weights: dict[str, dict[str, Any]],
+    report_dir: str,
+    extra_metrics: dict[str, float],
 ) -> None:
     """Metrics of every model, cost, weights (safetensors) and the report files."""
     client = client_for(uri)
     metrics: dict[str, float] = {}
     for model_name, m in report["models"].items():
-        metrics.update(_numeric(m, f"{model_name}.")) 
+        metrics.update(_numeric(m, f"{model_name}."))
     metrics.update(_numeric(report["cost"], "cost."))
     metrics.update(extra_metrics)
     now = int(time.time() * 1000)

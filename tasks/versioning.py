@@ -39,7 +39,9 @@ def stage_request_file(dvc_root: Path, request_file: str, request_id: str) -> st
     return str(dest.relative_to(root))
 
 
-def sync_params_file(dvc_root: Path, params: Params, sections: tuple[str, ...] = DVC_SECTIONS) -> list[str]:
+def sync_params_file(
+    dvc_root: Path, params: Params, sections: tuple[str, ...] = DVC_SECTIONS
+) -> list[str]:
     """Write ``sections`` of ``params`` into ``<dvc_root>/params.yaml``, as ``dvc exp run -S``
     would, keeping comments and every other key. Returns the changed dotted keys."""
     from ruamel.yaml import YAML  # installed with dvc; round-trips comments
@@ -82,8 +84,14 @@ def ensure_dvc_repo(dvc_root: Path) -> None:
         raise StageFailed(f"{dvc_root}: dvc.yaml not found")
 
 
-@task(name="dvc-repro", retries=2, retry_delay_seconds=2,
-      retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), StageFailed))
+@task(
+    name="dvc-repro",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=lambda task, run, state: (
+        not isinstance(state.result(raise_on_failure=False), StageFailed)
+    ),
+)
 def dvc_repro(dvc_root: str, stage: str) -> dict[str, Any]:
     """Run ``dvc repro <stage>`` in ``dvc_root``; return the md5 of every stage out.
 
@@ -93,8 +101,11 @@ def dvc_repro(dvc_root: str, stage: str) -> dict[str, Any]:
     ensure_dvc_repo(root)
     logger = get_run_logger()
     proc = subprocess.run(
-        [sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=_dvc_env(),
-        capture_output=True, text=True,
+        [sys.executable, "-m", "dvc", "repro", stage],
+        cwd=root,
+        env=_dvc_env(),
+        capture_output=True,
+        text=True,
     )
     for line in proc.stdout.splitlines():
         if line.strip():
@@ -102,7 +113,7 @@ def dvc_repro(dvc_root: str, stage: str) -> dict[str, Any]:
     if proc.returncode != 0:
         # The stage's own `error: ...` line is the useful part; dvc wraps it in noise.
         errors = [ln for ln in (proc.stderr + proc.stdout).splitlines() if ln.startswith("error:")]
-        detail = errors[-1][len("error:"):].strip() if errors else proc.stderr.strip()[-2000:]
+        detail = errors[-1][len("error:") :].strip() if errors else proc.stderr.strip()[-2000:]
         exc_type = StageFailed if errors else RuntimeError
         raise exc_type(f"dvc repro {stage} failed: {detail}")
     return read_lock_md5s(root)
