@@ -1,0 +1,92 @@
+"""The `unlearn` CLI rejects bad input before any work starts, listing valid choices."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import main
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (
+            ["run", "--method", "nope"],
+            "unknown name 'nope'; valid: finetune, fisher_diagonal, retrain",
+        ),
+        (["run", "--set", "data.name=cifar"], "valid: digits, fashion-mnist, parquet"),
+        (["run", "--set", "model.name=resnet"], "valid: cnn, mlp"),
+        (["run", "--set", "train.lrr=1"], "unknown key train.lrr; valid keys of train:"),
+        (["run", "--set", "train.epochs=ten"], "train.epochs: expected an integer"),
+        (["run", "--set", "noequals"], "expected KEY=VALUE"),
+        (["run", "--params", "missing.yaml"], "params file not found: missing.yaml"),
+        (["run", "--request", "/nonexistent/req.yaml"], "request file not found"),
+    ],
+)
+def test_run_rejects_bad_input_before_work(argv, expected, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO)
+    assert main(argv) == 2
+    assert expected in capsys.readouterr().err
+
+
+def _write(path: Path, payload: dict) -> str:
+    path.write_text(yaml.safe_dump(payload))
+    return str(path)
+
+
+def test_requests_validate(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml, no prepared data: schema checks only
+    good = _write(
+        tmp_path / "a.yaml", {"request_id": "r1", "reason": "x", "forget": {"classes": [1]}}
+    )
+    assert main(["requests", "validate", good]) == 0
+    out = capsys.readouterr().out
+    assert "ok (r1, forget by classes)" in out and "ids not checked" in out
+
+    dup = _write(
+        tmp_path / "b.yaml", {"request_id": "r1", "reason": "y", "forget": {"fraction": 0.5}}
+    )
+    assert main(["requests", "validate", good, dup]) == 2
+    assert "duplicate request_id 'r1'" in capsys.readouterr().err
+
+    bad = _write(
+        tmp_path / "c.yaml", {"request_id": "r2", "reason": "x", "forget": {"fraction": 1.5}}
+    )
+    assert main(["requests", "validate", bad]) == 2
+    assert "forget.fraction must be a number in (0, 1)" in capsys.readouterr().err
+
+
+def test_requests_validate_checks_ids_against_prepared_data(capsys, tmp_path, monkeypatch):
+    from pipeline_lib.config import DataConfig
+    from pipeline_lib.data import prepare_dataset
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        yaml.safe_dump({"data": {"max_train": 100, "max_test": 40}})
+    )
+    prepare_dataset(DataConfig(max_train=100, max_test=40))
+    req = _write(
+        tmp_path / "r.yaml", {"request_id": "r", "reason": "x", "forget": {"sample_ids": ["zzz"]}}
+    )
+    assert main(["requests", "validate", req]) == 2
+    assert "unknown sample id(s): 'zzz'" in capsys.readouterr().err
+    ok = _write(
+        tmp_path / "ok.yaml", {"request_id": "ok", "reason": "x", "forget": {"fraction": 0.1}}
+    )
+    assert main(["requests", "validate", ok]) == 0
+    assert "10 forget / 90 retain in digits" in capsys.readouterr().out
+
+
+def test_console_script_help():
+    exe = Path(sys.executable).parent / "unlearn"
+    out = subprocess.run(
+        [str(exe), "run", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--params", "--request", "--method", "--set"):
+        assert flag in out
