@@ -159,25 +159,38 @@ def format_table(report: Mapping) -> str:
 
 
 def plot_report(report: Mapping, path: str | Path) -> None:
-    """Grouped bars per metric for every model in the report; written atomically as PNG."""
+    """Grouped bars per metric for every model in the report, written atomically as PNG.
+
+    Left panel: accuracies, y-axis zoomed so that gaps of a point or two stay visible;
+    right panel: MIA-efficacy and Avg. Gap. Each bar carries its value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = ["forget_acc", "RA", "TA", "MIA_efficacy", "avg_gap"]
     names = list(report["models"])
-    x = np.arange(len(metrics))
+    panels = (
+        ("accuracy (%)", ["forget_acc", "RA", "TA"]),
+        ("privacy / gap", ["MIA_efficacy", "avg_gap"]),
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
     width = 0.8 / len(names)
-    fig, ax = plt.subplots(figsize=(9, 4))
-    for i, name in enumerate(names):
-        vals = [report["models"][name][m] for m in metrics]
-        ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
-    ax.set_xticks(x, metrics)
-    ax.set_ylabel("percent")
-    title = report.get("title", "unlearning evaluation")
-    ax.set_title(str(title))
-    ax.legend()
+    for ax, (ylabel, metrics) in zip(axes, panels, strict=True):
+        x = np.arange(len(metrics))
+        values = []
+        for i, name in enumerate(names):
+            vals = [report["models"][name][m] for m in metrics]
+            values += vals
+            bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
+        ax.set_xticks(x, metrics)
+        ax.set_ylabel(ylabel)
+        if ylabel.startswith("accuracy"):
+            ax.set_ylim(max(0.0, min(values) - 5.0), 101.0)
+        else:
+            ax.set_ylim(0.0, max(values + [1.0]) * 1.15)
+    axes[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle(str(report.get("title", "unlearning evaluation")))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
