@@ -293,6 +293,7 @@ def build_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     params = parse_section(Params, tree)
+    validate_ranges(params)
     validate_names(params)
     return params
 
@@ -304,6 +305,42 @@ def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) ->
 
 def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+_POSITIVE = "must be > 0"
+#: (dotted key, predicate, what it must be). Checked after types, before any work.
+_RANGES: tuple[tuple[str, Any, str], ...] = (
+    ("data.test_fraction", lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    ("data.max_train", lambda v: v is None or v > 0, _POSITIVE),
+    ("data.max_test", lambda v: v is None or v > 0, _POSITIVE),
+    ("train.epochs", lambda v: v > 0, _POSITIVE),
+    ("train.batch_size", lambda v: v > 0, _POSITIVE),
+    ("train.lr", lambda v: v > 0, _POSITIVE),
+    ("train.weight_decay", lambda v: v >= 0, "must be >= 0"),
+    ("fisher.batch_size", lambda v: v > 0, _POSITIVE),
+    ("fisher.max_retain", lambda v: v is None or v > 0, _POSITIVE),
+    ("unlearn.fisher_diagonal.top_fraction", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("unlearn.fisher_diagonal.eps", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.fisher_diagonal.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.fisher_diagonal.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.fisher_diagonal.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.finetune.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.finetune.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.finetune.batch_size", lambda v: v > 0, _POSITIVE),
+    ("evaluate.mia_folds", lambda v: v >= 2, "must be >= 2"),
+    ("evaluate.mia_svc_c", lambda v: v > 0, _POSITIVE),
+    ("ray.num_cpus", lambda v: v is None or v > 0, _POSITIVE),
+)
+
+
+def validate_ranges(params: Params) -> None:
+    """Value ranges that types cannot express; the error names the key."""
+    for dotted, ok, what in _RANGES:
+        value: Any = params
+        for part in dotted.split("."):
+            value = getattr(value, part)
+        if not ok(value):
+            raise ConfigError(f"{dotted}: {what}, got {value!r}")
 
 
 def validate_names(params: Params) -> None:

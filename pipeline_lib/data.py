@@ -104,6 +104,8 @@ def read_idx(path: Path) -> np.ndarray:
     dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if dtype_code not in dtypes:
         raise ValueError(f"{path}: unknown IDX element type 0x{dtype_code:02x}")
+    if len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions announced)")
     dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=dtypes[dtype_code], offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
@@ -163,7 +165,18 @@ def load_parquet_source(cfg: DataConfig) -> RawDataset:
     ids = np.array([str(s) for s in table.column("sample_id").to_pylist()])
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: sample_id values are not unique")
-    y = np.asarray(table.column("label").to_numpy(), dtype=np.int64)
+    label_type = table.schema.field("label").type
+    raw_y = np.asarray(table.column("label").to_numpy(zero_copy_only=False))
+    if not pa.types.is_integer(label_type):
+        if (
+            not pa.types.is_floating(label_type)
+            or not np.all(np.isfinite(raw_y))
+            or np.any(raw_y != np.round(raw_y))
+        ):
+            raise ValueError(
+                f"{path}: label must hold integer class indices (column type {label_type})"
+            )
+    y = raw_y.astype(np.int64)
     if "features" in cols:
         X = np.array(table.column("features").to_pylist(), dtype=np.float32)
     elif "image" in cols:
@@ -188,7 +201,7 @@ def load_parquet_source(cfg: DataConfig) -> RawDataset:
         split = np.array(table.column("split").to_pylist(), dtype=str)
         bad = sorted(set(split) - set(SPLITS))
         if bad:
-            raise ValueError(f"{path}: split column holds {bad[0]!r}; valid: train, test")
+            raise ValueError(f"{path}: split column holds {str(bad[0])!r}; valid: train, test")
     if y.min() < 0:
         raise ValueError(f"{path}: labels must be non-negative class indices")
     return RawDataset(ids, X, y, split, int(y.max()) + 1, str(path))

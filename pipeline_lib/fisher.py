@@ -44,6 +44,8 @@ def fisher_targets(
     if kind == "empirical":
         return y.long(), probs
     if kind == "true_sampled":
+        if len(X) == 0:
+            return torch.empty(0, dtype=torch.long), probs
         gen = torch.Generator().manual_seed(seed)
         return torch.multinomial(probs.double(), 1, generator=gen).squeeze(1), probs
     return None, probs

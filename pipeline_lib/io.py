@@ -29,6 +29,10 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     work = tmp / target.name
     try:
         yield work
+        if not work.exists() and not work.is_symlink():
+            raise FileNotFoundError(
+                f"atomic write of {target}: the block wrote nothing; {target} left as it was"
+            )
         if target.is_dir() and not target.is_symlink():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
             target.rename(old)

@@ -74,7 +74,10 @@ def select_by_ratio(
     names = sorted(fisher_forget)
     if set(names) != set(fisher_retain):
         raise ValueError("forget and retain Fisher statistics cover different parameters")
-    ratio = {k: fisher_forget[k] / (fisher_retain[k] + eps) for k in names}
+    # 0/0 (a weight no sample moves, with eps=0) is no evidence of forget-sensitivity
+    ratio = {
+        k: torch.nan_to_num(fisher_forget[k] / (fisher_retain[k] + eps), nan=0.0) for k in names
+    }
     if threshold is not None:
         return {k: ratio[k] > threshold for k in names}, float(threshold)
     if not 0.0 < top_fraction <= 1.0:

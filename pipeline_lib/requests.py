@@ -33,7 +33,7 @@ import yaml
 from pipeline_lib.data import Prepared
 from pipeline_lib.io import atomic_path
 
-REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORGET_KINDS = ("sample_ids", "classes", "fraction")
 
 
@@ -74,7 +74,7 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
             f"{source}: unknown key {unknown[0]!r}; valid keys: {', '.join(sorted(allowed))}"
         )
     rid = raw.get("request_id")
-    if not isinstance(rid, str) or not REQUEST_ID_RE.match(rid):
+    if not isinstance(rid, str) or not REQUEST_ID_RE.fullmatch(rid):
         raise RequestError(
             f"{source}: request_id must be a string of letters, digits, '.', '_' or '-' "
             f"(max 128), got {rid!r}"
@@ -104,8 +104,8 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
         )
     kind = kinds[0]
     seed = forget.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise RequestError(f"{source}: forget.seed must be an integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise RequestError(f"{source}: forget.seed must be a non-negative integer, got {seed!r}")
     if kind == "sample_ids":
         ids = forget["sample_ids"]
         if not isinstance(ids, list) or not all(

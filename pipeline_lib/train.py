@@ -121,5 +121,7 @@ def predict_logits(model: nn.Module, X: torch.Tensor, batch_size: int = 1024) ->
     """Logits (N, n_classes) on CPU, computed in eval mode on the model's device."""
     model.eval()
     device = next(model.parameters()).device
+    if len(X) == 0:  # keep the (0, n_classes) shape so callers need no special case
+        return model(X[:0].to(device)).cpu()
     out = [model(X[i : i + batch_size].to(device)).cpu() for i in range(0, len(X), batch_size)]
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out)

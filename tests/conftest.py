@@ -37,7 +37,9 @@ def make_dvc_project(root: Path, params_text: str) -> Path:
     """A real DVC repo in ``root`` holding the project's dvc.yaml and stage code."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "pipeline_lib", root / "pipeline_lib", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        REPO / "pipeline_lib", root / "pipeline_lib", ignore=shutil.ignore_patterns("__pycache__")
+    )
     (root / "requests").mkdir(exist_ok=True)
     (root / "params.yaml").write_text(params_text)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)

@@ -27,8 +27,10 @@ def tiny_params(root: Path) -> dict:
     params["unlearn"]["fisher_diagonal"].update(epochs=2)
     params["request"]["file"] = "requests/req.yaml"
     params["tracking"].update(
-        mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", experiment="flow-test",
-        dvc_root=str(root), artifacts_dir="artifacts",
+        mlflow_uri=f"sqlite:///{root / 'mlflow.db'}",
+        experiment="flow-test",
+        dvc_root=str(root),
+        artifacts_dir="artifacts",
     )
     return params
 
@@ -45,7 +47,9 @@ def _task_states(flow_run_id) -> dict[str, list[str]]:
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
     states: dict[str, list[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], []).append(run.state.name)
@@ -89,7 +93,10 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     # artifacts: three safetensors weights, the report and its plot
     models = [a.path for a in client.list_artifacts(run.info.run_id, "models")]
     assert len(models) == 3 and all(p.endswith(".safetensors") for p in models)
-    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {"report/report.json", "report/report.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "report")} == {
+        "report/report.json",
+        "report/report.png",
+    }
 
     # metrics: every model's accuracies, gap to the oracle, cost ratio
     m = run.data.metrics
@@ -101,7 +108,9 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     assert m["unlearned.TA"] == pytest.approx(report["models"]["unlearned"]["TA"])
 
     # `dvc repro` by hand afterwards has nothing to do: the flow ran the same stages
-    status = subprocess.run([sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True)
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status"], cwd=project, capture_output=True, text=True
+    )
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
 
     # a second run with unchanged inputs is served from the cache
@@ -111,14 +120,17 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     assert states["train-model"] == ["Cached", "Cached"], states
     assert states["unlearn"] == ["Cached"], states
     assert state2.result()["report"]["models"] == report["models"]
-    runs = client.search_runs([run.info.experiment_id], filter_string="tags.request_id = 'req-test-0001'")
+    runs = client.search_runs(
+        [run.info.experiment_id], filter_string="tags.request_id = 'req-test-0001'"
+    )
     assert len(runs) == 2
 
     # a new request id reuses the original model (request-independent) but retrains the oracle
     other = dict(REQUEST, request_id="req-test-0002", forget={"classes": [3]})
     (project / "requests" / "other.yaml").write_text(yaml.safe_dump(other))
     state3 = unlearning_pipeline(
-        params_path=params_path, overrides={"request.file": "requests/other.yaml", "unlearn.method": "finetune"},
+        params_path=params_path,
+        overrides={"request.file": "requests/other.yaml", "unlearn.method": "finetune"},
         return_state=True,
     )
     assert state3.is_completed()
@@ -126,7 +138,10 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     assert sorted(states3["train-model"]) == ["Cached", "Completed"], states3
     assert "fisher-statistics" not in states3  # finetune needs no Fisher statistics
     # the DVC params were synced, so `dvc status` is again clean
-    assert yaml.safe_load((project / "params.yaml").read_text())["request"]["file"] == "requests/other.yaml"
+    assert (
+        yaml.safe_load((project / "params.yaml").read_text())["request"]["file"]
+        == "requests/other.yaml"
+    )
 
 
 def test_bad_request_fails_before_training(prefect_api, project: Path):
@@ -136,12 +151,20 @@ def test_bad_request_fails_before_training(prefect_api, project: Path):
     bad = dict(REQUEST, request_id="req-bad", forget={"sample_ids": ["nope-1"]})
     (project / "requests" / "bad.yaml").write_text(yaml.safe_dump(bad))
     with pytest.raises(Exception, match="unknown sample id"):
-        unlearning_pipeline(params_path=str(project / "params.yaml"), overrides={"request.file": "requests/bad.yaml"})
+        unlearning_pipeline(
+            params_path=str(project / "params.yaml"),
+            overrides={"request.file": "requests/bad.yaml"},
+        )
     assert not (project / "artifacts").exists()  # nothing trained
 
     # a request id reused for different content is refused
-    unlearning_pipeline(params_path=str(project / "params.yaml"), overrides={"unlearn.method": "finetune"})
+    unlearning_pipeline(
+        params_path=str(project / "params.yaml"), overrides={"unlearn.method": "finetune"}
+    )
     changed = dict(REQUEST, forget={"fraction": 0.2, "seed": 3})
     (project / "requests" / "changed.yaml").write_text(yaml.safe_dump(changed))
     with pytest.raises(DuplicateRequest, match="req-test-0001"):
-        unlearning_pipeline(params_path=str(project / "params.yaml"), overrides={"request.file": "requests/changed.yaml"})
+        unlearning_pipeline(
+            params_path=str(project / "params.yaml"),
+            overrides={"request.file": "requests/changed.yaml"},
+        )
