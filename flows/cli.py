@@ -1,6 +1,8 @@
 """``unlearn``: the command line of unlearnflow.
 
     unlearn run [--params params.yaml] [--request FILE] [--method NAME] [--set KEY=VALUE ...]
+    unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
+    unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn requests validate FILE [FILE ...] [--params params.yaml]
     unlearn methods
 
@@ -77,6 +79,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, Any]) -> int:
+    params = load_params(args.params, overrides)  # fails fast
+    if kind == "oracles":
+        root = Path(params.tracking.dvc_root)
+        req = Path(params.request.file)
+        load_request(req if req.is_absolute() else root / req)
+    _setup_env()
+    from flows.attribution import attribution_flow
+
+    result = attribution_flow(params_path=args.params, overrides=overrides, kind=kind)
+    stats = result["stats"]
+    print(f"\nstore {result['store']}")
+    if stats.get("models_trained"):
+        print(
+            f"trained {stats['models_trained']} models in {stats['wall_seconds']:.1f}s "
+            f"({stats['models_per_second']:.2f} models/s on {len(stats['nodes'])} node(s), "
+            f"orchestration overhead {100 * stats['overhead_fraction']:.1f}%)"
+        )
+    else:
+        print("all models already in the store")
+    for key, value in result.get("lds", {}).items():
+        print(f"{key}: {value:.4f}")
+    print(f"MLflow run {result['run_id']}")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    overrides["attribution.n_models"] = args.models
+    if args.alpha is not None:
+        overrides["attribution.alpha"] = args.alpha
+    return _run_attribution(args, "subsets", overrides)
+
+
+def cmd_oracles(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    if args.count is not None:
+        overrides["attribution.oracles"] = args.count
+    return _run_attribution(args, "oracles", overrides)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Schema-check request files; check ids against prepared data when it exists."""
     requests = [(f, load_request(f)) for f in args.files]
@@ -136,6 +179,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="override any parameter, e.g. train.epochs=10",
     )
     run.set_defaults(func=cmd_run)
+    att = sub.add_parser(
+        "attribute", help="train M subset models on Ray (datamodels), then measure LDS"
+    )
+    att.add_argument("--models", type=int, required=True, help="number of subset models M")
+    att.add_argument("--alpha", type=float, help="subset fraction (default: attribution.alpha)")
+    orc = sub.add_parser("oracles", help="train N oracles on a request's retain set, on Ray")
+    orc.add_argument("--request", help="deletion request YAML (overrides request.file)")
+    orc.add_argument("--count", type=int, help="number of oracles (default: attribution.oracles)")
+    for p in (att, orc):
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
+    att.set_defaults(func=cmd_attribute, request=None, method=None)
+    orc.set_defaults(func=cmd_oracles, method=None)
     req = sub.add_parser("requests", help="deletion requests")
     req_sub = req.add_subparsers(dest="requests_command", required=True)
     val = req_sub.add_parser(

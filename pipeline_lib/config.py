@@ -157,11 +157,37 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class AttributionConfig:
+    """Many-model training for datamodels and oracles (algorithms.md §2, evaluation.md)."""
+
+    #: M subset models; the last ``lds_heldout`` of them are held out to measure LDS.
+    n_models: int = 256
+    #: Subset fraction |S_j| = alpha·N.
+    alpha: float = 0.5
+    #: Models per chunk: the unit of work of one Ray task (one vectorised ensemble).
+    chunk_size: int = 32
+    seed: int = 0
+    #: Epochs of each subset model (null: train.epochs).
+    epochs: int | None = None
+    output_dtype: Literal["float16", "float32"] = "float16"
+    out_dir: str = "artifacts/attribution"
+    lds_heldout: int = 32
+    estimator: Literal["ridge_dual", "diff_means"] = "ridge_dual"
+    #: Ridge penalty of the dual-form datamodel fit.
+    lam: float = 1.0
+    #: Oracles trained per request by ``unlearn oracles`` (default count).
+    oracles: int = 20
+
+
+@dataclass(frozen=True)
 class RayConfig:
-    """Ray connection: null address starts a local Ray; otherwise RAY_ADDRESS-style."""
+    """Ray connection: null address uses RAY_ADDRESS if set, else starts a local Ray."""
 
     address: str | None = None
+    #: CPUs of a local Ray (null: all).
     num_cpus: int | None = None
+    #: CPUs per chunk task; torch in the task uses that many threads.
+    cpus_per_task: int = 1
 
 
 @dataclass(frozen=True)
@@ -176,6 +202,7 @@ class Params:
     unlearn: UnlearnConfig = field(default_factory=UnlearnConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
 
@@ -330,6 +357,14 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("evaluate.mia_folds", lambda v: v >= 2, "must be >= 2"),
     ("evaluate.mia_svc_c", lambda v: v > 0, _POSITIVE),
     ("ray.num_cpus", lambda v: v is None or v > 0, _POSITIVE),
+    ("ray.cpus_per_task", lambda v: v > 0, _POSITIVE),
+    ("attribution.n_models", lambda v: v > 0, _POSITIVE),
+    ("attribution.alpha", lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
+    ("attribution.chunk_size", lambda v: v > 0, _POSITIVE),
+    ("attribution.epochs", lambda v: v is None or v > 0, _POSITIVE),
+    ("attribution.lds_heldout", lambda v: v >= 0, "must be >= 0"),
+    ("attribution.lam", lambda v: v > 0, _POSITIVE),
+    ("attribution.oracles", lambda v: v > 0, _POSITIVE),
 )
 
 

@@ -171,5 +171,56 @@ def log_results(
         client.log_artifact(run_id, str(Path(report_dir) / name), artifact_path="report")
 
 
+@task(name="mlflow-log-store", **RETRY)
+def log_store(
+    uri: str,
+    run_id: str,
+    spec: dict[str, Any],
+    stats: dict[str, Any],
+    lds: dict[str, float],
+    manifest: str,
+) -> None:
+    """Spec as params, throughput and LDS as metrics, per-chunk timing as metric series
+    (step = chunk index), the masks digest as a tag, the store manifest as an artifact."""
+    client = client_for(uri)
+    params = {f"store.{k}": v for k, v in spec.items() if not isinstance(v, dict)}
+    params.update({f"store.model.{k}": v for k, v in spec["model"].items()})
+    params.update({f"store.train.{k}": v for k, v in spec["train"].items()})
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(k, float(stats[k]), now, 0)
+        for k in (
+            "wall_seconds",
+            "models_trained",
+            "models_per_second",
+            "overhead_fraction",
+            "trainer_seconds",
+        )
+        if k in stats
+    ]
+    metrics += [Metric(k, float(v), now, 0) for k, v in lds.items()]
+    for i, chunk in enumerate(sorted(stats.get("chunks", []), key=lambda c: c["start"])):
+        metrics.append(Metric("chunk.train_seconds", float(chunk["train_seconds"]), now, i))
+        metrics.append(
+            Metric(
+                "chunk.models_per_second",
+                (chunk["stop"] - chunk["start"]) / max(chunk["train_seconds"], 1e-9),
+                now,
+                i,
+            )
+        )
+    for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
+        client.log_batch(run_id, metrics=metrics[i : i + 900])
+    client.log_batch(
+        run_id,
+        params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
+        tags=[
+            RunTag("masks_digest", stats.get("masks_digest", "")),
+            RunTag("ray.nodes", ",".join(stats.get("nodes", []))),
+        ],
+    )
+    client.log_artifact(run_id, manifest, artifact_path="store")
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     client_for(uri).set_terminated(run_id, status=status)

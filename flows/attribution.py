@@ -1,0 +1,233 @@
+"""The ``attribution`` flow: train M subset models (or N oracles of a request) on Ray into an
+attribution store, then fit datamodels and measure LDS on held-out subset models.
+
+Progress shows on the terminal (a bar with models done, models/s and ETA) and as a Prefect
+progress artifact; one MLflow parent run records the store manifest, the masks digest,
+per-chunk timing and throughput, and LDS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.logging import get_run_logger
+
+from pipeline_lib.attribution import AttributionStore, StoreSpec
+from pipeline_lib.config import Params, load_params, to_dict
+from pipeline_lib.data import Prepared, load_prepared
+from pipeline_lib.requests import load_manifests, load_request
+from tasks import attribution as ray_attr
+from tasks import tracking, versioning
+
+RETRY = dict(retries=2, retry_delay_seconds=2)
+
+
+def _resolve(root: Path, path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else root / path
+
+
+def store_spec(
+    params: Params, data: Prepared, kind: str, n_models: int, base_mask: np.ndarray | None
+) -> StoreSpec:
+    a = params.attribution
+    train = to_dict(params.train)
+    if a.epochs is not None:
+        train["epochs"] = a.epochs
+    train = {
+        k: train[k] for k in ("epochs", "batch_size", "lr", "optimizer", "weight_decay", "momentum")
+    }
+    base_digest = ""
+    if base_mask is not None:
+        import hashlib
+
+        base_digest = hashlib.sha256(np.packbits(base_mask).tobytes()).hexdigest()
+    return StoreSpec(
+        kind=kind,
+        n_models=n_models,
+        alpha=a.alpha if kind == "subsets" else float(base_mask.mean()),  # type: ignore[union-attr]
+        seed=a.seed,
+        chunk_size=a.chunk_size,
+        n_train=int((data.split == "train").sum()),
+        n_classes=data.n_classes,
+        data_hash=data.content_hash,
+        model=to_dict(params.model),
+        train=train,
+        output_dtype=a.output_dtype,
+        base_digest=base_digest,
+    )
+
+
+class _Progress:
+    """Terminal bar (tqdm: models done, models/s, ETA) plus a Prefect progress artifact."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.bar = None
+        self.artifact_id = create_progress_artifact(
+            progress=0.0, key=key, description="models trained"
+        )
+
+    def __call__(self, done: int, total: int, meta: dict[str, Any]) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:  # the first call reports chunks already in the store
+            self.bar = tqdm(
+                total=total, initial=done, unit="model", file=sys.stderr, dynamic_ncols=True
+            )
+        else:
+            self.bar.update(done - self.bar.n)
+        update_progress_artifact(self.artifact_id, progress=100.0 * done / total)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@task(name="train-attribution-store", **RETRY)
+def train_store(
+    store_root: str,
+    spec: StoreSpec,
+    prepared_dir: str,
+    ray_cfg: dict,
+    base_mask: list[bool] | None,
+    key: str,
+) -> dict[str, Any]:
+    """Train every missing chunk on Ray (a retry resumes from the finished chunks)."""
+    from pipeline_lib.config import RayConfig, parse_section
+
+    logger = get_run_logger()
+    data = load_prepared(prepared_dir)
+    order = np.argsort(data.ids, kind="stable")
+    train_rows = order[data.split[order] == "train"]
+    target_rows = np.concatenate([train_rows, order[data.split[order] == "test"]])
+    store = AttributionStore(store_root, spec)
+    store.initialise(data.ids[target_rows], data.split[target_rows], data.y[target_rows])
+    cfg = parse_section(RayConfig, ray_cfg, "ray")
+    logger.info("Ray: %s; store %s", ray_attr.connect(cfg), store_root)
+    progress = _Progress(key)
+    try:
+        stats = ray_attr.run_store(
+            store,
+            data.X[train_rows],
+            data.y[train_rows],
+            data.X[target_rows],
+            cfg,
+            np.asarray(base_mask, dtype=bool) if base_mask is not None else None,
+            progress,
+        )
+    finally:
+        progress.close()
+    store.check()
+    stats["masks_digest"] = store.masks_digest()
+    logger.info(
+        "trained %d models in %.1fs (%.2f models/s, overhead %.1f%%)",
+        stats["models_trained"],
+        stats["wall_seconds"],
+        stats.get("models_per_second", 0.0),
+        100 * stats["overhead_fraction"],
+    )
+    return stats
+
+
+@task(name="datamodel-lds")
+def datamodel_lds(store_root: str, heldout: int, estimator: str, lam: float) -> dict[str, float]:
+    """Fit datamodels on the first M−H models; LDS of margins on the last H (test targets
+    and train targets separately)."""
+    from pipeline_lib.datamodels import fit_datamodels, lds, margins
+
+    store = AttributionStore.open(store_root)
+    masks, _, outputs = store.load()
+    labels = store.targets().column("label").to_numpy()
+    split = np.asarray(store.targets().column("split").to_pylist())
+    m = margins(outputs.astype(np.float64), labels)  # (M, T)
+    fit_m, held = slice(0, len(masks) - heldout), slice(len(masks) - heldout, None)
+    out = {}
+    for name, cols in (("test", split == "test"), ("train", split == "train")):
+        dm = fit_datamodels(masks[fit_m], m[fit_m][:, cols], lam=lam, estimator=estimator)
+        out[f"lds_{name}"] = float(lds(dm, masks[held], m[held][:, cols]))
+    return out
+
+
+@flow(name="attribution")
+def attribution_flow(
+    params_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    kind: str = "subsets",
+) -> dict[str, Any]:
+    """``kind='subsets'``: ``attribution.n_models`` models on random alpha-subsets, then LDS.
+    ``kind='oracles'``: ``attribution.oracles`` models retrained on the request's retain set."""
+    logger = get_run_logger()
+    params = load_params(params_path, overrides)
+    tr = params.tracking
+    root = Path(tr.dvc_root).resolve()
+    base_mask = None
+    if kind == "oracles":
+        from flows.pipeline import stage_data
+
+        request = load_request(_resolve(root, params.request.file))
+        params, md5s = stage_data(params, request)
+        man = load_manifests(_resolve(root, params.request.out_dir))
+        data = load_prepared(_resolve(root, params.data.out_dir))
+        train_ids = np.sort(data.split_ids("train"))
+        base_mask = np.isin(train_ids, man.retain_ids)
+        n_models, run_name = params.attribution.oracles, f"oracles-{request.request_id}"
+    elif kind == "subsets":
+        for key in versioning.sync_params_file(root, params, ("data",)):
+            logger.info("params.yaml: set %s for DVC", key)
+        md5s = versioning.dvc_repro(str(root), "prepare")
+        data = load_prepared(_resolve(root, params.data.out_dir))
+        n_models, run_name = params.attribution.n_models, None
+    else:
+        raise ValueError(f"kind {kind!r} unknown; valid: subsets, oracles")
+    spec = store_spec(params, data, kind, n_models, base_mask)
+    store_root = _resolve(root, params.attribution.out_dir) / f"{kind}-{spec.digest[:16]}"
+    run_name = run_name or f"attribution-{spec.digest[:12]}"
+    run_id = tracking.start_run(
+        tr.mlflow_uri,
+        tr.experiment,
+        run_name,
+        {
+            "kind": f"attribution-{kind}",
+            "store": str(store_root),
+            "store_digest": spec.digest,
+            "data_content_hash": data.content_hash,
+            "dvc.prepared_md5": md5s["prepare"][params.data.out_dir],
+        },
+        str(root),
+    )
+    try:
+        stats = train_store(
+            str(store_root),
+            spec,
+            str(_resolve(root, params.data.out_dir)),
+            to_dict(params.ray),
+            base_mask.tolist() if base_mask is not None else None,
+            f"{kind}-{spec.digest[:12]}",
+        )
+        result: dict[str, Any] = {"store": str(store_root), "stats": stats, "run_id": run_id}
+        heldout = params.attribution.lds_heldout
+        if kind == "subsets" and 0 < heldout < n_models - 1:
+            result["lds"] = datamodel_lds(
+                str(store_root), heldout, params.attribution.estimator, params.attribution.lam
+            )
+        tracking.log_store(
+            tr.mlflow_uri,
+            run_id,
+            dataclasses.asdict(spec),
+            stats,
+            result.get("lds", {}),
+            str(store_root / "manifest.json"),
+        )
+    except BaseException:
+        tracking.end_run(tr.mlflow_uri, run_id, "FAILED")
+        raise
+    tracking.end_run(tr.mlflow_uri, run_id, "FINISHED")
+    logger.info("attribution store %s: %s", store_root, json.dumps(result.get("lds", {})))
+    return result
