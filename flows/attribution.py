@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
 from pipeline_lib.attribution import AttributionStore, StoreSpec
-from pipeline_lib.config import Params, load_params, to_dict
+from pipeline_lib.config import Params, environment_overrides, load_params, to_dict
 from pipeline_lib.data import Prepared, load_prepared
 from pipeline_lib.requests import load_manifests, load_request
 from tasks import attribution as ray_attr
@@ -164,7 +165,8 @@ def attribution_flow(
     """``kind='subsets'``: ``attribution.n_models`` models on random alpha-subsets, then LDS.
     ``kind='oracles'``: ``attribution.oracles`` models retrained on the request's retain set."""
     logger = get_run_logger()
-    params = load_params(params_path, overrides)
+    # The environment (MLFLOW_TRACKING_URI, RAY_ADDRESS) applies to deployments too.
+    params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
     tr = params.tracking
     root = Path(tr.dvc_root).resolve()
     base_mask = None

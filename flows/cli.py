@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline_lib.config import ConfigError, load_params
+from pipeline_lib.config import ConfigError, environment_overrides, load_params
 from pipeline_lib.requests import RequestError, check_unique_ids, extract_forget_set, load_request
 
 
@@ -35,6 +35,8 @@ def _setup_env() -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Offline, MLflow's telemetry thread can race a request (KeyError on its session id).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def _parse_set(items: list[str]) -> dict[str, Any]:
@@ -53,14 +55,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["request.file"] = str(Path(args.request).resolve())
     if args.method:
         overrides["unlearn.method"] = args.method
-    if os.environ.get("MLFLOW_TRACKING_URI") and "tracking.mlflow_uri" not in overrides:
-        overrides["tracking.mlflow_uri"] = os.environ["MLFLOW_TRACKING_URI"]
     return overrides
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    params = load_params(args.params, overrides)  # fails fast on any bad name or key
+    params = load_params(
+        args.params, {**environment_overrides(os.environ), **overrides}
+    )  # fails fast
     root = Path(params.tracking.dvc_root)
     req_path = Path(params.request.file)
     load_request(
@@ -80,7 +82,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, Any]) -> int:
-    params = load_params(args.params, overrides)  # fails fast
+    params = load_params(
+        args.params, {**environment_overrides(os.environ), **overrides}
+    )  # fails fast
     if kind == "oracles":
         root = Path(params.tracking.dvc_root)
         req = Path(params.request.file)

@@ -12,6 +12,7 @@ default), where the DVC stages run; the MLflow URI is used as given.
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from pipeline_lib.config import Params, flatten, load_params, to_dict
+from pipeline_lib.config import Params, environment_overrides, flatten, load_params, to_dict
 from pipeline_lib.data import load_prepared
 from pipeline_lib.evaluate import SUMMARY_COLUMNS
 from pipeline_lib.methods import get_method
@@ -98,7 +99,8 @@ def unlearning_pipeline(
 ) -> dict[str, Any]:
     """Run one deletion request end to end; returns the MLflow run id and the report."""
     logger = get_run_logger()
-    params = load_params(params_path, overrides)
+    # The environment (MLFLOW_TRACKING_URI, RAY_ADDRESS) applies to deployments too.
+    params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
     method = get_method(params.unlearn.method)
     tr = params.tracking
     root = Path(tr.dvc_root).resolve()

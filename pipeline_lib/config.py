@@ -325,6 +325,18 @@ def build_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = N
     return params
 
 
+def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overrides taken from the environment, so the same code runs against shared services:
+    ``MLFLOW_TRACKING_URI`` sets ``tracking.mlflow_uri`` and ``RAY_ADDRESS`` sets
+    ``ray.address``. Explicit overrides win over these."""
+    out: dict[str, Any] = {}
+    if environ.get("MLFLOW_TRACKING_URI"):
+        out["tracking.mlflow_uri"] = environ["MLFLOW_TRACKING_URI"]
+    if environ.get("RAY_ADDRESS"):
+        out["ray.address"] = environ["RAY_ADDRESS"]
+    return out
+
+
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:
     """Read ``params.yaml`` and apply overrides such as ``{"unlearn.method": "finetune"}``."""
     return build_params(read_params_file(path), overrides)
