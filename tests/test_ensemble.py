@@ -1,0 +1,164 @@
+"""The vectorised ensemble trainer against its slow reference: each model trained alone by fit.
+
+Float64 throughout the equivalence tests so that rounding cannot hide a real difference:
+after 3 epochs of Adam/SGD the largest parameter difference is ~1e-16; asserted at
+atol 1e-12, rtol 0.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline_lib import ensemble
+from pipeline_lib.config import ModelConfig
+from pipeline_lib.ensemble import (
+    ensemble_logits,
+    train_ensemble,
+    train_ensemble_reference,
+    train_step_flops,
+    unstack,
+)
+from pipeline_lib.models import build_model
+from pipeline_lib.train import FitSettings, fit, predict_logits
+
+SHAPE = (1, 8, 8)
+N, C, K, PER_MODEL = 60, 10, 3, 30
+SEEDS = [11, 5, 23]
+ATOL = 1e-12
+
+MLP = ModelConfig(name="mlp", hidden=(16, 16))
+CNN = ModelConfig(name="cnn", channels=(4, 8))
+# batch 8 over 30 samples: 3 full batches and a partial one of 6 in every epoch
+ADAM = FitSettings(epochs=3, batch_size=8, lr=1e-2, optimizer="adam", weight_decay=1e-3)
+SGD = FitSettings(epochs=3, batch_size=8, lr=5e-2, optimizer="sgd", momentum=0.9, weight_decay=1e-3)
+
+
+def _data(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X (N, 1, 8, 8), y (N,), masks (K, N) with PER_MODEL True entries per row."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, *SHAPE, generator=g, dtype=dtype)
+    y = torch.randint(0, C, (N,), generator=g)
+    masks = torch.zeros(K, N, dtype=torch.bool)
+    for k in range(K):
+        masks[k, torch.randperm(N, generator=g)[:PER_MODEL]] = True
+    assert len({tuple(m.nonzero().flatten().tolist()) for m in masks}) == K  # distinct subsets
+    return X, y, masks
+
+
+def _alone(cfg: ModelConfig, X, y, masks, settings: FitSettings) -> list[dict[str, torch.Tensor]]:
+    """Reference: each model trained alone by fit on its own subset, in X's dtype."""
+    out = []
+    for mask, seed in zip(masks, SEEDS, strict=True):
+        model = build_model(cfg, SHAPE, C, seed).to(X.dtype)
+        fit(model, X[mask], y[mask], settings, seed)
+        out.append({n: p.detach() for n, p in model.named_parameters()})
+    return out
+
+
+def _assert_matches_alone(stacked, alone, atol: float = ATOL) -> None:
+    assert set(stacked) == set(alone[0])
+    for k, ref in enumerate(alone):
+        for name, p in unstack(stacked, k).items():
+            assert p.dtype == ref[name].dtype
+            torch.testing.assert_close(p, ref[name], atol=atol, rtol=0, msg=f"model {k} {name}")
+
+
+@pytest.mark.parametrize("settings", [ADAM, SGD], ids=["adam", "sgd"])
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_each_model_equals_the_model_trained_alone(cfg, settings):
+    X, y, masks = _data()
+    stacked = train_ensemble(cfg, SHAPE, C, X, y, masks, SEEDS, settings)
+    assert all(t.shape[0] == K for t in stacked.values())
+    alone = _alone(cfg, X, y, masks, settings)
+    _assert_matches_alone(stacked, alone)
+    # training moved the weights (the comparison is not init against init)
+    init = build_model(cfg, SHAPE, C, SEEDS[0]).double().state_dict()
+    assert max(float((unstack(stacked, 0)[n] - init[n]).abs().max()) for n in init) > 1e-3
+
+
+def test_generic_vmap_path_equals_the_mlp_fast_path_and_fit(monkeypatch):
+    X, y, masks = _data()
+    fast = train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, ADAM)
+    monkeypatch.setattr(ensemble, "_mlp_plan", lambda base: None)
+    generic = train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, ADAM)
+    for name in fast:
+        torch.testing.assert_close(fast[name], generic[name], atol=ATOL, rtol=0)
+    _assert_matches_alone(generic, _alone(MLP, X, y, masks, ADAM))
+
+
+def test_reference_trainer_equals_fit_loop():
+    X, y, masks = _data()
+    ref = train_ensemble_reference(MLP, SHAPE, C, X, y, masks, SEEDS, SGD)
+    _assert_matches_alone(ref, _alone(MLP, X, y, masks, SGD), atol=0.0)
+
+
+def test_float32_matches_fit_to_float32_rounding():
+    X, y, masks = _data(torch.float32)
+    stacked = train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, ADAM)
+    assert all(t.dtype == torch.float32 for t in stacked.values())
+    _assert_matches_alone(stacked, _alone(MLP, X, y, masks, ADAM), atol=1e-5)
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_model_sees_only_its_own_subset(cfg):
+    X, y, masks = _data()
+    before = train_ensemble(cfg, SHAPE, C, X, y, masks, SEEDS, ADAM)
+    outside = ~masks[1]
+    X2, y2 = X.clone(), y.clone()
+    X2[outside] = torch.randn_like(X2[outside]) * 5
+    y2[outside] = (y2[outside] + 1) % C
+    after = train_ensemble(cfg, SHAPE, C, X2, y2, masks, SEEDS, ADAM)
+    for name in before:
+        assert torch.equal(before[name][1], after[name][1]), name  # bit-identical
+    # the other models do see (some of) the changed rows, so they change
+    for k in (0, 2):
+        assert any(not torch.equal(before[n][k], after[n][k]) for n in before)
+
+
+def test_unequal_mask_counts_raise_naming_the_counts():
+    X, y, masks = _data()
+    masks[2, masks[2].nonzero()[0]] = False  # row 2 now selects 29
+    with pytest.raises(ValueError, match=r"\[30, 30, 29\]"):
+        train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, ADAM)
+
+
+def test_seed_count_must_match_mask_rows():
+    X, y, masks = _data()
+    with pytest.raises(ValueError, match="3 rows .* 2 seeds"):
+        train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS[:2], ADAM)
+
+
+def test_other_malformed_inputs_raise():
+    X, y, masks = _data()
+    with pytest.raises(ValueError, match="bool"):
+        train_ensemble(MLP, SHAPE, C, X, y, masks.long(), SEEDS, ADAM)
+    with pytest.raises(ValueError, match="columns"):
+        train_ensemble(MLP, SHAPE, C, X[:-1], y[:-1], masks, SEEDS, ADAM)
+    with pytest.raises(ValueError, match="empty"):
+        train_ensemble(MLP, SHAPE, C, X, y, torch.zeros_like(masks), SEEDS, ADAM)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        bad = FitSettings(epochs=1, batch_size=8, lr=1e-2, optimizer="rmsprop")
+        train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, bad)
+
+
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_ensemble_logits_match_predict_logits(cfg):
+    X, y, masks = _data()
+    stacked = train_ensemble(cfg, SHAPE, C, X, y, masks, SEEDS, ADAM)
+    T = X[:23]
+    got = ensemble_logits(cfg, SHAPE, C, stacked, T, batch_size=7)  # several chunks
+    assert got.shape == (K, len(T), C)
+    for k in range(K):
+        model = build_model(cfg, SHAPE, C, 0).double()
+        model.load_state_dict(unstack(stacked, k))  # strict: names and shapes match
+        torch.testing.assert_close(got[k], predict_logits(model, T), atol=ATOL, rtol=0)
+    assert ensemble_logits(cfg, SHAPE, C, stacked, X[:0]).shape == (K, 0, C)
+
+
+def test_train_step_flops_counts_linear_and_conv_layers():
+    # MLP (16, 16) on 64 inputs: 64·16 + 16·16 + 16·10 multiply-adds per sample
+    assert train_step_flops(MLP, SHAPE, C, 8) == 2 * 3 * 8 * (64 * 16 + 16 * 16 + 16 * 10)
+    # CNN (4, 8) on 1×8×8: conv 1→4 at 8×8, pool, conv 4→8 at 4×4, pool, avgpool 2, Linear 32→10
+    macs = 4 * 8 * 8 * (1 * 9) + 8 * 4 * 4 * (4 * 9) + 32 * 10
+    assert train_step_flops(CNN, SHAPE, C, 5) == 2 * 3 * 5 * macs
