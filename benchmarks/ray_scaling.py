@@ -1,0 +1,73 @@
+"""Ray scaling of the many-model engine: 1 worker vs 2 workers on this machine, and the
+orchestration overhead (CPU-slot time not spent inside the ensemble trainer).
+
+    python benchmarks/ray_scaling.py --models 512 --chunk-size 64 --epochs 30
+
+Each configuration trains the same M digits-MLP subset models (alpha 0.5) into a fresh
+store through ``tasks.attribution.run_store`` on a local Ray with that many CPUs, one torch
+thread per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import ray
+import torch
+
+from benchmarks._common import load_split, spec_for
+from pipeline_lib.attribution import AttributionStore
+from pipeline_lib.config import RayConfig
+from tasks.attribution import run_store
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=512)
+    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--workers", default="1,2")
+    args = ap.parse_args()
+    X, y, targets, raw = load_split("digits")
+    rows = []
+    for workers in (int(w) for w in args.workers.split(",")):
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        spec = spec_for(len(X), args.models, args.chunk_size, args.epochs)
+        with tempfile.TemporaryDirectory() as d:
+            store = AttributionStore(d, spec)
+            store.initialise(
+                raw.ids[: len(targets)], raw.ids[: len(targets)], raw.y[: len(targets)]
+            )
+            t0 = time.perf_counter()
+            stats = run_store(store, X, y, targets, RayConfig(num_cpus=workers, cpus_per_task=1))
+            wall = time.perf_counter() - t0
+            store.check()
+        ray.shutdown()
+        rows.append(
+            (
+                workers,
+                wall,
+                args.models / wall,
+                stats["overhead_fraction"],
+                stats["trainer_seconds"],
+            )
+        )
+        print(f"{workers} worker(s): {wall:.1f}s", file=sys.stderr)
+    print(
+        f"python benchmarks/ray_scaling.py --models {args.models} --chunk-size {args.chunk_size} "
+        f"--epochs {args.epochs}   (torch {torch.__version__}, ray {ray.__version__})"
+    )
+    print("| workers | wall s | models/s | speed-up vs 1 | overhead | trainer s (sum) |")
+    print("|---|---|---|---|---|---|")
+    base = rows[0][2]
+    for w, wall, mps, over, inside in rows:
+        print(
+            f"| {w} | {wall:.1f} | {mps:.2f} | {mps / base:.2f}x | {100 * over:.1f}% | {inside:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
