@@ -7,22 +7,23 @@ import numpy as np
 from pipeline_lib.attribution import StoreSpec
 from pipeline_lib.config import DataConfig, Params, to_dict
 from pipeline_lib.data import (
-    RawDataset,
     assign_split,
     load_digits_source,
     load_fashion_mnist_source,
 )
 
 
-def load_split(name: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, RawDataset]:
-    """(train X, train y, target X = train then test, raw) with the pipeline's split."""
+def load_split(name: str, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """(train X, train y, target X, target y, target ids, target split) with the pipeline's
+    split; targets are the training points, then the test points."""
     cfg = DataConfig(name=name, seed=seed)
     raw = load_digits_source(cfg) if name == "digits" else load_fashion_mnist_source(cfg)
     split = assign_split(raw, cfg)
     order = np.argsort(raw.ids, kind="stable")
     tr = order[split[order] == "train"]
     te = order[split[order] == "test"]
-    return raw.X[tr], raw.y[tr], raw.X[np.concatenate([tr, te])], raw
+    tg = np.concatenate([tr, te])
+    return raw.X[tr], raw.y[tr], raw.X[tg], raw.y[tg], raw.ids[tg], split[tg]
 
 
 def spec_for(

@@ -31,16 +31,14 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--workers", default="1,2")
     args = ap.parse_args()
-    X, y, targets, raw = load_split("digits")
+    X, y, targets, target_y, target_ids, target_split = load_split("digits")
     rows = []
     for workers in (int(w) for w in args.workers.split(",")):
         ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         spec = spec_for(len(X), args.models, args.chunk_size, args.epochs)
         with tempfile.TemporaryDirectory() as d:
             store = AttributionStore(d, spec)
-            store.initialise(
-                raw.ids[: len(targets)], raw.ids[: len(targets)], raw.y[: len(targets)]
-            )
+            store.initialise(target_ids, target_split, target_y)
             t0 = time.perf_counter()
             stats = run_store(store, X, y, targets, RayConfig(num_cpus=workers, cpus_per_task=1))
             wall = time.perf_counter() - t0
