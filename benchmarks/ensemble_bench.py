@@ -20,7 +20,7 @@ All timed calls include building the K models; the machine is shared and noisy, 
 measurement is repeated ``--repeats`` times in interleaved rounds and the best is kept.
 
     python benchmarks/ensemble_bench.py [--threads 2] [--ks 16,64,256] [--batches 64,128,256]
-        [--epochs 3] [--loop-models 16] [--repeats 3]
+        [--epochs 3] [--loop-models 16] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--loop-models", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--peak-sizes", type=ints, default=[2048, 4096])
     args = ap.parse_args(argv)
 
