@@ -9,6 +9,7 @@ per-chunk timing and throughput, and LDS.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -46,8 +47,6 @@ def store_spec(
     }
     base_digest = ""
     if base_mask is not None:
-        import hashlib
-
         base_digest = hashlib.sha256(np.packbits(base_mask).tobytes()).hexdigest()
     return StoreSpec(
         kind=kind,
