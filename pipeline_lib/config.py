@@ -121,6 +121,49 @@ class RetrainParams:
 
 
 @dataclass(frozen=True)
+class NegGradPlusParams:
+    """NegGrad+ baseline (Kurmanji et al. 2023, as defined in SCRUB's paper).
+
+    Loss per step: ``beta·CE(retain batch) − (1 − beta)·CE(forget batch)``; Adam.
+    """
+
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+    #: Weight of the retain (descent) term; the forget (ascent) term gets 1 − beta. The
+    #: paper tunes it per setting; 0.9 keeps retain accuracy on small MLPs.
+    beta: float = 0.9
+
+
+@dataclass(frozen=True)
+class ScrubParams:
+    """SCRUB (Kurmanji et al., NeurIPS 2023): teacher-student max/min distillation; Adam."""
+
+    #: Total epochs; every epoch ends with one min-pass over the retain set.
+    epochs: int = 5
+    #: The first ``max_steps`` epochs also start with one max-pass over the forget set.
+    max_steps: int = 2
+    lr: float = 1e-3
+    batch_size: int = 64
+    #: Min-step loss: alpha_ce·CE + gamma_kl·KL on the retain set (algorithms.md: 0.99, 0.1).
+    alpha_ce: float = 0.99
+    gamma_kl: float = 0.1
+    #: Distillation temperature T (the KL terms are scaled by T², as in the SCRUB code).
+    temperature: float = 4.0
+
+
+@dataclass(frozen=True)
+class SalunParams:
+    """SalUn (Fan et al., ICLR 2024): saliency-masked random-label fine-tuning; Adam."""
+
+    #: Fraction of all weights (largest |∇ CE on F|) that may move; paper range 0.1–0.5.
+    saliency_fraction: float = 0.5
+    epochs: int = 5
+    lr: float = 1e-3
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
 class UnlearnConfig:
     """Which unlearning method runs, with one typed sub-section per method."""
 
@@ -129,6 +172,9 @@ class UnlearnConfig:
     fisher_diagonal: FisherDiagonalParams = field(default_factory=FisherDiagonalParams)
     finetune: FinetuneParams = field(default_factory=FinetuneParams)
     retrain: RetrainParams = field(default_factory=RetrainParams)
+    neggrad_plus: NegGradPlusParams = field(default_factory=NegGradPlusParams)
+    scrub: ScrubParams = field(default_factory=ScrubParams)
+    salun: SalunParams = field(default_factory=SalunParams)
 
     def method_params(self, name: str | None = None) -> Any:
         """The typed hyper-parameters of ``name`` (default: the selected method)."""
@@ -366,6 +412,21 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("unlearn.finetune.epochs", lambda v: v >= 0, "must be >= 0"),
     ("unlearn.finetune.lr", lambda v: v > 0, _POSITIVE),
     ("unlearn.finetune.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.neggrad_plus.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.neggrad_plus.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.neggrad_plus.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.neggrad_plus.beta", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    ("unlearn.scrub.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.scrub.max_steps", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.scrub.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.scrub.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.scrub.alpha_ce", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.scrub.gamma_kl", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.scrub.temperature", lambda v: v > 0, _POSITIVE),
+    ("unlearn.salun.saliency_fraction", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("unlearn.salun.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.salun.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.salun.batch_size", lambda v: v > 0, _POSITIVE),
     ("evaluate.mia_folds", lambda v: v >= 2, "must be >= 2"),
     ("evaluate.mia_svc_c", lambda v: v > 0, _POSITIVE),
     ("ray.num_cpus", lambda v: v is None or v > 0, _POSITIVE),

@@ -5,13 +5,15 @@
 ``model`` is a copy of the original (the method may change it in place), ``params`` the
 method's typed section of ``params.yaml`` (``unlearn.<name>``), ``info`` a dict of scalars
 worth tracking (how many weights were reset, ...). Shared pieces (the masked fine-tune loop
-in :mod:`pipeline_lib.train`, the Fisher diagonal) are composed, not re-written.
+in :mod:`pipeline_lib.train`, the Fisher diagonal, the top-fraction mask, the seeded batch
+iterator) are composed, not re-written.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +24,10 @@ from pipeline_lib.config import (
     ConfigError,
     FinetuneParams,
     FisherDiagonalParams,
+    NegGradPlusParams,
     RetrainParams,
+    SalunParams,
+    ScrubParams,
     TrainConfig,
 )
 from pipeline_lib.train import FitSettings, fit
@@ -60,6 +65,29 @@ class Method:
     summary: str
 
 
+def top_fraction_mask(
+    scores: dict[str, torch.Tensor], fraction: float
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Bool masks ({name: mask of the tensor's shape}) selecting exactly
+    ``max(1, round(fraction · n))`` entries with the largest scores across all tensors
+    (n = total entries; ties broken by ``torch.topk``). Returns (masks, smallest chosen score).
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    names = sorted(scores)
+    flat = torch.cat([scores[k].flatten() for k in names])
+    k = max(1, int(round(fraction * flat.numel())))
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    top = torch.topk(flat, k)
+    chosen[top.indices] = True  # exact count even when scores tie
+    masks, offset = {}, 0
+    for name in names:
+        n = scores[name].numel()
+        masks[name] = chosen[offset : offset + n].view_as(scores[name])
+        offset += n
+    return masks, float(top.values.min())
+
+
 def select_by_ratio(
     fisher_forget: dict[str, torch.Tensor],
     fisher_retain: dict[str, torch.Tensor],
@@ -84,17 +112,34 @@ def select_by_ratio(
         raise ConfigError(
             f"unlearn.fisher_diagonal.top_fraction must be in (0, 1], got {top_fraction}"
         )
-    flat = torch.cat([ratio[k].flatten() for k in names])
-    k = max(1, int(round(top_fraction * flat.numel())))
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    top = torch.topk(flat, k)
-    chosen[top.indices] = True  # exact count even when ratios tie
-    masks, offset = {}, 0
-    for name in names:
-        n = ratio[name].numel()
-        masks[name] = chosen[offset : offset + n].view_as(ratio[name])
-        offset += n
-    return masks, float(top.values.min())
+    return top_fraction_mask(ratio, top_fraction)
+
+
+def _batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Index batches of one seeded random pass over ``n`` items."""
+    order = torch.randperm(n, generator=gen)
+    for start in range(0, n, batch_size):
+        yield order[start : start + batch_size]
+
+
+def _cycled_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless index batches: a fresh seeded pass each time one runs out."""
+    while True:
+        yield from _batches(n, batch_size, gen)
+
+
+def distill_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, t: float
+) -> torch.Tensor:
+    """KL(p_teacher^T ‖ p_student^T) · T², averaged over the batch (B, C) -> scalar.
+
+    The same quantity as SCRUB's ``DistillKL`` (Hinton et al.'s scaling by T² keeps the
+    gradient magnitude independent of the temperature).
+    """
+    log_p_s = nn.functional.log_softmax(student_logits / t, dim=1)
+    log_p_t = nn.functional.log_softmax(teacher_logits / t, dim=1)
+    kl = nn.functional.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True)
+    return kl * t * t
 
 
 def fisher_diagonal_forgetting(
@@ -163,6 +208,167 @@ def retrain(
     return fresh, {}
 
 
+def neggrad_plus(
+    model: nn.Module, inputs: UnlearnInputs, params: NegGradPlusParams, seed: int
+) -> tuple[nn.Module, Info]:
+    """NegGrad+ (Kurmanji et al., NeurIPS 2023, "Towards Unbounded Machine Unlearning",
+    the NegGrad+ baseline of SCRUB's paper): gradient descent on R and ascent on F at once.
+
+    Each step takes the next retain batch (x_r, y_r) and the next forget batch (x_f, y_f)
+    (forget batches cycle, reshuffled each time F is exhausted) and minimises::
+
+        β · CE(f_θ(x_r), y_r) − (1 − β) · CE(f_θ(x_f), y_f)
+
+    with Adam for ``epochs`` passes over R. β = ``params.beta`` (default 0.9, chosen here;
+    the paper tunes it per setting).
+    """
+    device = inputs.device
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=params.lr)
+    gen = torch.Generator().manual_seed(seed)
+    forget_batches = _cycled_batches(len(inputs.forget_y), params.batch_size, gen)
+    ce = nn.functional.cross_entropy
+    steps, last_r, last_f = 0, float("nan"), float("nan")
+    for _ in range(params.epochs):
+        for idx_r in _batches(len(inputs.retain_y), params.batch_size, gen):
+            idx_f = next(forget_batches)
+            loss_r = ce(model(inputs.retain_X[idx_r].to(device)), inputs.retain_y[idx_r].to(device))
+            loss_f = ce(model(inputs.forget_X[idx_f].to(device)), inputs.forget_y[idx_f].to(device))
+            loss = params.beta * loss_r - (1.0 - params.beta) * loss_f
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps, last_r, last_f = steps + 1, float(loss_r.detach()), float(loss_f.detach())
+    log.info("neggrad_plus: %d steps, last retain CE %.4f forget CE %.4f", steps, last_r, last_f)
+    return model.eval(), {"steps": steps, "last_retain_ce": last_r, "last_forget_ce": last_f}
+
+
+def scrub_distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: UnlearnInputs,
+    params: ScrubParams,
+    seed: int,
+) -> Info:
+    """SCRUB's alternating optimisation of ``student`` (in place) against a frozen ``teacher``
+    (Kurmanji et al., NeurIPS 2023, Alg. 1). With T = ``temperature`` and
+    KL_T(x) = T² · KL(softmax(f_teacher(x)/T) ‖ softmax(f_student(x)/T)) (:func:`distill_kl`):
+
+    - epochs 1..``max_steps``: first a *max-pass* over F, each batch minimising −KL_T
+      (i.e. moving the student away from the teacher on the forget set);
+    - every epoch: then a *min-pass* over R, each batch minimising
+      ``alpha_ce`` · CE(f_student(x), y) + ``gamma_kl`` · KL_T(x).
+
+    One Adam optimiser is shared by both passes, as in the authors' code. The teacher is
+    never updated (no gradients flow into it). Returns info scalars.
+    """
+    device = inputs.device
+    student.to(device).train()
+    teacher.to(device).eval()
+    opt = torch.optim.Adam(student.parameters(), lr=params.lr)
+    gen = torch.Generator().manual_seed(seed)
+    t = params.temperature
+    last_max, last_min = float("nan"), float("nan")
+    for epoch in range(params.epochs):
+        if epoch < params.max_steps:
+            for idx in _batches(len(inputs.forget_y), params.batch_size, gen):
+                xb = inputs.forget_X[idx].to(device)
+                with torch.no_grad():
+                    target = teacher(xb)
+                loss = -distill_kl(student(xb), target, t)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last_max = float(-loss.detach())
+        for idx in _batches(len(inputs.retain_y), params.batch_size, gen):
+            xb, yb = inputs.retain_X[idx].to(device), inputs.retain_y[idx].to(device)
+            with torch.no_grad():
+                target = teacher(xb)
+            out = student(xb)
+            loss = params.alpha_ce * nn.functional.cross_entropy(
+                out, yb
+            ) + params.gamma_kl * distill_kl(out, target, t)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            last_min = float(loss.detach())
+    student.eval()
+    log.info("scrub: last forget KL %.4f, last retain loss %.4f", last_max, last_min)
+    return {
+        "max_epochs": min(params.max_steps, params.epochs),
+        "last_forget_kl": last_max,
+        "last_retain_loss": last_min,
+    }
+
+
+def scrub(
+    model: nn.Module, inputs: UnlearnInputs, params: ScrubParams, seed: int
+) -> tuple[nn.Module, Info]:
+    """SCRUB (Kurmanji et al., NeurIPS 2023, "Towards Unbounded Machine Unlearning"): the
+    student starts from the original weights and the teacher is a frozen copy of them; see
+    :func:`scrub_distill` for the exact losses."""
+    teacher = copy.deepcopy(model).requires_grad_(False)
+    info = scrub_distill(model, teacher, inputs, params, seed)
+    return model, info
+
+
+def forget_saliency(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """SalUn's weight saliency |∇_θ Σ_{x∈F} CE(f_θ(x), y)| ({name: tensor of the weight's
+    shape}), from one pass over the forget set (X (N, *shape), y (N,)) in eval mode."""
+    model.to(device).eval()
+    named = dict(model.named_parameters())
+    grads = {k: torch.zeros_like(p) for k, p in named.items()}
+    for start in range(0, len(y), batch_size):
+        xb, yb = X[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
+        loss = nn.functional.cross_entropy(model(xb), yb, reduction="sum")
+        for k, g in zip(named, torch.autograd.grad(loss, list(named.values())), strict=True):
+            grads[k] += g
+    return {k: g.abs() for k, g in grads.items()}
+
+
+def random_other_labels(y: torch.Tensor, n_classes: int, seed: int) -> torch.Tensor:
+    """Labels drawn uniformly from the classes other than ``y`` (N,), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    shift = torch.randint(1, n_classes, y.shape, generator=gen)
+    return (y + shift) % n_classes
+
+
+def salun(
+    model: nn.Module, inputs: UnlearnInputs, params: SalunParams, seed: int
+) -> tuple[nn.Module, Info]:
+    """SalUn (Fan et al., ICLR 2024, "SalUn: Empowering machine unlearning via gradient-based
+    weight saliency"), random-label variant.
+
+    1. Saliency s_i = |∂/∂θ_i Σ_{x∈F} CE(f_θ(x), y)| (:func:`forget_saliency`).
+    2. Mask m = the top ``saliency_fraction`` of all weights by s (exactly
+       round(fraction · n_params) of them, :func:`top_fraction_mask`).
+    3. Fine-tune only the masked weights (the shared masked loop :func:`fit`, CE, Adam) on
+       F relabelled uniformly at random among the *other* classes (seeded), together with R,
+       for ``epochs`` epochs. Unmasked weights keep their exact values.
+    """
+    saliency = forget_saliency(
+        model, inputs.forget_X, inputs.forget_y, params.batch_size, inputs.device
+    )
+    masks, cutoff = top_fraction_mask(saliency, params.saliency_fraction)
+    with torch.no_grad():
+        n_classes = int(model(inputs.forget_X[:1].to(inputs.device)).shape[-1])
+    random_y = random_other_labels(inputs.forget_y, n_classes, seed)
+    X = torch.cat([inputs.forget_X, inputs.retain_X])
+    y = torch.cat([random_y, inputs.retain_y])
+    settings = FitSettings(params.epochs, params.batch_size, params.lr, "adam")
+    fit(model, X, y, settings, seed, grad_mask=masks, device=inputs.device)
+    n_masked = int(sum(int(m.sum()) for m in masks.values()))
+    n_total = int(sum(m.numel() for m in masks.values()))
+    log.info("salun: %d of %d weights masked (saliency >= %.4g)", n_masked, n_total, cutoff)
+    return model, {
+        "n_masked": n_masked,
+        "fraction_masked": n_masked / n_total,
+        "saliency_cutoff": cutoff,
+    }
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -175,6 +381,27 @@ METHODS: dict[str, Method] = {
         ),
         Method("finetune", finetune, FinetuneParams, False, "fine-tune all weights on R"),
         Method("retrain", retrain, RetrainParams, False, "train from scratch on R (oracle)"),
+        Method(
+            "neggrad_plus",
+            neggrad_plus,
+            NegGradPlusParams,
+            False,
+            "descent on R and ascent on F: beta*CE(R) - (1-beta)*CE(F)",
+        ),
+        Method(
+            "scrub",
+            scrub,
+            ScrubParams,
+            False,
+            "student max-KL to the original on F, min CE + KL on R",
+        ),
+        Method(
+            "salun",
+            salun,
+            SalunParams,
+            False,
+            "fine-tune the most forget-salient weights on random-labelled F plus R",
+        ),
     )
 }
 

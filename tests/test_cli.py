@@ -18,7 +18,7 @@ from tests.conftest import REPO
     [
         (
             ["run", "--method", "nope"],
-            "unknown name 'nope'; valid: finetune, fisher_diagonal, retrain",
+            "unknown name 'nope'; valid: finetune, fisher_diagonal, neggrad_plus, retrain, salun, scrub",
         ),
         (["run", "--set", "data.name=cifar"], "valid: digits, fashion-mnist, parquet"),
         (["run", "--set", "model.name=resnet"], "valid: cnn, mlp"),

@@ -134,7 +134,11 @@ def test_literal_rejects_bad_value_listing_choices(
     [
         ("data.name", "cifar10", ["digits", "fashion-mnist", "parquet"]),
         ("model.name", "resnet", ["cnn", "mlp"]),
-        ("unlearn.method", "salun", ["finetune", "fisher_diagonal", "retrain"]),
+        (
+            "unlearn.method",
+            "nope",
+            ["finetune", "fisher_diagonal", "neggrad_plus", "retrain", "salun", "scrub"],
+        ),
     ],
 )
 def test_unknown_registry_name_lists_valid(

@@ -14,7 +14,10 @@ from pipeline_lib.config import (
     FinetuneParams,
     FisherDiagonalParams,
     ModelConfig,
+    NegGradPlusParams,
     RetrainParams,
+    SalunParams,
+    ScrubParams,
     TrainConfig,
 )
 from pipeline_lib.evaluate import (
@@ -105,14 +108,20 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def test_get_method_unknown_lists_methods() -> None:
-    with pytest.raises(ConfigError, match=r"'salun'; valid: finetune, fisher_diagonal, retrain$"):
-        get_method("salun")
+    with pytest.raises(
+        ConfigError,
+        match=r"'nope'; valid: finetune, fisher_diagonal, neggrad_plus, retrain, salun, scrub$",
+    ):
+        get_method("nope")
     assert get_method("fisher_diagonal").needs_fisher
     assert not get_method("retrain").needs_fisher
     assert {m.params_type for m in METHODS.values()} == {
         FisherDiagonalParams,
         FinetuneParams,
         RetrainParams,
+        NegGradPlusParams,
+        ScrubParams,
+        SalunParams,
     }
 
 
