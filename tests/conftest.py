@@ -27,6 +27,18 @@ os.environ.pop("RAY_ADDRESS", None)
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op torch thread is faster and immune to busy-wait contention.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def prefect_api():
     """One real temporary Prefect API server (SQLite, 127.0.0.1) for all flow tests."""

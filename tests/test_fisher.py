@@ -28,13 +28,7 @@ MODELS = {
 TOL = {"atol": 1e-12, "rtol": 1e-9}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to busy-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(name: str, seed: int = 0) -> nn.Module:

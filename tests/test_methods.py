@@ -49,13 +49,7 @@ N_CLASSES = 4
 CFG = ModelConfig(name="mlp", hidden=(12,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is faster and immune to busy-wait contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _factory(seed: int) -> nn.Module:
