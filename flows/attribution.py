@@ -31,10 +31,6 @@ from tasks import tracking, versioning
 RETRY = dict(retries=2, retry_delay_seconds=2)
 
 
-def _resolve(root: Path, path: str) -> Path:
-    return Path(path) if Path(path).is_absolute() else root / path
-
-
 def store_spec(
     params: Params, data: Prepared, kind: str, n_models: int, base_mask: np.ndarray | None
 ) -> StoreSpec:
@@ -172,10 +168,10 @@ def attribution_flow(
     if kind == "oracles":
         from flows.pipeline import stage_data
 
-        request = load_request(_resolve(root, params.request.file))
+        request = load_request(params.resolve(params.request.file))
         params, md5s = stage_data(params, request)
-        man = load_manifests(_resolve(root, params.request.out_dir))
-        data = load_prepared(_resolve(root, params.data.out_dir))
+        man = load_manifests(params.resolve(params.request.out_dir))
+        data = load_prepared(params.resolve(params.data.out_dir))
         train_ids = np.sort(data.split_ids("train"))
         base_mask = np.isin(train_ids, man.retain_ids)
         n_models, run_name = params.attribution.oracles, f"oracles-{request.request_id}"
@@ -183,12 +179,12 @@ def attribution_flow(
         for key in versioning.sync_params_file(root, params, ("data",)):
             logger.info("params.yaml: set %s for DVC", key)
         md5s = versioning.dvc_repro(str(root), "prepare")
-        data = load_prepared(_resolve(root, params.data.out_dir))
+        data = load_prepared(params.resolve(params.data.out_dir))
         n_models, run_name = params.attribution.n_models, None
     else:
         raise ValueError(f"kind {kind!r} unknown; valid: subsets, oracles")
     spec = store_spec(params, data, kind, n_models, base_mask)
-    store_root = _resolve(root, params.attribution.out_dir) / f"{kind}-{spec.digest[:16]}"
+    store_root = params.resolve(params.attribution.out_dir) / f"{kind}-{spec.digest[:16]}"
     run_name = run_name or f"attribution-{spec.digest[:12]}"
     run_id = tracking.start_run(
         tr.mlflow_uri,
@@ -207,7 +203,7 @@ def attribution_flow(
         stats = train_store(
             str(store_root),
             spec,
-            str(_resolve(root, params.data.out_dir)),
+            str(params.resolve(params.data.out_dir)),
             to_dict(params.ray),
             base_mask.tolist() if base_mask is not None else None,
             f"{kind}-{spec.digest[:12]}",

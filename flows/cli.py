@@ -63,11 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     params = load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
     )  # fails fast
-    root = Path(params.tracking.dvc_root)
-    req_path = Path(params.request.file)
-    load_request(
-        req_path if req_path.is_absolute() else root / req_path
-    )  # schema check before work
+    load_request(params.resolve(params.request.file))  # schema check before work
     _setup_env()
     from flows.pipeline import unlearning_pipeline  # prefect import after env setup
     from pipeline_lib.evaluate import format_table
@@ -86,9 +82,7 @@ def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, A
         args.params, {**environment_overrides(os.environ), **overrides}
     )  # fails fast
     if kind == "oracles":
-        root = Path(params.tracking.dvc_root)
-        req = Path(params.request.file)
-        load_request(req if req.is_absolute() else root / req)
+        load_request(params.resolve(params.request.file))
     _setup_env()
     from flows.attribution import attribution_flow
 
@@ -131,7 +125,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     prepared = None
     try:
         params = load_params(args.params)
-        prepared_dir = Path(params.tracking.dvc_root) / params.data.out_dir
+        prepared_dir = params.resolve(params.data.out_dir)
         if (prepared_dir / "meta.json").is_file():
             from pipeline_lib.data import load_prepared
 

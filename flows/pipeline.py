@@ -29,10 +29,6 @@ from pipeline_lib.steps import code_version
 from tasks import compute, tracking, versioning
 
 
-def _resolve(root: Path, path: str) -> str:
-    return str(path if Path(path).is_absolute() else root / path)
-
-
 def _with_files(task, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any]:
     """Call a cached task; if a cached result points at files that are gone (someone cleaned
     the artifacts directory), run it again instead of failing later."""
@@ -76,9 +72,9 @@ def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[s
     for key in versioning.sync_params_file(root, params, ("data",)):
         logger.info("params.yaml: set %s for DVC", key)
     versioning.dvc_repro(str(root), "prepare")
-    validate_request(request, _resolve(root, params.data.out_dir))
+    validate_request(request, str(params.resolve(params.data.out_dir)))
     rel = versioning.stage_request_file(
-        root, _resolve(root, params.request.file), request.request_id
+        root, str(params.resolve(params.request.file)), request.request_id
     )
     params = dataclasses.replace(params, request=dataclasses.replace(params.request, file=rel))
     for key in versioning.sync_params_file(root, params, ("request",)):
@@ -104,20 +100,20 @@ def unlearning_pipeline(
     method = get_method(params.unlearn.method)
     tr = params.tracking
     root = Path(tr.dvc_root).resolve()
-    request = load_request(_resolve(root, params.request.file))
+    request = load_request(str(params.resolve(params.request.file)))
     tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
     params, md5s = stage_data(params, request)
     data = {
-        "prepared_dir": _resolve(root, params.data.out_dir),
+        "prepared_dir": str(params.resolve(params.data.out_dir)),
         "prepared_md5": md5s["prepare"][params.data.out_dir],
     }
     request_data = {
         **data,
-        "manifests_dir": _resolve(root, params.request.out_dir),
+        "manifests_dir": str(params.resolve(params.request.out_dir)),
         "manifests_md5": md5s["extract"][params.request.out_dir],
     }
     code = code_version()
-    artifacts = _resolve(root, tr.artifacts_dir)
+    artifacts = str(params.resolve(tr.artifacts_dir))
     cfg = to_dict(params)
     run_id = tracking.start_run(
         tr.mlflow_uri,
@@ -180,9 +176,7 @@ def unlearning_pipeline(
             code,
         )
         unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
-        report_dir = (
-            Path(_resolve(root, params.evaluate.report_dir)) / request.request_id / method.name
-        )
+        report_dir = params.resolve(params.evaluate.report_dir) / request.request_id / method.name
         report = compute.evaluate(
             request_data,
             params,

@@ -251,6 +251,12 @@ class Params:
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
+    def resolve(self, path: str) -> Path:
+        """``path`` if absolute, else relative to ``tracking.dvc_root`` (where the DVC stages
+        run), as an absolute path: the one rule for every path in a params file."""
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.tracking.dvc_root).resolve() / p
+
 
 # --------------------------------------------------------------------------- parsing
 
