@@ -32,8 +32,14 @@ RETRY = dict(retries=2, retry_delay_seconds=2)
 
 
 def store_spec(
-    params: Params, data: Prepared, kind: str, n_models: int, base_mask: np.ndarray | None
+    params: Params,
+    data: Prepared,
+    kind: str,
+    n_models: int,
+    base_mask: np.ndarray | None,
+    seed: int | None = None,
 ) -> StoreSpec:
+    """The store of ``kind`` for these params and data; ``seed`` overrides attribution.seed."""
     a = params.attribution
     train = to_dict(params.train)
     if a.epochs is not None:
@@ -47,8 +53,10 @@ def store_spec(
     return StoreSpec(
         kind=kind,
         n_models=n_models,
-        alpha=a.alpha if kind == "subsets" else float(base_mask.mean()),  # type: ignore[union-attr]
-        seed=a.seed,
+        alpha=a.alpha
+        if kind == "subsets"
+        else (1.0 if base_mask is None else float(base_mask.mean())),
+        seed=a.seed if seed is None else seed,
         chunk_size=a.chunk_size,
         n_train=int((data.split == "train").sum()),
         n_classes=data.n_classes,
@@ -130,6 +138,29 @@ def train_store(
         100 * stats["overhead_fraction"],
     )
     return stats
+
+
+def ensure_store(
+    params: Params,
+    data: Prepared,
+    kind: str,
+    n_models: int,
+    base_mask: np.ndarray | None = None,
+    seed: int | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """Train whatever ``n_models`` models of this store are missing (nothing when complete) and
+    return (store directory, stats with its masks digest). For use inside a flow."""
+    spec = store_spec(params, data, kind, n_models, base_mask, seed)
+    store_root = params.resolve(params.attribution.out_dir) / f"{kind}-{spec.digest[:16]}"
+    stats = train_store(
+        str(store_root),
+        spec,
+        str(params.resolve(params.data.out_dir)),
+        to_dict(params.ray),
+        base_mask.tolist() if base_mask is not None else None,
+        f"{kind}-{spec.digest[:12]}",
+    )
+    return str(store_root), stats
 
 
 @task(name="datamodel-lds")

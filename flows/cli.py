@@ -3,6 +3,7 @@
     unlearn run [--params params.yaml] [--request FILE] [--method NAME] [--set KEY=VALUE ...]
     unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
+    unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--params ...] [--set ...]
     unlearn requests validate FILE [FILE ...] [--params params.yaml]
     unlearn methods
 
@@ -118,6 +119,29 @@ def cmd_oracles(args: argparse.Namespace) -> int:
     return _run_attribution(args, "oracles", overrides)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    if args.models is not None:
+        overrides["evaluate.n_models"] = args.models
+    params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
+    load_request(params.resolve(params.request.file))
+    from pipeline_lib.methods import METHODS
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
+    _setup_env()
+    from flows.evaluate import check_methods, evaluate_flow
+
+    check_methods(methods, params)  # fails before any work
+    from pipeline_lib.comparison import markdown_table
+
+    result = evaluate_flow(params_path=args.params, overrides=overrides, methods=methods)
+    print()
+    print(markdown_table(result["rows"]))
+    print(f"files: {', '.join(result['files'].values())}")
+    print(f"MLflow parent run {result['run_id']} ({params.tracking.mlflow_uri})")
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     """Schema-check request files; check ids against prepared data when it exists."""
     requests = [(f, load_request(f)) for f in args.files]
@@ -150,7 +174,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from pipeline_lib.methods import METHODS
 
     for m in METHODS.values():
-        print(f"{m.name:<18} {m.summary}{'  [needs Fisher statistics]' if m.needs_fisher else ''}")
+        needs = "  [needs Fisher statistics]" if m.needs_fisher else ""
+        if m.needs_targets:
+            needs = f"  [needs an attribution store of {m.needs_targets}]"
+        print(f"{m.name:<18} {m.summary}{needs}")
     return 0
 
 
@@ -190,6 +217,21 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
     att.set_defaults(func=cmd_attribute, request=None, method=None)
     orc.set_defaults(func=cmd_oracles, method=None)
+    ev = sub.add_parser(
+        "evaluate",
+        help="compare unlearning methods on a request: N originals vs N oracles (KLoM, accuracy, MIA, cost)",
+    )
+    ev.add_argument("--request", help="deletion request YAML (overrides request.file)")
+    ev.add_argument(
+        "--methods",
+        help=f"comma-separated methods (default: all): {','.join(METHODS)}",
+    )
+    ev.add_argument(
+        "--models", type=int, help="N originals and N oracles (default: evaluate.n_models)"
+    )
+    ev.add_argument("--params", default="params.yaml")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
+    ev.set_defaults(func=cmd_evaluate, method=None)
     req = sub.add_parser("requests", help="deletion requests")
     req_sub = req.add_subparsers(dest="requests_command", required=True)
     val = req_sub.add_parser(

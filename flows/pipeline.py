@@ -82,6 +82,34 @@ def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[s
     return params, versioning.dvc_repro(str(root), "extract")
 
 
+def attribution_store_for(
+    params: Params, source: str, request_data: dict[str, str]
+) -> dict[str, Any]:
+    """The store an output-matching method takes its targets from, trained on Ray the first
+    time and reused afterwards: ``attribution.n_models`` subset models (datamodels, for dmm;
+    independent of the request) or ``oracle_matching.n_oracles`` oracles on the retain set."""
+    import numpy as np
+
+    from flows.attribution import ensure_store
+    from pipeline_lib.requests import load_manifests
+
+    logger = get_run_logger()
+    data = load_prepared(request_data["prepared_dir"])
+    if source == "datamodels":
+        root, stats = ensure_store(params, data, "subsets", params.attribution.n_models)
+    else:
+        man = load_manifests(request_data["manifests_dir"])
+        train_ids = np.sort(data.split_ids("train"))
+        om = params.unlearn.oracle_matching
+        root, stats = ensure_store(
+            params, data, "oracles", om.n_oracles, np.isin(train_ids, man.retain_ids), om.seed
+        )
+    logger.info(
+        "attribution store %s (%d models trained now)", root, stats.get("models_trained", 0)
+    )
+    return {"root": root, "masks_digest": stats["masks_digest"]}
+
+
 @task(name="validate-request")
 def validate_request(request: DeletionRequest, prepared_dir: str) -> dict[str, int]:
     """Resolve the request against the prepared data; raises RequestError naming the problem."""
@@ -163,6 +191,9 @@ def unlearning_pipeline(
                 artifacts,
                 code,
             )
+        store = None
+        if method.needs_targets:
+            store = attribution_store_for(params, method.needs_targets, request_data)
         unlearned = _with_files(
             compute.unlearn,
             ("path",),
@@ -174,6 +205,8 @@ def unlearning_pipeline(
             fisher,
             artifacts,
             code,
+            store,
+            cfg["attribution"] if store else None,
         )
         unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
         report_dir = params.resolve(params.evaluate.report_dir) / request.request_id / method.name

@@ -11,7 +11,8 @@ ensemble trainer (:mod:`pipeline_lib.ensemble`). Layout of a store directory::
         masks.npy              (K, ceil(N/8)) uint8, bit-packed training masks (np.packbits)
         seeds.npy              (K,) int64 training seeds
         outputs.npy            (K, T, C) float16/float32 logits on the targets
-        meta.json              model ids, sha256 of each .npy, seconds, node
+        weights.safetensors    originals and oracles only: the K models' parameters, stacked
+        meta.json              model ids, sha256 of each file, seconds, node
 
 Everything about model ``m`` is a pure function of (store seed, m): its mask and its seed. So
 a chunk re-run anywhere gives the same models, a finished chunk is skipped after its
@@ -35,6 +36,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+from safetensors.torch import load_file, save_file
 
 from pipeline_lib.config import ModelConfig, parse_section
 from pipeline_lib.io import atomic_path, sha256_file, write_json
@@ -42,7 +44,17 @@ from pipeline_lib.train import FitSettings
 
 log = logging.getLogger(__name__)
 
-STORE_KINDS = ("subsets", "oracles")
+_FILES = {
+    "masks": "masks.npy",
+    "seeds": "seeds.npy",
+    "outputs": "outputs.npy",
+    "weights": "weights.safetensors",
+}
+
+STORE_KINDS = ("subsets", "oracles", "originals")
+#: Kinds whose chunks also keep the trained weights (the evaluation unlearns originals and
+#: may re-evaluate oracles; subset stores only need outputs and would be too large).
+WEIGHT_KINDS = ("oracles", "originals")
 _SEED_STRIDE = 1_000_003
 
 
@@ -52,7 +64,8 @@ class StoreSpec:
 
     ``kind='subsets'``: model m trains on a random subset of exactly round(alpha·N) training
     points. ``kind='oracles'``: every model trains on the same ``base_mask`` (the retain set
-    of a request) with its own seed.
+    of a request) with its own seed. ``kind='originals'``: every model trains on the whole
+    training split with its own seed (the N originals of an evaluation).
     """
 
     kind: str
@@ -112,6 +125,8 @@ def chunk_masks(
     spec: StoreSpec, start: int, stop: int, base_mask: np.ndarray | None = None
 ) -> np.ndarray:
     """(K, N) bool masks of models [start, stop)."""
+    if spec.kind == "originals":
+        return np.ones((stop - start, spec.n_train), dtype=bool)
     if spec.kind == "oracles":
         if base_mask is None or base_mask.shape != (spec.n_train,):
             raise ValueError("oracle stores need the (N,) retain mask")
@@ -152,7 +167,7 @@ def train_chunk(
         model_cfg, shape, n_classes, stacked, torch.from_numpy(np.array(targets_X))
     )
     seconds = time.perf_counter() - t0
-    return {
+    out = {
         "start": start,
         "stop": stop,
         "masks": masks,
@@ -160,6 +175,9 @@ def train_chunk(
         "outputs": outputs.numpy().astype(spec.output_dtype),
         "train_seconds": seconds,
     }
+    if spec.kind in WEIGHT_KINDS:
+        out["weights"] = {k: v.detach().cpu().contiguous() for k, v in stacked.items()}
+    return out
 
 
 class StoreError(RuntimeError):
@@ -233,6 +251,11 @@ class AttributionStore:
             for name, arr in arrays.items():
                 np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
                 meta["sha256"][name] = sha256_file(tmp / f"{name}.npy")
+            if self.spec.kind in WEIGHT_KINDS:
+                if "weights" not in result:
+                    raise StoreError(f"a {self.spec.kind} chunk must carry the models' weights")
+                save_file(result["weights"], str(tmp / _FILES["weights"]))
+                meta["sha256"]["weights"] = sha256_file(tmp / _FILES["weights"])
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         self._record(start, meta)
         return meta
@@ -248,12 +271,13 @@ class AttributionStore:
         if not (d / "meta.json").is_file():
             return False
         meta = json.loads((d / "meta.json").read_text())
-        return (
-            all(
-                (d / f"{name}.npy").is_file() and sha256_file(d / f"{name}.npy") == digest
-                for name, digest in meta.get("sha256", {}).items()
-            )
-            and len(meta.get("sha256", {})) == 3
+        expected = {"masks", "seeds", "outputs"} | (
+            {"weights"} if self.spec.kind in WEIGHT_KINDS else set()
+        )
+        digests = meta.get("sha256", {})
+        return set(digests) == expected and all(
+            (d / _FILES[name]).is_file() and sha256_file(d / _FILES[name]) == digest
+            for name, digest in digests.items()
         )
 
     def pending_chunks(self) -> list[tuple[int, int]]:
@@ -299,6 +323,49 @@ class AttributionStore:
         self.check()
         parts = list(self.iter_chunks())
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
+
+    def gather(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(masks (M, N) bool, outputs (M, P, C)) for target columns ``columns`` (P,) only.
+
+        Output files are memory-mapped, so only the selected columns are read: a request
+        needs a few thousand of the T targets, not the whole (M, T, C) array."""
+        self.check()
+        cols = np.asarray(columns, dtype=np.intp)
+        masks, outs = [], []
+        for start, _ in self.spec.chunks():
+            d = self.chunk_dir(start)
+            masks.append(
+                np.unpackbits(np.load(d / "masks.npy"), axis=1, count=self.spec.n_train).astype(
+                    bool
+                )
+            )
+            outs.append(np.asarray(np.load(d / "outputs.npy", mmap_mode="r")[:, cols]))
+        return np.concatenate(masks), np.concatenate(outs)
+
+    def columns_of(self, sample_ids: np.ndarray) -> np.ndarray:
+        """Target columns of ``sample_ids``; an id the store has no output for is an error."""
+        ids = self.targets().column("sample_id").to_numpy()
+        order = np.argsort(ids, kind="stable")
+        want = np.asarray(sample_ids)
+        pos = np.searchsorted(ids, want, sorter=order)
+        pos = np.minimum(pos, len(ids) - 1)
+        cols = order[pos]
+        missing = ids[cols] != want
+        if missing.any():
+            raise StoreError(
+                f"{self.root}: no outputs for sample ids {want[missing][:5].tolist()} (store of other data?)"
+            )
+        return cols
+
+    def model_weights(self) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+        """(model id, state dict) of every model, in id order (originals and oracles only)."""
+        if self.spec.kind not in WEIGHT_KINDS:
+            raise StoreError(f"a {self.spec.kind} store keeps no weights")
+        self.check()
+        for start, stop in self.spec.chunks():
+            stacked = load_file(str(self.chunk_dir(start) / _FILES["weights"]))
+            for k in range(stop - start):
+                yield start + k, {name: t[k].clone() for name, t in stacked.items()}
 
     def targets(self) -> pa.Table:
         return pq.read_table(self.root / "targets.parquet")

@@ -164,6 +164,37 @@ class SalunParams:
 
 
 @dataclass(frozen=True)
+class DmmParams:
+    """Datamodel Matching (Georgiev et al., ICLR 2025): fine-tune to DM-Direct targets by MSE
+    on logits over F plus ``retain_multiple``·|F| retain points; paper defaults. The datamodels
+    come from the subset-model store of the ``attribution`` section (estimator, lam)."""
+
+    epochs: int = 5
+    lr: float = 5e-4
+    batch_size: int = 512
+    lr_decay: float = 0.95  # learning rate × lr_decay after every epoch
+    retain_multiple: float = 3.0
+    weight_reg: float = 0.0  # λ of the optional λ‖θ − θ0‖² term (0 in the paper)
+
+
+@dataclass(frozen=True)
+class OracleMatchingParams:
+    """Oracle Matching: the same fine-tuning toward the mean logits of ``n_oracles`` models
+    retrained on R (their own seeds, disjoint from the evaluation oracles)."""
+
+    epochs: int = 5
+    lr: float = 5e-4
+    batch_size: int = 512
+    lr_decay: float = 0.95
+    retain_multiple: float = 3.0
+    weight_reg: float = 0.0
+    n_oracles: int = 10
+    #: Seed of their oracle store; differs from ``attribution.seed`` so the targets' oracles
+    #: are never the oracles an evaluation compares against.
+    seed: int = 1
+
+
+@dataclass(frozen=True)
 class UnlearnConfig:
     """Which unlearning method runs, with one typed sub-section per method."""
 
@@ -175,6 +206,8 @@ class UnlearnConfig:
     neggrad_plus: NegGradPlusParams = field(default_factory=NegGradPlusParams)
     scrub: ScrubParams = field(default_factory=ScrubParams)
     salun: SalunParams = field(default_factory=SalunParams)
+    dmm: DmmParams = field(default_factory=DmmParams)
+    oracle_matching: OracleMatchingParams = field(default_factory=OracleMatchingParams)
 
     def method_params(self, name: str | None = None) -> Any:
         """The typed hyper-parameters of ``name`` (default: the selected method)."""
@@ -190,6 +223,12 @@ class EvaluateConfig:
     #: RBF-SVC settings of SalUn's MIA-efficacy.
     mia_svc_c: float = 3.0
     report_dir: str = "reports"
+    #: ``unlearn evaluate``: N originals (seeds) unlearned by every method, and N oracles.
+    n_models: int = 20
+    #: Store seeds of the evaluation's originals and oracles: distinct from each other and
+    #: from attribution.seed / oracle_matching.seed, so no two roles share model seeds.
+    originals_seed: int = 100
+    oracles_seed: int = 200
 
 
 @dataclass(frozen=True)
@@ -433,8 +472,26 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("unlearn.salun.epochs", lambda v: v >= 0, "must be >= 0"),
     ("unlearn.salun.lr", lambda v: v > 0, _POSITIVE),
     ("unlearn.salun.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.dmm.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.dmm.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.dmm.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.dmm.lr_decay", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("unlearn.dmm.retain_multiple", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.dmm.weight_reg", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.oracle_matching.epochs", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.oracle_matching.lr", lambda v: v > 0, _POSITIVE),
+    ("unlearn.oracle_matching.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.oracle_matching.lr_decay", lambda v: 0.0 < v <= 1.0, "must be in (0, 1]"),
+    ("unlearn.oracle_matching.retain_multiple", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.oracle_matching.weight_reg", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.oracle_matching.n_oracles", lambda v: v > 0, _POSITIVE),
     ("evaluate.mia_folds", lambda v: v >= 2, "must be >= 2"),
     ("evaluate.mia_svc_c", lambda v: v > 0, _POSITIVE),
+    (
+        "evaluate.n_models",
+        lambda v: v >= 4,
+        "must be >= 4 (the noise floor splits the oracles in halves)",
+    ),
     ("ray.num_cpus", lambda v: v is None or v > 0, _POSITIVE),
     ("ray.cpus_per_task", lambda v: v > 0, _POSITIVE),
     ("attribution.n_models", lambda v: v > 0, _POSITIVE),

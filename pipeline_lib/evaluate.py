@@ -91,25 +91,41 @@ def evaluate_model(
     model: nn.Module, splits: EvalSplits, c: float = 3.0, folds: int = 5, seed: int = 0
 ) -> dict[str, float]:
     """Accuracy and membership-inference metrics of one model (percent except the AUC)."""
-    lf = predict_logits(model, splits.forget_X)
-    lr = predict_logits(model, splits.retain_X)
-    lt = predict_logits(model, splits.test_X)
-    fa = accuracy(lf, splits.forget_y)
+    return metrics_from_logits(
+        predict_logits(model, splits.forget_X),
+        splits.forget_y,
+        predict_logits(model, splits.retain_X),
+        splits.retain_y,
+        predict_logits(model, splits.test_X),
+        splits.test_y,
+        c,
+        folds,
+        seed,
+    )
+
+
+def metrics_from_logits(
+    lf: torch.Tensor,
+    yf: torch.Tensor,
+    lr: torch.Tensor,
+    yr: torch.Tensor,
+    lt: torch.Tensor,
+    yt: torch.Tensor,
+    c: float = 3.0,
+    folds: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """:func:`evaluate_model` from the logits on forget (lf), retain (lr) and test (lt)."""
+    fa = accuracy(lf, yf)
     return {
         "forget_acc": fa,
         "UA": 100.0 - fa,
-        "RA": accuracy(lr, splits.retain_y),
-        "TA": accuracy(lt, splits.test_y),
+        "RA": accuracy(lr, yr),
+        "TA": accuracy(lt, yt),
         "MIA_efficacy": mia_efficacy(
-            confidence(lr, splits.retain_y),
-            confidence(lt, splits.test_y),
-            confidence(lf, splits.forget_y),
-            c,
-            seed,
+            confidence(lr, yr), confidence(lt, yt), confidence(lf, yf), c, seed
         ),
-        "loss_MIA_AUC": loss_mia_auc(
-            per_sample_loss(lf, splits.forget_y), per_sample_loss(lt, splits.test_y), folds, seed
-        ),
+        "loss_MIA_AUC": loss_mia_auc(per_sample_loss(lf, yf), per_sample_loss(lt, yt), folds, seed),
     }
 
 

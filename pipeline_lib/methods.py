@@ -22,14 +22,17 @@ from torch import nn
 
 from pipeline_lib.config import (
     ConfigError,
+    DmmParams,
     FinetuneParams,
     FisherDiagonalParams,
     NegGradPlusParams,
+    OracleMatchingParams,
     RetrainParams,
     SalunParams,
     ScrubParams,
     TrainConfig,
 )
+from pipeline_lib.matching import MatchTargets, match_outputs
 from pipeline_lib.train import FitSettings, fit
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,8 @@ class UnlearnInputs:
     fisher_forget: dict[str, torch.Tensor] | None = None
     fisher_retain: dict[str, torch.Tensor] | None = None
     device: torch.device = torch.device("cpu")
+    #: Matching points and target logits for the output-matching methods (dmm, oracle_matching).
+    match: MatchTargets | None = None
 
 
 Info = dict[str, float | int | str]
@@ -63,6 +68,8 @@ class Method:
     params_type: type
     needs_fisher: bool
     summary: str
+    #: Target logits the method matches: "" (none), "datamodels" or "oracles".
+    needs_targets: str = ""
 
 
 def top_fraction_mask(
@@ -200,12 +207,14 @@ def retrain(
     model: nn.Module, inputs: UnlearnInputs, params: RetrainParams, seed: int
 ) -> tuple[nn.Module, Info]:
     """Retrain baseline: a fresh model trained on R from scratch with the ``train`` section;
-    the original weights are ignored. This is the exact (and most expensive) answer."""
+    the original weights are ignored. This is the exact (and most expensive) answer.
+    Seeded with ``params.seed + seed``, so the N originals of an evaluation get N different
+    retrained models."""
     t = inputs.train
-    fresh = inputs.model_factory(params.seed).to(inputs.device)
+    fresh = inputs.model_factory(params.seed + seed).to(inputs.device)
     settings = FitSettings(t.epochs, t.batch_size, t.lr, t.optimizer, t.weight_decay, t.momentum)
-    fit(fresh, inputs.retain_X, inputs.retain_y, settings, params.seed, device=inputs.device)
-    return fresh, {}
+    fit(fresh, inputs.retain_X, inputs.retain_y, settings, params.seed + seed, device=inputs.device)
+    return fresh, {"seed": params.seed + seed}
 
 
 def neggrad_plus(
@@ -369,6 +378,51 @@ def salun(
     }
 
 
+def _matching(
+    model: nn.Module,
+    inputs: UnlearnInputs,
+    params: DmmParams | OracleMatchingParams,
+    seed: int,
+    source: str,
+) -> tuple[nn.Module, Info]:
+    m = inputs.match
+    if m is None or m.source != source:
+        raise ValueError(
+            f"this method needs matching targets from {source}; the pipeline computes them "
+            f"(got {'none' if m is None else m.source})"
+        )
+    info = match_outputs(
+        model,
+        m,
+        params.epochs,
+        params.lr,
+        params.batch_size,
+        params.lr_decay,
+        params.weight_reg,
+        seed,
+        inputs.device,
+    )
+    return model, info
+
+
+def dmm(
+    model: nn.Module, inputs: UnlearnInputs, params: DmmParams, seed: int
+) -> tuple[nn.Module, Info]:
+    """Datamodel Matching (Georgiev et al., ICLR 2025, arXiv 2410.23232; algorithms.md §2):
+    fine-tune to the DM-Direct prediction f̂ = f_θ − Σ_{i∈F} β_i of the retrained model's
+    logits on F plus ``retain_multiple``·|F| retain points (MSE, Adam, lr × ``lr_decay`` per
+    epoch). Targets come in ``inputs.match`` (:mod:`pipeline_lib.matching`)."""
+    return _matching(model, inputs, params, seed, "datamodels")
+
+
+def oracle_matching(
+    model: nn.Module, inputs: UnlearnInputs, params: OracleMatchingParams, seed: int
+) -> tuple[nn.Module, Info]:
+    """Oracle Matching (same paper): the DMM fine-tuning with the mean logits of
+    ``n_oracles`` models retrained on R as targets — DMM with perfect attribution."""
+    return _matching(model, inputs, params, seed, "oracles")
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -401,6 +455,22 @@ METHODS: dict[str, Method] = {
             SalunParams,
             False,
             "fine-tune the most forget-salient weights on random-labelled F plus R",
+        ),
+        Method(
+            "dmm",
+            dmm,
+            DmmParams,
+            False,
+            "match DM-Direct logits (f - sum_F beta, from the subset-model store) on F + 3|F| R",
+            needs_targets="datamodels",
+        ),
+        Method(
+            "oracle_matching",
+            oracle_matching,
+            OracleMatchingParams,
+            False,
+            "match the mean logits of models retrained on R (upper bound for dmm)",
+            needs_targets="oracles",
         ),
     )
 }

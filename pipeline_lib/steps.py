@@ -9,6 +9,7 @@ half-written artifact and two runs never overwrite each other's weights.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import logging
 import time
@@ -20,7 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib.config import FisherConfig, ModelConfig, Params, TrainConfig, UnlearnConfig
+from pipeline_lib.attribution import AttributionStore
+from pipeline_lib.config import (
+    AttributionConfig,
+    FisherConfig,
+    ModelConfig,
+    Params,
+    TrainConfig,
+    UnlearnConfig,
+)
 from pipeline_lib.data import Prepared, load_prepared
 from pipeline_lib.evaluate import (
     EvalSplits,
@@ -31,10 +40,16 @@ from pipeline_lib.evaluate import (
 )
 from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write_json
+from pipeline_lib.matching import (
+    MatchTargets,
+    datamodel_targets,
+    matching_retain_rows,
+    oracle_targets,
+)
 from pipeline_lib.methods import UnlearnInputs, get_method
 from pipeline_lib.models import build_model
 from pipeline_lib.requests import Manifests, load_manifests
-from pipeline_lib.train import FitSettings, fit, resolve_device
+from pipeline_lib.train import FitSettings, fit, predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +158,28 @@ def train_step(
     return {"path": path, "digest": digest, "seconds": seconds, "n_train": len(X), "seed": seed}
 
 
+def fisher_pair(
+    model: nn.Module,
+    forget: tuple[torch.Tensor, torch.Tensor],
+    retain: tuple[torch.Tensor, torch.Tensor],
+    cfg: FisherConfig,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """Fisher diagonals I_F and I_R (R subsampled to ``cfg.max_retain``, seeded) and |R| used."""
+    rX, ry = retain
+    if cfg.max_retain is not None and cfg.max_retain < len(rX):
+        rows = torch.from_numpy(
+            np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False))
+        )
+        rX, ry = rX[rows], ry[rows]
+    fisher_f = fisher_diagonal(
+        model, *forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    fisher_r = fisher_diagonal(
+        model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
+    )
+    return fisher_f, fisher_r, len(rX)
+
+
 def fisher_step(
     splits: Splits,
     weights_path: str,
@@ -152,21 +189,10 @@ def fisher_step(
 ) -> dict[str, Any]:
     """I_F and I_R of the original model, saved as safetensors. Returns paths and seconds."""
     model = load_model(weights_path, model_cfg, splits.data)
-    rX, ry = splits.retain
-    if cfg.max_retain is not None and cfg.max_retain < len(rX):
-        rows = torch.from_numpy(
-            np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False))
-        )
-        rX, ry = rX[rows], ry[rows]
     t0 = time.perf_counter()
-    fisher_f = fisher_diagonal(
-        model, *splits.forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
-    )
-    fisher_r = fisher_diagonal(
-        model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
-    )
+    fisher_f, fisher_r, n_retain = fisher_pair(model, splits.forget, splits.retain, cfg)
     seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "n_forget": len(splits.forget[0]), "n_retain": len(rX)}
+    out = {"seconds": seconds, "n_forget": len(splits.forget[0]), "n_retain": n_retain}
     for name, stats in (("forget", fisher_f), ("retain", fisher_r)):
         digest = state_dict_digest(stats)
         path = Path(out_dir) / "fisher" / f"{name}-{digest[:16]}.safetensors"
@@ -174,6 +200,65 @@ def fisher_step(
         out[f"{name}_path"] = str(path)
     log.info("Fisher diagonals (%s) in %.2fs", cfg.kind, seconds)
     return out
+
+
+def matching_points(splits: Splits, multiple: float, seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Sample ids and inputs of the matching points: all of F, then
+    ``multiple``·|F| seeded retain points (:func:`pipeline_lib.matching.matching_retain_rows`)."""
+    man = splits.manifests
+    rows = matching_retain_rows(len(man.forget_ids), len(man.retain_ids), multiple, seed)
+    ids = np.concatenate([man.forget_ids, man.retain_ids[rows]])
+    X = torch.cat([splits.forget[0], splits.retain[0][torch.from_numpy(rows)]])
+    return ids, X
+
+
+def matching_targets(
+    source: str,
+    splits: Splits,
+    full_logits: Any,
+    ids: np.ndarray,
+    X: torch.Tensor,
+    store_root: str | Path,
+    attribution: AttributionConfig,
+) -> MatchTargets:
+    """Target logits of the matching points ``ids`` (forget ids first).
+
+    ``source='datamodels'``: DM-Direct from the subset-model store at ``store_root`` —
+    linear datamodels fitted on the store's logits at these points, f̂ = full_logits − Σ_F β.
+    ``source='oracles'``: the mean logits of the oracle store's models at these points.
+    ``full_logits`` (P, C): the model being unlearned, on X (only used for datamodels).
+    """
+    t0 = time.perf_counter()
+    store = AttributionStore.open(store_root)
+    n_forget = len(splits.manifests.forget_ids)
+    masks, outputs = store.gather(store.columns_of(ids))
+    if source == "datamodels":
+        if store.spec.kind != "subsets":
+            raise ValueError(f"{store_root} is a {store.spec.kind} store; DMM needs subset models")
+        train_ids = np.sort(splits.data.split_ids("train"))
+        if len(train_ids) != store.spec.n_train:
+            raise ValueError(
+                f"{store_root} was trained on other data ({store.spec.n_train} points)"
+            )
+        forget_pos = np.searchsorted(train_ids, splits.manifests.forget_ids)
+        targets = datamodel_targets(
+            masks, outputs, full_logits, forget_pos, attribution.lam, attribution.estimator
+        )
+    elif source == "oracles":
+        if store.spec.kind != "oracles":
+            raise ValueError(
+                f"{store_root} is a {store.spec.kind} store; oracle matching needs oracles"
+            )
+        targets = oracle_targets(outputs)
+    else:
+        raise ValueError(f"unknown target source {source!r}; valid: datamodels, oracles")
+    return MatchTargets(
+        X,
+        torch.from_numpy(targets.astype(np.float32)),
+        n_forget,
+        source,
+        time.perf_counter() - t0,
+    )
 
 
 def unlearn_step(
@@ -184,13 +269,38 @@ def unlearn_step(
     unlearn_cfg: UnlearnConfig,
     out_dir: str | Path,
     fisher: dict[str, Any] | None = None,
+    store_root: str | Path | None = None,
+    attribution: AttributionConfig | None = None,
 ) -> dict[str, Any]:
-    """Apply ``unlearn_cfg.method`` to the original model. Returns path, digest, seconds, info."""
+    """Apply ``unlearn_cfg.method`` to the original model. Returns path, digest, seconds, info.
+
+    Output-matching methods (dmm, oracle_matching) need ``store_root``: the subset-model or
+    oracle store their targets come from; computing the targets counts as unlearning time."""
     method = get_method(unlearn_cfg.method)
     if method.needs_fisher and fisher is None:
         raise ValueError(f"method {method.name} needs Fisher statistics; run the fisher step first")
     device = resolve_device(train_cfg.device)
     original = load_model(weights_path, model_cfg, splits.data).to(device)
+    match = None
+    if method.needs_targets:
+        if store_root is None:
+            raise ValueError(
+                f"method {method.name} needs an attribution store of {method.needs_targets}"
+            )
+        mp = unlearn_cfg.method_params()
+        ids, X = matching_points(splits, mp.retain_multiple, unlearn_cfg.seed)
+        t0 = time.perf_counter()
+        full = predict_logits(original, X)
+        match = matching_targets(
+            method.needs_targets,
+            splits,
+            full,
+            ids,
+            X,
+            store_root,
+            attribution or AttributionConfig(),
+        )
+        match = dataclasses.replace(match, seconds=time.perf_counter() - t0)
     inputs = UnlearnInputs(
         *splits.forget,
         *splits.retain,
@@ -199,12 +309,13 @@ def unlearn_step(
         fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
         fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
         device=device,
+        match=match,
     )
     t0 = time.perf_counter()
     model, info = method.fn(
         copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed
     )
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 + (match.seconds if match else 0.0)
     path, digest = _save_model(
         model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name}
     )

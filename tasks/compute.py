@@ -17,6 +17,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from pipeline_lib import steps
 from pipeline_lib.config import (
+    AttributionConfig,
     FisherConfig,
     ModelConfig,
     Params,
@@ -86,8 +87,11 @@ def unlearn(
     fisher: dict[str, Any] | None,
     artifacts_dir: str,
     code: str,
+    store: dict[str, Any] | None = None,
+    attribution: dict | None = None,
 ) -> dict[str, Any]:
-    """Apply the configured unlearning method to the original model."""
+    """Apply the configured unlearning method to the original model. ``store`` (root and
+    masks digest, which keys the cache) is the attribution store of dmm / oracle_matching."""
     return steps.unlearn_step(
         _splits(data),
         weights["path"],
@@ -96,6 +100,8 @@ def unlearn(
         parse_section(UnlearnConfig, unlearn_cfg),
         artifacts_dir,
         fisher,
+        store["root"] if store else None,
+        parse_section(AttributionConfig, attribution) if attribution else None,
     )
 
 

@@ -224,3 +224,52 @@ def log_store(
 
 def end_run(uri: str, run_id: str, status: str) -> None:
     client_for(uri).set_terminated(run_id, status=status)
+
+
+@task(name="mlflow-log-comparison", **RETRY)
+def log_comparison(
+    uri: str,
+    experiment: str,
+    parent_id: str,
+    rows: list[dict[str, Any]],
+    method_params: dict[str, dict[str, Any]],
+    floor: dict[str, dict[str, float]],
+    files: list[str],
+    tags: dict[str, str],
+) -> dict[str, str]:
+    """One child run per table row (method), nested under ``parent_id``: its numeric fields as
+    metrics, its hyper-parameters as params. The parent gets the noise floor as metrics and
+    the table (Markdown, CSV) and plots as artifacts. Returns {method: child run id}."""
+    client = client_for(uri)
+    exp_id = _experiment_id(client, experiment)
+    now = int(time.time() * 1000)
+    children = {}
+    for row in rows:
+        name = row["method"]
+        run = client.create_run(
+            exp_id,
+            run_name=f"{tags.get('request_id', 'evaluation')}/{name}",
+            tags={
+                **tags,
+                "mlflow.parentRunId": parent_id,
+                "kind": "evaluation-method",
+                "method": name,
+            },
+        )
+        params = method_params.get(name, {})
+        client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(k, v, now, 0) for k, v in sorted(_numeric(row, "").items())],
+            params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+        children[name] = run.info.run_id
+    floor_metrics = {
+        f"noise_floor.{split}.{stat}": v for split, d in floor.items() for stat, v in d.items()
+    }
+    client.log_batch(
+        parent_id, metrics=[Metric(k, v, now, 0) for k, v in sorted(floor_metrics.items())]
+    )
+    for path in files:
+        client.log_artifact(parent_id, path, artifact_path="comparison")
+    return children

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from flows.cli import main
+from pipeline_lib.methods import METHODS
 from tests.conftest import REPO
 
 
@@ -18,7 +19,7 @@ from tests.conftest import REPO
     [
         (
             ["run", "--method", "nope"],
-            "unknown name 'nope'; valid: finetune, fisher_diagonal, neggrad_plus, retrain, salun, scrub",
+            "unknown name 'nope'; valid: " + ", ".join(sorted(METHODS)),
         ),
         (["run", "--set", "data.name=cifar"], "valid: digits, fashion-mnist, parquet"),
         (["run", "--set", "model.name=resnet"], "valid: cnn, mlp"),
@@ -27,6 +28,13 @@ from tests.conftest import REPO
         (["run", "--set", "noequals"], "expected KEY=VALUE"),
         (["run", "--params", "missing.yaml"], "params file not found: missing.yaml"),
         (["run", "--request", "/nonexistent/req.yaml"], "request file not found"),
+        (["evaluate", "--methods", "dmm,nope"], "unknown unlearning method 'nope'"),
+        (["evaluate", "--methods", "dmm,dmm"], "repeats a method"),
+        (["evaluate", "--models", "2"], "evaluate.n_models: must be >= 4"),
+        (
+            ["evaluate", "--methods", "oracle_matching", "--set", "unlearn.oracle_matching.seed=0"],
+            "store seeds must differ",
+        ),
     ],
 )
 def test_run_rejects_bad_input_before_work(argv, expected, capsys, monkeypatch, tmp_path):

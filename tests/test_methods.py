@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -14,11 +15,9 @@ from pipeline_lib.config import (
     FinetuneParams,
     FisherDiagonalParams,
     ModelConfig,
-    NegGradPlusParams,
     RetrainParams,
-    SalunParams,
-    ScrubParams,
     TrainConfig,
+    UnlearnConfig,
 )
 from pipeline_lib.evaluate import (
     EvalSplits,
@@ -102,21 +101,16 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def test_get_method_unknown_lists_methods() -> None:
-    with pytest.raises(
-        ConfigError,
-        match=r"'nope'; valid: finetune, fisher_diagonal, neggrad_plus, retrain, salun, scrub$",
-    ):
+    with pytest.raises(ConfigError, match=r"'nope'; valid: " + ", ".join(sorted(METHODS)) + "$"):
         get_method("nope")
+    assert {"finetune", "fisher_diagonal", "retrain", "dmm", "oracle_matching"} <= set(METHODS)
     assert get_method("fisher_diagonal").needs_fisher
     assert not get_method("retrain").needs_fisher
-    assert {m.params_type for m in METHODS.values()} == {
-        FisherDiagonalParams,
-        FinetuneParams,
-        RetrainParams,
-        NegGradPlusParams,
-        ScrubParams,
-        SalunParams,
-    }
+    # every method's hyper-parameters are the typed section unlearn.<name> of params.yaml
+    fields = {f.name: f.type for f in dataclasses.fields(UnlearnConfig)}
+    for name, m in METHODS.items():
+        assert isinstance(UnlearnConfig().method_params(name), m.params_type), name
+        assert name in fields
 
 
 # --------------------------------------------------------------------------- selection

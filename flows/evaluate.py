@@ -1,0 +1,327 @@
+"""The ``evaluate`` flow: compare unlearning methods on one request against oracle ensembles.
+
+prepare + extract (DVC) → N originals and N oracles through the many-model engine on Ray
+(stores of kind ``originals`` and ``oracles``, reused when present) → the subset-model store
+for ``dmm`` and a separate oracle store for ``oracle_matching`` when those methods are asked
+for → every original unlearned by every method (one Ray task per pair) → KLoM, accuracies,
+MIA, Avg. Gap and cost per method → comparison.md / comparison.csv / klom.png → one MLflow
+parent run with a child run per method.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.logging import get_run_logger
+
+from pipeline_lib.attribution import AttributionStore
+from pipeline_lib.comparison import (
+    Problem,
+    floor_scores,
+    markdown_table,
+    metrics_of_logits,
+    plot_klom,
+    summarise,
+    write_tables,
+)
+from pipeline_lib.config import (
+    ConfigError,
+    Params,
+    environment_overrides,
+    flatten,
+    load_params,
+    to_dict,
+)
+from pipeline_lib.data import load_prepared
+from pipeline_lib.datamodels import margins as margins_of
+from pipeline_lib.matching import (
+    MatchTargets,
+    datamodel_targets,
+    matching_retain_rows,
+    oracle_targets,
+)
+from pipeline_lib.methods import METHODS, get_method
+from pipeline_lib.requests import load_manifests, load_request
+from tasks import attribution as ray_attr
+from tasks import evaluation as ray_eval
+from tasks import tracking
+
+NONE_ROW = "none (original)"
+
+
+def check_methods(methods: list[str], params: Params) -> list[str]:
+    """Validate method names (unknown → the valid list) and their preconditions."""
+    if not methods:
+        raise ConfigError("--methods: give at least one method")
+    for m in methods:
+        get_method(m)
+    if len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods repeats a method: {','.join(methods)}")
+    seeds = {
+        "evaluate.originals_seed": params.evaluate.originals_seed,
+        "evaluate.oracles_seed": params.evaluate.oracles_seed,
+        "attribution.seed": params.attribution.seed,
+    }
+    if "oracle_matching" in methods:
+        seeds["unlearn.oracle_matching.seed"] = params.unlearn.oracle_matching.seed
+    if len(set(seeds.values())) != len(seeds):
+        raise ConfigError(
+            "store seeds must differ, or two roles would train the same models (e.g. oracle "
+            f"matching targets from the evaluation's own oracles): {seeds}"
+        )
+    return methods
+
+
+def build_problem(store: AttributionStore, prepared_dir: str, manifests_dir: str) -> Problem:
+    """The request's points in the stores' target order (train by id, then test)."""
+    data = load_prepared(prepared_dir)
+    man = load_manifests(manifests_dir)
+    targets = store.targets()
+    ids = targets.column("sample_id").to_numpy()
+    split = np.asarray(targets.column("split").to_pylist())
+    X, y = data.subset(ids)
+    forget = store.columns_of(np.sort(man.forget_ids))
+    retain = store.columns_of(np.sort(man.retain_ids))
+    return Problem(
+        torch.from_numpy(X),
+        torch.from_numpy(y),
+        np.sort(forget),
+        np.sort(retain),
+        np.flatnonzero(split == "test"),
+        data.n_classes,
+    )
+
+
+@task(name="connect-ray")
+def connect(ray_cfg: dict) -> str:
+    from pipeline_lib.config import RayConfig, parse_section
+
+    return ray_attr.connect(parse_section(RayConfig, ray_cfg, "ray"))
+
+
+@task(name="matching-targets")
+def matching_targets(
+    source: str,
+    store_root: str,
+    problem: Problem,
+    original_outputs: np.ndarray,
+    train_ids: np.ndarray,
+    forget_ids: np.ndarray,
+    multiple: float,
+    seed: int,
+    lam: float,
+    estimator: str,
+) -> list[MatchTargets]:
+    """Targets for each original: the matching points (all of F, then multiple·|F| seeded
+    retain points) are shared; DM-Direct subtracts the same Σ_F β from each original's own
+    logits. The seconds recorded are those of computing the targets once (one request)."""
+    t0 = time.perf_counter()
+    rows = matching_retain_rows(len(problem.forget), len(problem.retain), multiple, seed)
+    cols = np.concatenate([problem.forget, problem.retain[rows]])
+    store = AttributionStore.open(store_root)
+    point_ids = store.targets().column("sample_id").to_numpy()[cols]
+    masks, outputs = store.gather(store.columns_of(point_ids))
+    if source == "oracles":
+        shared = oracle_targets(outputs)
+        seconds = time.perf_counter() - t0
+        per_model = [shared] * len(original_outputs)
+    else:
+        forget_pos = np.searchsorted(train_ids, np.sort(forget_ids))
+        zero = np.zeros(outputs.shape[1:], dtype=np.float64)
+        shift = -datamodel_targets(masks, outputs, zero, forget_pos, lam, estimator)  # Σ_F β
+        seconds = time.perf_counter() - t0
+        per_model = [
+            original_outputs[k][cols].astype(np.float64) - shift
+            for k in range(len(original_outputs))
+        ]
+    X = problem.X[torch.from_numpy(cols)]
+    return [
+        MatchTargets(
+            X, torch.from_numpy(t.astype(np.float32)), len(problem.forget), source, seconds
+        )
+        for t in per_model
+    ]
+
+
+@flow(name="evaluate-methods")
+def evaluate_flow(
+    params_path: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    methods: list[str] | None = None,
+) -> dict[str, Any]:
+    """Compare ``methods`` (default: all registered) on the request of the params file with
+    ``evaluate.n_models`` originals and oracles. Returns the table rows, files and run ids."""
+    from flows.attribution import _Progress, ensure_store
+    from flows.pipeline import stage_data
+
+    logger = get_run_logger()
+    params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
+    methods = check_methods(list(methods or METHODS), params)
+    tr, n = params.tracking, params.evaluate.n_models
+    request = load_request(params.resolve(params.request.file))
+    tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
+    params, md5s = stage_data(params, request)
+    prepared_dir = str(params.resolve(params.data.out_dir))
+    manifests_dir = str(params.resolve(params.request.out_dir))
+    data = load_prepared(prepared_dir)
+    man = load_manifests(manifests_dir)
+    train_ids = np.sort(data.split_ids("train"))
+    retain_mask = np.isin(train_ids, man.retain_ids)
+    run_id = tracking.start_run(
+        tr.mlflow_uri,
+        tr.experiment,
+        f"evaluate-{request.request_id}",
+        {
+            "kind": "evaluation",
+            "request_digest": request.digest,
+            "methods": ",".join(methods),
+            "dvc.prepared_md5": md5s["prepare"][params.data.out_dir],
+            "dvc.manifests_md5": md5s["extract"][params.request.out_dir],
+        },
+        str(Path(tr.dvc_root).resolve()),
+    )
+    try:
+        logger.info("Ray: %s", connect(to_dict(params.ray)))
+        stores = {
+            "originals": ensure_store(
+                params, data, "originals", n, None, params.evaluate.originals_seed
+            ),
+            "oracles": ensure_store(
+                params, data, "oracles", n, retain_mask, params.evaluate.oracles_seed
+            ),
+        }
+        if "dmm" in methods:
+            stores["subsets"] = ensure_store(params, data, "subsets", params.attribution.n_models)
+        if "oracle_matching" in methods:
+            om = params.unlearn.oracle_matching
+            stores["om_oracles"] = ensure_store(
+                params, data, "oracles", om.n_oracles, retain_mask, om.seed
+            )
+        originals = AttributionStore.open(stores["originals"][0])
+        oracles = AttributionStore.open(stores["oracles"][0])
+        problem = build_problem(originals, prepared_dir, manifests_dir)
+        if not np.array_equal(
+            originals.targets().column("sample_id").to_numpy(),
+            oracles.targets().column("sample_id").to_numpy(),
+        ):
+            raise RuntimeError("the originals and oracle stores disagree on their target points")
+        labels = problem.y.numpy()
+        _, _, orig_out = originals.load()
+        _, _, orac_out = oracles.load()
+        orig_out, orac_out = orig_out.astype(np.float32), orac_out.astype(np.float32)
+        oracle_margins = margins_of(orac_out, labels)
+        ev = params.evaluate
+        mia = (ev.mia_svc_c, ev.mia_folds, ev.seed)
+        oracle_metrics = [metrics_of_logits(torch.from_numpy(z), problem, *mia) for z in orac_out]
+        results: dict[str, list[dict[str, Any]]] = {
+            NONE_ROW: [
+                {
+                    "seconds": 0.0,
+                    "margins": margins_of(z, labels).astype(np.float32),
+                    "metrics": metrics_of_logits(torch.from_numpy(z), problem, *mia),
+                }
+                for z in orig_out
+            ]
+        }
+        match: dict[str, list[MatchTargets]] = {}
+        for m in methods:
+            source = get_method(m).needs_targets
+            if source:
+                mp = params.unlearn.method_params(m)
+                root = stores["subsets" if source == "datamodels" else "om_oracles"][0]
+                match[m] = matching_targets(
+                    source,
+                    root,
+                    problem,
+                    orig_out,
+                    train_ids,
+                    man.forget_ids,
+                    mp.retain_multiple,
+                    params.unlearn.seed,
+                    params.attribution.lam,
+                    params.attribution.estimator,
+                )
+        states = dict(originals.model_weights())
+        jobs = [
+            {
+                "method": m,
+                "model_id": k,
+                "state": states[k],
+                "seed": params.unlearn.seed + k,
+                "match": match[m][k] if m in match else None,
+            }
+            for m in methods
+            for k in range(n)
+        ]
+        cfg = ray_eval.config_payload(params)
+        from pipeline_lib.config import RayConfig, parse_section
+
+        ray_cfg = parse_section(RayConfig, to_dict(params.ray), "ray")
+        retrain = ray_eval.retrain_seconds(problem, cfg, ray_cfg, params.train.oracle_seed)
+        retrain_s = float(np.mean(retrain))
+        logger.info("retraining one model: %.2fs (mean of %d)", retrain_s, len(retrain))
+        progress = _Progress(f"evaluate-{request.request_id}".lower().replace("_", "-")[:60])
+        try:
+            out = ray_eval.run_jobs(jobs, problem, cfg, ray_cfg, lambda d, t: progress(d, t, {}))
+        finally:
+            progress.close()
+        for m in methods:
+            results[m] = [r for r in out if r["method"] == m]
+        rows, floor, scores = summarise(results, oracle_margins, oracle_metrics, problem, retrain_s)
+        out_dir = params.resolve(params.evaluate.report_dir) / request.request_id / "comparison"
+        title = f"{request.request_id}: |F| = {len(problem.forget)}, N = {n}"
+        files = write_tables(rows, out_dir, title)
+        plot_klom(scores, floor_scores(oracle_margins), problem, out_dir / "klom.png", title)
+        files["klom.png"] = str(out_dir / "klom.png")
+        summary = {
+            "request_id": request.request_id,
+            "n_models": n,
+            "retrain_seconds": retrain_s,
+            "noise_floor": floor,
+            "rows": rows,
+            "stores": {k: v[0] for k, v in stores.items()},
+            "masks_digests": {k: v[1]["masks_digest"] for k, v in stores.items()},
+        }
+        (out_dir / "comparison.json").write_text(
+            json.dumps(summary, indent=2, default=float) + "\n"
+        )
+        files["comparison.json"] = str(out_dir / "comparison.json")
+        method_params = {
+            m: {f"unlearn.{m}.{k}": v for k, v in flatten_section(params, m).items()}
+            for m in methods
+        }
+        children = tracking.log_comparison(
+            tr.mlflow_uri,
+            tr.experiment,
+            run_id,
+            rows,
+            method_params,
+            floor,
+            list(files.values()),
+            {"request_id": request.request_id, "request_digest": request.digest},
+        )
+        create_markdown_artifact(
+            markdown_table(rows, title),
+            key=f"comparison-{request.request_id.lower()}".replace("_", "-")[:60],
+            description=f"method comparison, MLflow run {run_id}",
+        )
+    except BaseException:
+        tracking.end_run(tr.mlflow_uri, run_id, "FAILED")
+        raise
+    tracking.end_run(tr.mlflow_uri, run_id, "FINISHED")
+    return {"run_id": run_id, "children": children, "rows": rows, "files": files, "floor": floor}
+
+
+def flatten_section(params: Params, method: str) -> dict[str, Any]:
+    """The method's hyper-parameters as a flat dict (empty when it has none)."""
+    flat = flatten(params)
+    prefix = f"unlearn.{method}."
+    return {k[len(prefix) :]: v for k, v in flat.items() if k.startswith(prefix)}
