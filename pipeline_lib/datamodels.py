@@ -232,6 +232,19 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _ridge_cholesky(X: np.ndarray, centre: np.ndarray, lam: float, block: int) -> Any:
+    """Cholesky factor of the dual ridge kernel A Aᵀ + λI, A = X − x̄ (M, N), accumulated over
+    ``block`` columns of N."""
+    n_models, n_train = X.shape
+    K = np.zeros((n_models, n_models), dtype=np.float64, order="F")
+    for s in range(0, n_train, block):
+        A = X[:, s : s + block] - centre[s : s + block]  # (M, b) C-order: A.T is F-order
+        K = scipy.linalg.blas.dsyrk(1.0, A.T, beta=1.0, c=K, trans=1, lower=1, overwrite_c=1)
+        del A
+    K[np.diag_indices_from(K)] += lam
+    return scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
+
+
 def fit_datamodels(
     masks: _ArrayLike,
     outputs: _ArrayLike,
@@ -291,13 +304,7 @@ def fit_datamodels(
         # separate OpenBLAS copies, and alternating between their thread pools on a busy
         # 2-core machine made the Cholesky up to 50x slower (spinning idle workers).
         # dsyrk accumulates the lower triangle of A Aᵀ in place (K Fortran-ordered).
-        K = np.zeros((n_models, n_models), dtype=np.float64, order="F")
-        for s in range(0, n_train, block):
-            A = X[:, s : s + block] - centre[s : s + block]  # (M, b) C-order: A.T is F-order
-            K = scipy.linalg.blas.dsyrk(1.0, A.T, beta=1.0, c=K, trans=1, lower=1, overwrite_c=1)
-            del A
-        K[np.diag_indices_from(K)] += lam
-        chol = scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
+        chol = _ridge_cholesky(X, centre, lam, block)
         for s in range(0, n_out, block):
             # Fortran order lets LAPACK potrs solve in place (no copy of the right-hand side)
             rhs = Y2[:, s : s + block].astype(np.float64, order="F")
@@ -305,7 +312,7 @@ def fit_datamodels(
             W[:, s : s + block] = scipy.linalg.cho_solve(
                 chol, rhs, overwrite_b=True, check_finite=False
             )
-        del K, chol
+        del chol
     else:
         for s in range(0, n_out, block):
             W[:, s : s + block] = Y2[:, s : s + block] - bias[s : s + block]
@@ -373,6 +380,49 @@ def forget_shift(dm: Datamodels, forget_idx: Any, block: int = 4096) -> np.ndarr
     for s in range(0, f.size, block):
         u += _design_block(dm, f[s : s + block]).sum(axis=1)
     return (u @ dm.weights.reshape(dm.n_models, -1)).reshape(dm.output_shape)
+
+
+def forget_shift_direct(
+    masks: _ArrayLike,
+    outputs: _ArrayLike,
+    forget_idx: Any,
+    lam: float = 1.0,
+    estimator: str = "ridge_dual",
+    block: int = 4096,
+) -> np.ndarray:
+    """Σ_{i∈F} β_i(x) for every target straight from masks and outputs, without fitting W.
+
+    Equal to ``forget_shift(fit_datamodels(masks, outputs, lam, estimator), forget_idx)``
+    (tested), because Σ_F β = uᵀW with u = Σ_{i∈F} D[:, i] and W = (AAᵀ + λI)⁻¹(Y − ȳ), so
+    Σ_F β = vᵀ(Y − ȳ) with v = (AAᵀ + λI)⁻¹u: one right-hand side instead of T·C. For
+    diff_means W = Y − ȳ and the shift is uᵀ(Y − ȳ). O(M²N + M³ + M·T·C) time; this is what a
+    deletion request needs (DMM targets), the full fit is for LDS and inspection.
+    """
+    _check_estimator(estimator)
+    block = _check_block(block)
+    X = _check_masks(masks)
+    Y = _to_numpy(outputs)
+    if Y.ndim not in (2, 3) or Y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"outputs must have shape (M, T) or (M, T, C) with M = {X.shape[0]}; got {Y.shape}"
+        )
+    n_models, n_train = X.shape
+    f = _check_forget(forget_idx, n_train)
+    if estimator == "ridge_dual" and not (np.isfinite(lam) and lam > 0):
+        raise ValueError(f"ridge_dual needs lam > 0, got {lam}")
+    counts = np.count_nonzero(X, axis=0)
+    centre = counts / n_models
+    u = np.zeros(n_models, dtype=np.float64)
+    for s in range(0, f.size, block):
+        idx = f[s : s + block]
+        u += _design_cols(estimator, X[:, idx], centre[idx], n_models).sum(axis=1)
+    if estimator == "ridge_dual":
+        u = scipy.linalg.cho_solve(_ridge_cholesky(X, centre, lam, block), u, check_finite=False)
+    Y2 = Y.reshape(n_models, -1).astype(np.float64)
+    shift = u @ (Y2 - Y2.mean(axis=0))
+    if not np.all(np.isfinite(shift)):
+        raise ValueError("outputs contain non-finite values")
+    return shift.reshape(Y.shape[1:])
 
 
 def predict(dm: Datamodels, masks_new: _ArrayLike, block: int = 4096) -> np.ndarray:

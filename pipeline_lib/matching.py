@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib.datamodels import dm_direct, fit_datamodels
+from pipeline_lib.datamodels import forget_shift_direct
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def datamodel_targets(
     masks (M, N) bool — the training subsets of the store's models; store_outputs (M, P, C)
     — their logits on the matching points; full_logits (P, C) — the trained model's logits
     on the same points; forget_positions — the forget points' positions in the store's
-    training order (0..N-1). Linear datamodels are fitted per (point, class) on the logits.
+    training order (0..N-1). The linear datamodels are per (point, class) on the logits.
     """
     masks = np.asarray(masks)
     out = np.asarray(store_outputs)
@@ -91,8 +91,14 @@ def datamodel_targets(
         raise ValueError(
             f"store outputs must be (M, P, C) with M = {masks.shape[0]} models; got {out.shape}"
         )
-    dm = fit_datamodels(masks, out.astype(np.float64), lam=lam, estimator=estimator)
-    return dm_direct(full_logits, dm, forget_positions)
+    full = np.asarray(full_logits, dtype=np.float64)
+    if full.shape != out.shape[1:]:
+        raise ValueError(
+            f"full logits shape {full.shape} does not match the store's {out.shape[1:]}"
+        )
+    # DM-Direct f − Σ_F β via the one-right-hand-side solve (datamodels.forget_shift_direct,
+    # tested equal to dm_direct on fitted datamodels)
+    return full - forget_shift_direct(masks, out, forget_positions, lam=lam, estimator=estimator)
 
 
 def oracle_targets(oracle_logits: Any) -> np.ndarray:

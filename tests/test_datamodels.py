@@ -307,3 +307,21 @@ def test_errors():
         lds(dm, masks[:5], outputs[:4])
     with pytest.raises(ValueError, match=r"heldout_outputs shape \(5, 6\).*\(6, 3\)"):
         lds(dm, masks[:5], outputs[:5, :, 0])
+
+
+@pytest.mark.parametrize("estimator", ["ridge_dual", "diff_means"])
+def test_forget_shift_direct_equals_the_fitted_shift(estimator):
+    """The one-solve fast path for Σ_F β equals fit-then-shift (and the dense β sum)."""
+    from pipeline_lib.datamodels import forget_shift_direct
+
+    rng = np.random.default_rng(5)
+    masks = rng.random((40, 23)) < 0.5
+    outputs = rng.normal(size=(40, 7, 3))
+    forget = np.array([1, 4, 22, 9])
+    dm = fit_datamodels(masks, outputs, lam=0.7, estimator=estimator, block=5)
+    want = forget_shift(dm, forget)
+    got = forget_shift_direct(masks, outputs, forget, lam=0.7, estimator=estimator, block=5)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got, beta_dense(dm)[..., forget].sum(-1), rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="outputs must have shape"):
+        forget_shift_direct(masks, outputs[:3], forget)
