@@ -168,3 +168,47 @@ def test_bad_request_fails_before_training(prefect_api, project: Path):
             params_path=str(project / "params.yaml"),
             overrides={"request.file": "requests/changed.yaml"},
         )
+
+
+def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path):
+    """`unlearn run --method dmm`: the first request trains the subset models on Ray, a second
+    request with another forget set reuses them; the DMM fine-tuning reduced the error to its
+    DM-Direct targets, and MLflow holds the method's figures."""
+    import ray
+    from mlflow import MlflowClient
+
+    from flows.pipeline import unlearning_pipeline
+    from pipeline_lib.attribution import AttributionStore
+
+    overrides = {
+        "unlearn.method": "dmm",
+        "attribution.n_models": 24,
+        "attribution.chunk_size": 12,
+        "unlearn.dmm.epochs": 20,
+        "ray.num_cpus": 2,
+    }
+    try:
+        first = unlearning_pipeline(str(project / "params.yaml"), overrides)
+        stores = list((project / "artifacts" / "attribution").glob("subsets-*"))
+        assert len(stores) == 1
+        store = AttributionStore.open(stores[0])
+        store.check()
+        written = (store.manifest_path.stat().st_mtime_ns, store.masks_digest())
+        req2 = {**REQUEST, "request_id": "req-test-0002", "forget": {"fraction": 0.05, "seed": 9}}
+        (project / "requests" / "req2.yaml").write_text(yaml.safe_dump(req2))
+        second = unlearning_pipeline(
+            str(project / "params.yaml"),
+            {**overrides, "request.file": str(project / "requests" / "req2.yaml")},
+        )
+    finally:
+        ray.shutdown()
+    assert (store.manifest_path.stat().st_mtime_ns, store.masks_digest()) == written
+    for result in (first, second):
+        info = result["report"]["method_info"]
+        assert info["mse_forget_after"] < info["mse_forget_before"]
+        assert info["n_matching_points"] > 0 and info["target_seconds"] > 0
+    run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(second["run_id"])
+    assert run.data.tags["method"] == "dmm"
+    assert run.data.metrics["method.mse_forget_after"] == pytest.approx(
+        second["report"]["method_info"]["mse_forget_after"]
+    )
