@@ -30,6 +30,9 @@ def _setup_env() -> None:
     """Defaults for the embedded single-machine mode; every one can be overridden by the
     environment (PREFECT_API_URL for a Prefect server, RAY_ADDRESS, MLFLOW_TRACKING_URI)."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # The embedded API server starts in a subprocess; on a busy 2-core machine it can take
+    # longer than Prefect's default 20 s.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault(
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve())
     )
