@@ -160,7 +160,7 @@ def evaluate_flow(
     """Compare ``methods`` (default: all registered) on the request of the params file with
     ``evaluate.n_models`` originals and oracles. Returns the table rows, files and run ids."""
     from flows.attribution import _Progress, ensure_store
-    from flows.pipeline import stage_data
+    from flows.pipeline import artifact_key, stage_data
 
     logger = get_run_logger()
     params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
@@ -268,7 +268,7 @@ def evaluate_flow(
         retrain = ray_eval.retrain_seconds(problem, cfg, ray_cfg, params.train.oracle_seed)
         retrain_s = float(np.mean(retrain))
         logger.info("retraining one model: %.2fs (mean of %d)", retrain_s, len(retrain))
-        progress = _Progress(f"evaluate-{request.request_id}".lower().replace("_", "-")[:60])
+        progress = _Progress(artifact_key("evaluate", request.request_id))
         try:
             out = ray_eval.run_jobs(jobs, problem, cfg, ray_cfg, lambda d, t: progress(d, t, {}))
         finally:
@@ -310,7 +310,7 @@ def evaluate_flow(
         )
         create_markdown_artifact(
             markdown_table(rows, title),
-            key=f"comparison-{request.request_id.lower()}".replace("_", "-")[:60],
+            key=artifact_key("comparison", request.request_id),
             description=f"method comparison, MLflow run {run_id}",
         )
     except BaseException:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,11 @@ def _with_files(task, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any
         return result
     get_run_logger().warning("%s: cached artifacts missing on disk, recomputing", task.name)
     return task.with_options(refresh_cache=True)(*args)
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only) from a free name."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{name}".lower()))[:60].strip("-")
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -250,7 +256,7 @@ def unlearning_pipeline(
         )
         create_markdown_artifact(
             markdown_table(report),
-            key=f"report-{request.request_id.lower()}".replace("_", "-")[:60],
+            key=artifact_key("report", request.request_id),
             description=f"unlearning report, MLflow run {run_id}",
         )
     except BaseException:
