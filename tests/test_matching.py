@@ -183,6 +183,11 @@ def test_originals_store_keeps_weights_that_reproduce_its_outputs(tmp_path: Path
     assert masks.shape == (4, 48) and np.array_equal(gathered, outputs[:, cols])
     with pytest.raises(StoreError, match="no outputs"):
         store.columns_of(np.array([999]))
+    # the ridge factor is computed once and cached in the store
+    factor = store.ridge_factor(0.5)
+    cached = list(store.root.glob("ridge-factor-0.5-*.npy"))
+    assert len(cached) == 1 and np.array_equal(np.load(cached[0]), factor)
+    np.testing.assert_allclose(factor @ factor.T, 0.5 * np.eye(4), atol=1e-12)  # all-ones masks
     # a chunk whose weights file is gone fails verification
     (store.chunk_dir(2) / "weights.safetensors").unlink()
     assert not store.verify_chunk(2) and store.pending_chunks() == [(2, 4)]
