@@ -203,6 +203,7 @@ TABLE_COLUMNS = (
     ("method", "method", "{}"),
     ("N", "n_models", "{}"),
     ("KLoM forget P95", "klom_forget_p95", "{:.3f}"),
+    ("KLoM forget mean", "klom_forget_mean", "{:.3f}"),
     ("KLoM retain P95", "klom_retain_p95", "{:.3f}"),
     ("KLoM val P95", "klom_validation_p95", "{:.3f}"),
     ("UA", "UA", "{:.2f}"),
