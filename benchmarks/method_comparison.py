@@ -2,8 +2,9 @@
 
     python -m benchmarks.method_comparison --data digits --fractions 0.1,0.01 --models 20 \
         --subset-models 1000 --workdir /tmp/bench-digits
-    python -m benchmarks.method_comparison --data fashion-mnist --fractions 0.01 --models 8 \
-        --subset-models 300 --epochs 10 --workdir /tmp/bench-fmnist
+    python -m benchmarks.method_comparison --data fashion-mnist --fractions 0.01 --models 20 \
+        --subset-models 1000 --epochs 10 --max-train 20000 --max-test 2000 \
+        --workdir /tmp/bench-fmnist
 
 Runs the real ``evaluate`` flow (Prefect, DVC stages, MLflow in the work directory, local
 Ray) in a scratch DVC project: N originals and N oracles through the many-model engine, M
@@ -54,6 +55,7 @@ def main() -> None:
     ap.add_argument("--subset-models", type=int, default=1000, help="M subset models for DMM")
     ap.add_argument("--epochs", type=int, default=None, help="train.epochs (default: params.yaml)")
     ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument("--max-test", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated (default: all registered)")
     ap.add_argument("--workdir", default="/tmp/unlearnflow-method-comparison")
     args = ap.parse_args()
@@ -67,7 +69,7 @@ def main() -> None:
     os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".prefect-results"))
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["data"].update(name=args.data, max_train=args.max_train)
+    params["data"].update(name=args.data, max_train=args.max_train, max_test=args.max_test)
     if args.epochs:
         params["train"]["epochs"] = args.epochs
     params["attribution"].update(n_models=args.subset_models, chunk_size=50, lds_heldout=0)
