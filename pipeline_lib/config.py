@@ -237,6 +237,21 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class StatsConfig:
+    """Sharded statistics (``unlearn stats``): the split is written as Parquet shards, one
+    ``ray.remote`` task per shard computes partial sums, one reduce step adds them."""
+
+    #: Number of Parquet shards the split is cut into (the unit of Ray work).
+    n_shards: int = 4
+    #: Shard tasks in flight at once (null: CPUs of the cluster ÷ ray.cpus_per_task).
+    workers: int | None = None
+    #: Where shards and statistics files go.
+    out_dir: str = "artifacts/stats"
+    #: Rows of a shard per forward pass (activation statistics).
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``."""
 
@@ -250,6 +265,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
     def resolve(self, path: str) -> Path:
         """``path`` if absolute, else relative to ``tracking.dvc_root`` (where the DVC stages
@@ -444,6 +460,9 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("attribution.lds_heldout", lambda v: v >= 0, "must be >= 0"),
     ("attribution.lam", lambda v: v > 0, _POSITIVE),
     ("attribution.oracles", lambda v: v > 0, _POSITIVE),
+    ("stats.n_shards", lambda v: v > 0, _POSITIVE),
+    ("stats.workers", lambda v: v is None or v > 0, _POSITIVE),
+    ("stats.batch_size", lambda v: v > 0, _POSITIVE),
 )
 
 

@@ -34,6 +34,7 @@ from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write
 from pipeline_lib.methods import UnlearnInputs, get_method
 from pipeline_lib.models import build_model
 from pipeline_lib.requests import Manifests, load_manifests
+from pipeline_lib.stats import save_stats
 from pipeline_lib.train import FitSettings, fit, resolve_device
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,33 @@ def train_step(
     return {"path": path, "digest": digest, "seconds": seconds, "n_train": len(X), "seed": seed}
 
 
+def fisher_split_ids(manifests: Manifests, split: str, cfg: FisherConfig) -> np.ndarray:
+    """Sample ids whose Fisher diagonal is I_F (``forget``) or I_R (``retain``: a seeded
+    subsample of ``cfg.max_retain`` ids when set), in manifest order."""
+    if split not in ("forget", "retain"):
+        raise ValueError(f"split {split!r} unknown; valid: forget, retain")
+    ids = manifests.forget_ids if split == "forget" else manifests.retain_ids
+    if split == "retain" and cfg.max_retain is not None and cfg.max_retain < len(ids):
+        rows = np.sort(
+            np.random.default_rng(cfg.seed).choice(len(ids), cfg.max_retain, replace=False)
+        )
+        ids = ids[rows]
+    return ids
+
+
+def fisher_config(cfg: FisherConfig, split: str, n: int, **extra: Any) -> dict[str, Any]:
+    """What a Fisher statistics file records about how it was made."""
+    return {
+        "statistic": "fisher_diagonal",
+        "split": split,
+        "kind": cfg.kind,
+        "seed": cfg.seed,
+        "max_retain": cfg.max_retain,
+        "n": n,
+        **extra,
+    }
+
+
 def fisher_step(
     splits: Splits,
     weights_path: str,
@@ -150,27 +178,32 @@ def fisher_step(
     cfg: FisherConfig,
     out_dir: str | Path,
 ) -> dict[str, Any]:
-    """I_F and I_R of the original model, saved as safetensors. Returns paths and seconds."""
+    """I_F and I_R of the original model, saved as safetensors with their config and content
+    hash (:func:`pipeline_lib.stats.save_stats`). Sampled labels are keyed by sample id, so
+    these equal the sharded statistics of ``unlearn stats fisher``. Returns paths and seconds."""
     model = load_model(weights_path, model_cfg, splits.data)
-    rX, ry = splits.retain
-    if cfg.max_retain is not None and cfg.max_retain < len(rX):
-        rows = torch.from_numpy(
-            np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False))
-        )
-        rX, ry = rX[rows], ry[rows]
     t0 = time.perf_counter()
-    fisher_f = fisher_diagonal(
-        model, *splits.forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
-    )
-    fisher_r = fisher_diagonal(
-        model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
-    )
+    stats, out = {}, {}
+    for split in ("forget", "retain"):
+        ids = fisher_split_ids(splits.manifests, split, cfg)
+        X, y = splits.data.subset(ids)
+        stats[split] = fisher_diagonal(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            kind=cfg.kind,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            sample_ids=list(ids),
+        )
+        out[f"n_{split}"] = len(ids)
     seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "n_forget": len(splits.forget[0]), "n_retain": len(rX)}
-    for name, stats in (("forget", fisher_f), ("retain", fisher_r)):
-        digest = state_dict_digest(stats)
+    out["seconds"] = seconds
+    meta = {"weights": Path(weights_path).name, "data_content_hash": splits.data.content_hash}
+    for name, tensors in stats.items():
+        digest = state_dict_digest(tensors)
         path = Path(out_dir) / "fisher" / f"{name}-{digest[:16]}.safetensors"
-        save_weights(stats, path, {"kind": cfg.kind, "split": name, "n": str(out[f"n_{name}"])})
+        save_stats(tensors, path, fisher_config(cfg, name, out[f"n_{name}"], **meta))
         out[f"{name}_path"] = str(path)
     log.info("Fisher diagonals (%s) in %.2fs", cfg.kind, seconds)
     return out
