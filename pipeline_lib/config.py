@@ -164,6 +164,28 @@ class SalunParams:
 
 
 @dataclass(frozen=True)
+class SsdParams:
+    """Selective Synaptic Dampening (Foster et al., AAAI 2024) on the shared Fisher stats."""
+
+    #: α: select θ_i with I_F,i > alpha · I_D,i. The paper's 10 is for squared mini-batch
+    #: gradients; with the per-sample Fisher I_F/I_D <= |D|/|F|, so alpha must be below
+    #: |D|/|F| (10 for one class of ten): 2 here (BENCHMARKS.md).
+    alpha: float = 2.0
+    #: λ: dampen the selected to θ_i · min(lam · I_D,i / I_F,i, 1) (paper: 1).
+    lam: float = 1.0
+
+
+@dataclass(frozen=True)
+class FisherForgettingParams:
+    """Fisher forgetting (Golatkar et al., CVPR 2020): θ + sqrt(α·min(1/(I_R+ε), v_max))·N(0,1)."""
+
+    alpha: float = 1e-6
+    eps: float = 1e-8
+    #: v_max: clamp of 1/(I_R+ε) before scaling by α (the authors' code: 1e3).
+    var_clamp: float = 1000.0
+
+
+@dataclass(frozen=True)
 class UnlearnConfig:
     """Which unlearning method runs, with one typed sub-section per method."""
 
@@ -175,6 +197,8 @@ class UnlearnConfig:
     neggrad_plus: NegGradPlusParams = field(default_factory=NegGradPlusParams)
     scrub: ScrubParams = field(default_factory=ScrubParams)
     salun: SalunParams = field(default_factory=SalunParams)
+    ssd: SsdParams = field(default_factory=SsdParams)
+    fisher_forgetting: FisherForgettingParams = field(default_factory=FisherForgettingParams)
 
     def method_params(self, name: str | None = None) -> Any:
         """The typed hyper-parameters of ``name`` (default: the selected method)."""
@@ -460,6 +484,11 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("attribution.lds_heldout", lambda v: v >= 0, "must be >= 0"),
     ("attribution.lam", lambda v: v > 0, _POSITIVE),
     ("attribution.oracles", lambda v: v > 0, _POSITIVE),
+    ("unlearn.ssd.alpha", lambda v: v > 0, _POSITIVE),
+    ("unlearn.ssd.lam", lambda v: v > 0, _POSITIVE),
+    ("unlearn.fisher_forgetting.alpha", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.fisher_forgetting.eps", lambda v: v > 0, _POSITIVE),
+    ("unlearn.fisher_forgetting.var_clamp", lambda v: v > 0, _POSITIVE),
     ("stats.n_shards", lambda v: v > 0, _POSITIVE),
     ("stats.workers", lambda v: v is None or v > 0, _POSITIVE),
     ("stats.batch_size", lambda v: v > 0, _POSITIVE),

@@ -24,12 +24,15 @@ from pipeline_lib.config import (
     ConfigError,
     FinetuneParams,
     FisherDiagonalParams,
+    FisherForgettingParams,
     NegGradPlusParams,
     RetrainParams,
     SalunParams,
     ScrubParams,
+    SsdParams,
     TrainConfig,
 )
+from pipeline_lib.fisher_baselines import fisher_forgetting, ssd
 from pipeline_lib.train import FitSettings, fit
 
 log = logging.getLogger(__name__)
@@ -401,6 +404,20 @@ METHODS: dict[str, Method] = {
             SalunParams,
             False,
             "fine-tune the most forget-salient weights on random-labelled F plus R",
+        ),
+        Method(
+            "ssd",
+            ssd,
+            SsdParams,
+            True,
+            "dampen weights with I_F > alpha*I_D by min(lambda*I_D/I_F, 1) (SSD)",
+        ),
+        Method(
+            "fisher_forgetting",
+            fisher_forgetting,
+            FisherForgettingParams,
+            True,
+            "Gaussian noise with variance alpha/(I_R+eps), clamped (Golatkar 2020)",
         ),
     )
 }

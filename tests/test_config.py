@@ -137,7 +137,16 @@ def test_literal_rejects_bad_value_listing_choices(
         (
             "unlearn.method",
             "nope",
-            ["finetune", "fisher_diagonal", "neggrad_plus", "retrain", "salun", "scrub"],
+            [
+                "finetune",
+                "fisher_diagonal",
+                "fisher_forgetting",
+                "neggrad_plus",
+                "retrain",
+                "salun",
+                "scrub",
+                "ssd",
+            ],
         ),
     ],
 )

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline_lib import config
 from pipeline_lib.config import (
     ConfigError,
     FinetuneParams,
@@ -104,7 +105,8 @@ def _copy(model: nn.Module) -> nn.Module:
 def test_get_method_unknown_lists_methods() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"'nope'; valid: finetune, fisher_diagonal, neggrad_plus, retrain, salun, scrub$",
+        match=r"'nope'; valid: finetune, fisher_diagonal, fisher_forgetting, neggrad_plus, "
+        r"retrain, salun, scrub, ssd",
     ):
         get_method("nope")
     assert get_method("fisher_diagonal").needs_fisher
@@ -116,6 +118,8 @@ def test_get_method_unknown_lists_methods() -> None:
         NegGradPlusParams,
         ScrubParams,
         SalunParams,
+        config.SsdParams,
+        config.FisherForgettingParams,
     }
 
 

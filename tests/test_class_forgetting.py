@@ -1,0 +1,125 @@
+"""Class forgetting on real data (scikit-learn's digits, class 3 forgotten): the one-step
+methods on the shared Fisher statistics (SSD, Fisher forgetting) and their exact updates."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+
+from pipeline_lib.config import (
+    FisherForgettingParams,
+    ModelConfig,
+    SsdParams,
+    TrainConfig,
+)
+from pipeline_lib.fisher import fisher_diagonal
+from pipeline_lib.fisher_baselines import ssd_dampen
+from pipeline_lib.methods import UnlearnInputs, get_method
+from pipeline_lib.models import build_model
+from pipeline_lib.train import FitSettings, fit, predict_logits
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FORGET_CLASS = 3
+SHAPE = (1, 8, 8)
+
+
+def accuracy(model, X, y) -> float:
+    return float((predict_logits(model, X).argmax(1) == y).float().mean())
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32).view(-1, *SHAPE)
+    y = torch.tensor(y, dtype=torch.int64)
+    gen = torch.Generator().manual_seed(0)
+    order = torch.randperm(len(y), generator=gen)
+    tr, te = order[:1400], order[1400:]
+    return X[tr], y[tr], X[te], y[te]
+
+
+@pytest.fixture(scope="module")
+def trained(digits, one_thread):
+    Xtr, ytr, _, _ = digits
+    cfg = ModelConfig(name="mlp", hidden=(64,))
+    model = build_model(cfg, SHAPE, 10, seed=0)
+    fit(model, Xtr, ytr, FitSettings(15, 64, 3e-3), seed=0)
+    return cfg, model
+
+
+def make_inputs(digits, cfg, model, fisher: bool = True, **extra) -> UnlearnInputs:
+    Xtr, ytr, _, _ = digits
+    f = ytr == FORGET_CLASS
+    fX, fy, rX, ry = Xtr[f], ytr[f], Xtr[~f], ytr[~f]
+    kw = {}
+    if fisher:
+        kw = {
+            "fisher_forget": fisher_diagonal(model, fX, fy),
+            "fisher_retain": fisher_diagonal(model, rX, ry),
+        }
+    return UnlearnInputs(
+        fX,
+        fy,
+        rX,
+        ry,
+        model_factory=lambda s: build_model(cfg, SHAPE, 10, s),
+        train=TrainConfig(),
+        **kw,
+        **extra,
+    )
+
+
+def split_acc(digits, model) -> tuple[float, float]:
+    _, _, Xte, yte = digits
+    f = yte == FORGET_CLASS
+    return accuracy(model, Xte[f], yte[f]), accuracy(model, Xte[~f], yte[~f])
+
+
+def test_ssd_update_is_exact():
+    model = torch.nn.Linear(3, 2)
+    before = copy.deepcopy(model)
+    i_f = {"weight": torch.tensor([[1.0, 0.0, 5.0], [30.0, 2.0, 0.0]]), "bias": torch.zeros(2)}
+    i_d = {"weight": torch.tensor([[1.0, 1.0, 0.4], [2.0, 0.1, 0.0]]), "bias": torch.ones(2)}
+    n, total = ssd_dampen(model, i_f, i_d, alpha=10.0, lam=1.0)
+    # selected: 5 > 10*0.4 and 30 > 10*2 and 2 > 10*0.1; factors 0.4/5, 2/30, 0.1/2
+    assert (n, total) == (3, 8)
+    factor = torch.tensor([[1.0, 1.0, 0.08], [2 / 30, 0.05, 1.0]])
+    torch.testing.assert_close(model.weight, before.weight * factor)
+    torch.testing.assert_close(model.bias, before.bias)
+
+
+def test_ssd_forgets_a_class(digits, trained):
+    cfg, model = trained
+    f0, r0 = split_acc(digits, model)
+    assert f0 > 0.8 and r0 > 0.9
+    out, info = get_method("ssd").fn(
+        copy.deepcopy(model), make_inputs(digits, cfg, model), SsdParams(), 0
+    )
+    f1, r1 = split_acc(digits, out)
+    assert info["n_dampened"] > 0
+    assert f1 < 0.2 and r1 > r0 - 0.1, (f1, r1)
+
+
+def test_fisher_forgetting_noise_has_the_fisher_variance(digits, trained):
+    cfg, model = trained
+    inputs = make_inputs(digits, cfg, model)
+    p = FisherForgettingParams(alpha=1e-6, eps=1e-8, var_clamp=1e3)
+    a, _ = get_method("fisher_forgetting").fn(copy.deepcopy(model), inputs, p, 7)
+    b, _ = get_method("fisher_forgetting").fn(copy.deepcopy(model), inputs, p, 7)
+    z = []
+    for (k, p0), p1, p2 in zip(
+        model.named_parameters(), a.parameters(), b.parameters(), strict=True
+    ):
+        torch.testing.assert_close(p1, p2)  # seeded
+        var = 1e-6 * (1.0 / (inputs.fisher_retain[k].double() + 1e-8)).clamp(max=1e3)
+        z.append(((p1 - p0).detach().double() / var.sqrt()).flatten())
+    z = torch.cat(z)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05
+    with pytest.raises(ValueError, match="Fisher diagonals"):
+        get_method("fisher_forgetting").fn(
+            copy.deepcopy(model), make_inputs(digits, cfg, model, fisher=False), p, 0
+        )
