@@ -47,6 +47,13 @@ class ModelConfig:
     name: str = "mlp"
     hidden: tuple[int, ...] = (128, 128)
     channels: tuple[int, ...] = (16, 32)
+    #: vit (transformers ViTForImageClassification from a config): patch side, width,
+    #: blocks, heads, MLP width.
+    vit_patch: int = 7
+    vit_dim: int = 64
+    vit_depth: int = 2
+    vit_heads: int = 4
+    vit_mlp: int = 128
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,21 @@ class FisherForgettingParams:
 
 
 @dataclass(frozen=True)
+class SvdProjectionParams:
+    """SVD class forgetting (Kodge et al., TMLR 2024): gradient-free projection of every
+    Linear/Conv layer off the class-discriminatory activation space."""
+
+    #: α_r, α_f: scaling of the retain and forget spaces (paper, CIFAR-10: 100 and 3).
+    alpha_r: float = 100.0
+    alpha_f: float = 3.0
+    #: Seeded samples per retained class and per forgotten class (paper: 100 per class).
+    retain_per_class: int = 100
+    forget_per_class: int = 100
+    #: Samples per forward pass (memory only; the result does not depend on it).
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
 class UnlearnConfig:
     """Which unlearning method runs, with one typed sub-section per method."""
 
@@ -199,6 +221,7 @@ class UnlearnConfig:
     salun: SalunParams = field(default_factory=SalunParams)
     ssd: SsdParams = field(default_factory=SsdParams)
     fisher_forgetting: FisherForgettingParams = field(default_factory=FisherForgettingParams)
+    svd_projection: SvdProjectionParams = field(default_factory=SvdProjectionParams)
 
     def method_params(self, name: str | None = None) -> Any:
         """The typed hyper-parameters of ``name`` (default: the selected method)."""
@@ -444,6 +467,11 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     ("data.max_train", lambda v: v is None or v > 0, _POSITIVE),
     ("data.max_test", lambda v: v is None or v > 0, _POSITIVE),
+    ("model.vit_patch", lambda v: v > 0, _POSITIVE),
+    ("model.vit_dim", lambda v: v > 0, _POSITIVE),
+    ("model.vit_depth", lambda v: v > 0, _POSITIVE),
+    ("model.vit_heads", lambda v: v > 0, _POSITIVE),
+    ("model.vit_mlp", lambda v: v > 0, _POSITIVE),
     ("train.epochs", lambda v: v > 0, _POSITIVE),
     ("train.batch_size", lambda v: v > 0, _POSITIVE),
     ("train.lr", lambda v: v > 0, _POSITIVE),
@@ -489,6 +517,11 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("unlearn.fisher_forgetting.alpha", lambda v: v >= 0, "must be >= 0"),
     ("unlearn.fisher_forgetting.eps", lambda v: v > 0, _POSITIVE),
     ("unlearn.fisher_forgetting.var_clamp", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.alpha_r", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.alpha_f", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.retain_per_class", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.forget_per_class", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.batch_size", lambda v: v > 0, _POSITIVE),
     ("stats.n_shards", lambda v: v > 0, _POSITIVE),
     ("stats.workers", lambda v: v is None or v > 0, _POSITIVE),
     ("stats.batch_size", lambda v: v > 0, _POSITIVE),

@@ -30,9 +30,11 @@ from pipeline_lib.config import (
     SalunParams,
     ScrubParams,
     SsdParams,
+    SvdProjectionParams,
     TrainConfig,
 )
 from pipeline_lib.fisher_baselines import fisher_forgetting, ssd
+from pipeline_lib.svd_forget import svd_projection
 from pipeline_lib.train import FitSettings, fit
 
 log = logging.getLogger(__name__)
@@ -418,6 +420,14 @@ METHODS: dict[str, Method] = {
             FisherForgettingParams,
             True,
             "Gaussian noise with variance alpha/(I_R+eps), clamped (Golatkar 2020)",
+        ),
+        Method(
+            "svd_projection",
+            svd_projection,
+            SvdProjectionParams,
+            False,
+            "class forgetting: project layer weights off the class-discriminatory "
+            "activation space, gradient-free (Kodge 2024)",
         ),
     )
 }

@@ -13,6 +13,7 @@ from pipeline_lib.config import (
     FisherForgettingParams,
     ModelConfig,
     SsdParams,
+    SvdProjectionParams,
     TrainConfig,
 )
 from pipeline_lib.fisher import fisher_diagonal
@@ -123,3 +124,51 @@ def test_fisher_forgetting_noise_has_the_fisher_variance(digits, trained):
         get_method("fisher_forgetting").fn(
             copy.deepcopy(model), make_inputs(digits, cfg, model, fisher=False), p, 0
         )
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits, one_thread):
+    Xtr, ytr, _, _ = digits
+    cfg = ModelConfig(name="cnn", channels=(8, 16))
+    model = build_model(cfg, SHAPE, 10, seed=0)
+    fit(model, Xtr, ytr, FitSettings(15, 64, 3e-3), seed=0)
+    return cfg, model
+
+
+@pytest.mark.parametrize("which", ["trained", "trained_cnn"])
+def test_svd_projection_forgets_the_class_without_gradients(digits, which, request):
+    cfg, model = request.getfixturevalue(which)
+    f0, r0 = split_acc(digits, model)
+    inputs = make_inputs(digits, cfg, model, fisher=False)
+    params = SvdProjectionParams(alpha_r=100, alpha_f=3, retain_per_class=30, forget_per_class=30)
+    copy_ = copy.deepcopy(model)
+    with torch.autograd.set_grad_enabled(False):  # gradient-free: works with autograd off
+        out, info = get_method("svd_projection").fn(copy_, inputs, params, 0)
+    f1, r1 = split_acc(digits, out)
+    assert info["n_retain_samples"] == 9 * 30 and info["n_forget_samples"] == 30
+    assert f1 < 0.1 and r1 > r0 - 0.06, (f0, r0, f1, r1)
+    # every projected weight moved, biases did not
+    for (k, a), b in zip(model.named_parameters(), out.parameters(), strict=True):
+        assert torch.equal(a, b) == k.endswith("bias"), k
+
+
+def test_projection_matrix_matches_the_formula():
+    from pipeline_lib.svd_forget import class_projection, scaled_projector
+
+    gen = torch.Generator().manual_seed(0)
+    A_r = torch.randn(50, 6, generator=gen, dtype=torch.float64)
+    A_f = torch.randn(20, 6, generator=gen, dtype=torch.float64) @ torch.diag(
+        torch.tensor([5.0, 1, 0.1, 0, 0, 0], dtype=torch.float64)
+    )
+    _, s, vh = torch.linalg.svd(A_r, full_matrices=False)
+    sig = s**2 / (s**2).sum()
+    lam = 100 * sig / (99 * sig + 1)
+    torch.testing.assert_close(scaled_projector(A_r.T @ A_r, 100.0), vh.T @ torch.diag(lam) @ vh)
+    m_r, m_f = scaled_projector(A_r.T @ A_r, 100.0), scaled_projector(A_f.T @ A_f, 3.0)
+    torch.testing.assert_close(
+        class_projection(A_r.T @ A_r, A_f.T @ A_f, 100.0, 3.0),
+        torch.eye(6, dtype=torch.float64) - (m_f - m_f @ m_r),
+    )
+    # α → ∞ saturates λ at 1 on the span: M is the orthogonal projector onto it
+    p = scaled_projector(A_f.T @ A_f, 1e12)
+    torch.testing.assert_close(p @ p, p, atol=1e-6, rtol=0)

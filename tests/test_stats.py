@@ -127,3 +127,39 @@ def test_stats_file_has_config_and_hash(tmp_path):
     assert meta["digest"] == digest and meta["config"] == {"kind": "true_expected", "n": 3}
     with pytest.raises(FileNotFoundError, match="statistics file"):
         load_stats(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["cnn", "vit"])
+def test_sharded_activation_stats_equal_stacked_svd(tmp_path, local_ray, arch):
+    from pipeline_lib.activations import decompose_grams, stacked_activations
+    from tasks.stats import run_shards
+    from tests.test_activations import _X, _model, assert_same_space
+    from tests.test_activations import MODELS as ARCHS
+
+    model, X = _model(arch), _X(41)
+    ids = np.array([f"x{i}" for i in range(len(X))])
+    stacked = stacked_activations(model, X)
+    for n_shards, workers in ((1, 1), (4, 2)):
+        paths = write_shards(
+            ids, X.float().numpy(), np.zeros(len(X), int), tmp_path / f"{n_shards}", n_shards
+        )
+        # float32 shard storage: the reference sees the same rounded inputs
+        ref = stacked_activations(model, torch.from_numpy(X.float().numpy()).double())
+        out = run_shards(
+            "activations",
+            model.state_dict(),
+            to_dict(ARCHS[arch]),
+            SHAPE,
+            10,
+            paths,
+            {"batch_size": 8, "dtype": "float64"},
+            local_ray,
+            workers,
+        )
+        grams, n = reduce_sums(out["parts"])
+        assert n == len(X) and grams.keys() == stacked.keys()
+        us = decompose_grams(grams)
+        for name, A in ref.items():
+            torch.testing.assert_close(grams[name], A.T @ A, rtol=1e-11, atol=1e-9)
+            assert_same_space(grams[name], A)
+            assert us[f"{name}.U"].shape == (A.shape[1], A.shape[1])
