@@ -25,6 +25,7 @@ from pipeline_lib.config import (
     FinetuneParams,
     FisherDiagonalParams,
     FisherForgettingParams,
+    MnemonicCodeParams,
     NegGradPlusParams,
     RetrainParams,
     SalunParams,
@@ -34,6 +35,7 @@ from pipeline_lib.config import (
     TrainConfig,
 )
 from pipeline_lib.fisher_baselines import fisher_forgetting, ssd
+from pipeline_lib.mnemonic import mnemonic_code
 from pipeline_lib.svd_forget import svd_projection
 from pipeline_lib.train import FitSettings, fit
 
@@ -55,6 +57,10 @@ class UnlearnInputs:
     fisher_forget: dict[str, torch.Tensor] | None = None
     fisher_retain: dict[str, torch.Tensor] | None = None
     device: torch.device = torch.device("cpu")
+    #: Classes of a class request (``forget: classes``); empty for other requests.
+    forget_classes: tuple[int, ...] = ()
+    #: Mnemonic class codes (n_classes, *shape) when the model was trained with them.
+    mnemonic_codes: torch.Tensor | None = None
 
 
 Info = dict[str, float | int | str]
@@ -68,6 +74,9 @@ class Method:
     params_type: type
     needs_fisher: bool
     summary: str
+    #: False: the method reads no training data; the pipeline hands it empty forget/retain
+    #: tensors (``forget_classes`` and ``mnemonic_codes`` are what it gets).
+    needs_data: bool = True
 
 
 def top_fraction_mask(
@@ -428,6 +437,15 @@ METHODS: dict[str, Method] = {
             False,
             "class forgetting: project layer weights off the class-discriminatory "
             "activation space, gradient-free (Kodge 2024)",
+        ),
+        Method(
+            "mnemonic_code",
+            mnemonic_code,
+            MnemonicCodeParams,
+            False,
+            "one-shot class forgetting from the mnemonic class codes alone, no training data "
+            "(Yamashita 2024)",
+            needs_data=False,
         ),
     )
 }

@@ -31,7 +31,8 @@ from pipeline_lib.evaluate import (
 )
 from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write_json
-from pipeline_lib.methods import UnlearnInputs, get_method
+from pipeline_lib.methods import Method, UnlearnInputs, get_method
+from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
 from pipeline_lib.models import build_model
 from pipeline_lib.requests import Manifests, load_manifests
 from pipeline_lib.stats import save_stats
@@ -136,8 +137,12 @@ def train_step(
         train_cfg.weight_decay,
         train_cfg.momentum,
     )
+    mixer = None
+    if train_cfg.mnemonic_t_mix > 0:
+        codes = mnemonic_codes(data.shape, data.n_classes, train_cfg.mnemonic_seed)
+        mixer = CodeMixer(codes, train_cfg.mnemonic_t_mix, seed)
     t0 = time.perf_counter()
-    fit(model, X, y, settings, seed, device=device)
+    fit(model, X, y, settings, seed, device=device, batch_transform=mixer)
     seconds = time.perf_counter() - t0
     path, digest = _save_model(model.cpu(), out_dir, role, {"seed": str(seed)})
     log.info("trained %s on %d samples in %.2fs -> %s", role, len(X), seconds, path)
@@ -209,6 +214,41 @@ def fisher_step(
     return out
 
 
+def unlearn_inputs(
+    splits: Splits,
+    method: Method,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    fisher: dict[str, Any] | None,
+    device: torch.device,
+) -> UnlearnInputs:
+    """What ``method`` may read. A method with ``needs_data=False`` gets zero-row forget and
+    retain tensors: only the request's classes and (when the model was trained with them)
+    the mnemonic codes reach it."""
+    if method.needs_fisher and fisher is None:
+        raise ValueError(f"method {method.name} needs Fisher statistics; run the fisher step first")
+    data = splits.data
+    request = splits.manifests.summary.get("request", {})
+    forget_classes = tuple(int(c) for c in request.get("classes", ()))
+    codes = None
+    if train_cfg.mnemonic_t_mix > 0:
+        codes = mnemonic_codes(data.shape, data.n_classes, train_cfg.mnemonic_seed)
+    forget, retain = splits.forget, splits.retain
+    if not method.needs_data:
+        forget = retain = (torch.empty((0, *data.shape)), torch.empty(0, dtype=torch.int64))
+    return UnlearnInputs(
+        *forget,
+        *retain,
+        model_factory=model_factory(model_cfg, data),
+        train=train_cfg,
+        fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
+        fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
+        device=device,
+        forget_classes=forget_classes,
+        mnemonic_codes=codes,
+    )
+
+
 def unlearn_step(
     splits: Splits,
     weights_path: str,
@@ -220,19 +260,9 @@ def unlearn_step(
 ) -> dict[str, Any]:
     """Apply ``unlearn_cfg.method`` to the original model. Returns path, digest, seconds, info."""
     method = get_method(unlearn_cfg.method)
-    if method.needs_fisher and fisher is None:
-        raise ValueError(f"method {method.name} needs Fisher statistics; run the fisher step first")
     device = resolve_device(train_cfg.device)
     original = load_model(weights_path, model_cfg, splits.data).to(device)
-    inputs = UnlearnInputs(
-        *splits.forget,
-        *splits.retain,
-        model_factory=model_factory(model_cfg, splits.data),
-        train=train_cfg,
-        fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
-        fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
-        device=device,
-    )
+    inputs = unlearn_inputs(splits, method, model_cfg, train_cfg, fisher, device)
     t0 = time.perf_counter()
     model, info = method.fn(
         copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed

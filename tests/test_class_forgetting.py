@@ -4,6 +4,7 @@ methods on the shared Fisher statistics (SSD, Fisher forgetting) and their exact
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -172,3 +173,88 @@ def test_projection_matrix_matches_the_formula():
     # α → ∞ saturates λ at 1 on the span: M is the orthogonal projector onto it
     p = scaled_projector(A_f.T @ A_f, 1e12)
     torch.testing.assert_close(p @ p, p, atol=1e-6, rtol=0)
+
+
+# --------------------------------------------------------------------------- mnemonic codes
+
+
+def test_code_mixer_swaps_the_expected_fraction():
+    from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
+
+    codes = mnemonic_codes(SHAPE, 10, 0)
+    torch.testing.assert_close(codes, mnemonic_codes(SHAPE, 10, 0))  # a pure function of the seed
+    assert float(codes.min()) >= 0 and float(codes.max()) < 1
+    y = torch.arange(4000) % 10
+    xb = torch.full((4000, *SHAPE), -1.0)
+    out, out_y = CodeMixer(codes, 0.1, 0)(xb, y)
+    swapped = (out != -1).flatten(1).all(1)
+    assert torch.equal(out_y, y) and abs(float(swapped.float().mean()) - 0.1) < 0.02
+    torch.testing.assert_close(out[swapped], codes[y[swapped]])
+    assert torch.all(xb == -1)  # the caller's batch is not modified
+
+
+def test_mnemonic_code_forgets_from_the_codes_alone(digits):
+    from pipeline_lib.config import MnemonicCodeParams
+    from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
+
+    Xtr, ytr, _, _ = digits
+    cfg = ModelConfig(name="cnn", channels=(8, 16))
+    codes = mnemonic_codes(SHAPE, 10, 0)
+    model = build_model(cfg, SHAPE, 10, seed=0)
+    fit(model, Xtr, ytr, FitSettings(15, 64, 3e-3), 0, batch_transform=CodeMixer(codes, 0.1, 0))
+    f0, r0 = split_acc(digits, model)
+    empty = (torch.empty((0, *SHAPE)), torch.empty(0, dtype=torch.int64))
+    inputs = UnlearnInputs(
+        *empty,
+        *empty,
+        model_factory=lambda s: build_model(cfg, SHAPE, 10, s),
+        train=TrainConfig(mnemonic_t_mix=0.1),
+        forget_classes=(FORGET_CLASS,),
+        mnemonic_codes=codes,
+    )
+    out, info = get_method("mnemonic_code").fn(
+        copy.deepcopy(model), inputs, MnemonicCodeParams(), 0
+    )
+    f1, r1 = split_acc(digits, out)
+    assert f0 > 0.8 and f1 < 0.05 and r1 > r0 - 0.03, (f0, r0, f1, r1)
+    assert info["code_score"] == 2.0  # forget code misclassified, every other code right
+    with pytest.raises(ValueError, match="must list classes"):
+        get_method("mnemonic_code").fn(
+            copy.deepcopy(model),
+            dataclasses.replace(inputs, forget_classes=()),
+            MnemonicCodeParams(),
+            0,
+        )
+    with pytest.raises(ValueError, match="mnemonic_t_mix"):
+        get_method("mnemonic_code").fn(
+            copy.deepcopy(model),
+            dataclasses.replace(inputs, mnemonic_codes=None),
+            MnemonicCodeParams(),
+            0,
+        )
+
+
+def test_pipeline_hands_mnemonic_code_no_training_data(tmp_path):
+    """The step that builds a method's inputs from a class request gives mnemonic_code zero
+    forget and retain rows (and the codes and classes), while a data method gets the data."""
+    from pipeline_lib.config import DataConfig
+    from pipeline_lib.data import load_prepared, prepare_dataset
+    from pipeline_lib.requests import extract_forget_set, parse_request, write_manifests
+    from pipeline_lib.steps import load_splits, unlearn_inputs
+
+    prepare_dataset(DataConfig(max_train=200, max_test=50), tmp_path / "prep")
+    data = load_prepared(tmp_path / "prep")
+    req = parse_request({"request_id": "r", "reason": "x", "forget": {"classes": [3, 7]}})
+    write_manifests(tmp_path / "man", req, *extract_forget_set(req, data), data.meta)
+    splits = load_splits(tmp_path / "prep", tmp_path / "man")
+    train = TrainConfig(mnemonic_t_mix=0.1, mnemonic_seed=4)
+    cfg = ModelConfig(name="mlp", hidden=(8,))
+    dev = torch.device("cpu")
+    inputs = unlearn_inputs(splits, get_method("mnemonic_code"), cfg, train, None, dev)
+    for t in (inputs.forget_X, inputs.forget_y, inputs.retain_X, inputs.retain_y):
+        assert t.shape[0] == 0
+    assert inputs.forget_classes == (3, 7)
+    assert inputs.mnemonic_codes is not None and inputs.mnemonic_codes.shape == (10, *data.shape)
+    data_inputs = unlearn_inputs(splits, get_method("svd_projection"), cfg, train, None, dev)
+    assert len(data_inputs.forget_y) == len(splits.forget[1]) > 0
+    assert set(data_inputs.forget_y.tolist()) == {3, 7}

@@ -18,8 +18,8 @@ from tests.conftest import REPO
     [
         (
             ["run", "--method", "nope"],
-            "unknown name 'nope'; valid: finetune, fisher_diagonal, fisher_forgetting, neggrad_plus, "
-            "retrain, salun, scrub, ssd",
+            "unknown name 'nope'; valid: finetune, fisher_diagonal, fisher_forgetting, "
+            "mnemonic_code, neggrad_plus, retrain, salun, scrub, ssd, svd_projection",
         ),
         (["run", "--set", "data.name=cifar"], "valid: digits, fashion-mnist, parquet"),
         (["run", "--set", "model.name=resnet"], "valid: cnn, mlp, vit"),

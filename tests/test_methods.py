@@ -105,8 +105,8 @@ def _copy(model: nn.Module) -> nn.Module:
 def test_get_method_unknown_lists_methods() -> None:
     with pytest.raises(
         ConfigError,
-        match=r"'nope'; valid: finetune, fisher_diagonal, fisher_forgetting, neggrad_plus, "
-        r"retrain, salun, scrub, ssd",
+        match=r"'nope'; valid: finetune, fisher_diagonal, fisher_forgetting, mnemonic_code, "
+        r"neggrad_plus, retrain, salun, scrub, ssd, svd_projection",
     ):
         get_method("nope")
     assert get_method("fisher_diagonal").needs_fisher
@@ -120,6 +120,8 @@ def test_get_method_unknown_lists_methods() -> None:
         SalunParams,
         config.SsdParams,
         config.FisherForgettingParams,
+        config.SvdProjectionParams,
+        config.MnemonicCodeParams,
     }
 
 
