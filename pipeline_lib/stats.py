@@ -19,6 +19,7 @@ This module is pure: the Ray edge is ``tasks/stats.py``.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -108,6 +109,14 @@ def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------- Fisher
 
 
+def with_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself if its parameters are already ``dtype``, else a converted copy (the
+    caller's model is never changed)."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
 def fisher_shard_sums(
     model: nn.Module,
     shard: str | Path,
@@ -121,7 +130,7 @@ def fisher_shard_sums(
     ``dtype`` is the compute dtype of the model copy and the inputs (float64 in the
     equality tests)."""
     ids, X, y = read_shard(shard)
-    model = model.to(dtype)
+    model = with_dtype(model, dtype)
     return fisher_diagonal_sum(
         model,
         torch.from_numpy(X).to(dtype),
