@@ -5,6 +5,7 @@
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--params ...] [--set ...]
     unlearn requests validate FILE [FILE ...] [--params params.yaml]
+    unlearn stats fisher|activations --split retain|forget [--request FILE] [--shards N] [--workers W]
     unlearn methods
 
 Every argument is checked before any work starts: a wrong name fails at once and lists the
@@ -173,6 +174,31 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stats(args: argparse.Namespace) -> int:
+    """Sharded statistics of the original model on a request's split (Ray), saved as
+    safetensors with config and content hash."""
+    overrides = _overrides(args)
+    if args.shards is not None:
+        overrides["stats.n_shards"] = args.shards
+    if args.workers is not None:
+        overrides["stats.workers"] = args.workers
+    params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
+    load_request(params.resolve(params.request.file))
+    _setup_env()
+    from flows.stats import statistics_flow
+
+    result = statistics_flow(
+        params_path=args.params, overrides=overrides, statistic=args.statistic, split=args.split
+    )
+    print(
+        f"\n{args.statistic} statistics of {result['split']} ({result['request_id']}): "
+        f"{result['n']} samples in {result['shards']} shards, {result['workers']} workers, "
+        f"{result['wall_seconds']:.2f}s ({result['samples_per_second']:.1f} samples/s)"
+    )
+    print(f"{result['path']} (content hash {result['digest'][:16]})")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from pipeline_lib.methods import METHODS
 
@@ -243,6 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+")
     val.add_argument("--params", default="params.yaml")
     val.set_defaults(func=cmd_validate)
+    st = sub.add_parser("stats", help="sharded statistics of the original model on Ray")
+    st.add_argument("statistic", choices=("fisher", "activations"))
+    st.add_argument("--split", choices=("retain", "forget"), required=True)
+    st.add_argument("--request", help="deletion request YAML (overrides request.file)")
+    st.add_argument("--shards", type=int, help="number of Parquet shards (stats.n_shards)")
+    st.add_argument("--workers", type=int, help="shard tasks in flight (stats.workers)")
+    st.add_argument("--params", default="params.yaml")
+    st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
+    st.set_defaults(func=cmd_stats, method=None)
     methods = sub.add_parser("methods", help="list the registered unlearning methods")
     methods.set_defaults(func=cmd_methods)
     return parser

@@ -47,6 +47,13 @@ class ModelConfig:
     name: str = "mlp"
     hidden: tuple[int, ...] = (128, 128)
     channels: tuple[int, ...] = (16, 32)
+    #: vit (transformers ViTForImageClassification from a config): patch side, width,
+    #: blocks, heads, MLP width.
+    vit_patch: int = 7
+    vit_dim: int = 64
+    vit_depth: int = 2
+    vit_heads: int = 4
+    vit_mlp: int = 128
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,11 @@ class TrainConfig:
     seed: int = 0
     oracle_seed: int = 1
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Mnemonic codes (Yamashita et al. 2024): probability that a training sample is swapped
+    #: for its class's random code (paper: 0.1 MNIST-like, 0.3 CIFAR-10); 0 turns it off.
+    mnemonic_t_mix: float = 0.0
+    #: Seed of the codes x_c ~ U[0, 1]^shape.
+    mnemonic_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -195,6 +207,53 @@ class OracleMatchingParams:
 
 
 @dataclass(frozen=True)
+class SsdParams:
+    """Selective Synaptic Dampening (Foster et al., AAAI 2024) on the shared Fisher stats."""
+
+    #: α: select θ_i with I_F,i > alpha · I_D,i. The paper's 10 is for squared mini-batch
+    #: gradients; with the per-sample Fisher I_F/I_D <= |D|/|F|, so alpha must be below
+    #: |D|/|F| (10 for one class of ten): 2 here (BENCHMARKS.md).
+    alpha: float = 2.0
+    #: λ: dampen the selected to θ_i · min(lam · I_D,i / I_F,i, 1) (paper: 1).
+    lam: float = 1.0
+
+
+@dataclass(frozen=True)
+class FisherForgettingParams:
+    """Fisher forgetting (Golatkar et al., CVPR 2020): θ + sqrt(α·min(1/(I_R+ε), v_max))·N(0,1)."""
+
+    alpha: float = 1e-6
+    eps: float = 1e-8
+    #: v_max: clamp of 1/(I_R+ε) before scaling by α (the authors' code: 1e3).
+    var_clamp: float = 1000.0
+
+
+@dataclass(frozen=True)
+class SvdProjectionParams:
+    """SVD class forgetting (Kodge et al., TMLR 2024): gradient-free projection of every
+    Linear/Conv layer off the class-discriminatory activation space."""
+
+    #: α_r, α_f: scaling of the retain and forget spaces (paper, CIFAR-10: 100 and 3).
+    alpha_r: float = 100.0
+    alpha_f: float = 3.0
+    #: Seeded samples per retained class and per forgotten class (paper: 100 per class).
+    retain_per_class: int = 100
+    forget_per_class: int = 100
+    #: Samples per forward pass (memory only; the result does not depend on it).
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class MnemonicCodeParams:
+    """Mnemonic-code one-shot class unlearning (Yamashita et al., ACML 2024): step
+    s = min(lambda1, lambda2 / max R). Paper: MNIST MLP 1e-3 / 10; CIFAR-10 ResNet-18 1e-5 / 1e4.
+    Needs a model trained with ``train.mnemonic_t_mix`` > 0."""
+
+    lambda1: float = 1e-3
+    lambda2: float = 10.0
+
+
+@dataclass(frozen=True)
 class UnlearnConfig:
     """Which unlearning method runs, with one typed sub-section per method."""
 
@@ -208,6 +267,10 @@ class UnlearnConfig:
     salun: SalunParams = field(default_factory=SalunParams)
     dmm: DmmParams = field(default_factory=DmmParams)
     oracle_matching: OracleMatchingParams = field(default_factory=OracleMatchingParams)
+    ssd: SsdParams = field(default_factory=SsdParams)
+    fisher_forgetting: FisherForgettingParams = field(default_factory=FisherForgettingParams)
+    svd_projection: SvdProjectionParams = field(default_factory=SvdProjectionParams)
+    mnemonic_code: MnemonicCodeParams = field(default_factory=MnemonicCodeParams)
 
     def method_params(self, name: str | None = None) -> Any:
         """The typed hyper-parameters of ``name`` (default: the selected method)."""
@@ -276,6 +339,21 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class StatsConfig:
+    """Sharded statistics (``unlearn stats``): the split is written as Parquet shards, one
+    ``ray.remote`` task per shard computes partial sums, one reduce step adds them."""
+
+    #: Number of Parquet shards the split is cut into (the unit of Ray work).
+    n_shards: int = 4
+    #: Shard tasks in flight at once (null: CPUs of the cluster ÷ ray.cpus_per_task).
+    workers: int | None = None
+    #: Where shards and statistics files go.
+    out_dir: str = "artifacts/stats"
+    #: Rows of a shard per forward pass (activation statistics).
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole ``params.yaml``."""
 
@@ -289,6 +367,7 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     attribution: AttributionConfig = field(default_factory=AttributionConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    stats: StatsConfig = field(default_factory=StatsConfig)
 
     def resolve(self, path: str) -> Path:
         """``path`` if absolute, else relative to ``tracking.dvc_root`` (where the DVC stages
@@ -443,6 +522,11 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("data.test_fraction", lambda v: 0.0 < v < 1.0, "must be in (0, 1)"),
     ("data.max_train", lambda v: v is None or v > 0, _POSITIVE),
     ("data.max_test", lambda v: v is None or v > 0, _POSITIVE),
+    ("model.vit_patch", lambda v: v > 0, _POSITIVE),
+    ("model.vit_dim", lambda v: v > 0, _POSITIVE),
+    ("model.vit_depth", lambda v: v > 0, _POSITIVE),
+    ("model.vit_heads", lambda v: v > 0, _POSITIVE),
+    ("model.vit_mlp", lambda v: v > 0, _POSITIVE),
     ("train.epochs", lambda v: v > 0, _POSITIVE),
     ("train.batch_size", lambda v: v > 0, _POSITIVE),
     ("train.lr", lambda v: v > 0, _POSITIVE),
@@ -501,6 +585,22 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("attribution.lds_heldout", lambda v: v >= 0, "must be >= 0"),
     ("attribution.lam", lambda v: v > 0, _POSITIVE),
     ("attribution.oracles", lambda v: v > 0, _POSITIVE),
+    ("unlearn.ssd.alpha", lambda v: v > 0, _POSITIVE),
+    ("unlearn.ssd.lam", lambda v: v > 0, _POSITIVE),
+    ("unlearn.fisher_forgetting.alpha", lambda v: v >= 0, "must be >= 0"),
+    ("unlearn.fisher_forgetting.eps", lambda v: v > 0, _POSITIVE),
+    ("unlearn.fisher_forgetting.var_clamp", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.alpha_r", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.alpha_f", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.retain_per_class", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.forget_per_class", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.batch_size", lambda v: v > 0, _POSITIVE),
+    ("train.mnemonic_t_mix", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    ("unlearn.mnemonic_code.lambda1", lambda v: v > 0, _POSITIVE),
+    ("unlearn.mnemonic_code.lambda2", lambda v: v > 0, _POSITIVE),
+    ("stats.n_shards", lambda v: v > 0, _POSITIVE),
+    ("stats.workers", lambda v: v is None or v > 0, _POSITIVE),
+    ("stats.batch_size", lambda v: v > 0, _POSITIVE),
 )
 
 

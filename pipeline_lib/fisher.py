@@ -9,14 +9,19 @@ it is tested against (float64, 1e-6).
 
 Kinds of y:
 - ``true_expected`` (default): Σ_c p_θ(c|x) (∂ log p_θ(c|x))², the exact true Fisher, no noise.
-- ``true_sampled``: one y ~ p_θ(·|x) per sample (Monte-Carlo true Fisher), seeded.
+- ``true_sampled``: one y ~ p_θ(·|x) per sample (Monte-Carlo true Fisher), seeded. With
+  ``sample_ids`` the draw of each sample is keyed by (seed, its id) (:func:`id_uniforms`), so
+  the result does not depend on which other samples are in the call: sharded sums equal the
+  unsharded one (:mod:`pipeline_lib.stats`). Without ids one generator draws for the set.
 - ``empirical``: the dataset label.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
@@ -31,21 +36,44 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"fisher kind {kind!r} unknown; valid: {', '.join(KINDS)}")
 
 
+def id_uniforms(sample_ids: Sequence[str], seed: int) -> np.ndarray:
+    """One uniform number in [0, 1) per sample id (N,) float64, a pure function of
+    (seed, id): sha256 of ``"{seed}|{id}"``, first 53 bits."""
+    out = np.empty(len(sample_ids), dtype=np.float64)
+    for i, sid in enumerate(sample_ids):
+        word = int.from_bytes(hashlib.sha256(f"{seed}|{sid}".encode()).digest()[:8], "big")
+        out[i] = (word >> 11) / float(1 << 53)
+    return out
+
+
 def fisher_targets(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, kind: str, seed: int
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    kind: str,
+    seed: int,
+    sample_ids: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Per-sample targets and class probabilities.
 
     Returns (targets (N,) or None for ``true_expected``, probs (N, C)). Sampled labels are
-    drawn for the whole set at once so the result does not depend on the batch size.
+    drawn for the whole set at once so the result does not depend on the batch size; with
+    ``sample_ids`` (N ids) each label is the inverse CDF of p_θ(·|x) at that id's
+    :func:`id_uniforms` value, so it does not depend on the other samples either.
     """
     _check_kind(kind)
+    if sample_ids is not None and len(sample_ids) != len(X):
+        raise ValueError(f"fisher_targets: {len(sample_ids)} sample ids for {len(X)} samples")
     probs = predict_logits(model, X).to(X.dtype).softmax(-1)
     if kind == "empirical":
         return y.long(), probs
     if kind == "true_sampled":
         if len(X) == 0:
             return torch.empty(0, dtype=torch.long), probs
+        if sample_ids is not None:
+            u = torch.from_numpy(id_uniforms(sample_ids, seed)).unsqueeze(1)
+            below = (probs.double().cumsum(1) <= u).sum(1)
+            return below.clamp(max=probs.shape[1] - 1), probs
         gen = torch.Generator().manual_seed(seed)
         return torch.multinomial(probs.double(), 1, generator=gen).squeeze(1), probs
     return None, probs
@@ -58,13 +86,14 @@ def fisher_diagonal_sum(
     kind: str = "true_expected",
     batch_size: int = 256,
     seed: int = 0,
+    sample_ids: Sequence[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Σ over samples of the squared per-sample gradients, and the sample count.
 
     ``X``: (N, *shape), ``y``: (N,). Returns ({param name: tensor of the param's shape}, N).
     Sums (not means) so shards can be added exactly before one division.
     """
-    targets, probs = fisher_targets(model, X, y, kind, seed)
+    targets, probs = fisher_targets(model, X, y, kind, seed, sample_ids)
     model.eval()
     device = next(model.parameters()).device
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -102,19 +131,25 @@ def fisher_diagonal(
     kind: str = "true_expected",
     batch_size: int = 256,
     seed: int = 0,
+    sample_ids: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The Fisher diagonal I_S (mean over the N samples of (X, y)); see module docstring."""
     if len(X) == 0:
         raise ValueError("fisher_diagonal: empty sample set")
-    sums, n = fisher_diagonal_sum(model, X, y, kind, batch_size, seed)
+    sums, n = fisher_diagonal_sum(model, X, y, kind, batch_size, seed, sample_ids)
     return {k: v / n for k, v in sums.items()}
 
 
 def fisher_diagonal_reference(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, kind: str = "true_expected", seed: int = 0
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    kind: str = "true_expected",
+    seed: int = 0,
+    sample_ids: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Slow, obviously-correct reference: one autograd backward per sample (and class)."""
-    targets, probs = fisher_targets(model, X, y, kind, seed)
+    targets, probs = fisher_targets(model, X, y, kind, seed, sample_ids)
     model.eval()
     named = dict(model.named_parameters())
     acc = {k: torch.zeros_like(v) for k, v in named.items()}

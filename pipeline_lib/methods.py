@@ -25,14 +25,21 @@ from pipeline_lib.config import (
     DmmParams,
     FinetuneParams,
     FisherDiagonalParams,
+    FisherForgettingParams,
+    MnemonicCodeParams,
     NegGradPlusParams,
     OracleMatchingParams,
     RetrainParams,
     SalunParams,
     ScrubParams,
+    SsdParams,
+    SvdProjectionParams,
     TrainConfig,
 )
+from pipeline_lib.fisher_baselines import fisher_forgetting, ssd
 from pipeline_lib.matching import MatchTargets, match_outputs
+from pipeline_lib.mnemonic import mnemonic_code
+from pipeline_lib.svd_forget import svd_projection
 from pipeline_lib.train import FitSettings, fit
 
 log = logging.getLogger(__name__)
@@ -55,6 +62,10 @@ class UnlearnInputs:
     device: torch.device = torch.device("cpu")
     #: Matching points and target logits for the output-matching methods (dmm, oracle_matching).
     match: MatchTargets | None = None
+    #: Classes of a class request (``forget: classes``); empty for other requests.
+    forget_classes: tuple[int, ...] = ()
+    #: Mnemonic class codes (n_classes, *shape) when the model was trained with them.
+    mnemonic_codes: torch.Tensor | None = None
 
 
 Info = dict[str, float | int | str]
@@ -70,6 +81,9 @@ class Method:
     summary: str
     #: Target logits the method matches: "" (none), "datamodels" or "oracles".
     needs_targets: str = ""
+    #: False: the method reads no training data; the pipeline hands it empty forget/retain
+    #: tensors (``forget_classes`` and ``mnemonic_codes`` are what it gets).
+    needs_data: bool = True
 
 
 def top_fraction_mask(
@@ -471,6 +485,37 @@ METHODS: dict[str, Method] = {
             False,
             "match the mean logits of models retrained on R (upper bound for dmm)",
             needs_targets="oracles",
+        ),
+        Method(
+            "ssd",
+            ssd,
+            SsdParams,
+            True,
+            "dampen weights with I_F > alpha*I_D by min(lambda*I_D/I_F, 1) (SSD)",
+        ),
+        Method(
+            "fisher_forgetting",
+            fisher_forgetting,
+            FisherForgettingParams,
+            True,
+            "Gaussian noise with variance alpha/(I_R+eps), clamped (Golatkar 2020)",
+        ),
+        Method(
+            "svd_projection",
+            svd_projection,
+            SvdProjectionParams,
+            False,
+            "class forgetting: project layer weights off the class-discriminatory "
+            "activation space, gradient-free (Kodge 2024)",
+        ),
+        Method(
+            "mnemonic_code",
+            mnemonic_code,
+            MnemonicCodeParams,
+            False,
+            "one-shot class forgetting from the mnemonic class codes alone, no training data "
+            "(Yamashita 2024)",
+            needs_data=False,
         ),
     )
 }

@@ -1,4 +1,4 @@
-"""Model registry: an MLP and a small CNN for image classification."""
+"""Model registry: an MLP, a small CNN and a small ViT for image classification."""
 
 from __future__ import annotations
 
@@ -46,6 +46,45 @@ class SmallCNN(nn.Module):
         return self.net(x)
 
 
+class ViT(nn.Module):
+    """A small Vision Transformer: transformers' ``ViTForImageClassification`` built from a
+    ``ViTConfig`` (no pretrained weights, nothing downloaded), returning the logits.
+
+    Eager attention (so ``torch.func`` per-sample gradients work), no dropout."""
+
+    def __init__(self, cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> None:
+        super().__init__()
+        from transformers import ViTConfig, ViTForImageClassification
+
+        c, h, w = shape
+        if h != w or h % cfg.vit_patch:
+            raise ConfigError(
+                f"model.vit_patch: {cfg.vit_patch} must divide the square image side, data has "
+                f"shape {shape}"
+            )
+        if cfg.vit_dim % cfg.vit_heads:
+            raise ConfigError(
+                f"model.vit_heads: {cfg.vit_heads} must divide model.vit_dim={cfg.vit_dim}"
+            )
+        config = ViTConfig(
+            image_size=h,
+            patch_size=cfg.vit_patch,
+            num_channels=c,
+            hidden_size=cfg.vit_dim,
+            num_hidden_layers=cfg.vit_depth,
+            num_attention_heads=cfg.vit_heads,
+            intermediate_size=cfg.vit_mlp,
+            num_labels=n_classes,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        config._attn_implementation = "eager"
+        self.hf = ViTForImageClassification(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, n_classes)
+        return self.hf(pixel_values=x).logits
+
+
 def _mlp(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return MLP(int(torch.tensor(shape).prod()), cfg.hidden, n_classes)
 
@@ -56,9 +95,16 @@ def _cnn(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return SmallCNN(shape[0], cfg.channels, n_classes)
 
 
+def _vit(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
+    if len(shape) != 3:
+        raise ConfigError(f"model.name: vit needs image inputs (C, H, W), data has shape {shape}")
+    return ViT(cfg, shape, n_classes)
+
+
 MODELS: dict[str, Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = {
     "mlp": _mlp,
     "cnn": _cnn,
+    "vit": _vit,
 }
 
 

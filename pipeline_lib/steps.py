@@ -46,9 +46,11 @@ from pipeline_lib.matching import (
     matching_retain_rows,
     oracle_targets,
 )
-from pipeline_lib.methods import UnlearnInputs, get_method
+from pipeline_lib.methods import Method, UnlearnInputs, get_method
+from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
 from pipeline_lib.models import build_model
 from pipeline_lib.requests import Manifests, load_manifests
+from pipeline_lib.stats import save_stats
 from pipeline_lib.train import FitSettings, fit, predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
@@ -150,8 +152,12 @@ def train_step(
         train_cfg.weight_decay,
         train_cfg.momentum,
     )
+    mixer = None
+    if train_cfg.mnemonic_t_mix > 0:
+        codes = mnemonic_codes(data.shape, data.n_classes, train_cfg.mnemonic_seed)
+        mixer = CodeMixer(codes, train_cfg.mnemonic_t_mix, seed)
     t0 = time.perf_counter()
-    fit(model, X, y, settings, seed, device=device)
+    fit(model, X, y, settings, seed, device=device, batch_transform=mixer)
     seconds = time.perf_counter() - t0
     path, digest = _save_model(model.cpu(), out_dir, role, {"seed": str(seed)})
     log.info("trained %s on %d samples in %.2fs -> %s", role, len(X), seconds, path)
@@ -180,6 +186,33 @@ def fisher_pair(
     return fisher_f, fisher_r, len(rX)
 
 
+def fisher_split_ids(manifests: Manifests, split: str, cfg: FisherConfig) -> np.ndarray:
+    """Sample ids whose Fisher diagonal is I_F (``forget``) or I_R (``retain``: a seeded
+    subsample of ``cfg.max_retain`` ids when set), in manifest order."""
+    if split not in ("forget", "retain"):
+        raise ValueError(f"split {split!r} unknown; valid: forget, retain")
+    ids = manifests.forget_ids if split == "forget" else manifests.retain_ids
+    if split == "retain" and cfg.max_retain is not None and cfg.max_retain < len(ids):
+        rows = np.sort(
+            np.random.default_rng(cfg.seed).choice(len(ids), cfg.max_retain, replace=False)
+        )
+        ids = ids[rows]
+    return ids
+
+
+def fisher_config(cfg: FisherConfig, split: str, n: int, **extra: Any) -> dict[str, Any]:
+    """What a Fisher statistics file records about how it was made."""
+    return {
+        "statistic": "fisher_diagonal",
+        "split": split,
+        "kind": cfg.kind,
+        "seed": cfg.seed,
+        "max_retain": cfg.max_retain,
+        "n": n,
+        **extra,
+    }
+
+
 def fisher_step(
     splits: Splits,
     weights_path: str,
@@ -187,16 +220,32 @@ def fisher_step(
     cfg: FisherConfig,
     out_dir: str | Path,
 ) -> dict[str, Any]:
-    """I_F and I_R of the original model, saved as safetensors. Returns paths and seconds."""
+    """I_F and I_R of the original model, saved as safetensors with their config and content
+    hash (:func:`pipeline_lib.stats.save_stats`). Sampled labels are keyed by sample id, so
+    these equal the sharded statistics of ``unlearn stats fisher``. Returns paths and seconds."""
     model = load_model(weights_path, model_cfg, splits.data)
     t0 = time.perf_counter()
-    fisher_f, fisher_r, n_retain = fisher_pair(model, splits.forget, splits.retain, cfg)
+    stats, out = {}, {}
+    for split in ("forget", "retain"):
+        ids = fisher_split_ids(splits.manifests, split, cfg)
+        X, y = splits.data.subset(ids)
+        stats[split] = fisher_diagonal(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            kind=cfg.kind,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            sample_ids=list(ids),
+        )
+        out[f"n_{split}"] = len(ids)
     seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "n_forget": len(splits.forget[0]), "n_retain": n_retain}
-    for name, stats in (("forget", fisher_f), ("retain", fisher_r)):
-        digest = state_dict_digest(stats)
+    out["seconds"] = seconds
+    meta = {"weights": Path(weights_path).name, "data_content_hash": splits.data.content_hash}
+    for name, tensors in stats.items():
+        digest = state_dict_digest(tensors)
         path = Path(out_dir) / "fisher" / f"{name}-{digest[:16]}.safetensors"
-        save_weights(stats, path, {"kind": cfg.kind, "split": name, "n": str(out[f"n_{name}"])})
+        save_stats(tensors, path, fisher_config(cfg, name, out[f"n_{name}"], **meta))
         out[f"{name}_path"] = str(path)
     log.info("Fisher diagonals (%s) in %.2fs", cfg.kind, seconds)
     return out
@@ -266,6 +315,41 @@ def matching_targets(
     )
 
 
+def unlearn_inputs(
+    splits: Splits,
+    method: Method,
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    fisher: dict[str, Any] | None,
+    device: torch.device,
+) -> UnlearnInputs:
+    """What ``method`` may read. A method with ``needs_data=False`` gets zero-row forget and
+    retain tensors: only the request's classes and (when the model was trained with them)
+    the mnemonic codes reach it."""
+    if method.needs_fisher and fisher is None:
+        raise ValueError(f"method {method.name} needs Fisher statistics; run the fisher step first")
+    data = splits.data
+    request = splits.manifests.summary.get("request", {})
+    forget_classes = tuple(int(c) for c in request.get("classes", ()))
+    codes = None
+    if train_cfg.mnemonic_t_mix > 0:
+        codes = mnemonic_codes(data.shape, data.n_classes, train_cfg.mnemonic_seed)
+    forget, retain = splits.forget, splits.retain
+    if not method.needs_data:
+        forget = retain = (torch.empty((0, *data.shape)), torch.empty(0, dtype=torch.int64))
+    return UnlearnInputs(
+        *forget,
+        *retain,
+        model_factory=model_factory(model_cfg, data),
+        train=train_cfg,
+        fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
+        fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
+        device=device,
+        forget_classes=forget_classes,
+        mnemonic_codes=codes,
+    )
+
+
 def unlearn_step(
     splits: Splits,
     weights_path: str,
@@ -282,8 +366,6 @@ def unlearn_step(
     Output-matching methods (dmm, oracle_matching) need ``store_root``: the subset-model or
     oracle store their targets come from; computing the targets counts as unlearning time."""
     method = get_method(unlearn_cfg.method)
-    if method.needs_fisher and fisher is None:
-        raise ValueError(f"method {method.name} needs Fisher statistics; run the fisher step first")
     device = resolve_device(train_cfg.device)
     original = load_model(weights_path, model_cfg, splits.data).to(device)
     match = None
@@ -306,16 +388,8 @@ def unlearn_step(
             attribution or AttributionConfig(),
         )
         match = dataclasses.replace(match, seconds=time.perf_counter() - t0)
-    inputs = UnlearnInputs(
-        *splits.forget,
-        *splits.retain,
-        model_factory=model_factory(model_cfg, splits.data),
-        train=train_cfg,
-        fisher_forget=load_weights(fisher["forget_path"]) if fisher else None,
-        fisher_retain=load_weights(fisher["retain_path"]) if fisher else None,
-        device=device,
-        match=match,
-    )
+    inputs = unlearn_inputs(splits, method, model_cfg, train_cfg, fisher, device)
+    inputs = dataclasses.replace(inputs, match=match)
     t0 = time.perf_counter()
     model, info = method.fn(
         copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed

@@ -52,8 +52,13 @@ def fit(
     grad_mask: dict[str, torch.Tensor] | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | None = None,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on (X (N, *shape), y (N,)) with seeded shuffling.
+
+    ``batch_transform(xb, yb)`` (optional) rewrites each batch before the step, e.g. the
+    mnemonic-code mixing of :class:`pipeline_lib.mnemonic.CodeMixer`.
 
     ``grad_mask`` maps parameter names to bool tensors of the parameter's shape: only the
     True entries move (the rest keep their value exactly; parameters with no True entry are
@@ -89,6 +94,8 @@ def fit(
         for start in range(0, n, settings.batch_size):
             idx = order[start : start + settings.batch_size]
             xb, yb = X[idx].to(device), y[idx].to(device)
+            if batch_transform is not None:
+                xb, yb = batch_transform(xb, yb)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()

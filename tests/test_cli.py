@@ -22,7 +22,7 @@ from tests.conftest import REPO
             "unknown name 'nope'; valid: " + ", ".join(sorted(METHODS)),
         ),
         (["run", "--set", "data.name=cifar"], "valid: digits, fashion-mnist, parquet"),
-        (["run", "--set", "model.name=resnet"], "valid: cnn, mlp"),
+        (["run", "--set", "model.name=resnet"], "valid: cnn, mlp, vit"),
         (["run", "--set", "train.lrr=1"], "unknown key train.lrr; valid keys of train:"),
         (["run", "--set", "train.epochs=ten"], "train.epochs: expected an integer"),
         (["run", "--set", "noequals"], "expected KEY=VALUE"),

@@ -134,7 +134,7 @@ def test_literal_rejects_bad_value_listing_choices(
     ("dotted", "value", "valid"),
     [
         ("data.name", "cifar10", ["digits", "fashion-mnist", "parquet"]),
-        ("model.name", "resnet", ["cnn", "mlp"]),
+        ("model.name", "resnet", ["cnn", "mlp", "vit"]),
         (
             "unlearn.method",
             "nope",

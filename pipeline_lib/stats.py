@@ -1,0 +1,192 @@
+"""Sharded statistics: Parquet shards of a split, per-shard partial sums, one exact reduce.
+
+The unit of distributed work (design.md rule 4) is a *shard*: a Parquet file of
+``sample_id``, ``label`` and the flattened ``features`` of a contiguous block of the split.
+A shard task maps one shard to *sums* (never means), so that the reduce step is a plain
+addition followed by one division; the sum of shard sums equals the unsharded sum up to
+floating-point reassociation (float64 test: any shard count, any worker count).
+
+- Fisher diagonal (algorithms.md §1): Σ_{x∈shard} (∂ log p_θ(y|x)/∂θ)² and the count, from
+  :func:`pipeline_lib.fisher.fisher_diagonal_sum`; ``true_sampled`` labels are keyed by
+  sample id, so they do not depend on how the split is cut.
+- Activation Gram matrices (algorithms.md §5): :mod:`pipeline_lib.activations`.
+
+Results are safetensors files holding the statistics, with the config that produced them
+and a content hash in the metadata, written atomically (:func:`save_stats`).
+
+This module is pure: the Ray edge is ``tasks/stats.py``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline_lib.fisher import fisher_diagonal_sum
+from pipeline_lib.io import atomic_path, save_weights
+
+log = logging.getLogger(__name__)
+
+SHARD_GLOB = "shard-*.parquet"
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def shard_bounds(n: int, n_shards: int) -> list[tuple[int, int]]:
+    """[start, stop) row ranges of ``n_shards`` contiguous, near-equal shards of ``n`` rows
+    (never an empty shard: at most ``n`` shards)."""
+    if n_shards <= 0:
+        raise ValueError(f"n_shards must be > 0, got {n_shards}")
+    if n == 0:
+        raise ValueError("cannot shard an empty split")
+    k = min(n_shards, n)
+    edges = np.linspace(0, n, k + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def write_shards(
+    ids: Sequence[str], X: np.ndarray, y: np.ndarray, out_dir: str | Path, n_shards: int
+) -> list[Path]:
+    """Write (ids (N,), X (N, *shape), y (N,)) as ``n_shards`` Parquet files in ``out_dir``
+    (the directory is replaced atomically, with a ``shards.json`` listing shape and counts).
+    Returns the shard paths in order."""
+    X = np.asarray(X)
+    if not (len(ids) == len(X) == len(y)):
+        raise ValueError(f"write_shards: {len(ids)} ids, {len(X)} rows, {len(y)} labels")
+    bounds = shard_bounds(len(ids), n_shards)
+    width = int(np.prod(X.shape[1:]))
+    names = []
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir(parents=True)
+        for i, (a, b) in enumerate(bounds):
+            flat = np.ascontiguousarray(X[a:b].reshape(b - a, width), dtype=np.float32)
+            table = pa.table(
+                {
+                    "sample_id": pa.array(np.asarray(ids[a:b], dtype=str), pa.string()),
+                    "label": pa.array(np.asarray(y[a:b], dtype=np.int64)),
+                    "features": pa.FixedSizeListArray.from_arrays(
+                        pa.array(flat.reshape(-1)), width
+                    ),
+                }
+            )
+            name = f"shard-{i:05d}.parquet"
+            pq.write_table(table, tmp / name)
+            names.append(name)
+        meta = {"shape": list(X.shape[1:]), "n": len(ids), "shards": names}
+        (tmp / "shards.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return [out_dir / n for n in names]
+
+
+def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids (n,) str, X (n, *shape) float32, y (n,) int64) of one shard."""
+    path = Path(path)
+    meta = json.loads((path.parent / "shards.json").read_text())
+    table = pq.read_table(path)
+    ids = np.array(table.column("sample_id").to_pylist(), dtype=str)
+    X = (
+        table.column("features")
+        .combine_chunks()
+        .flatten()
+        .to_numpy(zero_copy_only=False)
+        .reshape(len(ids), *meta["shape"])
+    )
+    return ids, X.astype(np.float32, copy=False), table.column("label").to_numpy()
+
+
+# --------------------------------------------------------------------------- Fisher
+
+
+def with_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``model`` itself if its parameters are already ``dtype``, else a converted copy (the
+    caller's model is never changed)."""
+    if all(p.dtype == dtype for p in model.parameters()):
+        return model
+    return copy.deepcopy(model).to(dtype)
+
+
+def fisher_shard_sums(
+    model: nn.Module,
+    shard: str | Path,
+    kind: str,
+    batch_size: int,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Partial sums of one shard: ({param: Σ squared per-sample grads}, count).
+
+    ``dtype`` is the compute dtype of the model copy and the inputs (float64 in the
+    equality tests)."""
+    ids, X, y = read_shard(shard)
+    model = with_dtype(model, dtype)
+    return fisher_diagonal_sum(
+        model,
+        torch.from_numpy(X).to(dtype),
+        torch.from_numpy(y),
+        kind=kind,
+        batch_size=batch_size,
+        seed=seed,
+        sample_ids=list(ids),
+    )
+
+
+def reduce_sums(
+    parts: Iterable[tuple[Mapping[str, torch.Tensor], int]],
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Add partial sums in the order given (callers pass shard order, so the result does not
+    depend on which worker finished first). Returns (sums, total count)."""
+    total: dict[str, torch.Tensor] | None = None
+    count = 0
+    for sums, n in parts:
+        if total is None:
+            total = {k: v.clone() for k, v in sums.items()}
+        else:
+            if total.keys() != sums.keys():
+                raise ValueError("reduce_sums: partial sums cover different tensors")
+            for k in total:
+                total[k] += sums[k]
+        count += int(n)
+    if total is None:
+        raise ValueError("reduce_sums: no partial sums")
+    return total, count
+
+
+def means(sums: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+    if n <= 0:
+        raise ValueError("statistics of an empty sample set")
+    return {k: v / n for k, v in sums.items()}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_stats(
+    tensors: Mapping[str, torch.Tensor], path: str | Path, config: Mapping[str, Any]
+) -> str:
+    """Write ``tensors`` as safetensors atomically, with ``config`` (JSON) and the content
+    hash in the metadata. Returns the content hash."""
+    return save_weights(dict(tensors), path, {"config": json.dumps(config, sort_keys=True)})
+
+
+def load_stats(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata with ``config`` decoded and ``digest``) of a statistics file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"statistics file not found: {path}")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata() or {})
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    meta["config"] = json.loads(meta.get("config", "{}"))
+    return tensors, meta

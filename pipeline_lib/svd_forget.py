@@ -1,0 +1,114 @@
+"""SVD class forgetting (Kodge, Saha, Roy, TMLR 2024, "Deep Unlearning: Fast and Efficient
+Gradient-free Class Forgetting"; algorithms.md §5).
+
+Gradient-free: one forward pass over a few retain samples per class and a few samples of the
+forgotten class(es) collects every projected layer's input activations
+(:mod:`pipeline_lib.activations`: Gram matrices, so memory does not grow with the samples).
+Per layer, with U, S the basis and singular values of those activations:
+
+    σ̃_i = S_i² / Σ_j S_j²,    λ_i = α σ̃_i / ((α − 1) σ̃_i + 1),    M = U diag(λ) Uᵀ
+
+M_r from the retain activations with α_r, M_f from the forget activations with α_f. The
+class-discriminatory projection removes the forget space minus what it shares with the
+retain space, P = I − (M_f − M_f M_r), and every projected layer's weight becomes
+W ← W Pᵀ (Conv2d: on the (out, C·k_h·k_w) view, the layout of the unfolded patches).
+Biases are unchanged. All activations are collected from the original model before any
+weight changes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from pipeline_lib.activations import activation_grams, decompose_gram, projection_layers
+from pipeline_lib.config import SvdProjectionParams
+
+if TYPE_CHECKING:  # methods.py imports this module: no runtime cycle
+    from pipeline_lib.methods import Info, UnlearnInputs
+
+log = logging.getLogger(__name__)
+
+
+def scaled_projector(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """M = U diag(λ) Uᵀ (d, d) from a Gram matrix AᵀA (d, d): λ_i = α σ̃_i / ((α−1) σ̃_i + 1),
+    σ̃_i = S_i² / Σ S² (the paper's scaled importance of each basis direction)."""
+    u, s = decompose_gram(gram)
+    energy = s.square()
+    total = energy.sum()
+    if total <= 0:
+        return torch.zeros_like(gram)
+    sigma = energy / total
+    lam = alpha * sigma / ((alpha - 1.0) * sigma + 1.0)
+    return (u * lam) @ u.T
+
+
+def class_projection(
+    gram_retain: torch.Tensor, gram_forget: torch.Tensor, alpha_r: float, alpha_f: float
+) -> torch.Tensor:
+    """P = I − (M_f − M_f M_r) (d, d), in float64."""
+    m_r = scaled_projector(gram_retain.double(), alpha_r)
+    m_f = scaled_projector(gram_forget.double(), alpha_f)
+    eye = torch.eye(m_r.shape[0], dtype=torch.float64)
+    return eye - (m_f - m_f @ m_r)
+
+
+def per_class_sample(y: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted row indices: up to ``per_class`` rows of every class in ``y`` (seeded)."""
+    rows = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        rows.append(idx[torch.randperm(len(idx), generator=gen)[:per_class]])
+    return torch.sort(torch.cat(rows)).values if rows else torch.empty(0, dtype=torch.long)
+
+
+@torch.no_grad()
+def project_weights(model: nn.Module, projections: dict[str, torch.Tensor]) -> None:
+    """W ← W Pᵀ in place for every layer named in ``projections``."""
+    layers = dict(model.named_modules())
+    for name, p in projections.items():
+        w = layers[name].weight
+        flat = w.reshape(w.shape[0], -1)
+        w.copy_((flat.double() @ p.T.to(w.device)).to(w.dtype).view_as(w))
+
+
+def svd_projection(
+    model: nn.Module, inputs: UnlearnInputs, params: SvdProjectionParams, seed: int
+) -> tuple[nn.Module, Info]:
+    """Class forgetting by projection (module docstring). Reads ``retain_per_class`` seeded
+    retain samples of every retained class and ``forget_per_class`` of every forgotten class;
+    no gradient, no training. Meant for class requests: every class present in the forget set
+    is treated as forgotten."""
+    if len(inputs.forget_y) == 0 or len(inputs.retain_y) == 0:
+        raise ValueError("svd_projection needs forget and retain samples")
+    gen = torch.Generator().manual_seed(seed)
+    r_rows = per_class_sample(inputs.retain_y, params.retain_per_class, gen)
+    f_rows = per_class_sample(inputs.forget_y, params.forget_per_class, gen)
+    device = inputs.device
+    model.to(device).eval()
+    g_r, n_r = activation_grams(model, inputs.retain_X[r_rows], params.batch_size)
+    g_f, n_f = activation_grams(model, inputs.forget_X[f_rows], params.batch_size)
+    projections = {
+        name: class_projection(g_r[name], g_f[name], params.alpha_r, params.alpha_f)
+        for name in projection_layers(model)
+    }
+    project_weights(model, projections)
+    removed = {
+        n: float(torch.linalg.matrix_norm(torch.eye(len(p), dtype=p.dtype) - p, 2))
+        for n, p in projections.items()
+    }
+    log.info(
+        "svd_projection: %d layers projected from %d retain / %d forget samples",
+        len(projections),
+        n_r,
+        n_f,
+    )
+    return model, {
+        "n_layers": len(projections),
+        "n_retain_samples": n_r,
+        "n_forget_samples": n_f,
+        "max_removed_norm": max(removed.values()),
+    }

@@ -1,0 +1,106 @@
+"""Class requests end to end, and `unlearn stats fisher` on the same project: real DVC stages,
+a real temporary Prefect API, SQLite MLflow, Parquet shards on a real local Ray.
+
+A class request (two classes) runs through the same pipeline as random forgetting with the
+gradient-free svd_projection method; then the sharded Fisher statistics of its forget split
+are computed from the CLI, reusing the pipeline's cached original model, and equal the
+in-process Fisher diagonal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from flows.cli import main
+from tests.conftest import make_dvc_project
+from tests.test_flow import _task_states, tiny_params
+
+FORGET = [3, 5]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    params = tiny_params(tmp_path / "proj")
+    params["data"].update(max_train=400, max_test=150)
+    params["train"].update(epochs=8)
+    params["fisher"].update(kind="true_sampled", seed=4)
+    params["unlearn"].update(method="svd_projection")
+    params["unlearn"]["svd_projection"].update(retain_per_class=20, forget_per_class=20)
+    params["ray"].update(num_cpus=2)
+    root = make_dvc_project(tmp_path / "proj", yaml.safe_dump(params))
+    request = {"request_id": "req-classes", "reason": "t", "forget": {"classes": FORGET}}
+    (root / "requests" / "req.yaml").write_text(yaml.safe_dump(request))
+    return root
+
+
+def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys):
+    import ray
+    from mlflow import MlflowClient
+
+    from flows.pipeline import unlearning_pipeline
+    from pipeline_lib.config import load_params
+    from pipeline_lib.data import load_prepared
+    from pipeline_lib.fisher import fisher_diagonal
+    from pipeline_lib.requests import load_manifests
+    from pipeline_lib.stats import load_stats
+    from pipeline_lib.steps import fisher_split_ids, load_model
+
+    params_path = str(project / "params.yaml")
+    # --- the class request through the pipeline (DVC extraction, MLflow tracking)
+    state = unlearning_pipeline(params_path=params_path, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    data = load_prepared(project / "data" / "prepared")
+    man = load_manifests(project / "data" / "forget")
+    labels = dict(zip(data.ids, data.y, strict=True))
+    assert {int(labels[s]) for s in man.forget_ids} == set(FORGET)
+    assert not {int(labels[s]) for s in man.retain_ids} & set(FORGET)
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["request_id"] == "req-classes"
+    assert run.data.tags["dvc.manifests_md5"] == lock["stages"]["extract"]["outs"][0]["md5"]
+    m = run.data.metrics
+    assert m["original.forget_acc"] > 80 and m["unlearned.forget_acc"] < 20, m
+    assert m["method.n_layers"] == 3 and "time.fisher_seconds" not in m  # gradient-free
+    states = _task_states(state.state_details.flow_run_id)
+    assert "fisher-statistics" not in states
+    report = json.loads((Path(result["report_dir"]) / "report.json").read_text())
+    assert report["method"] == "svd_projection"
+
+    # --- sharded Fisher statistics of the forget split from the CLI
+    try:
+        argv = ["stats", "fisher", "--split", "forget", "--params", params_path, "--shards", "3"]
+        assert main(argv) == 0
+    finally:
+        ray.shutdown()
+    out = capsys.readouterr().out
+    path = Path(out.strip().splitlines()[-1].split(" (content hash")[0])
+    assert path.is_file() and path.parent == project / "artifacts" / "stats"
+    tensors, meta = load_stats(path)
+    cfg = meta["config"]
+    assert cfg["split"] == "forget" and cfg["n_shards"] == 3 and cfg["kind"] == "true_sampled"
+    assert meta["digest"][:16] in path.name
+    # the pipeline's original model was reused (cached task), not retrained
+    weights = sorted((project / "artifacts" / "models").glob("original-*.safetensors"))
+    assert len(weights) == 1 and cfg["weights_digest"][:16] in weights[0].name
+
+    params = load_params(params_path)
+    ids = fisher_split_ids(man, "forget", params.fisher)
+    assert cfg["n"] == len(ids) > 0
+    model = load_model(weights[0], params.model, data)
+    X, y = data.subset(ids)
+    want = fisher_diagonal(
+        model, torch.from_numpy(X), torch.from_numpy(y), "true_sampled", 256, 4, list(ids)
+    )
+    for k in want:
+        torch.testing.assert_close(tensors[k], want[k], rtol=1e-4, atol=1e-9)
+
+
+def test_cli_stats_rejects_bad_split(capsys):
+    with pytest.raises(SystemExit):
+        main(["stats", "fisher", "--split", "test"])
+    assert "invalid choice: 'test'" in capsys.readouterr().err
