@@ -137,7 +137,11 @@ def doc_nll(model: nn.Module, win: Windows, batch_size: int = 32) -> tuple[np.nd
     sums = torch.zeros(win.n_docs, dtype=torch.float64)
     counts = torch.zeros(win.n_docs, dtype=torch.float64)
     for i in range(0, len(win), batch_size):
-        x, y, d = win.inputs[i : i + batch_size], win.labels[i : i + batch_size], win.doc[i : i + batch_size]
+        x, y, d = (
+            win.inputs[i : i + batch_size],
+            win.labels[i : i + batch_size],
+            win.doc[i : i + batch_size],
+        )
         losses = token_losses(model, x, y).double()
         n = (y[:, 1:] != IGNORE).double()
         sums.index_add_(0, d, losses.sum(1))
@@ -154,9 +158,7 @@ def corpus_loss(model: nn.Module, win: Windows, batch_size: int = 32) -> float:
 # --------------------------------------------------------------------------- training
 
 
-def train_lm(
-    model: nn.Module, win: Windows, cfg: LMTrainConfig, seed: int
-) -> dict[str, float]:
+def train_lm(model: nn.Module, win: Windows, cfg: LMTrainConfig, seed: int) -> dict[str, float]:
     """AdamW on the windows for ``cfg.epochs`` epochs (seeded order, linear warm-up, gradient
     clipping). Trains in place; returns seconds, steps and the last epoch's mean loss."""
     if cfg.threads:
@@ -178,7 +180,7 @@ def train_lm(
             nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             opt.step()
             step += 1
-            total += float(loss) * len(rows)
+            total += float(loss.detach()) * len(rows)
             n += len(rows)
         last = total / max(n, 1)
     model.eval()
@@ -268,14 +270,22 @@ def memorisation_probes(
 
 
 def memorisation(
-    model: nn.Module, texts: Sequence[str], prefix: int, cont: int, per_doc: int, batch_size: int = 64
+    model: nn.Module,
+    texts: Sequence[str],
+    prefix: int,
+    cont: int,
+    per_doc: int,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """Verbatim memorisation: the fraction of probes whose greedy continuation equals the
     text exactly (``memorization_rate``) and the mean fraction of matching tokens."""
     pre, true = memorisation_probes(texts, prefix, cont, per_doc)
     if len(pre) == 0:
         return {"memorization_rate": float("nan"), "memorization_token_acc": float("nan")}
-    outs = [greedy_continue(model, pre[i : i + batch_size], cont) for i in range(0, len(pre), batch_size)]
+    outs = [
+        greedy_continue(model, pre[i : i + batch_size], cont)
+        for i in range(0, len(pre), batch_size)
+    ]
     got = torch.cat(outs)
     match = got == true
     return {

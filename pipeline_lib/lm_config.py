@@ -196,7 +196,11 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("unlearn.gradient_ascent.epochs", lambda v: v > 0, _POS),
     ("unlearn.gradient_ascent.lr", lambda v: v > 0, _POS),
     ("unlearn.gradient_ascent.batch_size", lambda v: v > 0, _POS),
-    ("unlearn.gradient_ascent.blocks", lambda v: all(b >= 0 for b in v), "must be block indices >= 0"),
+    (
+        "unlearn.gradient_ascent.blocks",
+        lambda v: all(b >= 0 for b in v),
+        "must be block indices >= 0",
+    ),
     ("unlearn.gradient_ascent.target_factor", lambda v: v > 0, _POS),
     ("unlearn.gradient_ascent.check_every", lambda v: v > 0, _POS),
     ("unlearn.gradient_ascent.max_scale", lambda v: v >= 1.0, "must be >= 1"),
@@ -237,7 +241,9 @@ def validate_lm(params: LMParams) -> None:
         p = getattr(params.unlearn, name)
         if p.parameters == "blocks":
             if not p.blocks:
-                raise ConfigError(f"unlearn.{name}.blocks: parameters is 'blocks' but no block is listed")
+                raise ConfigError(
+                    f"unlearn.{name}.blocks: parameters is 'blocks' but no block is listed"
+                )
             bad = [b for b in p.blocks if b >= params.lm.n_layer and params.lm.kind == "gpt2"]
             if bad:
                 raise ConfigError(
@@ -251,7 +257,9 @@ def validate_lm(params: LMParams) -> None:
         ("unlearn.method", params.unlearn.method, LM_METHODS),
     ):
         if value not in registry:
-            raise ConfigError(f"{key}: unknown name {value!r}; valid: {', '.join(sorted(registry))}")
+            raise ConfigError(
+                f"{key}: unknown name {value!r}; valid: {', '.join(sorted(registry))}"
+            )
 
 
 def build_lm_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> LMParams:

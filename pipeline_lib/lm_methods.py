@@ -77,7 +77,9 @@ def _snapshot(params: list[nn.Parameter]) -> list[torch.Tensor]:
     return [p.detach().clone() for p in params]
 
 
-def _set_interp(params: list[nn.Parameter], a: list[torch.Tensor], b: list[torch.Tensor], t: float) -> None:
+def _set_interp(
+    params: list[nn.Parameter], a: list[torch.Tensor], b: list[torch.Tensor], t: float
+) -> None:
     with torch.no_grad():
         for p, x, y in zip(params, a, b, strict=True):
             p.copy_(x + t * (y - x))
@@ -167,7 +169,9 @@ def gradient_ascent(
         return model, info
     theta0 = _snapshot(params)
     opt: torch.optim.Optimizer = (
-        torch.optim.SGD(params, lr=p.lr) if p.optimizer == "sgd" else torch.optim.Adam(params, lr=p.lr)
+        torch.optim.SGD(params, lr=p.lr)
+        if p.optimizer == "sgd"
+        else torch.optim.Adam(params, lr=p.lr)
     )
     steps, done = 0, False
     prev = theta0
@@ -303,5 +307,7 @@ LM_METHODS: dict[str, LMMethod] = {
 
 def get_lm_method(name: str) -> LMMethod:
     if name not in LM_METHODS:
-        raise ValueError(f"unlearn.method: unknown LM method {name!r}; valid: {', '.join(sorted(LM_METHODS))}")
+        raise ValueError(
+            f"unlearn.method: unknown LM method {name!r}; valid: {', '.join(sorted(LM_METHODS))}"
+        )
     return LM_METHODS[name]

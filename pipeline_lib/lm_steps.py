@@ -91,7 +91,9 @@ def load_lm(path: str | Path, cfg: LMModelConfig) -> nn.Module:
     return model.eval()
 
 
-def save_lm(model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]) -> tuple[str, str]:
+def save_lm(
+    model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]
+) -> tuple[str, str]:
     # clone: GPT-2 ties wte and lm_head, and safetensors refuses shared storage
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     digest = state_dict_digest(state)
@@ -120,7 +122,9 @@ def lm_train_step(
     win = lm.make_windows(texts, model_cfg.n_positions)
     stats = lm.train_lm(model, win, train_cfg, seed)
     path, digest = save_lm(model, out_dir, role, {"seed": str(seed)})
-    log.info("trained LM %s on %d documents in %.1fs -> %s", role, len(texts), stats["seconds"], path)
+    log.info(
+        "trained LM %s on %d documents in %.1fs -> %s", role, len(texts), stats["seconds"], path
+    )
     return {
         "path": path,
         "digest": digest,
@@ -132,7 +136,11 @@ def lm_train_step(
 
 
 def unlearn_inputs(
-    splits: TextSplits, model_cfg: LMModelConfig, train_cfg: LMTrainConfig, oracle: nn.Module | None, eval_bs: int
+    splits: TextSplits,
+    model_cfg: LMModelConfig,
+    train_cfg: LMTrainConfig,
+    oracle: nn.Module | None,
+    eval_bs: int,
 ) -> LMUnlearnInputs:
     L = model_cfg.n_positions
     return LMUnlearnInputs(
@@ -181,7 +189,11 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
     ev, L = params.evaluate, params.lm.n_positions
     out: dict[str, float] = {}
     per_doc: dict[str, np.ndarray] = {}
-    for name, texts in (("forget", splits.forget), ("retain", splits.retain), ("heldout", splits.heldout)):
+    for name, texts in (
+        ("forget", splits.forget),
+        ("retain", splits.retain),
+        ("heldout", splits.heldout),
+    ):
         s, c = lm.doc_nll(model, lm.make_windows(texts, L), ev.batch_size)
         out[f"ppl_{name}"] = lm.perplexity(s, c)
         out[f"loss_{name}"] = float(s.sum() / max(c.sum(), 1.0))
@@ -189,7 +201,12 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
     out["loss_MIA_AUC"] = loss_mia_auc(per_doc["forget"], per_doc["heldout"], ev.mia_folds, ev.seed)
     out.update(
         lm.memorisation(
-            model, splits.forget, ev.prefix_tokens, ev.continuation_tokens, ev.prefixes_per_doc, ev.batch_size
+            model,
+            splits.forget,
+            ev.prefix_tokens,
+            ev.continuation_tokens,
+            ev.prefixes_per_doc,
+            ev.batch_size,
         )
     )
     return out
@@ -225,7 +242,9 @@ def build_lm_report(
         "cost": {
             "unlearn_seconds": unlearn_seconds,
             "retrain_seconds": retrain_seconds,
-            "unlearn_over_retrain": unlearn_seconds / retrain_seconds if retrain_seconds > 0 else float("nan"),
+            "unlearn_over_retrain": unlearn_seconds / retrain_seconds
+            if retrain_seconds > 0
+            else float("nan"),
         },
         **(dict(extra) if extra else {}),
     }
@@ -287,7 +306,9 @@ def lm_evaluate_step(
     report_dir: str | Path,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    metrics = {name: lm_metrics(load_lm(path, params.lm), splits, params) for name, path in weights.items()}
+    metrics = {
+        name: lm_metrics(load_lm(path, params.lm), splits, params) for name, path in weights.items()
+    }
     report = build_lm_report(metrics, unlearn_seconds, retrain_seconds, extra)
     report_dir = Path(report_dir)
     write_json(report_dir / "report.json", report)

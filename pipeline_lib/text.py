@@ -188,7 +188,9 @@ def load_shakespeare(cfg: TextConfig) -> RawCorpus:
             ids.append(doc_id)
             groups.append(play)
             texts.append(markdown_to_text(part))
-    return RawCorpus(np.array(ids, dtype=str), np.array(groups, dtype=str), texts, None, str(directory))
+    return RawCorpus(
+        np.array(ids, dtype=str), np.array(groups, dtype=str), texts, None, str(directory)
+    )
 
 
 def load_text_parquet(cfg: TextConfig) -> RawCorpus:
@@ -264,7 +266,9 @@ def corpus_hash(ids: np.ndarray, groups: np.ndarray, split: np.ndarray, texts: l
 def prepare_corpus(cfg: TextConfig, out_dir: str | Path = PREPARED_DIR) -> dict:
     """Load ``cfg.name``, truncate to ``max_doc_chars``, split, write atomically; return meta."""
     if cfg.name not in CORPORA:
-        raise ConfigError(f"text.name: unknown corpus {cfg.name!r}; valid: {', '.join(sorted(CORPORA))}")
+        raise ConfigError(
+            f"text.name: unknown corpus {cfg.name!r}; valid: {', '.join(sorted(CORPORA))}"
+        )
     raw = CORPORA[cfg.name](cfg)
     texts = [t[: cfg.max_doc_chars] if cfg.max_doc_chars else t for t in raw.texts]
     split = assign_text_split(raw, cfg)
@@ -305,7 +309,9 @@ def prepare_corpus(cfg: TextConfig, out_dir: str | Path = PREPARED_DIR) -> dict:
 def load_corpus(path: str | Path, verify: bool = False) -> PreparedCorpus:
     path = Path(path)
     if not (path / "documents.parquet").is_file() or not (path / "meta.json").is_file():
-        raise FileNotFoundError(f"{path}: not a prepared corpus (documents.parquet/meta.json missing)")
+        raise FileNotFoundError(
+            f"{path}: not a prepared corpus (documents.parquet/meta.json missing)"
+        )
     meta = json.loads((path / "meta.json").read_text())
     t = pq.read_table(path / "documents.parquet")
     col = lambda n: np.array(t.column(n).to_pylist(), dtype=str)  # noqa: E731
@@ -366,6 +372,8 @@ def extract_forget_docs(
     if len(forget) == 0:
         raise RequestError(f"{src}: the forget set is empty")
     if len(forget) >= len(train_ids):
-        raise RequestError(f"{src}: the forget set is every training document; nothing would be retained")
+        raise RequestError(
+            f"{src}: the forget set is every training document; nothing would be retained"
+        )
     retain = np.setdiff1d(train_ids, forget, assume_unique=True)
     return forget, retain

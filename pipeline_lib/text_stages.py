@@ -13,7 +13,13 @@ import sys
 
 from pipeline_lib.lm_config import ConfigError, load_lm_params
 from pipeline_lib.requests import RequestError, load_request, write_manifests
-from pipeline_lib.text import MANIFESTS_DIR, PREPARED_DIR, extract_forget_docs, load_corpus, prepare_corpus
+from pipeline_lib.text import (
+    MANIFESTS_DIR,
+    PREPARED_DIR,
+    extract_forget_docs,
+    load_corpus,
+    prepare_corpus,
+)
 
 
 def run_prepare(params_path: str) -> dict:
