@@ -130,8 +130,8 @@ def main() -> None:
         state = f"{info['trainable_state_bytes'] / 1024:.0f}" if info else "-"
         rss_s = f"{rss / 1024:.1f}" if rss is not None else "-"
         return (
-            f"| {name} | {m['ppl_forget']:.2f} | {gap:+.1f}% | {m['ppl_heldout']:.2f} | {held:+.1f}% | "
-            f"{m['ppl_retain']:.2f} | {m['loss_MIA_AUC']:.3f} | {m['memorization_rate']:.3f} | "
+            f"| {name} | {m['ppl_forget']:.4g} | {gap:+.4g}% | {m['ppl_heldout']:.4g} | {held:+.4g}% | "
+            f"{m['ppl_retain']:.4g} | {m['loss_MIA_AUC']:.3f} | {m['memorization_rate']:.3f} | "
             f"{m['memorization_token_acc']:.3f} | {ratio} | {state} | {rss_s} |"
         )
 

@@ -134,3 +134,18 @@ def test_lm_bad_request_fails_before_training(prefect_api, lm_project: Path):
             overrides={"request.file": "requests/bad.yaml"},
         )
     assert not (lm_project / "artifacts").exists()
+
+
+def test_cli_dispatches_lm_params(capsys):
+    from flows.cli import main
+
+    params = str(REPO / "params-lm.yaml")
+    # `pipeline: lm` selects the LM parser and registry: its own method names in the error
+    assert main(["run", "--params", params, "--method", "fisher_diagonal"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown name 'fisher_diagonal'" in err and "gradient_ascent" in err
+    assert main(["run", "--params", params, "--set", "lm.n_head=3"]) == 2
+    assert "lm.n_embd: must be a multiple of lm.n_head" in capsys.readouterr().err
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "gradient_ascent" in out and "fisher_diagonal" in out
