@@ -157,6 +157,16 @@ class LMEvaluateConfig:
     prefixes_per_doc: int = 4
     batch_size: int = 32
     report_dir: str = "reports"
+    #: Influence of each forget document on held-out prompts (pipeline_lib.influence):
+    #: gradient dot products, or g_h^T (H + damping I)^-1 g_f with HVPs (torch.func); none.
+    influence: Literal["none", "grad_dot", "hvp"] = "grad_dot"
+    #: Held-out prompts: the first window of this many held-out documents.
+    influence_prompts: int = 8
+    influence_parameters: Literal["embedding", "all"] = "embedding"
+    influence_damping: float = 0.1
+    influence_cg_steps: int = 10
+    #: Training windows (seeded sample) whose loss Hessian the HVPs use.
+    influence_hessian_windows: int = 32
 
 
 @dataclass(frozen=True)
@@ -217,6 +227,10 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("evaluate.continuation_tokens", lambda v: v > 0, _POS),
     ("evaluate.prefixes_per_doc", lambda v: v > 0, _POS),
     ("evaluate.batch_size", lambda v: v > 0, _POS),
+    ("evaluate.influence_prompts", lambda v: v > 0, _POS),
+    ("evaluate.influence_damping", lambda v: v >= 0, _NONNEG),
+    ("evaluate.influence_cg_steps", lambda v: v > 0, _POS),
+    ("evaluate.influence_hessian_windows", lambda v: v > 0, _POS),
 )
 
 

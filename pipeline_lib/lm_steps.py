@@ -199,6 +199,8 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
         out[f"loss_{name}"] = float(s.sum() / max(c.sum(), 1.0))
         per_doc[name] = s / np.maximum(c, 1.0)
     out["loss_MIA_AUC"] = loss_mia_auc(per_doc["forget"], per_doc["heldout"], ev.mia_folds, ev.seed)
+    if ev.influence != "none":
+        out.update(influence_metrics(model, splits, params))
     out.update(
         lm.memorisation(
             model,
@@ -210,6 +212,44 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
         )
     )
     return out
+
+
+def influence_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[str, float]:
+    """Mean (and mean absolute) influence score of the forget documents on the first window
+    of ``influence_prompts`` held-out documents (:mod:`pipeline_lib.influence`)."""
+    from pipeline_lib.influence import influence_scores
+
+    ev, L = params.evaluate, params.lm.n_positions
+    prompts = lm.make_windows(splits.heldout[: ev.influence_prompts], L)
+    first = torch.ones(len(prompts), dtype=torch.bool)
+    first[1:] = prompts.doc[1:] != prompts.doc[:-1]
+    prompts = lm.Windows(
+        prompts.inputs[first], prompts.labels[first], prompts.doc[first], prompts.n_docs
+    )
+    hess = None
+    if ev.influence == "hvp":
+        train = lm.make_windows(splits.forget + splits.retain, L)
+        gen = torch.Generator().manual_seed(ev.seed)
+        rows = torch.randperm(len(train), generator=gen)[: ev.influence_hessian_windows]
+        hess = lm.Windows(
+            train.inputs[rows], train.labels[rows], torch.zeros(len(rows), dtype=torch.long), 1
+        )
+    res = influence_scores(
+        model,
+        lm.make_windows(splits.forget, L),
+        prompts,
+        hess,
+        ev.influence,
+        ev.influence_parameters,
+        ev.influence_damping,
+        ev.influence_cg_steps,
+    )
+    scores = np.asarray(res["scores"])
+    return {
+        "influence_mean": float(scores.mean()),
+        "influence_abs_mean": float(np.abs(scores).mean()),
+        "influence_cg_residual": float(res["cg_residual"]),
+    }
 
 
 def lm_gaps(m: Mapping[str, float], oracle: Mapping[str, float]) -> dict[str, float]:
