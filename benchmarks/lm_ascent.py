@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline_lib.config import to_dict
 from pipeline_lib.lm_config import build_lm_params, read_params_file
 from pipeline_lib.requests import parse_request, write_manifests
 from pipeline_lib.text import extract_forget_docs, load_corpus, prepare_corpus
@@ -73,6 +74,11 @@ def main() -> None:
     ap.add_argument("--play", default="macbeth")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--only", help="substring: run only matching variants")
+    ap.add_argument(
+        "--work",
+        help="work folder; an original and oracle trained there earlier with the same "
+        "parameters (trained.json) are reused instead of retrained",
+    )
     args = ap.parse_args()
     raw = read_params_file(args.params)
     base = {k.strip(): yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -80,7 +86,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     p = build_lm_params(raw, base)
-    work = Path(tempfile.mkdtemp(prefix="lm-bench-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lm-bench-"))
     prep, man, art = str(work / "prep"), str(work / "forget"), str(work / "art")
     prepare_corpus(p.text, prep)
     corpus = load_corpus(prep)
@@ -95,8 +101,17 @@ def main() -> None:
         f"model {p.lm}",
         flush=True,
     )
-    orig = lm_steps.lm_train_step(prep, None, "original", p.lm, p.train, p.train.seed, art)
-    oracle = lm_steps.lm_train_step(prep, man, "oracle", p.lm, p.train, p.train.oracle_seed, art)
+    key = json.dumps([to_dict(p.text), to_dict(p.lm), to_dict(p.train), args.play], sort_keys=True)
+    cache = work / "trained.json"
+    if cache.is_file() and json.loads(cache.read_text())["key"] == key:
+        orig, oracle = (json.loads(cache.read_text())[k] for k in ("original", "oracle"))
+        print("reusing the original and oracle trained earlier in", work)
+    else:
+        orig = lm_steps.lm_train_step(prep, None, "original", p.lm, p.train, p.train.seed, art)
+        oracle = lm_steps.lm_train_step(
+            prep, man, "oracle", p.lm, p.train, p.train.oracle_seed, art
+        )
+        cache.write_text(json.dumps({"key": key, "original": orig, "oracle": oracle}))
     print(
         f"original trained in {orig['seconds']:.1f}s, oracle in {oracle['seconds']:.1f}s",
         flush=True,
