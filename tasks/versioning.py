@@ -40,13 +40,17 @@ def stage_request_file(dvc_root: Path, request_file: str, request_id: str) -> st
 
 
 def sync_params_file(
-    dvc_root: Path, params: Params, sections: tuple[str, ...] = DVC_SECTIONS
+    dvc_root: Path,
+    params: Params,
+    sections: tuple[str, ...] = DVC_SECTIONS,
+    filename: str = "params.yaml",
 ) -> list[str]:
-    """Write ``sections`` of ``params`` into ``<dvc_root>/params.yaml``, as ``dvc exp run -S``
-    would, keeping comments and every other key. Returns the changed dotted keys."""
+    """Write ``sections`` of ``params`` into ``<dvc_root>/<filename>``, as ``dvc exp run -S``
+    would, keeping comments and every other key. Returns the changed dotted keys.
+    (The LM pipeline's stages read ``params-lm.yaml``.)"""
     from ruamel.yaml import YAML  # installed with dvc; round-trips comments
 
-    path = dvc_root / "params.yaml"
+    path = dvc_root / filename
     rt = YAML()
     rt.preserve_quotes = True
     doc = rt.load(path.read_text()) if path.exists() else {}
@@ -92,8 +96,9 @@ def ensure_dvc_repo(dvc_root: Path) -> None:
         not isinstance(state.result(raise_on_failure=False), StageFailed)
     ),
 )
-def dvc_repro(dvc_root: str, stage: str) -> dict[str, Any]:
-    """Run ``dvc repro <stage>`` in ``dvc_root``; return the md5 of every stage out.
+def dvc_repro(dvc_root: str, stage: str, lock: str = "dvc.lock") -> dict[str, Any]:
+    """Run ``dvc repro <stage>`` in ``dvc_root``; return the md5 of every stage out, read
+    from ``lock`` (``lm/dvc.lock`` for the stages of ``lm/dvc.yaml``).
 
     Bad inputs (exit code 2 from a stage: invalid request, missing data) are not retried;
     anything else (a lock held by another process, an I/O hiccup) is, twice."""
@@ -116,12 +121,12 @@ def dvc_repro(dvc_root: str, stage: str) -> dict[str, Any]:
         detail = errors[-1][len("error:") :].strip() if errors else proc.stderr.strip()[-2000:]
         exc_type = StageFailed if errors else RuntimeError
         raise exc_type(f"dvc repro {stage} failed: {detail}")
-    return read_lock_md5s(root)
+    return read_lock_md5s(root, lock)
 
 
-def read_lock_md5s(dvc_root: Path) -> dict[str, Any]:
+def read_lock_md5s(dvc_root: Path, lock_file: str = "dvc.lock") -> dict[str, Any]:
     """{stage: {out path: md5}} from ``dvc.lock``."""
-    lock = yaml.safe_load((dvc_root / "dvc.lock").read_text())
+    lock = yaml.safe_load((dvc_root / lock_file).read_text())
     return {
         name: {o["path"]: o["md5"] for o in stage.get("outs", [])}
         for name, stage in lock.get("stages", {}).items()

@@ -1,0 +1,57 @@
+"""Entry points of the LM pipeline's DVC stages (``lm/dvc.yaml``): ``prepare`` and ``extract``.
+
+``python -m pipeline_lib.text_stages prepare --params params-lm.yaml`` writes the prepared
+corpus to ``data/text/prepared``; ``extract`` resolves ``request.file`` against it and writes
+the id manifests to ``data/text/forget``. The LM flow runs these through ``dvc repro``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline_lib.lm_config import ConfigError, load_lm_params
+from pipeline_lib.requests import RequestError, load_request, write_manifests
+from pipeline_lib.text import (
+    MANIFESTS_DIR,
+    PREPARED_DIR,
+    extract_forget_docs,
+    load_corpus,
+    prepare_corpus,
+)
+
+
+def run_prepare(params_path: str) -> dict:
+    params = load_lm_params(params_path)
+    return prepare_corpus(params.text, PREPARED_DIR)
+
+
+def run_extract(params_path: str) -> dict:
+    params = load_lm_params(params_path)
+    request = load_request(params.request.file)
+    corpus = load_corpus(PREPARED_DIR)
+    forget, retain = extract_forget_docs(request, corpus)
+    summary = write_manifests(MANIFESTS_DIR, request, forget, retain, corpus.meta)
+    logging.getLogger(__name__).info(
+        "request %s: %d forget, %d retain documents", request.request_id, len(forget), len(retain)
+    )
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline_lib.text_stages")
+    parser.add_argument("stage", choices=["prepare", "extract"])
+    parser.add_argument("--params", default="params-lm.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        (run_prepare if args.stage == "prepare" else run_extract)(args.params)
+    except (ConfigError, RequestError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
