@@ -84,6 +84,9 @@ class Method:
     #: False: the method reads no training data; the pipeline hands it empty forget/retain
     #: tensors (``forget_classes`` and ``mnemonic_codes`` are what it gets).
     needs_data: bool = True
+    #: True: forgets whole classes (a ``forget: classes`` request); meaningless for a random
+    #: forget set, so ``unlearn evaluate`` on such a request leaves it out.
+    class_only: bool = False
 
 
 def top_fraction_mask(
@@ -507,6 +510,7 @@ METHODS: dict[str, Method] = {
             False,
             "class forgetting: project layer weights off the class-discriminatory "
             "activation space, gradient-free (Kodge 2024)",
+            class_only=True,
         ),
         Method(
             "mnemonic_code",
@@ -516,6 +520,7 @@ METHODS: dict[str, Method] = {
             "one-shot class forgetting from the mnemonic class codes alone, no training data "
             "(Yamashita 2024)",
             needs_data=False,
+            class_only=True,
         ),
     )
 }
