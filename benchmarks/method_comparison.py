@@ -78,11 +78,10 @@ def main() -> None:
     params["request"]["file"] = "requests/bench.yaml"
     scratch_project(root, params)
 
-    from flows.evaluate import evaluate_flow
+    from flows.evaluate import default_methods, evaluate_flow
     from pipeline_lib.comparison import markdown_table
-    from pipeline_lib.methods import METHODS
 
-    methods = args.methods.split(",") if args.methods else list(METHODS)
+    methods = args.methods.split(",") if args.methods else default_methods()
     for fraction in [float(f) for f in args.fractions.split(",")]:
         rid = f"bench-{args.data}-{fraction:g}-n{args.models}-m{args.subset_models}"
         (root / "requests" / "bench.yaml").write_text(

@@ -136,11 +136,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         overrides["evaluate.n_models"] = args.models
     params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
     load_request(params.resolve(params.request.file))
-    from pipeline_lib.methods import METHODS
 
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else list(METHODS)
     _setup_env()
-    from flows.evaluate import check_methods, evaluate_flow
+    from flows.evaluate import check_methods, default_methods, evaluate_flow
+
+    methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
 
     check_methods(methods, params)  # fails before any work
     from pipeline_lib.comparison import markdown_table

@@ -324,12 +324,17 @@ class AttributionStore:
         parts = list(self.iter_chunks())
         return tuple(np.concatenate(p) for p in zip(*parts, strict=True))  # type: ignore[return-value]
 
-    def gather(self, columns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def gather(self, columns: np.ndarray, verify: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(masks (M, N) bool, outputs (M, P, C)) for target columns ``columns`` (P,) only.
 
         Output files are memory-mapped, so only the selected columns are read: a request
-        needs a few thousand of the T targets, not the whole (M, T, C) array."""
-        self.check()
+        needs a few thousand of the T targets, not the whole (M, T, C) array. ``verify=False``
+        skips the checksums (for a caller that has just run :meth:`check`), not the
+        completeness of the manifest."""
+        if verify:
+            self.check()
+        elif len(json.loads(self.manifest_path.read_text())["chunks"]) != len(self.spec.chunks()):
+            raise StoreError(f"{self.root} is incomplete; train its missing chunks first")
         cols = np.asarray(columns, dtype=np.intp)
         masks, outs = [], []
         for start, _ in self.spec.chunks():
@@ -381,7 +386,7 @@ class AttributionStore:
         path = self.root / f"ridge-factor-{lam:g}-{digest[:16]}.npy"
         if path.is_file():
             return np.load(path)
-        masks, _ = self.gather(np.zeros(0, dtype=np.intp))
+        masks, _ = self.gather(np.zeros(0, dtype=np.intp), verify=False)
         factor = ridge_factor(masks, lam)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:

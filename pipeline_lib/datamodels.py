@@ -442,8 +442,12 @@ def forget_shift_direct(
                 )
             chol = (factor, True)
         u = scipy.linalg.cho_solve(chol, u, check_finite=False)
-    Y2 = Y.reshape(n_models, -1).astype(np.float64)
-    shift = u @ (Y2 - Y2.mean(axis=0))
+    # uᵀ(Y − ȳ) = uᵀY − (Σu)·ȳ, in float32 for float16/float32 store outputs (no centred
+    # copy of the (M, T·C) outputs), float64 for float64 outputs
+    Y2 = Y.reshape(n_models, -1)
+    dtype = np.float64 if Y2.dtype == np.float64 else np.float32
+    Y2 = Y2.astype(dtype, copy=False)
+    shift = (u.astype(dtype) @ Y2).astype(np.float64) - u.sum() * Y2.mean(axis=0, dtype=np.float64)
     if not np.all(np.isfinite(shift)):
         raise ValueError("outputs contain non-finite values")
     return shift.reshape(Y.shape[1:])

@@ -285,7 +285,8 @@ def matching_targets(
         factor = store.ridge_factor(attribution.lam)
     t0 = time.perf_counter()
     n_forget = len(splits.manifests.forget_ids)
-    masks, outputs = store.gather(store.columns_of(ids))
+    # the flow verified every checksum when it ensured the store (train_store → check)
+    masks, outputs = store.gather(store.columns_of(ids), verify=False)
     if source == "datamodels":
         if store.spec.kind != "subsets":
             raise ValueError(f"{store_root} is a {store.spec.kind} store; DMM needs subset models")

@@ -30,6 +30,7 @@ from tests.conftest import REPO
         (["run", "--request", "/nonexistent/req.yaml"], "request file not found"),
         (["evaluate", "--methods", "dmm,nope"], "unknown unlearning method 'nope'"),
         (["evaluate", "--methods", "dmm,dmm"], "repeats a method"),
+        (["evaluate", "--methods", "svd_projection"], "forgets whole classes"),
         (["evaluate", "--models", "2"], "evaluate.n_models: must be >= 4"),
         (
             ["evaluate", "--methods", "oracle_matching", "--set", "unlearn.oracle_matching.seed=0"],
