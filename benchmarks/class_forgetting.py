@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks._common import load_split
-from pipeline_lib.config import ModelConfig, Params
+from pipeline_lib.config import ModelConfig, Params, build_params
 from pipeline_lib.evaluate import accuracy, confidence, mia_efficacy
 from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.methods import UnlearnInputs, get_method
@@ -168,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fisher-retain", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", help="also write the raw rows here")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml default, e.g. unlearn.svd_projection.alpha_f=10",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     Xtr, ytr, Xall, yall, _, split = load_split("fashion-mnist")
@@ -176,10 +184,14 @@ def main(argv: list[str] | None = None) -> int:
         *subsample(Xtr, ytr, args.max_train, 0),
         *subsample(Xall[test], yall[test], args.max_test, 1),
     )
-    params = Params()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    params = build_params({}, overrides)
     print(
         f"Fashion-MNIST: {len(data[1])} train / {len(data[3])} test samples, epochs {args.epochs}, "
-        f"t_mix {args.t_mix}, torch threads {args.threads}"
+        f"t_mix {args.t_mix}, torch threads {args.threads}, overrides {overrides or 'none'}"
     )
     results = {}
     for name in args.models.split(","):
