@@ -176,7 +176,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
     from pipeline_lib.methods import METHODS
 
     for m in METHODS.values():
-        print(f"{m.name:<18} {m.summary}{'  [needs Fisher statistics]' if m.needs_fisher else ''}")
+        tags = ("  [needs Fisher statistics]" if m.needs_fisher else "") + (
+            "" if m.needs_data else "  [reads no training data]"
+        )
+        print(f"{m.name:<18} {m.summary}{tags}")
     return 0
 
 
