@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks._common import load_split
-from pipeline_lib.config import ModelConfig, Params
+from pipeline_lib.config import ModelConfig, Params, build_params
 from pipeline_lib.evaluate import accuracy, confidence, mia_efficacy
 from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.methods import UnlearnInputs, get_method
@@ -93,7 +94,8 @@ def run_model(name: str, args, data, params: Params) -> dict:
     fit(original, Xtr, ytr, settings, 0, batch_transform=CodeMixer(codes, args.t_mix, 0))
     train_s = time.perf_counter() - t0
     print(f"[{name}] original trained in {train_s:.1f}s", file=sys.stderr, flush=True)
-    rows: dict[str, list[dict]] = {m: [] for m in ("original", "retrain", *METHODS)}
+    methods = args.methods
+    rows: dict[str, list[dict]] = {m: [] for m in ("original", "retrain", *methods)}
     for c in args.classes:
         f = ytr == c
         F, R = (Xtr[f], ytr[f]), (Xtr[~f], ytr[~f])
@@ -104,14 +106,17 @@ def run_model(name: str, args, data, params: Params) -> dict:
         rows["original"].append({**metrics(original, F, R, (Xte, yte), c, params), "ratio": 0.0})
         rows["retrain"].append({**metrics(oracle, F, R, (Xte, yte), c, params), "ratio": 1.0})
         t0 = time.perf_counter()
-        sub = torch.from_numpy(
-            np.sort(np.random.default_rng(c).choice(len(R[1]), args.fisher_retain, replace=False))
-        )
-        kind = params.fisher.kind
-        i_f = fisher_diagonal(original, *F, kind=kind, batch_size=256)
-        i_r = fisher_diagonal(original, R[0][sub], R[1][sub], kind=kind, batch_size=256)
+        i_f = i_r = None
+        if FISHER_METHODS & set(methods):
+            rng = np.random.default_rng(c)
+            sub = torch.from_numpy(
+                np.sort(rng.choice(len(R[1]), args.fisher_retain, replace=False))
+            )
+            kind = params.fisher.kind
+            i_f = fisher_diagonal(original, *F, kind=kind, batch_size=256)
+            i_r = fisher_diagonal(original, R[0][sub], R[1][sub], kind=kind, batch_size=256)
         fisher_s = time.perf_counter() - t0
-        for m in METHODS:
+        for m in methods:
             method = get_method(m)
             empty = (torch.empty((0, *SHAPE)), torch.empty(0, dtype=torch.int64))
             fx = F if method.needs_data else empty
@@ -134,7 +139,7 @@ def run_model(name: str, args, data, params: Params) -> dict:
             )
         print(
             f"[{name}] class {c}: retrain {retrain_s:.1f}s, fisher {fisher_s:.1f}s; "
-            + ", ".join(f"{m} forget {rows[m][-1]['forget']:.1f}" for m in METHODS),
+            + ", ".join(f"{m} forget {rows[m][-1]['forget']:.1f}" for m in methods),
             file=sys.stderr,
             flush=True,
         )
@@ -167,7 +172,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--t-mix", type=float, default=0.1)
     ap.add_argument("--fisher-retain", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--methods",
+        type=lambda t: t.split(","),
+        default=list(METHODS),
+        help=f"comma-separated subset of {','.join(METHODS)} (retrain always runs)",
+    )
     ap.add_argument("--json", help="also write the raw rows here")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml default, e.g. unlearn.svd_projection.alpha_f=10",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     Xtr, ytr, Xall, yall, _, split = load_split("fashion-mnist")
@@ -176,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
         *subsample(Xtr, ytr, args.max_train, 0),
         *subsample(Xall[test], yall[test], args.max_test, 1),
     )
-    params = Params()
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = yaml.safe_load(value)
+    params = build_params({}, overrides)
     print(
         f"Fashion-MNIST: {len(data[1])} train / {len(data[3])} test samples, epochs {args.epochs}, "
-        f"t_mix {args.t_mix}, torch threads {args.threads}"
+        f"t_mix {args.t_mix}, torch threads {args.threads}, overrides {overrides or 'none'}"
     )
     results = {}
     for name in args.models.split(","):

@@ -213,6 +213,10 @@ def cmd_methods(args: argparse.Namespace) -> int:
         needs = "  [needs Fisher statistics]" if m.needs_fisher else ""
         if m.needs_targets:
             needs = f"  [needs an attribution store of {m.needs_targets}]"
+        if not m.needs_data:
+            needs += "  [reads no training data]"
+        if m.class_only:
+            needs += "  [class requests]"
         print(f"{m.name:<18} {m.summary}{needs}")
     from pipeline_lib.lm_methods import LM_METHODS
 

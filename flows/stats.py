@@ -42,6 +42,9 @@ def split_ids(params: Params, statistic: str, split: str) -> np.ndarray:
 
 @task(name="write-shards")
 def shard_split(params: Params, statistic: str, split: str) -> list[str]:
+    """Write the split's Parquet shards (named by a hash of the data, the ids and the shard
+    count) unless they exist: the directory is written atomically, so it is complete if its
+    ``shards.json`` is there. Returns the shard paths in order."""
     data = load_prepared(params.resolve(params.data.out_dir))
     ids = split_ids(params, statistic, split)
     X, y = data.subset(ids)
@@ -58,6 +61,8 @@ def shard_split(params: Params, statistic: str, split: str) -> list[str]:
 def sharded_statistics(
     params: Params, statistic: str, split: str, shards: list[str], weights: dict[str, Any]
 ) -> dict[str, Any]:
+    """One Ray task per shard, reduce in shard order, save. Fisher: the means I_S; activations:
+    ``<layer>.U`` and ``<layer>.S`` of every layer's Gram matrix."""
     data = load_prepared(params.resolve(params.data.out_dir))
     state = load_weights(weights["path"])
     if statistic == "fisher":

@@ -10,7 +10,10 @@ per code gives the squared gradient of its cross-entropy;
 F_f = mean over the forgotten classes' codes, F_r = mean over the other codes (both start at
 1e-16), R = F_f / F_r (NaN → 0, +inf → the largest finite value), s = min(λ1, λ2 / max R),
 θ± = θ ± s·R, and the sign whose model scores better on the codes —
-(1 − forget-code accuracy) + remaining-code accuracy — is kept (ties: +).
+(1 − forget-code accuracy) + remaining-code accuracy — is kept (ties: −). The clean-up of R,
+max R and s are taken per parameter tensor, as the authors' public code does
+(github.com/tomyamkum/OneShotMU-with-MNCode); the paper's formula leaves the scope open, and
+a single global max R concentrates the whole step λ2 on the few weights whose F_r vanishes.
 """
 
 from __future__ import annotations
@@ -106,28 +109,27 @@ def mnemonic_code(
     tiny = 1e-16
     f_f = {k: tiny + v / len(forget) for k, v in code_sensitivity(model, codes, forget).items()}
     f_r = {k: tiny + v / len(remain) for k, v in code_sensitivity(model, codes, remain).items()}
-    ratio = {k: torch.nan_to_num(f_f[k] / f_r[k], nan=0.0) for k in f_f}
-    finite = torch.cat([r[torch.isfinite(r)].flatten() for r in ratio.values()])
-    biggest = float(finite.max()) if len(finite) else 0.0
-    ratio = {k: torch.nan_to_num(r, nan=0.0, posinf=biggest) for k, r in ratio.items()}
-    max_r = max(float(r.max()) for r in ratio.values())
-    if max_r <= 0:
+    # R, its clean-up and the step s are per parameter tensor, as in the authors' code
+    step = {}
+    for k in f_f:
+        r = torch.nan_to_num(f_f[k] / f_r[k], nan=0.0)
+        finite = r[torch.isfinite(r)]
+        r = torch.nan_to_num(r, nan=0.0, posinf=float(finite.max()) if len(finite) else 0.0)
+        top = float(r.max())
+        s = min(params.lambda1, params.lambda2 / top) if top > 0 else 0.0
+        step[k] = s * r
+    if all(float(v.abs().max()) == 0 for v in step.values()):
         raise ValueError("mnemonic_code: no parameter is sensitive to the forget codes")
-    s = min(params.lambda1, params.lambda2 / max_r)
     base = {k: p.detach().clone() for k, p in model.named_parameters()}
     scores = {}
     with torch.no_grad():
         for sign in (1.0, -1.0):
             for k, p in model.named_parameters():
-                p.copy_(base[k] + sign * s * ratio[k])
+                p.copy_(base[k] + sign * step[k])
             scores[sign] = code_score(model, codes, forget)
-        best = 1.0 if scores[1.0] >= scores[-1.0] else -1.0
+        best = 1.0 if scores[1.0] > scores[-1.0] else -1.0  # ties: −, as the authors' code
         for k, p in model.named_parameters():
-            p.copy_(base[k] + best * s * ratio[k])
-    log.info("mnemonic_code: s=%.3g, max R=%.3g, sign %+d, code scores %s", s, max_r, best, scores)
-    return model, {
-        "step": s,
-        "max_ratio": max_r,
-        "sign": int(best),
-        "code_score": scores[best],
-    }
+            p.copy_(base[k] + best * step[k])
+    biggest = max(float(v.abs().max()) for v in step.values())
+    log.info("mnemonic_code: largest change %.3g, sign %+d, code scores %s", biggest, best, scores)
+    return model, {"max_change": biggest, "sign": int(best), "code_score": scores[best]}

@@ -42,6 +42,7 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     from mlflow import MlflowClient
 
     from flows.pipeline import unlearning_pipeline
+    from pipeline_lib.activations import activation_grams, decompose_gram
     from pipeline_lib.config import load_params
     from pipeline_lib.data import load_prepared
     from pipeline_lib.fisher import fisher_diagonal
@@ -75,9 +76,12 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     try:
         argv = ["stats", "fisher", "--split", "forget", "--params", params_path, "--shards", "3"]
         assert main(argv) == 0
+        out = capsys.readouterr().out
+        argv = ["stats", "activations", "--split", "retain", "--params", params_path]
+        assert main(argv + ["--shards", "2", "--workers", "2"]) == 0
+        out_act = capsys.readouterr().out
     finally:
         ray.shutdown()
-    out = capsys.readouterr().out
     path = Path(out.strip().splitlines()[-1].split(" (content hash")[0])
     assert path.is_file() and path.parent == project / "artifacts" / "stats"
     tensors, meta = load_stats(path)
@@ -98,6 +102,18 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     )
     for k in want:
         torch.testing.assert_close(tensors[k], want[k], rtol=1e-4, atol=1e-9)
+
+    # --- activation statistics of the retain split: U and S of every layer's inputs
+    act_path = Path(out_act.strip().splitlines()[-1].split(" (content hash")[0])
+    act, act_meta = load_stats(act_path)
+    assert act_meta["config"]["statistic"] == "activations" and act_meta["config"]["n_shards"] == 2
+    Xr, _ = data.subset(man.retain_ids)
+    grams, n = activation_grams(model, torch.from_numpy(Xr))
+    assert act_meta["config"]["n"] == n == len(man.retain_ids)
+    for name, g in grams.items():
+        u, s = decompose_gram(g)
+        torch.testing.assert_close(act[f"{name}.S"], s, rtol=1e-3, atol=1e-3 * float(s[0]))
+        assert act[f"{name}.U"].shape == u.shape
 
 
 def test_cli_stats_rejects_bad_split(capsys):
