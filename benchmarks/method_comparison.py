@@ -58,6 +58,10 @@ def main() -> None:
     ap.add_argument("--max-test", type=int, default=None)
     ap.add_argument("--methods", default=None, help="comma-separated (default: all registered)")
     ap.add_argument("--workdir", default="/tmp/unlearnflow-method-comparison")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter"
+    )
+    ap.add_argument("--tag", default="", help="suffix of the request id (separate reports)")
     args = ap.parse_args()
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -76,6 +80,13 @@ def main() -> None:
     params["evaluate"]["n_models"] = args.models
     params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
     params["request"]["file"] = "requests/bench.yaml"
+    for item in args.set:
+        key, value = item.split("=", 1)
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
     scratch_project(root, params)
 
     from flows.evaluate import default_methods, evaluate_flow
@@ -83,7 +94,7 @@ def main() -> None:
 
     methods = args.methods.split(",") if args.methods else default_methods()
     for fraction in [float(f) for f in args.fractions.split(",")]:
-        rid = f"bench-{args.data}-{fraction:g}-n{args.models}-m{args.subset_models}"
+        rid = f"bench-{args.data}-{fraction:g}-n{args.models}-m{args.subset_models}{args.tag}"
         (root / "requests" / "bench.yaml").write_text(
             f"request_id: {rid}\nreason: benchmark\nforget:\n  fraction: {fraction}\n  seed: 0\n"
         )
