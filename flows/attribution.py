@@ -151,16 +151,27 @@ def ensure_store(
     """Train whatever ``n_models`` models of this store are missing (nothing when complete) and
     return (store directory, stats with its masks digest). For use inside a flow."""
     spec = store_spec(params, data, kind, n_models, base_mask, seed)
-    store_root = params.resolve(params.attribution.out_dir) / f"{kind}-{spec.digest[:16]}"
-    stats = train_store(
+    store_root = store_dir(params, spec)
+    return str(store_root), train_spec(params, spec, store_root, base_mask)
+
+
+def store_dir(params: Params, spec: StoreSpec) -> Path:
+    """Where the store of ``spec`` lives: named by its kind and digest."""
+    return params.resolve(params.attribution.out_dir) / f"{spec.kind}-{spec.digest[:16]}"
+
+
+def train_spec(
+    params: Params, spec: StoreSpec, store_root: Path, base_mask: np.ndarray | None
+) -> dict[str, Any]:
+    """Run :func:`train_store` for ``spec`` with the data and Ray settings of ``params``."""
+    return train_store(
         str(store_root),
         spec,
         str(params.resolve(params.data.out_dir)),
         to_dict(params.ray),
         base_mask.tolist() if base_mask is not None else None,
-        f"{kind}-{spec.digest[:12]}",
+        f"{spec.kind}-{spec.digest[:12]}",
     )
-    return str(store_root), stats
 
 
 @task(name="datamodel-lds")
@@ -215,7 +226,7 @@ def attribution_flow(
     else:
         raise ValueError(f"kind {kind!r} unknown; valid: subsets, oracles")
     spec = store_spec(params, data, kind, n_models, base_mask)
-    store_root = params.resolve(params.attribution.out_dir) / f"{kind}-{spec.digest[:16]}"
+    store_root = store_dir(params, spec)
     run_name = run_name or f"attribution-{spec.digest[:12]}"
     run_id = tracking.start_run(
         tr.mlflow_uri,
@@ -231,14 +242,7 @@ def attribution_flow(
         str(root),
     )
     try:
-        stats = train_store(
-            str(store_root),
-            spec,
-            str(params.resolve(params.data.out_dir)),
-            to_dict(params.ray),
-            base_mask.tolist() if base_mask is not None else None,
-            f"{kind}-{spec.digest[:12]}",
-        )
+        stats = train_spec(params, spec, store_root, base_mask)
         result: dict[str, Any] = {"store": str(store_root), "stats": stats, "run_id": run_id}
         heldout = params.attribution.lds_heldout
         if kind == "subsets" and 0 < heldout < n_models - 1:

@@ -8,16 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from mlflow.entities import Param, RunTag
 from prefect import task
 
 from pipeline_lib import lm_steps
 from pipeline_lib.config import parse_section
 from pipeline_lib.lm_config import LMModelConfig, LMParams, LMTrainConfig, LMUnlearnConfig
-from pipeline_lib.requests import load_manifests
 from pipeline_lib.text import load_corpus
 from tasks.compute import CACHED
-from tasks.tracking import RETRY, _dataset_input, client_for
+from tasks.tracking import RETRY, log_dataset_lineage
 
 
 def _splits(data: dict[str, str]) -> lm_steps.TextSplits:
@@ -94,38 +92,15 @@ def log_text_lineage(
 ) -> None:
     """Params; the prepared corpus (ids, groups, splits) and the forget/retain manifests as
     dataset inputs with their DVC md5s; the corpus content hash as a tag."""
-    client = client_for(uri)
-    client.log_batch(
-        run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(flat_params.items())]
-    )
     corpus = load_corpus(data["prepared_dir"])
-    man = load_manifests(data["manifests_dir"])
     table = pd.DataFrame({"doc_id": corpus.ids, "group": corpus.groups, "split": corpus.split})
-    inputs = [
-        _dataset_input(
-            table,
-            str(Path(data["prepared_dir"]).resolve()),
-            f"{corpus.meta['dataset']}-prepared",
-            "training",
-            {"dvc_md5": data["prepared_md5"], "content_hash": corpus.content_hash},
-        )
-    ]
-    for split, ids in (("forget", man.forget_ids), ("retain", man.retain_ids)):
-        inputs.append(
-            _dataset_input(
-                pd.DataFrame({"doc_id": ids}),
-                str(Path(data["manifests_dir"]).resolve() / f"{split}_ids.parquet"),
-                f"{man.summary['request']['request_id']}-{split}",
-                split,
-                {"dvc_md5": data["manifests_md5"], "request_digest": man.summary["request_digest"]},
-            )
-        )
-    client.log_inputs(run_id, datasets=inputs)
-    client.log_batch(
+    log_dataset_lineage(
+        uri,
         run_id,
-        tags=[
-            RunTag("data_content_hash", corpus.content_hash),
-            RunTag("dvc.prepared_md5", data["prepared_md5"]),
-            RunTag("dvc.manifests_md5", data["manifests_md5"]),
-        ],
+        flat_params,
+        data,
+        table,
+        corpus.meta["dataset"],
+        corpus.content_hash,
+        id_column="doc_id",
     )

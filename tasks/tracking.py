@@ -94,30 +94,36 @@ def _dataset_input(
     return DatasetInput(ds._to_mlflow_entity(), [InputTag(k, str(v)) for k, v in all_tags.items()])
 
 
-@task(name="mlflow-log-lineage", **RETRY)
-def log_lineage(uri: str, run_id: str, flat_params: dict[str, Any], data: dict[str, str]) -> None:
-    """Params, and the prepared data and manifests as dataset inputs with DVC md5 tags."""
+def log_dataset_lineage(
+    uri: str,
+    run_id: str,
+    flat_params: dict[str, Any],
+    data: dict[str, str],
+    table: pd.DataFrame,
+    dataset: str,
+    content_hash: str,
+    id_column: str = "sample_id",
+) -> None:
+    """Params; the prepared data (``table`` of its ids) and the forget/retain manifests as
+    dataset inputs tagged with their DVC md5s; content hash and md5s as run tags. Shared by
+    the image and the language-model pipelines."""
     client = client_for(uri)
     params = [Param(k, str(v)[:6000]) for k, v in sorted(flat_params.items())]
     client.log_batch(run_id, params=params)
-    prepared = load_prepared(data["prepared_dir"])
     man = load_manifests(data["manifests_dir"])
-    ids_table = pd.DataFrame(
-        {"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y}
-    )
     inputs = [
         _dataset_input(
-            ids_table,
+            table,
             str(Path(data["prepared_dir"]).resolve()),
-            f"{prepared.meta['dataset']}-prepared",
+            f"{dataset}-prepared",
             "training",
-            {"dvc_md5": data["prepared_md5"], "content_hash": prepared.content_hash},
+            {"dvc_md5": data["prepared_md5"], "content_hash": content_hash},
         ),
     ]
     for split, ids in (("forget", man.forget_ids), ("retain", man.retain_ids)):
         inputs.append(
             _dataset_input(
-                pd.DataFrame({"sample_id": ids}),
+                pd.DataFrame({id_column: ids}),
                 str(Path(data["manifests_dir"]).resolve() / f"{split}_ids.parquet"),
                 f"{man.summary['request']['request_id']}-{split}",
                 split,
@@ -128,10 +134,20 @@ def log_lineage(uri: str, run_id: str, flat_params: dict[str, Any], data: dict[s
     client.log_batch(
         run_id,
         tags=[
-            RunTag("data_content_hash", prepared.content_hash),
+            RunTag("data_content_hash", content_hash),
             RunTag("dvc.prepared_md5", data["prepared_md5"]),
             RunTag("dvc.manifests_md5", data["manifests_md5"]),
         ],
+    )
+
+
+@task(name="mlflow-log-lineage", **RETRY)
+def log_lineage(uri: str, run_id: str, flat_params: dict[str, Any], data: dict[str, str]) -> None:
+    """Params, and the prepared data and manifests as dataset inputs with DVC md5 tags."""
+    prepared = load_prepared(data["prepared_dir"])
+    table = pd.DataFrame({"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y})
+    log_dataset_lineage(
+        uri, run_id, flat_params, data, table, prepared.meta["dataset"], prepared.content_hash
     )
 
 
