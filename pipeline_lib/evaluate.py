@@ -146,30 +146,40 @@ def build_report(
     table = {name: {**m, "avg_gap": avg_gap(m, oracle)} for name, m in models.items()}
     return {
         "models": table,
-        "cost": {
-            "unlearn_seconds": unlearn_seconds,
-            "retrain_seconds": retrain_seconds,
-            "unlearn_over_retrain": unlearn_seconds / retrain_seconds
-            if retrain_seconds > 0
-            else float("nan"),
-        },
+        "cost": cost(unlearn_seconds, retrain_seconds),
         **(dict(extra) if extra else {}),
+    }
+
+
+def cost(unlearn_seconds: float, retrain_seconds: float) -> dict[str, float]:
+    """The cost block of a report: both times and their ratio (NaN without a retrain time)."""
+    return {
+        "unlearn_seconds": unlearn_seconds,
+        "retrain_seconds": retrain_seconds,
+        "unlearn_over_retrain": unlearn_seconds / retrain_seconds
+        if retrain_seconds > 0
+        else float("nan"),
     }
 
 
 SUMMARY_COLUMNS = ("forget_acc", "RA", "TA", "UA", "MIA_efficacy", "loss_MIA_AUC", "avg_gap")
 
 
-def format_table(report: Mapping) -> str:
+def format_table(
+    report: Mapping,
+    columns: tuple[str, ...] = SUMMARY_COLUMNS,
+    width: int = 14,
+    digits: int = 3,
+) -> str:
     """Plain-text summary table of a report (one row per model) plus the cost line."""
-    header = f"{'model':<12}" + "".join(f"{c:>14}" for c in SUMMARY_COLUMNS)
+    header = f"{'model':<12}" + "".join(f"{c:>{width}}" for c in columns)
     lines = [header, "-" * len(header)]
     for name, m in report["models"].items():
-        lines.append(f"{name:<12}" + "".join(f"{m[c]:>14.3f}" for c in SUMMARY_COLUMNS))
-    cost = report["cost"]
+        lines.append(f"{name:<12}" + "".join(f"{m[c]:>{width}.{digits}f}" for c in columns))
+    c = report["cost"]
     lines.append(
-        f"unlearning {cost['unlearn_seconds']:.2f}s vs retraining {cost['retrain_seconds']:.2f}s "
-        f"(ratio {cost['unlearn_over_retrain']:.3f})"
+        f"unlearning {c['unlearn_seconds']:.2f}s vs retraining {c['retrain_seconds']:.2f}s "
+        f"(ratio {c['unlearn_over_retrain']:.{digits}f})"
     )
     return "\n".join(lines)
 

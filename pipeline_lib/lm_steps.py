@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from pipeline_lib import lm
-from pipeline_lib.evaluate import loss_mia_auc
+from pipeline_lib.evaluate import cost, format_table, loss_mia_auc
 from pipeline_lib.io import atomic_path, load_weights, save_weights, state_dict_digest, write_json
 from pipeline_lib.lm_config import LMModelConfig, LMParams, LMTrainConfig, LMUnlearnConfig
 from pipeline_lib.lm_methods import LMUnlearnInputs, get_lm_method
@@ -279,28 +279,13 @@ def build_lm_report(
     return {
         "kind": "lm",
         "models": table,
-        "cost": {
-            "unlearn_seconds": unlearn_seconds,
-            "retrain_seconds": retrain_seconds,
-            "unlearn_over_retrain": unlearn_seconds / retrain_seconds
-            if retrain_seconds > 0
-            else float("nan"),
-        },
+        "cost": cost(unlearn_seconds, retrain_seconds),
         **(dict(extra) if extra else {}),
     }
 
 
 def format_lm_table(report: Mapping) -> str:
-    header = f"{'model':<12}" + "".join(f"{c:>20}" for c in LM_SUMMARY_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for name, m in report["models"].items():
-        lines.append(f"{name:<12}" + "".join(f"{m[c]:>20.4f}" for c in LM_SUMMARY_COLUMNS))
-    cost = report["cost"]
-    lines.append(
-        f"unlearning {cost['unlearn_seconds']:.2f}s vs retraining {cost['retrain_seconds']:.2f}s "
-        f"(ratio {cost['unlearn_over_retrain']:.4f})"
-    )
-    return "\n".join(lines)
+    return format_table(report, LM_SUMMARY_COLUMNS, width=20, digits=4)
 
 
 def plot_lm_report(report: Mapping, path: str | Path) -> None:

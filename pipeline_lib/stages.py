@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 
 from pipeline_lib.config import ConfigError, load_params
 from pipeline_lib.data import load_prepared, prepare_dataset
@@ -34,18 +35,32 @@ def run_extract(params_path: str) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline_lib.stages")
+def stage_main(
+    prog: str,
+    default_params: str,
+    prepare: Callable[[str], dict],
+    extract: Callable[[str], dict],
+    argv: list[str] | None = None,
+) -> int:
+    """Command line of a DVC stage module: ``prepare|extract --params FILE``; input errors
+    print one line and exit 2. Shared by the image and the text stages."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("stage", choices=["prepare", "extract"])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default=default_params)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        (run_prepare if args.stage == "prepare" else run_extract)(args.params)
+        (prepare if args.stage == "prepare" else extract)(args.params)
     except (ConfigError, RequestError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return stage_main(
+        "python -m pipeline_lib.stages", "params.yaml", run_prepare, run_extract, argv
+    )
 
 
 if __name__ == "__main__":

@@ -7,12 +7,12 @@ the id manifests to ``data/text/forget``. The LM flow runs these through ``dvc r
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
-from pipeline_lib.lm_config import ConfigError, load_lm_params
-from pipeline_lib.requests import RequestError, load_request, write_manifests
+from pipeline_lib.lm_config import load_lm_params
+from pipeline_lib.requests import load_request, write_manifests
+from pipeline_lib.stages import stage_main
 from pipeline_lib.text import (
     MANIFESTS_DIR,
     PREPARED_DIR,
@@ -40,17 +40,9 @@ def run_extract(params_path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline_lib.text_stages")
-    parser.add_argument("stage", choices=["prepare", "extract"])
-    parser.add_argument("--params", default="params-lm.yaml")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (run_prepare if args.stage == "prepare" else run_extract)(args.params)
-    except (ConfigError, RequestError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return stage_main(
+        "python -m pipeline_lib.text_stages", "params-lm.yaml", run_prepare, run_extract, argv
+    )
 
 
 if __name__ == "__main__":
