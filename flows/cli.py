@@ -6,7 +6,7 @@
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--params ...] [--set ...]
     unlearn requests validate FILE [FILE ...] [--params params.yaml]
-    unlearn stats fisher|activations --split retain|forget [--request FILE] [--shards N] [--workers W]
+    unlearn stats fisher|activations --split retain|forget [--request FILE] [--shards N] [--workers W] [--force]
     unlearn methods
 
 Every argument is checked before any work starts: a wrong name fails at once and lists the
@@ -195,13 +195,21 @@ def cmd_stats(args: argparse.Namespace) -> int:
     from flows.stats import statistics_flow
 
     result = statistics_flow(
-        params_path=args.params, overrides=overrides, statistic=args.statistic, split=args.split
+        params_path=args.params,
+        overrides=overrides,
+        statistic=args.statistic,
+        split=args.split,
+        force=args.force,
     )
-    print(
-        f"\n{args.statistic} statistics of {result['split']} ({result['request_id']}): "
-        f"{result['n']} samples in {result['shards']} shards, {result['workers']} workers, "
-        f"{result['wall_seconds']:.2f}s ({result['samples_per_second']:.1f} samples/s)"
-    )
+    head = f"\n{args.statistic} statistics of {result['split']} ({result['request_id']}): "
+    if result["reused"]:
+        print(head + f"{result['n']} samples, already stored (--force recomputes them)")
+    else:
+        print(
+            head + f"{result['n']} samples in {result['shards']} shards, {result['workers']} "
+            f"workers, {result['wall_seconds']:.2f}s ({result['samples_per_second']:.1f} samples/s)"
+        )
+    print(f"MLflow run {result['mlflow_run_id']}")
     print(f"{result['path']} (content hash {result['digest'][:16]})")
     return 0
 
@@ -291,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--request", help="deletion request YAML (overrides request.file)")
     st.add_argument("--shards", type=int, help="number of Parquet shards (stats.n_shards)")
     st.add_argument("--workers", type=int, help="shard tasks in flight (stats.workers)")
+    st.add_argument(
+        "--force", action="store_true", help="recompute even if the statistics are stored"
+    )
     st.add_argument("--params", default="params.yaml")
     st.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
     st.set_defaults(func=cmd_stats, method=None)

@@ -106,6 +106,7 @@ def build_problem(store: AttributionStore, prepared_dir: str, manifests_dir: str
         np.sort(retain),
         np.flatnonzero(split == "test"),
         data.n_classes,
+        ids=np.asarray(ids, dtype=str),
     )
 
 

@@ -21,6 +21,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
+from flows.stats import fisher_statistics
 from pipeline_lib.config import Params, environment_overrides, flatten, load_params, to_dict
 from pipeline_lib.data import load_prepared
 from pipeline_lib.evaluate import SUMMARY_COLUMNS
@@ -38,6 +39,22 @@ def _with_files(task, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any
         return result
     get_run_logger().warning("%s: cached artifacts missing on disk, recomputing", task.name)
     return task.with_options(refresh_cache=True)(*args)
+
+
+def fisher_files(fisher: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the (cached) unlearning task needs of the Fisher statistics: the files and their
+    content hashes, nothing that changes between runs that reuse them."""
+    if fisher is None:
+        return None
+    keys = ("forget_path", "retain_path", "forget_digest", "retain_digest")
+    return {k: fisher[k] for k in keys}
+
+
+def fisher_metrics(fisher: dict[str, Any]) -> dict[str, float]:
+    return {
+        "time.fisher_seconds": fisher["seconds"],
+        **{f"stats.fisher_{s}_reused": float(fisher[f"{s}_reused"]) for s in ("forget", "retain")},
+    }
 
 
 def artifact_key(prefix: str, name: str) -> str:
@@ -189,15 +206,15 @@ def unlearning_pipeline(
         )
         fisher = None
         if method.needs_fisher:
-            fisher = _with_files(
-                compute.fisher_statistics,
-                ("forget_path", "retain_path"),
-                request_data,
-                original,
-                cfg["model"],
-                cfg["fisher"],
-                artifacts,
-                code,
+            fisher = fisher_statistics(params, original)
+            tracking.set_tags(
+                tr.mlflow_uri,
+                run_id,
+                {
+                    f"stats.fisher_{s}.{k}": str(fisher[f"{s}_{k}"])
+                    for s in ("forget", "retain")
+                    for k in ("digest", "path")
+                },
             )
         store = None
         if method.needs_targets:
@@ -210,7 +227,7 @@ def unlearning_pipeline(
             cfg["model"],
             cfg["train"],
             cfg["unlearn"],
-            fisher,
+            fisher_files(fisher),
             artifacts,
             code,
             store,
@@ -241,7 +258,7 @@ def unlearning_pipeline(
             "time.original_train_seconds": original["seconds"],
             "time.oracle_train_seconds": oracle["seconds"],
             "time.method_seconds": unlearned["seconds"],
-            **({"time.fisher_seconds": fisher["seconds"]} if fisher else {}),
+            **(fisher_metrics(fisher) if fisher else {}),
             **{
                 f"method.{k}": float(v)
                 for k, v in unlearned["info"].items()

@@ -11,19 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from typing import Any
 
 import numpy as np
+import torch
 from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import FisherConfig, Params, environment_overrides, load_params, to_dict
 from pipeline_lib.data import load_prepared
-from pipeline_lib.io import load_weights, state_dict_digest
+from pipeline_lib.fisher import fisher_diagonal
+from pipeline_lib.io import load_weights
 from pipeline_lib.requests import load_manifests, load_request
-from pipeline_lib.stats import means, reduce_sums, save_stats, write_shards
-from pipeline_lib.steps import code_version, fisher_config, fisher_split_ids
-from tasks import compute
+from pipeline_lib.stats import (
+    find_stats,
+    means,
+    reduce_sums,
+    save_stats,
+    stats_identity,
+    stats_path,
+    write_shards,
+)
+from pipeline_lib.steps import code_version, fisher_config, fisher_split_ids, load_model
+from tasks import compute, tracking
 from tasks import stats as ray_stats
 
 STATISTICS = ("fisher", "activations")
@@ -57,12 +68,41 @@ def shard_split(params: Params, statistic: str, split: str) -> list[str]:
     return [str(p) for p in write_shards(ids, X, y, out, params.stats.n_shards)]
 
 
+def identity_for(
+    params: Params, statistic: str, split: str, weights_digest: str, content_hash: str
+) -> dict[str, Any]:
+    """The identity (:func:`pipeline_lib.stats.stats_identity`) of a statistic of the model
+    with ``weights_digest`` on this request's split."""
+    ids = split_ids(params, statistic, split)
+    options = fisher_options(params.fisher) if statistic == "fisher" else {}
+    return stats_identity(statistic, split, weights_digest, content_hash, ids, options)
+
+
+def fisher_options(cfg: FisherConfig) -> dict[str, Any]:
+    """The Fisher settings that change its values (``max_retain`` acts through the ids)."""
+    return {"kind": cfg.kind, "seed": cfg.seed, "dtype": "float32"}
+
+
+def _save(
+    params: Params, statistic: str, split: str, identity: dict[str, Any], tensors, extra: dict
+) -> tuple[str, str]:
+    if statistic == "fisher":
+        config = fisher_config(params.fisher, split, identity["n"], **extra)
+    else:
+        config = {"statistic": "activations", "split": split, "n": identity["n"], **extra}
+    config["identity"] = identity
+    path = stats_path(params.resolve(params.stats.out_dir), identity)
+    digest = save_stats(tensors, path, config)  # atomic; metadata: config and content hash
+    return str(path), digest
+
+
 @task(name="sharded-statistics")
 def sharded_statistics(
     params: Params, statistic: str, split: str, shards: list[str], weights: dict[str, Any]
 ) -> dict[str, Any]:
-    """One Ray task per shard, reduce in shard order, save. Fisher: the means I_S; activations:
-    ``<layer>.U`` and ``<layer>.S`` of every layer's Gram matrix."""
+    """One Ray task per shard, reduce in shard order, save under the statistic's identity.
+    Fisher: the means I_S; activations: ``<layer>.U`` and ``<layer>.S`` of every layer's
+    Gram matrix."""
     data = load_prepared(params.resolve(params.data.out_dir))
     state = load_weights(weights["path"])
     if statistic == "fisher":
@@ -70,6 +110,7 @@ def sharded_statistics(
         options = {"kind": f.kind, "batch_size": f.batch_size, "seed": f.seed}
     else:
         options = {"batch_size": params.stats.batch_size}
+    t0 = time.perf_counter()
     run = ray_stats.run_shards(
         statistic,
         state,
@@ -82,32 +123,126 @@ def sharded_statistics(
         params.stats.workers,
     )
     sums, n = reduce_sums(run["parts"])
-    meta = {
-        "weights_digest": weights["digest"],
-        "data_content_hash": data.content_hash,
-        "n_shards": len(shards),
-    }
     if statistic == "fisher":
         tensors = means(sums, n)
-        config = fisher_config(params.fisher, split, n, **meta)
     else:
         from pipeline_lib.activations import decompose_grams
 
         tensors = decompose_grams(sums)
-        config = {"statistic": "activations", "split": split, "n": n, **meta}
-    digest = state_dict_digest(tensors)
-    path = params.resolve(params.stats.out_dir) / f"{statistic}-{split}-{digest[:16]}.safetensors"
-    save_stats(tensors, path, config)  # atomic; metadata: config and this content hash
+    seconds = time.perf_counter() - t0
+    identity = identity_for(params, statistic, split, weights["digest"], data.content_hash)
+    if identity["n"] != n:
+        raise RuntimeError(
+            f"{statistic} of {split}: shards hold {n} samples, expected {identity['n']}"
+        )
+    extra = {
+        "weights_digest": weights["digest"],
+        "data_content_hash": data.content_hash,
+        "backend": "ray",
+        "n_shards": len(shards),
+        "seconds": seconds,
+    }
+    path, digest = _save(params, statistic, split, identity, tensors, extra)
     return {
-        "path": str(path),
+        "path": path,
         "digest": digest,
         "n": n,
         "shards": len(shards),
+        "seconds": seconds,
         "wall_seconds": run["wall_seconds"],
         "samples_per_second": run["samples_per_second"],
         "workers": run["workers"],
         "nodes": run["nodes"],
+        "reused": False,
+        "identity": identity,
     }
+
+
+def local_fisher(params: Params, split: str, weights: dict[str, Any]) -> dict[str, Any]:
+    """The Fisher diagonal of one split in this process (``stats.fisher_backend: local``),
+    saved under the same identity as the sharded result (sampled labels are keyed by sample
+    id, so the values are the same)."""
+    data = load_prepared(params.resolve(params.data.out_dir))
+    model = load_model(weights["path"], params.model, data)
+    ids = split_ids(params, "fisher", split)
+    X, y = data.subset(ids)
+    f = params.fisher
+    t0 = time.perf_counter()
+    tensors = fisher_diagonal(
+        model,
+        torch.from_numpy(X),
+        torch.from_numpy(y),
+        kind=f.kind,
+        batch_size=f.batch_size,
+        seed=f.seed,
+        sample_ids=list(ids),
+    )
+    seconds = time.perf_counter() - t0
+    identity = identity_for(params, "fisher", split, weights["digest"], data.content_hash)
+    extra = {
+        "weights_digest": weights["digest"],
+        "data_content_hash": data.content_hash,
+        "backend": "local",
+        "seconds": seconds,
+    }
+    path, digest = _save(params, "fisher", split, identity, tensors, extra)
+    return {"path": path, "digest": digest, "n": len(ids), "seconds": seconds, "reused": False}
+
+
+def lookup(params: Params, statistic: str, split: str, weights: dict[str, Any]) -> dict | None:
+    """The stored statistic of this model and split, or None (:func:`find_stats`)."""
+    data = load_prepared(params.resolve(params.data.out_dir))
+    identity = identity_for(params, statistic, split, weights["digest"], data.content_hash)
+    found = find_stats(params.resolve(params.stats.out_dir), identity)
+    if found is None:
+        return None
+    path, _, meta = found
+    cfg = meta["config"]
+    return {
+        "path": str(path),
+        "digest": meta["digest"],
+        "n": identity["n"],
+        "seconds": float(cfg.get("seconds", 0.0)),
+        "shards": int(cfg.get("n_shards", 1)),
+        "reused": True,
+        "identity": identity,
+    }
+
+
+@task(name="fisher-statistics")
+def fisher_statistics(params: Params, weights: dict[str, Any]) -> dict[str, Any]:
+    """I_F and I_R of the original model for the pipeline: looked up in ``stats.out_dir``
+    (written by ``unlearn stats fisher`` or an earlier run, for any method that needs them),
+    else computed with ``stats.fisher_backend`` and stored there. ``seconds`` is what the
+    statistics cost to compute, whether now or when they were stored."""
+    logger = get_run_logger()
+    out: dict[str, Any] = {}
+    for split in ("forget", "retain"):
+        res = lookup(params, "fisher", split, weights)
+        if res is None:
+            if params.stats.fisher_backend == "ray":
+                shards = shard_split.fn(params, "fisher", split)
+                res = sharded_statistics.fn(params, "fisher", split, shards, weights)
+            else:
+                res = local_fisher(params, split, weights)
+        logger.info(
+            "Fisher %s (%d samples): %s %s",
+            split,
+            res["n"],
+            "reused" if res["reused"] else f"computed ({params.stats.fisher_backend})",
+            res["path"],
+        )
+        out.update(
+            {
+                f"{split}_path": res["path"],
+                f"{split}_digest": res["digest"],
+                f"{split}_reused": res["reused"],
+                f"n_{split}": res["n"],
+                f"{split}_seconds": res["seconds"],
+            }
+        )
+    out["seconds"] = out["forget_seconds"] + out["retain_seconds"]
+    return out
 
 
 @flow(name="statistics")
@@ -116,8 +251,11 @@ def statistics_flow(
     overrides: dict[str, Any] | None = None,
     statistic: str = "fisher",
     split: str = "retain",
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Compute one sharded statistic of the original model on a request's split."""
+    """Compute one sharded statistic of the original model on a request's split, or find
+    it already stored under its identity (``force``: recompute and replace it). Logs an
+    MLflow run ``stats-<statistic>-<split>-<request id>``."""
     from flows.pipeline import _with_files, stage_data
 
     if statistic not in STATISTICS:
@@ -141,16 +279,34 @@ def statistics_flow(
         str(params.resolve(params.tracking.artifacts_dir)),
         code_version(),
     )
-    shards = shard_split(params, statistic, split)
-    result = sharded_statistics(params, statistic, split, shards, original)
-    get_run_logger().info(
-        "%s statistics of %s (%d samples, %d shards, %d workers) in %.2fs -> %s",
-        statistic,
-        split,
-        result["n"],
-        result["shards"],
-        result["workers"],
-        result["wall_seconds"],
-        result["path"],
+    result = None if force else lookup(params, statistic, split, original)
+    if result is None:
+        shards = shard_split(params, statistic, split)
+        result = sharded_statistics(params, statistic, split, shards, original)
+    if result["reused"]:
+        get_run_logger().info(
+            "%s statistics of %s (%d samples) found, not recomputed: %s",
+            statistic,
+            split,
+            result["n"],
+            result["path"],
+        )
+    else:
+        get_run_logger().info(
+            "%s statistics of %s (%d samples, %d shards, %d workers) in %.2fs -> %s",
+            statistic,
+            split,
+            result["n"],
+            result["shards"],
+            result["workers"],
+            result["wall_seconds"],
+            result["path"],
+        )
+    result["mlflow_run_id"] = tracking.log_statistics(
+        params.tracking.mlflow_uri,
+        params.tracking.experiment,
+        request.request_id,
+        {**result, "statistic": statistic, "split": split},
+        {**data, "manifests_md5": md5s["extract"][params.request.out_dir]},
     )
     return {**result, "request_id": request.request_id, "split": split, "statistic": statistic}

@@ -56,6 +56,8 @@ class Problem:
     retain: np.ndarray
     validation: np.ndarray
     n_classes: int
+    #: Sample id of every target (T,); keys ``true_sampled`` Fisher labels as the pipeline does.
+    ids: np.ndarray | None = None
 
     def split_indices(self) -> dict[str, np.ndarray]:
         return {"forget": self.forget, "retain": self.retain, "validation": self.validation}
@@ -101,8 +103,14 @@ def unlearn_one(
     if method.needs_fisher:
         from pipeline_lib.steps import fisher_pair
 
+        ids = problem.ids
         fisher_f, fisher_r, _ = fisher_pair(
-            model, (problem.X[f], problem.y[f]), (problem.X[r], problem.y[r]), fisher_cfg
+            model,
+            (problem.X[f], problem.y[f]),
+            (problem.X[r], problem.y[r]),
+            fisher_cfg,
+            forget_ids=None if ids is None else list(ids[problem.forget]),
+            retain_ids=None if ids is None else list(ids[problem.retain]),
         )
     if method.needs_targets and (match is None or match.source != method.needs_targets):
         raise ValueError(f"method {method_name} needs matching targets from {method.needs_targets}")

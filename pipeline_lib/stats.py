@@ -12,7 +12,13 @@ floating-point reassociation (float64 test: any shard count, any worker count).
 - Activation Gram matrices (algorithms.md §5): :mod:`pipeline_lib.activations`.
 
 Results are safetensors files holding the statistics, with the config that produced them
-and a content hash in the metadata, written atomically (:func:`save_stats`).
+and a content hash in the metadata, written atomically (:func:`save_stats`). A file is named
+by its *identity* (:func:`stats_identity`): the statistic, the split, the model weights
+digest, the prepared data's content hash, a digest of the exact sample ids (so two requests
+with splits of the same size never share a file, and two requests with the same forget set
+do) and the options that change the values. Anyone who knows the model and the request can
+therefore find the file without computing it (:func:`stats_path`, :func:`find_stats`):
+``unlearn stats`` and the pipeline's Fisher step write and read the same store.
 
 This module is pure: the Ray edge is ``tasks/stats.py``.
 """
@@ -20,6 +26,7 @@ This module is pure: the Ray edge is ``tasks/stats.py``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,7 +41,7 @@ from safetensors import safe_open
 from torch import nn
 
 from pipeline_lib.fisher import fisher_diagonal_sum
-from pipeline_lib.io import atomic_path, save_weights
+from pipeline_lib.io import atomic_path, save_weights, state_dict_digest
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +187,93 @@ def save_stats(
     return save_weights(dict(tensors), path, {"config": json.dumps(config, sort_keys=True)})
 
 
-def load_stats(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, metadata with ``config`` decoded and ``digest``) of a statistics file."""
+class CorruptStats(ValueError):
+    """A statistics file whose tensors do not match the content hash in its metadata."""
+
+
+def load_stats(
+    path: str | Path, verify: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, metadata with ``config`` decoded and ``digest``) of a statistics file.
+    ``verify``: recompute the content hash and raise :class:`CorruptStats` if it differs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"statistics file not found: {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        meta = dict(fh.metadata() or {})
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118
+    except Exception as exc:  # truncated or not safetensors at all
+        raise CorruptStats(f"statistics file {path} is unreadable: {exc}") from exc
     meta["config"] = json.loads(meta.get("config", "{}"))
+    if verify and state_dict_digest(tensors) != meta.get("digest"):
+        raise CorruptStats(
+            f"statistics file {path}: its tensors do not match the content hash in its "
+            f"metadata ({str(meta.get('digest'))[:16]}); the file was changed or damaged"
+        )
     return tensors, meta
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def ids_digest(ids: Sequence[str]) -> str:
+    """sha256 of the sample ids in order (one per line)."""
+    return hashlib.sha256("\n".join(map(str, ids)).encode()).hexdigest()
+
+
+def stats_identity(
+    statistic: str,
+    split: str,
+    weights_digest: str,
+    data_content_hash: str,
+    ids: Sequence[str],
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a statistics file is *of*: everything that changes its values, and nothing that
+    does not (shard count, workers and batch size only reorder float additions)."""
+    return {
+        "statistic": statistic,
+        "split": split,
+        "weights_digest": weights_digest,
+        "data_content_hash": data_content_hash,
+        "ids_digest": ids_digest(ids),
+        "n": len(ids),
+        **dict(options or {}),
+    }
+
+
+def stats_key(identity: Mapping[str, Any]) -> str:
+    """16 hex digits naming ``identity``."""
+    return hashlib.sha256(json.dumps(dict(identity), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def stats_path(out_dir: str | Path, identity: Mapping[str, Any]) -> Path:
+    """``<out_dir>/<statistic>-<split>-<key>.safetensors``."""
+    return (
+        Path(out_dir)
+        / f"{identity['statistic']}-{identity['split']}-{stats_key(identity)}.safetensors"
+    )
+
+
+def find_stats(
+    out_dir: str | Path, identity: Mapping[str, Any]
+) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The stored statistics of ``identity``, verified, or None when there are none.
+
+    A file that is damaged (content hash mismatch, unreadable) or whose recorded identity
+    differs is reported with a warning and treated as missing: the caller recomputes it and
+    the atomic write replaces it."""
+    path = stats_path(out_dir, identity)
+    if not path.is_file():
+        return None
+    try:
+        tensors, meta = load_stats(path, verify=True)
+    except CorruptStats as exc:
+        log.warning("%s; recomputing it", exc)
+        return None
+    recorded = meta["config"].get("identity")
+    if recorded != dict(identity):
+        log.warning("statistics file %s records a different identity; recomputing it", path)
+        return None
+    return path, tensors, meta

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,6 @@ from pipeline_lib.methods import Method, UnlearnInputs, get_method
 from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
 from pipeline_lib.models import build_model
 from pipeline_lib.requests import Manifests, load_manifests
-from pipeline_lib.stats import save_stats
 from pipeline_lib.train import FitSettings, fit, predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
@@ -169,19 +169,26 @@ def fisher_pair(
     forget: tuple[torch.Tensor, torch.Tensor],
     retain: tuple[torch.Tensor, torch.Tensor],
     cfg: FisherConfig,
+    forget_ids: Sequence[str] | None = None,
+    retain_ids: Sequence[str] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
-    """Fisher diagonals I_F and I_R (R subsampled to ``cfg.max_retain``, seeded) and |R| used."""
+    """Fisher diagonals I_F and I_R (R subsampled to ``cfg.max_retain``, seeded) and |R| used.
+    With sample ids, ``true_sampled`` labels are keyed by id, as in the pipeline and
+    ``unlearn stats``; without, by position."""
     rX, ry = retain
     if cfg.max_retain is not None and cfg.max_retain < len(rX):
-        rows = torch.from_numpy(
-            np.sort(np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False))
+        rows = np.sort(
+            np.random.default_rng(cfg.seed).choice(len(rX), cfg.max_retain, replace=False)
         )
-        rX, ry = rX[rows], ry[rows]
+        rX, ry = rX[torch.from_numpy(rows)], ry[torch.from_numpy(rows)]
+        if retain_ids is not None:
+            retain_ids = [retain_ids[i] for i in rows]
+    opts = {"kind": cfg.kind, "batch_size": cfg.batch_size, "seed": cfg.seed}
     fisher_f = fisher_diagonal(
-        model, *forget, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
+        model, *forget, **opts, sample_ids=None if forget_ids is None else list(forget_ids)
     )
     fisher_r = fisher_diagonal(
-        model, rX, ry, kind=cfg.kind, batch_size=cfg.batch_size, seed=cfg.seed
+        model, rX, ry, **opts, sample_ids=None if retain_ids is None else list(retain_ids)
     )
     return fisher_f, fisher_r, len(rX)
 
@@ -211,44 +218,6 @@ def fisher_config(cfg: FisherConfig, split: str, n: int, **extra: Any) -> dict[s
         "n": n,
         **extra,
     }
-
-
-def fisher_step(
-    splits: Splits,
-    weights_path: str,
-    model_cfg: ModelConfig,
-    cfg: FisherConfig,
-    out_dir: str | Path,
-) -> dict[str, Any]:
-    """I_F and I_R of the original model, saved as safetensors with their config and content
-    hash (:func:`pipeline_lib.stats.save_stats`). Sampled labels are keyed by sample id, so
-    these equal the sharded statistics of ``unlearn stats fisher``. Returns paths and seconds."""
-    model = load_model(weights_path, model_cfg, splits.data)
-    t0 = time.perf_counter()
-    stats, out = {}, {}
-    for split in ("forget", "retain"):
-        ids = fisher_split_ids(splits.manifests, split, cfg)
-        X, y = splits.data.subset(ids)
-        stats[split] = fisher_diagonal(
-            model,
-            torch.from_numpy(X),
-            torch.from_numpy(y),
-            kind=cfg.kind,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-            sample_ids=list(ids),
-        )
-        out[f"n_{split}"] = len(ids)
-    seconds = time.perf_counter() - t0
-    out["seconds"] = seconds
-    meta = {"weights": Path(weights_path).name, "data_content_hash": splits.data.content_hash}
-    for name, tensors in stats.items():
-        digest = state_dict_digest(tensors)
-        path = Path(out_dir) / "fisher" / f"{name}-{digest[:16]}.safetensors"
-        save_stats(tensors, path, fisher_config(cfg, name, out[f"n_{name}"], **meta))
-        out[f"{name}_path"] = str(path)
-    log.info("Fisher diagonals (%s) in %.2fs", cfg.kind, seconds)
-    return out
 
 
 def matching_points(splits: Splits, multiple: float, seed: int) -> tuple[np.ndarray, torch.Tensor]:

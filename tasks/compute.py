@@ -18,7 +18,6 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 from pipeline_lib import steps
 from pipeline_lib.config import (
     AttributionConfig,
-    FisherConfig,
     ModelConfig,
     Params,
     TrainConfig,
@@ -54,25 +53,6 @@ def train_model(
         parse_section(ModelConfig, model),
         parse_section(TrainConfig, train),
         seed,
-        artifacts_dir,
-    )
-
-
-@task(name="fisher-statistics", **CACHED)
-def fisher_statistics(
-    data: dict[str, str],
-    weights: dict[str, Any],
-    model: dict,
-    fisher: dict,
-    artifacts_dir: str,
-    code: str,
-) -> dict[str, Any]:
-    """Per-sample Fisher diagonals I_F and I_R of the original model."""
-    return steps.fisher_step(
-        _splits(data),
-        weights["path"],
-        parse_section(ModelConfig, model),
-        parse_section(FisherConfig, fisher),
         artifacts_dir,
     )
 

@@ -238,6 +238,11 @@ def log_store(
     client.log_artifact(run_id, manifest, artifact_path="store")
 
 
+@task(name="mlflow-set-tags", **RETRY)
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client_for(uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
     client_for(uri).set_terminated(run_id, status=status)
 
@@ -289,3 +294,50 @@ def log_comparison(
     for path in files:
         client.log_artifact(parent_id, path, artifact_path="comparison")
     return children
+
+
+@task(name="mlflow-log-statistics", **RETRY)
+def log_statistics(
+    uri: str, experiment: str, request_id: str, result: dict[str, Any], data: dict[str, str]
+) -> str:
+    """One finished run ``stats-<statistic>-<split>-<request id>`` for ``unlearn stats``: the
+    statistic's identity and settings as params, samples/shards/workers/seconds as metrics,
+    the weights digest, data hash, ids digest, content hash and DVC md5s as tags, and a small
+    ``statistics.json`` artifact pointing at the file (the tensors are not copied)."""
+    client = client_for(uri)
+    identity = result["identity"]
+    run = client.create_run(
+        _experiment_id(client, experiment),
+        run_name=f"stats-{result['statistic']}-{result['split']}-{request_id}",
+        tags={
+            "kind": "statistics",
+            "stats.request_id": request_id,
+            "stats.statistic": result["statistic"],
+            "stats.split": result["split"],
+            "stats.reused": str(bool(result["reused"])).lower(),
+            "stats.content_hash": result["digest"],
+            "stats.path": result["path"],
+            "weights.original.digest": identity["weights_digest"],
+            "data_content_hash": identity["data_content_hash"],
+            "stats.ids_digest": identity["ids_digest"],
+            "dvc.prepared_md5": data["prepared_md5"],
+            "dvc.manifests_md5": data["manifests_md5"],
+        },
+    )
+    run_id = run.info.run_id
+    now = int(time.time() * 1000)
+    params = {f"identity.{k}": v for k, v in identity.items() if not k.endswith(("digest", "hash"))}
+    metrics = {
+        k: float(result[k])
+        for k in ("n", "shards", "workers", "seconds", "wall_seconds", "samples_per_second")
+        if isinstance(result.get(k), int | float) and not isinstance(result.get(k), bool)
+    }
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, now, 0) for k, v in sorted(metrics.items())],
+        params=[Param(k, str(v)) for k, v in sorted(params.items())],
+    )
+    pointer = {k: result[k] for k in ("path", "digest", "n", "reused") if k in result}
+    client.log_dict(run_id, {**pointer, "identity": identity}, "statistics.json")
+    client.set_terminated(run_id, "FINISHED")
+    return run_id

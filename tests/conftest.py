@@ -48,6 +48,16 @@ def prefect_api():
         yield
 
 
+@pytest.fixture(autouse=True)
+def _stop_local_ray():
+    """A flow that needs Ray (sharded Fisher statistics, attribution stores) starts a local
+    Ray in the test process; stop it after the test so no test inherits another's cluster."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 def make_dvc_project(root: Path, params_text: str) -> Path:
     """A real DVC repo in ``root`` holding the project's dvc.yaml and stage code."""
     root.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,14 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     states = _task_states(state2.state_details.flow_run_id)
     assert states["train-model"] == ["Cached", "Cached"], states
     assert states["unlearn"] == ["Cached"], states
+    # the Fisher statistics were computed once (on Ray) and found again by the second run
+    assert m["stats.fisher_forget_reused"] == 0 and m["stats.fisher_retain_reused"] == 0
+    m2 = client.get_run(state2.result()["run_id"]).data.metrics
+    assert m2["stats.fisher_forget_reused"] == 1 and m2["stats.fisher_retain_reused"] == 1
+    assert m2["time.fisher_seconds"] == pytest.approx(m["time.fisher_seconds"])
+    stats_files = sorted((project / "artifacts" / "stats").glob("fisher-*.safetensors"))
+    assert len(stats_files) == 2
+    assert run.data.tags["stats.fisher_forget.path"] in map(str, stats_files)
     assert state2.result()["report"]["models"] == report["models"]
     runs = client.search_runs(
         [run.info.experiment_id], filter_string="tags.request_id = 'req-test-0001'"

@@ -11,12 +11,16 @@ from pipeline_lib.config import ModelConfig, RayConfig, to_dict
 from pipeline_lib.fisher import fisher_diagonal, id_uniforms
 from pipeline_lib.models import build_model
 from pipeline_lib.stats import (
+    CorruptStats,
+    find_stats,
     load_stats,
     means,
     read_shard,
     reduce_sums,
     save_stats,
     shard_bounds,
+    stats_identity,
+    stats_path,
     write_shards,
 )
 
@@ -129,6 +133,50 @@ def test_stats_file_has_config_and_hash(tmp_path):
         load_stats(tmp_path / "missing.safetensors")
 
 
+def test_identity_separates_requests_of_the_same_size():
+    ids, _, _ = _data(10)
+    opts = {"kind": "true_sampled", "seed": 0}
+    a = stats_identity("fisher", "forget", "w" * 64, "d" * 64, ids[:5], opts)
+    b = stats_identity("fisher", "forget", "w" * 64, "d" * 64, ids[5:], opts)
+    assert a["n"] == b["n"] == 5 and stats_path("s", a) != stats_path("s", b)
+    same = stats_identity("fisher", "forget", "w" * 64, "d" * 64, list(ids[:5]), opts)
+    assert stats_path("s", same) == stats_path("s", a)
+    for changed in (
+        stats_identity("fisher", "retain", "w" * 64, "d" * 64, ids[:5], opts),
+        stats_identity("fisher", "forget", "v" * 64, "d" * 64, ids[:5], opts),
+        stats_identity("fisher", "forget", "w" * 64, "d" * 64, ids[:5], {**opts, "seed": 1}),
+    ):
+        assert stats_path("s", changed) != stats_path("s", a)
+
+
+def test_find_stats_verifies_the_file(tmp_path, caplog):
+    ids, _, _ = _data(6)
+    identity = stats_identity("fisher", "forget", "w" * 64, "d" * 64, ids, {"kind": "x"})
+    assert find_stats(tmp_path, identity) is None
+    path = stats_path(tmp_path, identity)
+    t = {"w": torch.arange(6.0).view(2, 3)}
+    save_stats(t, path, {"identity": identity})
+    found = find_stats(tmp_path, identity)
+    assert found is not None and found[0] == path
+    torch.testing.assert_close(found[1]["w"], t["w"])
+    # a file that records another identity is not taken for this one
+    save_stats(t, path, {"identity": {**identity, "n": 7}})
+    assert find_stats(tmp_path, identity) is None
+    # a damaged file: load_stats(verify=True) names it; find_stats warns and reports it missing
+    save_stats(t, path, {"identity": identity})
+    raw = bytearray(path.read_bytes())
+    raw[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes inf
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CorruptStats, match="do not match the content hash"):
+        load_stats(path, verify=True)
+    with caplog.at_level("WARNING"):
+        assert find_stats(tmp_path, identity) is None
+    assert "recomputing" in caplog.text
+    path.write_bytes(b"not safetensors")
+    with pytest.raises(CorruptStats, match="unreadable"):
+        load_stats(path)
+
+
 @pytest.mark.parametrize("arch", ["cnn", "vit"])
 def test_sharded_activation_stats_equal_stacked_svd(tmp_path, local_ray, arch):
     from pipeline_lib.activations import decompose_grams, stacked_activations
@@ -163,3 +211,36 @@ def test_sharded_activation_stats_equal_stacked_svd(tmp_path, local_ray, arch):
             torch.testing.assert_close(grams[name], A.T @ A, rtol=1e-11, atol=1e-9)
             assert_same_space(grams[name], A)
             assert us[f"{name}.U"].shape == (A.shape[1], A.shape[1])
+
+
+def test_fisher_pair_keys_sampled_labels_by_id():
+    """`comparison.unlearn_one` (unlearn evaluate) computes Fisher through `fisher_pair`; with
+    the sample ids it gives the pipeline's values (retain subsample included), whatever the
+    order of the rows."""
+    from pipeline_lib.config import FisherConfig
+    from pipeline_lib.requests import Manifests
+    from pipeline_lib.steps import fisher_pair, fisher_split_ids
+
+    ids, X, y = _data(30)
+    model = build_model(MODELS["mlp"], SHAPE, N_CLASSES, seed=1).double()
+    Xt, yt = torch.from_numpy(X).double(), torch.from_numpy(y)
+    cfg = FisherConfig(kind="true_sampled", seed=3, max_retain=12, batch_size=8)
+    f_rows, r_rows = np.arange(6), np.arange(6, 30)
+    fisher_f, fisher_r, n_r = fisher_pair(
+        model,
+        (Xt[f_rows], yt[f_rows]),
+        (Xt[r_rows], yt[r_rows]),
+        cfg,
+        forget_ids=list(ids[f_rows]),
+        retain_ids=list(ids[r_rows]),
+    )
+    man = Manifests(forget_ids=ids[f_rows], retain_ids=ids[r_rows], summary={})
+    r_ids = fisher_split_ids(man, "retain", cfg)
+    assert n_r == len(r_ids) == 12
+    rows = np.searchsorted(ids, r_ids)
+    want_r = fisher_diagonal(model, Xt[rows], yt[rows], "true_sampled", 8, 3, list(r_ids))
+    perm = np.array([5, 3, 1, 0, 2, 4])  # the forget rows in another order
+    want_f = fisher_diagonal(model, Xt[perm], yt[perm], "true_sampled", 8, 3, list(ids[perm]))
+    for k in want_r:
+        torch.testing.assert_close(fisher_r[k], want_r[k])
+        torch.testing.assert_close(fisher_f[k], want_f[k])

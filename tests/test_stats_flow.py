@@ -120,3 +120,92 @@ def test_cli_stats_rejects_bad_split(capsys):
     with pytest.raises(SystemExit):
         main(["stats", "fisher", "--split", "test"])
     assert "invalid choice: 'test'" in capsys.readouterr().err
+
+
+def test_pipeline_reuses_the_stats_files(prefect_api, tmp_path: Path, capsys):
+    """`unlearn stats fisher` for both splits, then the pipeline finds those files instead of
+    recomputing (fisher_diagonal, then ssd on the same request); a second request with splits
+    of the same size gets its own files; every `unlearn stats` call is an MLflow run."""
+    from mlflow import MlflowClient
+
+    from flows.pipeline import unlearning_pipeline
+    from pipeline_lib.config import load_params
+    from pipeline_lib.data import load_prepared
+    from pipeline_lib.fisher import fisher_diagonal
+    from pipeline_lib.requests import load_manifests
+    from pipeline_lib.stats import load_stats
+    from pipeline_lib.steps import fisher_split_ids, load_model
+
+    params = tiny_params(tmp_path / "proj")
+    params["data"].update(max_train=300, max_test=100)
+    params["train"].update(epochs=3)
+    params["fisher"].update(kind="true_sampled", seed=5, max_retain=120)
+    params["stats"].update(n_shards=3)
+    params["ray"].update(num_cpus=2)
+    root = make_dvc_project(tmp_path / "proj", yaml.safe_dump(params))
+    for rid, seed in (("req-a", 3), ("req-b", 4)):
+        request = {"request_id": rid, "reason": "t", "forget": {"fraction": 0.1, "seed": seed}}
+        (root / "requests" / f"{rid}.yaml").write_text(yaml.safe_dump(request))
+    pp = str(root / "params.yaml")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+
+    def stats_cli(split: str, request: str) -> tuple[Path, str]:
+        argv = ["stats", "fisher", "--split", split, "--params", pp]
+        assert main(argv + ["--set", f"request.file=requests/{request}.yaml"]) == 0
+        out = capsys.readouterr().out.strip().splitlines()
+        return Path(out[-1].split(" (content hash")[0]), "\n".join(out)
+
+    cli = {split: stats_cli(split, "req-a")[0] for split in ("forget", "retain")}
+    assert all(p.is_file() for p in cli.values())
+    _, again = stats_cli("forget", "req-a")
+    assert "already stored" in again
+
+    # every `unlearn stats` call is a finished MLflow run that points at the file
+    exp = client.get_experiment_by_name(params["tracking"]["experiment"])
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.kind = 'statistics'")
+    assert len(runs) == 3
+    assert {r.info.run_name for r in runs} == {
+        "stats-fisher-forget-req-a",
+        "stats-fisher-retain-req-a",
+    }
+    assert sorted(r.data.tags["stats.reused"] for r in runs) == ["false", "false", "true"]
+    for r in runs:
+        _, meta = load_stats(r.data.tags["stats.path"])
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["stats.content_hash"] == meta["digest"]
+        assert r.data.metrics["n"] == meta["config"]["n"] > 0
+
+    # the pipeline finds the CLI's files, for fisher_diagonal and then ssd
+    over = {"request.file": "requests/req-a.yaml"}
+    res = unlearning_pipeline(params_path=pp, overrides=over)
+    res_ssd = unlearning_pipeline(params_path=pp, overrides={**over, "unlearn.method": "ssd"})
+    for r in (res, res_ssd):
+        run = client.get_run(r["run_id"])
+        assert run.data.metrics["stats.fisher_forget_reused"] == 1
+        assert run.data.metrics["stats.fisher_retain_reused"] == 1
+        assert run.data.tags["stats.fisher_forget.path"] == str(cli["forget"])
+        assert run.data.tags["stats.fisher_retain.path"] == str(cli["retain"])
+
+    # ... and the stored values are what an in-process recompute gives (ids as keys)
+    p = load_params(pp, over)
+    data = load_prepared(root / "data" / "prepared")
+    man = load_manifests(root / "data" / "forget")
+    model = load_model(next((root / "artifacts" / "models").glob("original-*")), p.model, data)
+    for split in ("forget", "retain"):
+        ids = fisher_split_ids(man, split, p.fisher)
+        X, y = data.subset(ids)
+        want = fisher_diagonal(
+            model, torch.from_numpy(X), torch.from_numpy(y), "true_sampled", 64, 5, list(ids)
+        )
+        got, _ = load_stats(cli[split], verify=True)
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-9)
+
+    # another request with splits of the same size does not pick up req-a's files
+    res_b = unlearning_pipeline(params_path=pp, overrides={"request.file": "requests/req-b.yaml"})
+    run_b = client.get_run(res_b["run_id"])
+    assert run_b.data.metrics["stats.fisher_forget_reused"] == 0
+    assert run_b.data.metrics["stats.fisher_retain_reused"] == 0
+    assert run_b.data.tags["stats.fisher_forget.path"] != str(cli["forget"])
+    assert len(list((root / "artifacts" / "stats").glob("fisher-*.safetensors"))) == 4
