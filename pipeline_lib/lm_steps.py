@@ -119,7 +119,7 @@ def lm_train_step(
     else:
         texts = load_text_splits(prepared_dir, manifests_dir).retain
     model = lm.build_lm(model_cfg, seed)
-    win = lm.make_windows(texts, model_cfg.n_positions)
+    win = lm.make_windows(texts, model_cfg.n_positions, lm.tokenizer_for(model_cfg))
     stats = lm.train_lm(model, win, train_cfg, seed)
     path, digest = save_lm(model, out_dir, role, {"seed": str(seed)})
     log.info(
@@ -142,12 +142,12 @@ def unlearn_inputs(
     oracle: nn.Module | None,
     eval_bs: int,
 ) -> LMUnlearnInputs:
-    L = model_cfg.n_positions
+    L, tok = model_cfg.n_positions, lm.tokenizer_for(model_cfg)
     return LMUnlearnInputs(
-        lm.make_windows(splits.forget, L),
-        lm.make_windows(splits.retain, L),
-        lm.make_windows(splits.heldout, L),
-        lm.make_windows(splits.heldout_group, L) if splits.heldout_group else None,
+        lm.make_windows(splits.forget, L, tok),
+        lm.make_windows(splits.retain, L, tok),
+        lm.make_windows(splits.heldout, L, tok),
+        lm.make_windows(splits.heldout_group, L, tok) if splits.heldout_group else None,
         model_factory(model_cfg),
         train_cfg,
         oracle,
@@ -186,7 +186,7 @@ def lm_unlearn_step(
 
 
 def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[str, float]:
-    ev, L = params.evaluate, params.lm.n_positions
+    ev, L, tok = params.evaluate, params.lm.n_positions, lm.tokenizer_for(params.lm)
     out: dict[str, float] = {}
     per_doc: dict[str, np.ndarray] = {}
     for name, texts in (
@@ -194,7 +194,7 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
         ("retain", splits.retain),
         ("heldout", splits.heldout),
     ):
-        s, c = lm.doc_nll(model, lm.make_windows(texts, L), ev.batch_size)
+        s, c = lm.doc_nll(model, lm.make_windows(texts, L, tok), ev.batch_size)
         out[f"ppl_{name}"] = lm.perplexity(s, c)
         out[f"loss_{name}"] = float(s.sum() / max(c.sum(), 1.0))
         per_doc[name] = s / np.maximum(c, 1.0)
@@ -209,6 +209,7 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
             ev.continuation_tokens,
             ev.prefixes_per_doc,
             ev.batch_size,
+            tok,
         )
     )
     return out
@@ -219,8 +220,8 @@ def influence_metrics(model: nn.Module, splits: TextSplits, params: LMParams) ->
     of ``influence_prompts`` held-out documents (:mod:`pipeline_lib.influence`)."""
     from pipeline_lib.influence import influence_scores
 
-    ev, L = params.evaluate, params.lm.n_positions
-    prompts = lm.make_windows(splits.heldout[: ev.influence_prompts], L)
+    ev, L, tok = params.evaluate, params.lm.n_positions, lm.tokenizer_for(params.lm)
+    prompts = lm.make_windows(splits.heldout[: ev.influence_prompts], L, tok)
     first = torch.ones(len(prompts), dtype=torch.bool)
     first[1:] = prompts.doc[1:] != prompts.doc[:-1]
     prompts = lm.Windows(
@@ -228,7 +229,7 @@ def influence_metrics(model: nn.Module, splits: TextSplits, params: LMParams) ->
     )
     hess = None
     if ev.influence == "hvp":
-        train = lm.make_windows(splits.forget + splits.retain, L)
+        train = lm.make_windows(splits.forget + splits.retain, L, tok)
         gen = torch.Generator().manual_seed(ev.seed)
         rows = torch.randperm(len(train), generator=gen)[: ev.influence_hessian_windows]
         hess = lm.Windows(
@@ -236,7 +237,7 @@ def influence_metrics(model: nn.Module, splits: TextSplits, params: LMParams) ->
         )
     res = influence_scores(
         model,
-        lm.make_windows(splits.forget, L),
+        lm.make_windows(splits.forget, L, tok),
         prompts,
         hess,
         ev.influence,
@@ -249,7 +250,13 @@ def influence_metrics(model: nn.Module, splits: TextSplits, params: LMParams) ->
         "influence_mean": float(scores.mean()),
         "influence_abs_mean": float(np.abs(scores).mean()),
         "influence_cg_residual": float(res["cg_residual"]),
+        INFLUENCE_SCORES: scores.tolist(),
     }
+
+
+#: Per-forget-document influence scores in :func:`lm_metrics` (a list, not a metric): the
+#: evaluation moves them into the report's ``influence`` block.
+INFLUENCE_SCORES = "influence_scores"
 
 
 def lm_gaps(m: Mapping[str, float], oracle: Mapping[str, float]) -> dict[str, float]:
@@ -301,9 +308,11 @@ def plot_lm_report(report: Mapping, path: str | Path) -> None:
         ("perplexity", ["ppl_forget", "ppl_retain", "ppl_heldout"]),
         ("privacy / memorisation / gap", ["loss_MIA_AUC", "memorization_rate", "avg_gap"]),
     )
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 3]})
+    influence = report.get("influence")
+    n_panels = 3 if influence else 2
+    fig, axes = plt.subplots(1, n_panels, figsize=(5.5 * n_panels, 4))
     width = 0.8 / len(names)
-    for ax, (ylabel, metrics) in zip(axes, panels, strict=True):
+    for ax, (ylabel, metrics) in zip(axes[:2], panels, strict=True):
         x = np.arange(len(metrics))
         values = []
         for i, name in enumerate(names):
@@ -315,6 +324,14 @@ def plot_lm_report(report: Mapping, path: str | Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_ylim(0.0, max(values + [1.0]) * 1.15)
     axes[0].legend(loc="upper left", fontsize=8)
+    if influence:
+        ax = axes[2]
+        for name, scores in influence["scores"].items():
+            ax.plot(np.arange(len(scores)), scores, marker="o", ms=3, lw=0.8, label=name)
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.set_xlabel(f"forget document (of {len(influence['doc_ids'])})")
+        ax.set_ylabel(f"influence on held-out prompts ({influence['method']})")
+        ax.legend(fontsize=8)
     fig.suptitle(str(report.get("title", "LM unlearning evaluation")))
     fig.tight_layout()
     with atomic_path(path) as tmp:
@@ -334,7 +351,14 @@ def lm_evaluate_step(
     metrics = {
         name: lm_metrics(load_lm(path, params.lm), splits, params) for name, path in weights.items()
     }
+    scores = {name: m.pop(INFLUENCE_SCORES) for name, m in metrics.items() if INFLUENCE_SCORES in m}
     report = build_lm_report(metrics, unlearn_seconds, retrain_seconds, extra)
+    if scores:  # per forget document, before (original) and after unlearning, and the oracle
+        report["influence"] = {
+            "method": params.evaluate.influence,
+            "doc_ids": [str(d) for d in splits.manifests.forget_ids],
+            "scores": scores,
+        }
     report_dir = Path(report_dir)
     write_json(report_dir / "report.json", report)
     plot_lm_report(report, report_dir / "report.png")

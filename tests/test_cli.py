@@ -92,6 +92,38 @@ def test_requests_validate_checks_ids_against_prepared_data(capsys, tmp_path, mo
     assert "10 forget / 90 retain in digits" in capsys.readouterr().out
 
 
+def test_requests_validate_text_requests_against_the_corpus(capsys, tmp_path, monkeypatch):
+    """With an LM params file, ids and groups are checked against the text corpus (prepared
+    in a temporary folder when the DVC root has none)."""
+    monkeypatch.chdir(tmp_path)
+    lm_params = yaml.safe_load((REPO / "params-lm.yaml").read_text())
+    lm_params["text"].update(plays=["macbeth", "hamlet"], max_doc_chars=50)
+    lm_params["tracking"]["dvc_root"] = str(tmp_path)
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(lm_params))
+    play = _write(
+        tmp_path / "p.yaml", {"request_id": "p", "reason": "x", "forget": {"groups": ["macbeth"]}}
+    )
+    scene = _write(
+        tmp_path / "s.yaml",
+        {"request_id": "s", "reason": "x", "forget": {"sample_ids": ["hamlet/1.1"]}},
+    )
+    assert main(["requests", "validate", play, scene, "--params", "lm.yaml"]) == 0
+    out = capsys.readouterr().out
+    assert "ok (p, forget by groups);" in out and "ok (s, forget by sample_ids); 1 forget" in out
+    assert not list(tmp_path.glob("data"))  # nothing prepared under the DVC root
+    typo = _write(
+        tmp_path / "t.yaml", {"request_id": "t", "reason": "x", "forget": {"groups": ["macbath"]}}
+    )
+    assert main(["requests", "validate", typo, "--params", "lm.yaml"]) == 2
+    assert "unknown group(s) 'macbath'" in capsys.readouterr().err
+    ghost = _write(
+        tmp_path / "g.yaml",
+        {"request_id": "g", "reason": "x", "forget": {"sample_ids": ["othello/1.1"]}},
+    )
+    assert main(["requests", "validate", ghost, "--params", "lm.yaml"]) == 2
+    assert "unknown document id(s): 'othello/1.1'" in capsys.readouterr().err
+
+
 def test_console_script_help():
     exe = Path(sys.executable).parent / "unlearn"
     out = subprocess.run(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -99,6 +100,17 @@ def test_lm_pipeline_end_to_end(prefect_api, lm_project: Path):
     assert m["method.final_forget_loss"] == pytest.approx(m["method.target_loss"], rel=0.02)
     assert m["unlearned.ppl_forget"] > m["original.ppl_forget"]
     assert m["cost.unlearn_over_retrain"] > 0
+    # per-forget-document influence scores of every model are in the report (and its plot)
+    report = json.loads((Path(result["report_dir"]) / "report.json").read_text())
+    infl = report["influence"]
+    assert len(infl["doc_ids"]) == summary["n_forget"] and set(infl["scores"]) == {
+        "original",
+        "oracle",
+        "unlearned",
+    }
+    assert all(len(v) == len(infl["doc_ids"]) for v in infl["scores"].values())
+    assert np.mean(infl["scores"]["original"]) == pytest.approx(m["original.influence_mean"])
+    assert infl["scores"]["unlearned"] != infl["scores"]["original"]
 
     # a hand-run `dvc status` of the LM stages has nothing to do
     status = subprocess.run(
