@@ -241,6 +241,13 @@ class SvdProjectionParams:
     forget_per_class: int = 100
     #: Samples per forward pass (memory only; the result does not depend on it).
     batch_size: int = 256
+    #: Optional α search (the paper tunes α_r, α_f per model on a grid; its reference grid is
+    #: α_r ∈ {10, 30, 100, 300, 1000}, α_f ∈ {1, 3, 10, 30, 100}). Both empty: use α_r, α_f
+    #: as given. Otherwise every pair of the grids (an empty grid = its single α) is tried
+    #: and the one with the highest retain-sample accuracy − forget-sample accuracy on the
+    #: samples the method already read is kept (no other data is read).
+    alpha_r_grid: tuple[float, ...] = ()
+    alpha_f_grid: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -599,6 +606,8 @@ _RANGES: tuple[tuple[str, Any, str], ...] = (
     ("unlearn.svd_projection.retain_per_class", lambda v: v > 0, _POSITIVE),
     ("unlearn.svd_projection.forget_per_class", lambda v: v > 0, _POSITIVE),
     ("unlearn.svd_projection.batch_size", lambda v: v > 0, _POSITIVE),
+    ("unlearn.svd_projection.alpha_r_grid", lambda v: all(a > 0 for a in v), "values must be > 0"),
+    ("unlearn.svd_projection.alpha_f_grid", lambda v: all(a > 0 for a in v), "values must be > 0"),
     ("train.mnemonic_t_mix", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
     ("unlearn.mnemonic_code.lambda1", lambda v: v > 0, _POSITIVE),
     ("unlearn.mnemonic_code.lambda2", lambda v: v > 0, _POSITIVE),

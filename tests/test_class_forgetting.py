@@ -153,6 +153,37 @@ def test_svd_projection_forgets_the_class_without_gradients(digits, which, reque
         assert torch.equal(a, b) == k.endswith("bias"), k
 
 
+def test_svd_projection_alpha_search_picks_the_best_pair_on_the_samples_read(digits, trained):
+    """With α grids, every pair is scored on the samples the method read (retain accuracy −
+    forget accuracy) and the best is kept: the result equals a plain run at the chosen α."""
+    from pipeline_lib.svd_forget import _accuracy, per_class_sample
+
+    cfg, model = trained
+    inputs = make_inputs(digits, cfg, model, fisher=False)
+    base = SvdProjectionParams(retain_per_class=20, forget_per_class=20)
+    grid = dataclasses.replace(base, alpha_r_grid=(10.0, 1000.0), alpha_f_grid=(1.0, 3.0, 30.0))
+    out, info = get_method("svd_projection").fn(copy.deepcopy(model), inputs, grid, 0)
+    assert info["alpha_candidates"] == 6
+    gen = torch.Generator().manual_seed(0)
+    r_rows = per_class_sample(inputs.retain_y, 20, gen)
+    f_rows = per_class_sample(inputs.forget_y, 20, gen)
+    scores = {}
+    for a_r in grid.alpha_r_grid:
+        for a_f in grid.alpha_f_grid:
+            p = dataclasses.replace(base, alpha_r=a_r, alpha_f=a_f)
+            m, _ = get_method("svd_projection").fn(copy.deepcopy(model), inputs, p, 0)
+            scores[(a_r, a_f)] = _accuracy(
+                m, inputs.retain_X[r_rows], inputs.retain_y[r_rows], 256
+            ) - _accuracy(m, inputs.forget_X[f_rows], inputs.forget_y[f_rows], 256)
+            if (a_r, a_f) == (info["alpha_r"], info["alpha_f"]):
+                chosen = m
+    assert info["alpha_search_score"] == pytest.approx(max(scores.values()))
+    assert scores[(info["alpha_r"], info["alpha_f"])] == max(scores.values())
+    assert len(set(scores.values())) > 1  # the grid matters on this model
+    for a, b in zip(out.parameters(), chosen.parameters(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
 def test_projection_matrix_matches_the_formula():
     from pipeline_lib.svd_forget import class_projection, scaled_projector
 
