@@ -87,7 +87,10 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     tensors, meta = load_stats(path)
     cfg = meta["config"]
     assert cfg["split"] == "forget" and cfg["n_shards"] == 3 and cfg["kind"] == "true_sampled"
-    assert meta["digest"][:16] in path.name
+    from pipeline_lib.stats import stats_path
+
+    assert path == stats_path(path.parent, cfg["identity"])  # named by identity, not content
+    assert load_stats(path, verify=True)[1]["digest"] == meta["digest"]
     # the pipeline's original model was reused (cached task), not retrained
     weights = sorted((project / "artifacts" / "models").glob("original-*.safetensors"))
     assert len(weights) == 1 and cfg["weights_digest"][:16] in weights[0].name
