@@ -110,7 +110,6 @@ def sharded_statistics(
         options = {"kind": f.kind, "batch_size": f.batch_size, "seed": f.seed}
     else:
         options = {"batch_size": params.stats.batch_size}
-    t0 = time.perf_counter()
     run = ray_stats.run_shards(
         statistic,
         state,
@@ -122,6 +121,7 @@ def sharded_statistics(
         params.ray,
         params.stats.workers,
     )
+    t0 = time.perf_counter()
     sums, n = reduce_sums(run["parts"])
     if statistic == "fisher":
         tensors = means(sums, n)
@@ -129,7 +129,8 @@ def sharded_statistics(
         from pipeline_lib.activations import decompose_grams
 
         tensors = decompose_grams(sums)
-    seconds = time.perf_counter() - t0
+    # the shard tasks' wall time and the reduce: not Ray's start-up or the shard writing
+    seconds = run["wall_seconds"] + time.perf_counter() - t0
     identity = identity_for(params, statistic, split, weights["digest"], data.content_hash)
     if identity["n"] != n:
         raise RuntimeError(

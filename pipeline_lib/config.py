@@ -359,9 +359,10 @@ class StatsConfig:
     #: Rows of a shard per forward pass (activation statistics).
     batch_size: int = 256
     #: How the pipeline computes Fisher statistics it does not find under ``out_dir``:
-    #: ``ray`` (Parquet shards, one Ray task each, as ``unlearn stats``) or ``local`` (in the
-    #: flow's process). Both give the same values and write the same file.
-    fisher_backend: Literal["ray", "local"] = "ray"
+    #: ``local`` (in the flow's process; on small data Ray's start-up would dominate) or
+    #: ``ray`` (Parquet shards, one Ray task each, as ``unlearn stats``). Both give the same
+    #: values and write the same file.
+    fisher_backend: Literal["ray", "local"] = "local"
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,7 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     states = _task_states(state2.state_details.flow_run_id)
     assert states["train-model"] == ["Cached", "Cached"], states
     assert states["unlearn"] == ["Cached"], states
-    # the Fisher statistics were computed once (on Ray) and found again by the second run
+    # the Fisher statistics were computed once and found again by the second run
     assert m["stats.fisher_forget_reused"] == 0 and m["stats.fisher_retain_reused"] == 0
     m2 = client.get_run(state2.result()["run_id"]).data.metrics
     assert m2["stats.fisher_forget_reused"] == 1 and m2["stats.fisher_retain_reused"] == 1

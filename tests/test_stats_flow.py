@@ -143,7 +143,7 @@ def test_pipeline_reuses_the_stats_files(prefect_api, tmp_path: Path, capsys):
     params["data"].update(max_train=300, max_test=100)
     params["train"].update(epochs=3)
     params["fisher"].update(kind="true_sampled", seed=5, max_retain=120)
-    params["stats"].update(n_shards=3)
+    params["stats"].update(n_shards=3, fisher_backend="ray")  # req-b: the pipeline on Ray
     params["ray"].update(num_cpus=2)
     root = make_dvc_project(tmp_path / "proj", yaml.safe_dump(params))
     for rid, seed in (("req-a", 3), ("req-b", 4)):
@@ -211,4 +211,6 @@ def test_pipeline_reuses_the_stats_files(prefect_api, tmp_path: Path, capsys):
     assert run_b.data.metrics["stats.fisher_forget_reused"] == 0
     assert run_b.data.metrics["stats.fisher_retain_reused"] == 0
     assert run_b.data.tags["stats.fisher_forget.path"] != str(cli["forget"])
+    _, meta_b = load_stats(run_b.data.tags["stats.fisher_forget.path"])
+    assert meta_b["config"]["backend"] == "ray" and meta_b["config"]["n_shards"] == 3
     assert len(list((root / "artifacts" / "stats").glob("fisher-*.safetensors"))) == 4
