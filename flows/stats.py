@@ -20,7 +20,7 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import FisherConfig, Params, environment_overrides, load_params, to_dict
-from pipeline_lib.data import load_prepared
+from pipeline_lib.data import Prepared, load_prepared
 from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.io import load_weights
 from pipeline_lib.requests import load_manifests, load_request
@@ -159,11 +159,12 @@ def sharded_statistics(
     }
 
 
-def local_fisher(params: Params, split: str, weights: dict[str, Any]) -> dict[str, Any]:
+def local_fisher(
+    params: Params, split: str, weights: dict[str, Any], data: Prepared
+) -> dict[str, Any]:
     """The Fisher diagonal of one split in this process (``stats.fisher_backend: local``),
     saved under the same identity as the sharded result (sampled labels are keyed by sample
     id, so the values are the same)."""
-    data = load_prepared(params.resolve(params.data.out_dir))
     model = load_model(weights["path"], params.model, data)
     ids = split_ids(params, "fisher", split)
     X, y = data.subset(ids)
@@ -179,7 +180,9 @@ def local_fisher(params: Params, split: str, weights: dict[str, Any]) -> dict[st
         sample_ids=list(ids),
     )
     seconds = time.perf_counter() - t0
-    identity = identity_for(params, "fisher", split, weights["digest"], data.content_hash)
+    identity = stats_identity(
+        "fisher", split, weights["digest"], data.content_hash, ids, fisher_options(f)
+    )
     extra = {
         "weights_digest": weights["digest"],
         "data_content_hash": data.content_hash,
@@ -190,10 +193,9 @@ def local_fisher(params: Params, split: str, weights: dict[str, Any]) -> dict[st
     return {"path": path, "digest": digest, "n": len(ids), "seconds": seconds, "reused": False}
 
 
-def lookup(params: Params, statistic: str, split: str, weights: dict[str, Any]) -> dict | None:
-    """The stored statistic of this model and split, or None (:func:`find_stats`)."""
-    data = load_prepared(params.resolve(params.data.out_dir))
-    identity = identity_for(params, statistic, split, weights["digest"], data.content_hash)
+def lookup(params: Params, identity: dict[str, Any]) -> dict | None:
+    """The stored statistic of ``identity`` (:func:`identity_for`), or None
+    (:func:`find_stats`)."""
     found = find_stats(params.resolve(params.stats.out_dir), identity)
     if found is None:
         return None
@@ -217,15 +219,17 @@ def fisher_statistics(params: Params, weights: dict[str, Any]) -> dict[str, Any]
     else computed with ``stats.fisher_backend`` and stored there. ``seconds`` is what the
     statistics cost to compute, whether now or when they were stored."""
     logger = get_run_logger()
+    data = load_prepared(params.resolve(params.data.out_dir))
     out: dict[str, Any] = {}
     for split in ("forget", "retain"):
-        res = lookup(params, "fisher", split, weights)
+        identity = identity_for(params, "fisher", split, weights["digest"], data.content_hash)
+        res = lookup(params, identity)
         if res is None:
             if params.stats.fisher_backend == "ray":
                 shards = shard_split.fn(params, "fisher", split)
                 res = sharded_statistics.fn(params, "fisher", split, shards, weights)
             else:
-                res = local_fisher(params, split, weights)
+                res = local_fisher(params, split, weights, data)
         logger.info(
             "Fisher %s (%d samples): %s %s",
             split,
@@ -280,7 +284,9 @@ def statistics_flow(
         str(params.resolve(params.tracking.artifacts_dir)),
         code_version(),
     )
-    result = None if force else lookup(params, statistic, split, original)
+    content_hash = load_prepared(params.resolve(params.data.out_dir)).content_hash
+    identity = identity_for(params, statistic, split, original["digest"], content_hash)
+    result = None if force else lookup(params, identity)
     if result is None:
         shards = shard_split(params, statistic, split)
         result = sharded_statistics(params, statistic, split, shards, original)
