@@ -25,6 +25,7 @@ matrices: each candidate costs one projection and one forward pass over those sa
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,8 @@ from torch import nn
 
 from pipeline_lib.activations import activation_grams, decompose_gram, projection_layers
 from pipeline_lib.config import SvdProjectionParams
+from pipeline_lib.evaluate import accuracy
+from pipeline_lib.train import predict_logits
 
 if TYPE_CHECKING:  # methods.py imports this module: no runtime cycle
     from pipeline_lib.methods import Info, UnlearnInputs
@@ -43,24 +46,32 @@ log = logging.getLogger(__name__)
 def scaled_projector(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """M = U diag(λ) Uᵀ (d, d) from a Gram matrix AᵀA (d, d): λ_i = α σ̃_i / ((α−1) σ̃_i + 1),
     σ̃_i = S_i² / Σ S² (the paper's scaled importance of each basis direction)."""
-    u, s = decompose_gram(gram)
+    return _scaled(*decompose_gram(gram), alpha)
+
+
+def _scaled(u: torch.Tensor, s: torch.Tensor, alpha: float) -> torch.Tensor:
+    """:func:`scaled_projector` from the decomposition (U, S) of the Gram matrix."""
     energy = s.square()
     total = energy.sum()
     if total <= 0:
-        return torch.zeros_like(gram)
+        return torch.zeros(u.shape[0], u.shape[0], dtype=u.dtype)
     sigma = energy / total
     lam = alpha * sigma / ((alpha - 1.0) * sigma + 1.0)
     return (u * lam) @ u.T
+
+
+def _projection(m_r: torch.Tensor, m_f: torch.Tensor) -> torch.Tensor:
+    return torch.eye(m_r.shape[0], dtype=m_r.dtype) - (m_f - m_f @ m_r)
 
 
 def class_projection(
     gram_retain: torch.Tensor, gram_forget: torch.Tensor, alpha_r: float, alpha_f: float
 ) -> torch.Tensor:
     """P = I − (M_f − M_f M_r) (d, d), in float64."""
-    m_r = scaled_projector(gram_retain.double(), alpha_r)
-    m_f = scaled_projector(gram_forget.double(), alpha_f)
-    eye = torch.eye(m_r.shape[0], dtype=torch.float64)
-    return eye - (m_f - m_f @ m_r)
+    return _projection(
+        scaled_projector(gram_retain.double(), alpha_r),
+        scaled_projector(gram_forget.double(), alpha_f),
+    )
 
 
 def per_class_sample(y: torch.Tensor, per_class: int, gen: torch.Generator) -> torch.Tensor:
@@ -99,20 +110,27 @@ def svd_projection(
     g_r, n_r = activation_grams(model, inputs.retain_X[r_rows], params.batch_size)
     g_f, n_f = activation_grams(model, inputs.forget_X[f_rows], params.batch_size)
     layers = projection_layers(model)
+    # the bases do not depend on α: decompose once, build each M once per α (α search)
+    bases_r = {n: decompose_gram(g_r[n].double()) for n in layers}
+    bases_f = {n: decompose_gram(g_f[n].double()) for n in layers}
+    scaled_r = functools.cache(lambda a: {n: _scaled(*bases_r[n], a) for n in layers})
+    scaled_f = functools.cache(lambda a: {n: _scaled(*bases_f[n], a) for n in layers})
 
     def projections_for(alpha_r: float, alpha_f: float) -> dict[str, torch.Tensor]:
-        return {n: class_projection(g_r[n], g_f[n], alpha_r, alpha_f) for n in layers}
+        m_r, m_f = scaled_r(alpha_r), scaled_f(alpha_f)
+        return {n: _projection(m_r[n], m_f[n]) for n in layers}
 
     alpha_r, alpha_f, search = params.alpha_r, params.alpha_f, {}
     if params.alpha_r_grid or params.alpha_f_grid:
-        rX, ry = inputs.retain_X[r_rows].to(device), inputs.retain_y[r_rows].to(device)
-        fX, fy = inputs.forget_X[f_rows].to(device), inputs.forget_y[f_rows].to(device)
+        rX, ry = inputs.retain_X[r_rows], inputs.retain_y[r_rows]
+        fX, fy = inputs.forget_X[f_rows], inputs.forget_y[f_rows]
+        bs = params.batch_size
         for a_r in params.alpha_r_grid or (params.alpha_r,):
             for a_f in params.alpha_f_grid or (params.alpha_f,):
                 trial = copy.deepcopy(model)
                 project_weights(trial, projections_for(a_r, a_f))
-                search[(a_r, a_f)] = _accuracy(trial, rX, ry, params.batch_size) - _accuracy(
-                    trial, fX, fy, params.batch_size
+                search[(a_r, a_f)] = accuracy(predict_logits(trial, rX, bs), ry) - accuracy(
+                    predict_logits(trial, fX, bs), fy
                 )
         # best score; ties go to the larger α_r, then the smaller α_f (the gentler edit)
         alpha_r, alpha_f = max(search, key=lambda k: (search[k], k[0], -k[1]))
@@ -145,14 +163,3 @@ def svd_projection(
         "alpha_candidates": len(search) or 1,
         **({"alpha_search_score": search[(alpha_r, alpha_f)]} if search else {}),
     }
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
-    """Accuracy in % of ``model`` on (X, y)."""
-    model.eval()
-    hits = sum(
-        int((model(X[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum())
-        for i in range(0, len(X), batch_size)
-    )
-    return 100.0 * hits / max(len(X), 1)

@@ -156,7 +156,11 @@ def test_svd_projection_forgets_the_class_without_gradients(digits, which, reque
 def test_svd_projection_alpha_search_picks_the_best_pair_on_the_samples_read(digits, trained):
     """With α grids, every pair is scored on the samples the method read (retain accuracy −
     forget accuracy) and the best is kept: the result equals a plain run at the chosen α."""
-    from pipeline_lib.svd_forget import _accuracy, per_class_sample
+    from pipeline_lib.evaluate import accuracy
+    from pipeline_lib.svd_forget import per_class_sample
+
+    def _accuracy(model, X, y, batch_size):
+        return accuracy(predict_logits(model, X, batch_size), y)
 
     cfg, model = trained
     inputs = make_inputs(digits, cfg, model, fisher=False)
