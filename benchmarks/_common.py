@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline_lib.attribution import StoreSpec
+from pipeline_lib.attribution.store import StoreSpec
 from pipeline_lib.config import DataConfig, Params, to_dict
-from pipeline_lib.data import (
+from pipeline_lib.data.images import (
     assign_split,
     load_digits_source,
     load_fashion_mnist_source,

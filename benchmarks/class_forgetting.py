@@ -36,12 +36,12 @@ import yaml
 
 from benchmarks._common import load_split
 from pipeline_lib.config import ModelConfig, Params, build_params
-from pipeline_lib.evaluate import accuracy, confidence, mia_efficacy
-from pipeline_lib.fisher import fisher_diagonal
+from pipeline_lib.evaluation.metrics import accuracy, confidence, mia_efficacy
 from pipeline_lib.methods import UnlearnInputs, get_method
-from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit, predict_logits
+from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 METHODS = ("svd_projection", "mnemonic_code", "ssd", "fisher_diagonal", "fisher_forgetting")
 FISHER_METHODS = {"ssd", "fisher_diagonal", "fisher_forgetting"}

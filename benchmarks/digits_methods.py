@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from pipeline_lib.config import Params
-from pipeline_lib.data import RawDataset, assign_split, load_digits_source
-from pipeline_lib.evaluate import EvalSplits, avg_gap, evaluate_model
-from pipeline_lib.fisher import fisher_diagonal
+from pipeline_lib.data.images import RawDataset, assign_split, load_digits_source
+from pipeline_lib.evaluation.metrics import EvalSplits, avg_gap, evaluate_model
 from pipeline_lib.methods import UnlearnInputs, get_method
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.training.fit import FitSettings, fit
 
 
 def variants(params: Params) -> dict[str, tuple[str, object]]:

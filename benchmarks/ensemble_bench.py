@@ -4,7 +4,7 @@ Real data: scikit-learn's 8×8 digits scaled to [0, 1], shape (N, 1, 8, 8), floa
 trains on its own seeded α-subset (same size for all models) with the same FitSettings, so
 every model takes the same number of optimizer steps in both paths.
 
-(a) models/second: ``pipeline_lib.train.fit`` on one model after another (``--loop-models``
+(a) models/second: ``pipeline_lib.training.fit.fit`` on one model after another (``--loop-models``
     models, each built and trained alone) vs ``train_ensemble`` with K models at once, for
     each K in ``--ks``; the ratio is ensemble ÷ loop. Issue goal: ≥ 8×.
 (b) achieved FLOP rate of the ensemble trainer, train_step_flops × K × steps ÷ seconds
@@ -37,9 +37,9 @@ import numpy as np
 import torch
 
 from pipeline_lib.config import ModelConfig
-from pipeline_lib.ensemble import train_ensemble, train_step_flops
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit
+from pipeline_lib.models.image import build_model
+from pipeline_lib.training.ensemble import train_ensemble, train_step_flops
+from pipeline_lib.training.fit import FitSettings, fit
 
 SHAPE = (1, 8, 8)
 N_CLASSES = 10

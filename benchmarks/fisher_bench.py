@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from pipeline_lib.config import ModelConfig
-from pipeline_lib.fisher import fisher_diagonal, fisher_diagonal_reference
-from pipeline_lib.models import build_model
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal, fisher_diagonal_reference
 
 KINDS = ("true_expected", "empirical")
 MODELS = {

@@ -19,7 +19,7 @@ import ray
 import torch
 
 from benchmarks._common import load_split, spec_for
-from pipeline_lib.attribution import AttributionStore
+from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.config import RayConfig
 from tasks.attribution import run_store
 

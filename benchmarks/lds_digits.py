@@ -21,9 +21,9 @@ import ray
 import torch
 
 from benchmarks._common import load_split, spec_for
-from pipeline_lib.attribution import AttributionStore
+from pipeline_lib.attribution.datamodels import fit_datamodels, lds, margins
+from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.config import RayConfig
-from pipeline_lib.datamodels import fit_datamodels, lds, margins
 from tasks.attribution import run_store
 
 

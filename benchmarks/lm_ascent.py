@@ -26,9 +26,9 @@ import torch
 import yaml
 
 from pipeline_lib.config import to_dict
-from pipeline_lib.lm_config import build_lm_params, read_params_file
-from pipeline_lib.requests import parse_request, write_manifests
-from pipeline_lib.text import extract_forget_docs, load_corpus, prepare_corpus
+from pipeline_lib.config.text import build_lm_params, read_params_file
+from pipeline_lib.data.requests import parse_request, write_manifests
+from pipeline_lib.data.text import extract_forget_docs, load_corpus, prepare_corpus
 
 GA = "unlearn.gradient_ascent."
 VARIANTS: dict[str, dict] = {
@@ -51,7 +51,7 @@ VARIANTS: dict[str, dict] = {
 def _child(args: tuple) -> dict:
     """Unlearn + evaluate one variant in a fresh process; returns metrics and peak RSS."""
     raw, overrides, prep, man, orig, oracle, out = args
-    from pipeline_lib import lm_steps
+    from pipeline_lib.modalities import text as lm_steps
 
     p = build_lm_params(raw, overrides)
     torch.set_num_threads(p.train.threads or 1)
@@ -82,7 +82,7 @@ def main() -> None:
     args = ap.parse_args()
     raw = read_params_file(args.params)
     base = {k.strip(): yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
-    from pipeline_lib import lm_steps
+    from pipeline_lib.modalities import text as lm_steps
 
     p = build_lm_params(raw, base)
     torch.set_num_threads(p.train.threads or 1)

@@ -30,8 +30,8 @@ import torch
 
 from benchmarks._common import load_split
 from pipeline_lib.config import ModelConfig, RayConfig, to_dict
-from pipeline_lib.models import build_model
-from pipeline_lib.stats import reduce_sums, write_shards
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.store import reduce_sums, write_shards
 
 SHAPE = (1, 28, 28)
 CNN = ModelConfig(name="cnn", channels=(16, 32))
@@ -114,12 +114,12 @@ def _current_mib() -> float:
 
 def memory_child(n: int, mode: str, shard_dir: str) -> None:
     """Runs in a fresh process: prints JSON with peak RSS growth during the statistic."""
-    from pipeline_lib.activations import (
+    from pipeline_lib.stats.activations import (
         activation_shard_grams,
         decompose_grams,
         stacked_activations,
     )
-    from pipeline_lib.stats import read_shard
+    from pipeline_lib.stats.store import read_shard
 
     torch.set_num_threads(1)
     model = build_model(CNN, SHAPE, 10, seed=0)

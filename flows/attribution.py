@@ -21,10 +21,10 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.logging import get_run_logger
 
-from pipeline_lib.attribution import AttributionStore, StoreSpec
+from pipeline_lib.attribution.store import AttributionStore, StoreSpec
 from pipeline_lib.config import Params, environment_overrides, load_params, to_dict
-from pipeline_lib.data import Prepared, load_prepared
-from pipeline_lib.requests import load_manifests, load_request
+from pipeline_lib.data.images import Prepared, load_prepared
+from pipeline_lib.data.requests import load_manifests, load_request
 from tasks import attribution as ray_attr
 from tasks import tracking, versioning
 
@@ -178,7 +178,7 @@ def train_spec(
 def datamodel_lds(store_root: str, heldout: int, estimator: str, lam: float) -> dict[str, float]:
     """Fit datamodels on the first M−H models; LDS of margins on the last H (test targets
     and train targets separately)."""
-    from pipeline_lib.datamodels import fit_datamodels, lds, margins
+    from pipeline_lib.attribution.datamodels import fit_datamodels, lds, margins
 
     store = AttributionStore.open(store_root)
     masks, _, outputs = store.load()

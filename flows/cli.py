@@ -25,7 +25,12 @@ from typing import Any
 import yaml
 
 from pipeline_lib.config import ConfigError, environment_overrides, load_params
-from pipeline_lib.requests import RequestError, check_unique_ids, extract_forget_set, load_request
+from pipeline_lib.data.requests import (
+    RequestError,
+    check_unique_ids,
+    extract_forget_set,
+    load_request,
+)
 
 
 def _setup_env() -> None:
@@ -65,7 +70,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline_lib.lm_config import is_lm_params_file
+    from pipeline_lib.config.text import is_lm_params_file
 
     if is_lm_params_file(args.params):  # `pipeline: lm` (params-lm.yaml): the LM pipeline
         from flows.lm_cli import cmd_run_lm
@@ -78,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     load_request(params.resolve(params.request.file))  # schema check before work
     _setup_env()
     from flows.pipeline import unlearning_pipeline  # prefect import after env setup
-    from pipeline_lib.evaluate import format_table
+    from pipeline_lib.evaluation.metrics import format_table
 
     result = unlearning_pipeline(params_path=args.params, overrides=overrides)
     print()
@@ -143,7 +148,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
 
     check_methods(methods, params)  # fails before any work
-    from pipeline_lib.comparison import markdown_table
+    from pipeline_lib.evaluation.comparison import markdown_table
 
     result = evaluate_flow(params_path=args.params, overrides=overrides, methods=methods)
     print()
@@ -159,8 +164,13 @@ def _validate_text(args: argparse.Namespace, requests: list) -> int:
     prepared afresh in a temporary folder (cheap, and nothing is left behind)."""
     import tempfile
 
-    from pipeline_lib.lm_config import load_lm_params
-    from pipeline_lib.text import PREPARED_DIR, extract_forget_docs, load_corpus, prepare_corpus
+    from pipeline_lib.config.text import load_lm_params
+    from pipeline_lib.data.text import (
+        PREPARED_DIR,
+        extract_forget_docs,
+        load_corpus,
+        prepare_corpus,
+    )
 
     params = load_lm_params(args.params)
     prepared = params.resolve(PREPARED_DIR)
@@ -182,7 +192,7 @@ def _validate_text(args: argparse.Namespace, requests: list) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Schema-check request files; check ids against prepared data when it exists (image
     params), or against the text corpus (LM params: ``pipeline: lm``)."""
-    from pipeline_lib.lm_config import is_lm_params_file
+    from pipeline_lib.config.text import is_lm_params_file
 
     requests = [(f, load_request(f)) for f in args.files]
     check_unique_ids(requests)
@@ -193,7 +203,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         params = load_params(args.params)
         prepared_dir = params.resolve(params.data.out_dir)
         if (prepared_dir / "meta.json").is_file():
-            from pipeline_lib.data import load_prepared
+            from pipeline_lib.data.images import load_prepared
 
             prepared = load_prepared(prepared_dir)
     except ConfigError:
@@ -257,7 +267,7 @@ def cmd_methods(args: argparse.Namespace) -> int:
         if m.class_only:
             needs += "  [class requests]"
         print(f"{m.name:<18} {m.summary}{needs}")
-    from pipeline_lib.lm_methods import LM_METHODS
+    from pipeline_lib.methods.text import LM_METHODS
 
     print("\nlanguage models (params-lm.yaml):")
     for m in LM_METHODS.values():

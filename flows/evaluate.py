@@ -22,16 +22,14 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from pipeline_lib.attribution import AttributionStore
-from pipeline_lib.comparison import (
-    Problem,
-    floor_scores,
-    markdown_table,
-    metrics_of_logits,
-    plot_klom,
-    summarise,
-    write_tables,
+from pipeline_lib.attribution.datamodels import margins as margins_of
+from pipeline_lib.attribution.matching import (
+    MatchTargets,
+    datamodel_targets,
+    matching_retain_rows,
+    oracle_targets,
 )
+from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.config import (
     ConfigError,
     Params,
@@ -40,16 +38,18 @@ from pipeline_lib.config import (
     load_params,
     to_dict,
 )
-from pipeline_lib.data import load_prepared
-from pipeline_lib.datamodels import margins as margins_of
-from pipeline_lib.matching import (
-    MatchTargets,
-    datamodel_targets,
-    matching_retain_rows,
-    oracle_targets,
+from pipeline_lib.data.images import load_prepared
+from pipeline_lib.data.requests import load_manifests, load_request
+from pipeline_lib.evaluation.comparison import (
+    Problem,
+    floor_scores,
+    markdown_table,
+    metrics_of_logits,
+    plot_klom,
+    summarise,
+    write_tables,
 )
 from pipeline_lib.methods import METHODS, get_method
-from pipeline_lib.requests import load_manifests, load_request
 from tasks import attribution as ray_attr
 from tasks import evaluation as ray_eval
 from tasks import tracking

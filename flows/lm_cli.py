@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from pipeline_lib.lm_config import environment_overrides, load_lm_params
-from pipeline_lib.requests import load_request
+from pipeline_lib.config.text import environment_overrides, load_lm_params
+from pipeline_lib.data.requests import load_request
 
 
 def cmd_run_lm(args: argparse.Namespace) -> int:
@@ -18,7 +18,7 @@ def cmd_run_lm(args: argparse.Namespace) -> int:
     load_request(params.resolve(params.request.file))  # schema check before any work
     _setup_env()
     from flows.lm_pipeline import lm_unlearning_pipeline  # prefect import after env setup
-    from pipeline_lib.lm_steps import format_lm_table
+    from pipeline_lib.modalities.text import format_lm_table
 
     result = lm_unlearning_pipeline(params_path=args.params, overrides=overrides)
     print()

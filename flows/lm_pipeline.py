@@ -22,12 +22,12 @@ from prefect.logging import get_run_logger
 
 from flows.pipeline import _with_files
 from pipeline_lib.config import flatten, to_dict
-from pipeline_lib.lm_config import LMParams, environment_overrides, load_lm_params
-from pipeline_lib.lm_methods import get_lm_method
-from pipeline_lib.lm_steps import LM_SUMMARY_COLUMNS
-from pipeline_lib.requests import DeletionRequest, load_request
-from pipeline_lib.steps import code_version
-from pipeline_lib.text import MANIFESTS_DIR, PREPARED_DIR, extract_forget_docs, load_corpus
+from pipeline_lib.config.text import LMParams, environment_overrides, load_lm_params
+from pipeline_lib.data.requests import DeletionRequest, load_request
+from pipeline_lib.data.text import MANIFESTS_DIR, PREPARED_DIR, extract_forget_docs, load_corpus
+from pipeline_lib.methods.text import get_lm_method
+from pipeline_lib.modalities.image import code_version
+from pipeline_lib.modalities.text import LM_SUMMARY_COLUMNS
 from tasks import lm as lm_tasks
 from tasks import tracking, versioning
 

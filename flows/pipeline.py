@@ -23,11 +23,11 @@ from prefect.logging import get_run_logger
 
 from flows.stats import fisher_statistics
 from pipeline_lib.config import Params, environment_overrides, flatten, load_params, to_dict
-from pipeline_lib.data import load_prepared
-from pipeline_lib.evaluate import SUMMARY_COLUMNS
+from pipeline_lib.data.images import load_prepared
+from pipeline_lib.data.requests import DeletionRequest, extract_forget_set, load_request
+from pipeline_lib.evaluation.metrics import SUMMARY_COLUMNS
 from pipeline_lib.methods import get_method
-from pipeline_lib.requests import DeletionRequest, extract_forget_set, load_request
-from pipeline_lib.steps import code_version
+from pipeline_lib.modalities.image import code_version
 from tasks import compute, tracking, versioning
 
 
@@ -116,7 +116,7 @@ def attribution_store_for(
     import numpy as np
 
     from flows.attribution import ensure_store
-    from pipeline_lib.requests import load_manifests
+    from pipeline_lib.data.requests import load_manifests
 
     logger = get_run_logger()
     data = load_prepared(request_data["prepared_dir"])

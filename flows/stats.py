@@ -20,11 +20,12 @@ from prefect import flow, task
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import FisherConfig, Params, environment_overrides, load_params, to_dict
-from pipeline_lib.data import Prepared, load_prepared
-from pipeline_lib.fisher import fisher_diagonal
+from pipeline_lib.data.images import Prepared, load_prepared
+from pipeline_lib.data.requests import load_manifests, load_request
 from pipeline_lib.io import load_weights
-from pipeline_lib.requests import load_manifests, load_request
-from pipeline_lib.stats import (
+from pipeline_lib.modalities.image import code_version, fisher_config, fisher_split_ids, load_model
+from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.stats.store import (
     find_stats,
     means,
     reduce_sums,
@@ -33,7 +34,6 @@ from pipeline_lib.stats import (
     stats_path,
     write_shards,
 )
-from pipeline_lib.steps import code_version, fisher_config, fisher_split_ids, load_model
 from tasks import compute, tracking
 from tasks import stats as ray_stats
 
@@ -71,7 +71,7 @@ def shard_split(params: Params, statistic: str, split: str) -> list[str]:
 def identity_for(
     params: Params, statistic: str, split: str, weights_digest: str, content_hash: str
 ) -> dict[str, Any]:
-    """The identity (:func:`pipeline_lib.stats.stats_identity`) of a statistic of the model
+    """The identity (:func:`pipeline_lib.stats.store.stats_identity`) of a statistic of the model
     with ``weights_digest`` on this request's split."""
     ids = split_ids(params, statistic, split)
     options = fisher_options(params.fisher) if statistic == "fisher" else {}
@@ -126,7 +126,7 @@ def sharded_statistics(
     if statistic == "fisher":
         tensors = means(sums, n)
     else:
-        from pipeline_lib.activations import decompose_grams
+        from pipeline_lib.stats.activations import decompose_grams
 
         tensors = decompose_grams(sums)
     # the shard tasks' wall time and the reduce: not Ray's start-up or the shard writing

@@ -14,8 +14,13 @@ import sys
 from collections.abc import Callable
 
 from pipeline_lib.config import ConfigError, load_params
-from pipeline_lib.data import load_prepared, prepare_dataset
-from pipeline_lib.requests import RequestError, extract_forget_set, load_request, write_manifests
+from pipeline_lib.data.images import load_prepared, prepare_dataset
+from pipeline_lib.data.requests import (
+    RequestError,
+    extract_forget_set,
+    load_request,
+    write_manifests,
+)
 
 
 def run_prepare(params_path: str) -> dict:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import logging
 import sys
 
-from pipeline_lib.lm_config import load_lm_params
-from pipeline_lib.requests import load_request, write_manifests
-from pipeline_lib.stages import stage_main
-from pipeline_lib.text import (
+from pipeline_lib.config.text import load_lm_params
+from pipeline_lib.data.requests import load_request, write_manifests
+from pipeline_lib.data.text import (
     MANIFESTS_DIR,
     PREPARED_DIR,
     extract_forget_docs,
     load_corpus,
     prepare_corpus,
 )
+from pipeline_lib.stages import stage_main
 
 
 def run_prepare(params_path: str) -> dict:

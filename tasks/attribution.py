@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import ray
 
-from pipeline_lib.attribution import AttributionStore, StoreSpec, train_chunk
+from pipeline_lib.attribution.store import AttributionStore, StoreSpec, train_chunk
 from pipeline_lib.config import RayConfig
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,6 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
-from pipeline_lib import steps
 from pipeline_lib.config import (
     AttributionConfig,
     ModelConfig,
@@ -24,6 +23,7 @@ from pipeline_lib.config import (
     UnlearnConfig,
     parse_section,
 )
+from pipeline_lib.modalities import image as steps
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json")
 

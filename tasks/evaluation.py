@@ -1,5 +1,5 @@
 """Ray edge of the method comparison: every (original model, method) pair is one
-``ray.remote`` task running :func:`pipeline_lib.comparison.unlearn_one` with torch threads
+``ray.remote`` task running :func:`pipeline_lib.evaluation.comparison.unlearn_one` with torch threads
 matched to its CPUs; the request's data travels once through the object store.
 """
 
@@ -11,7 +11,6 @@ from typing import Any
 
 import ray
 
-from pipeline_lib.comparison import Problem, unlearn_one
 from pipeline_lib.config import (
     FisherConfig,
     ModelConfig,
@@ -20,6 +19,7 @@ from pipeline_lib.config import (
     UnlearnConfig,
     parse_section,
 )
+from pipeline_lib.evaluation.comparison import Problem, unlearn_one
 
 
 @ray.remote
@@ -51,8 +51,8 @@ def _retrain_seconds_remote(
     denominator of every 'time ÷ retrain' ratio (what a user would otherwise run)."""
     import torch
 
-    from pipeline_lib.models import build_model
-    from pipeline_lib.train import FitSettings, fit
+    from pipeline_lib.models.image import build_model
+    from pipeline_lib.training.fit import FitSettings, fit
 
     torch.set_num_threads(threads)
     t = parse_section(TrainConfig, cfg["train"], "train")

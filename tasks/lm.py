@@ -10,10 +10,10 @@ from typing import Any
 import pandas as pd
 from prefect import task
 
-from pipeline_lib import lm_steps
 from pipeline_lib.config import parse_section
-from pipeline_lib.lm_config import LMModelConfig, LMParams, LMTrainConfig, LMUnlearnConfig
-from pipeline_lib.text import load_corpus
+from pipeline_lib.config.text import LMModelConfig, LMParams, LMTrainConfig, LMUnlearnConfig
+from pipeline_lib.data.text import load_corpus
+from pipeline_lib.modalities import text as lm_steps
 from tasks.compute import CACHED
 from tasks.tracking import RETRY, log_dataset_lineage
 

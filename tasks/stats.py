@@ -1,5 +1,5 @@
 """Ray edge of the sharded statistics: one ``ray.remote`` task per Parquet shard computes
-that shard's partial sums (:mod:`pipeline_lib.stats`, :mod:`pipeline_lib.activations`); the
+that shard's partial sums (:mod:`pipeline_lib.stats.store`, :mod:`pipeline_lib.stats.activations`); the
 driver reduces them in shard order.
 
 Connection as for the attribution store (:func:`tasks.attribution.connect`: a local Ray, or
@@ -19,7 +19,7 @@ import ray
 import torch
 
 from pipeline_lib.config import ModelConfig, RayConfig, parse_section
-from pipeline_lib.models import build_model
+from pipeline_lib.models.image import build_model
 from tasks.attribution import connect
 
 __all__ = ["connect", "run_shards"]
@@ -46,13 +46,13 @@ def _shard_remote(
     model.load_state_dict(state)
     model.eval()
     if kind == "fisher":
-        from pipeline_lib.stats import fisher_shard_sums
+        from pipeline_lib.stats.store import fisher_shard_sums
 
         sums, n = fisher_shard_sums(
             model, shard, options["kind"], options["batch_size"], options["seed"], dtype
         )
     elif kind == "activations":
-        from pipeline_lib.activations import activation_shard_grams
+        from pipeline_lib.stats.activations import activation_shard_grams
 
         sums, n = activation_shard_grams(model, shard, options["batch_size"], dtype)
     else:

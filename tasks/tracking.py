@@ -21,8 +21,8 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from prefect import task
 
-from pipeline_lib.data import load_prepared
-from pipeline_lib.requests import load_manifests
+from pipeline_lib.data.images import load_prepared
+from pipeline_lib.data.requests import load_manifests
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
 

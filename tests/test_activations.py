@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib.activations import (
+from pipeline_lib.config import ModelConfig
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.activations import (
     activation_grams,
     decompose_gram,
     projection_layers,
     stacked_activations,
 )
-from pipeline_lib.config import ModelConfig
-from pipeline_lib.models import build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

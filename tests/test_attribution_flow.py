@@ -47,7 +47,7 @@ def test_attribution_flow_local_ray_resumes_and_records(prefect_api, project: Pa
     from mlflow import MlflowClient
 
     from flows.attribution import attribution_flow
-    from pipeline_lib.attribution import AttributionStore
+    from pipeline_lib.attribution.store import AttributionStore
 
     params_path = str(project / "params.yaml")
     result = attribution_flow(params_path=params_path)
@@ -79,8 +79,8 @@ def test_attribution_flow_local_ray_resumes_and_records(prefect_api, project: Pa
 
 def test_oracles_train_on_the_retain_set(prefect_api, project: Path, local_ray):
     from flows.attribution import attribution_flow
-    from pipeline_lib.attribution import AttributionStore
-    from pipeline_lib.requests import load_manifests
+    from pipeline_lib.attribution.store import AttributionStore
+    from pipeline_lib.data.requests import load_manifests
 
     (project / "requests" / "r.yaml").write_text(
         yaml.safe_dump(

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline_lib.attribution import (
+from pipeline_lib.attribution.store import (
     AttributionStore,
     StoreError,
     StoreSpec,

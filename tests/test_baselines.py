@@ -39,8 +39,8 @@ from pipeline_lib.methods import (
     scrub_distill,
     top_fraction_mask,
 )
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit, predict_logits
+from pipeline_lib.models.image import build_model
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 PARAMS_YAML = Path(__file__).resolve().parents[1] / "params.yaml"
 SHAPE = (1, 8, 8)

@@ -17,11 +17,11 @@ from pipeline_lib.config import (
     SvdProjectionParams,
     TrainConfig,
 )
-from pipeline_lib.fisher import fisher_diagonal
-from pipeline_lib.fisher_baselines import ssd_dampen
 from pipeline_lib.methods import UnlearnInputs, get_method
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit, predict_logits
+from pipeline_lib.methods.fisher_baselines import ssd_dampen
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -156,8 +156,8 @@ def test_svd_projection_forgets_the_class_without_gradients(digits, which, reque
 def test_svd_projection_alpha_search_picks_the_best_pair_on_the_samples_read(digits, trained):
     """With α grids, every pair is scored on the samples the method read (retain accuracy −
     forget accuracy) and the best is kept: the result equals a plain run at the chosen α."""
-    from pipeline_lib.evaluate import accuracy
-    from pipeline_lib.svd_forget import per_class_sample
+    from pipeline_lib.evaluation.metrics import accuracy
+    from pipeline_lib.methods.svd_projection import per_class_sample
 
     def _accuracy(model, X, y, batch_size):
         return accuracy(predict_logits(model, X, batch_size), y)
@@ -189,7 +189,7 @@ def test_svd_projection_alpha_search_picks_the_best_pair_on_the_samples_read(dig
 
 
 def test_projection_matrix_matches_the_formula():
-    from pipeline_lib.svd_forget import class_projection, scaled_projector
+    from pipeline_lib.methods.svd_projection import class_projection, scaled_projector
 
     gen = torch.Generator().manual_seed(0)
     A_r = torch.randn(50, 6, generator=gen, dtype=torch.float64)
@@ -214,7 +214,7 @@ def test_projection_matrix_matches_the_formula():
 
 
 def test_code_mixer_swaps_the_expected_fraction():
-    from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
+    from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
 
     codes = mnemonic_codes(SHAPE, 10, 0)
     torch.testing.assert_close(codes, mnemonic_codes(SHAPE, 10, 0))  # a pure function of the seed
@@ -230,7 +230,7 @@ def test_code_mixer_swaps_the_expected_fraction():
 
 def test_mnemonic_code_forgets_from_the_codes_alone(digits):
     from pipeline_lib.config import MnemonicCodeParams
-    from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
+    from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
 
     Xtr, ytr, _, _ = digits
     cfg = ModelConfig(name="cnn", channels=(8, 16))
@@ -273,9 +273,9 @@ def test_pipeline_hands_mnemonic_code_no_training_data(tmp_path):
     """The step that builds a method's inputs from a class request gives mnemonic_code zero
     forget and retain rows (and the codes and classes), while a data method gets the data."""
     from pipeline_lib.config import DataConfig
-    from pipeline_lib.data import load_prepared, prepare_dataset
-    from pipeline_lib.requests import extract_forget_set, parse_request, write_manifests
-    from pipeline_lib.steps import load_splits, unlearn_inputs
+    from pipeline_lib.data.images import load_prepared, prepare_dataset
+    from pipeline_lib.data.requests import extract_forget_set, parse_request, write_manifests
+    from pipeline_lib.modalities.image import load_splits, unlearn_inputs
 
     prepare_dataset(DataConfig(max_train=200, max_test=50), tmp_path / "prep")
     data = load_prepared(tmp_path / "prep")

@@ -73,7 +73,7 @@ def test_requests_validate(capsys, tmp_path, monkeypatch):
 
 def test_requests_validate_checks_ids_against_prepared_data(capsys, tmp_path, monkeypatch):
     from pipeline_lib.config import DataConfig
-    from pipeline_lib.data import prepare_dataset
+    from pipeline_lib.data.images import prepare_dataset
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_lib.config import ConfigError, DataConfig
-from pipeline_lib.data import (
+from pipeline_lib.data.images import (
     get_dataset_loader,
     load_fashion_mnist_source,
     load_prepared,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
-from pipeline_lib.datamodels import (
+from pipeline_lib.attribution.datamodels import (
     ESTIMATORS,
     Datamodels,
     beta_dense,
@@ -312,7 +312,7 @@ def test_errors():
 @pytest.mark.parametrize("estimator", ["ridge_dual", "diff_means"])
 def test_forget_shift_direct_equals_the_fitted_shift(estimator):
     """The one-solve fast path for Σ_F β equals fit-then-shift (and the dense β sum)."""
-    from pipeline_lib.datamodels import forget_shift_direct
+    from pipeline_lib.attribution.datamodels import forget_shift_direct
 
     rng = np.random.default_rng(5)
     masks = rng.random((40, 23)) < 0.5
@@ -324,7 +324,7 @@ def test_forget_shift_direct_equals_the_fitted_shift(estimator):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got, beta_dense(dm)[..., forget].sum(-1), rtol=1e-9, atol=1e-12)
     if estimator == "ridge_dual":  # the precomputed, request-independent factor
-        from pipeline_lib.datamodels import ridge_factor
+        from pipeline_lib.attribution.datamodels import ridge_factor
 
         L = ridge_factor(masks, lam=0.7)
         assert L.shape == (40, 40) and np.allclose(L, np.tril(L))

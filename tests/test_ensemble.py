@@ -10,17 +10,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib import ensemble
 from pipeline_lib.config import ModelConfig
-from pipeline_lib.ensemble import (
+from pipeline_lib.models.image import build_model
+from pipeline_lib.training import ensemble
+from pipeline_lib.training.ensemble import (
     ensemble_logits,
     train_ensemble,
     train_ensemble_reference,
     train_step_flops,
     unstack,
 )
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit, predict_logits
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 SHAPE = (1, 8, 8)
 N, C, K, PER_MODEL = 60, 10, 3, 30

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline_lib.config import DataConfig
-from pipeline_lib.data import (
+from pipeline_lib.data.images import (
     FASHION_MNIST_DEFAULT_DIR,
     load_fashion_mnist_source,
     load_prepared,

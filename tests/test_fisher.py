@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from pipeline_lib.config import ModelConfig
-from pipeline_lib.fisher import (
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import (
     KINDS,
     fisher_diagonal,
     fisher_diagonal_reference,
@@ -15,7 +16,6 @@ from pipeline_lib.fisher import (
     fisher_targets,
     total_entries,
 )
-from pipeline_lib.models import build_model
 
 N_CLASSES = 10
 SHAPE = (1, 8, 8)

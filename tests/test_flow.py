@@ -186,7 +186,7 @@ def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path):
     from mlflow import MlflowClient
 
     from flows.pipeline import unlearning_pipeline
-    from pipeline_lib.attribution import AttributionStore
+    from pipeline_lib.attribution.store import AttributionStore
 
     overrides = {
         "unlearn.method": "dmm",

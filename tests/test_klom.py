@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline_lib.klom import (
+from pipeline_lib.evaluation.klom import (
     _klom_point_reference,
     klom_report,
     klom_scores,

@@ -11,16 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_lib import lm
-from pipeline_lib.lm_config import (
+from pipeline_lib.config.text import (
     GradientAscentParams,
     LMModelConfig,
     LMNegGradPlusParams,
     LMRetrainParams,
     LMTrainConfig,
 )
-from pipeline_lib.lm_methods import LMUnlearnInputs, gradient_ascent, neggrad_plus, retrain
-from pipeline_lib.lm_steps import build_lm_report, lm_gaps, plot_lm_report
+from pipeline_lib.methods.text import LMUnlearnInputs, gradient_ascent, neggrad_plus, retrain
+from pipeline_lib.modalities.text import build_lm_report, lm_gaps, plot_lm_report
+from pipeline_lib.models import lm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -225,7 +225,7 @@ def test_lm_report_gaps_and_plot(tmp_path):
 def test_influence_grad_dot_and_hvp(trained):
     from torch.func import grad, jvp
 
-    from pipeline_lib.influence import _flat, _loss, _unflat, influence_scores
+    from pipeline_lib.evaluation.influence import _flat, _loss, _unflat, influence_scores
 
     original, oracle, inputs = trained
     dot = influence_scores(original, inputs.forget, inputs.heldout, None, "grad_dot")

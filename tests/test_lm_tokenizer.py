@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline_lib import lm
-from pipeline_lib.lm_config import LMModelConfig
+from pipeline_lib.config.text import LMModelConfig
+from pipeline_lib.models import lm
 
 TEXTS = [
     "When shall we three meet again in thunder, lightning, or in rain?",
@@ -74,7 +74,7 @@ def test_subword_memorisation_probes(subword):
 
 
 def test_smollm2_missing_file_is_a_clear_error(tmp_path):
-    from pipeline_lib.lm_pretrained import gguf_path
+    from pipeline_lib.models.pretrained import gguf_path
 
     cfg = LMModelConfig(kind="smollm2", gguf=str(tmp_path / "nope.gguf"))
     with pytest.raises(FileNotFoundError, match="lm.gguf: no such file"):
@@ -88,7 +88,7 @@ def test_smollm2_loads_from_gguf_then_from_cache(tmp_path):
     chance."""
     import math
 
-    from pipeline_lib.lm_pretrained import WEIGHTS, ensure_cache
+    from pipeline_lib.models.pretrained import WEIGHTS, ensure_cache
 
     cfg = LMModelConfig(kind="smollm2", n_positions=64, cache_dir=str(tmp_path))
     first = lm.build_lm(cfg, 0)

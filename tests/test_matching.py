@@ -11,16 +11,16 @@ import pytest
 import torch
 import yaml
 
-from pipeline_lib.config import DmmParams, ModelConfig, TrainConfig
-from pipeline_lib.matching import (
+from pipeline_lib.attribution.matching import (
     MatchTargets,
     datamodel_targets,
     match_outputs,
     matching_retain_rows,
     oracle_targets,
 )
+from pipeline_lib.config import DmmParams, ModelConfig, TrainConfig
 from pipeline_lib.methods import UnlearnInputs, get_method
-from pipeline_lib.models import build_model
+from pipeline_lib.models.image import build_model
 from tests.conftest import REPO, make_dvc_project
 
 
@@ -140,8 +140,8 @@ def test_dmm_method_needs_datamodel_targets(one_thread):
 
 
 def test_originals_store_keeps_weights_that_reproduce_its_outputs(tmp_path: Path, one_thread):
-    from pipeline_lib.attribution import AttributionStore, StoreError, StoreSpec, train_chunk
-    from pipeline_lib.train import predict_logits
+    from pipeline_lib.attribution.store import AttributionStore, StoreError, StoreSpec, train_chunk
+    from pipeline_lib.training.fit import predict_logits
 
     X, y = _toy()
     spec = StoreSpec(

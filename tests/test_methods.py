@@ -19,7 +19,7 @@ from pipeline_lib.config import (
     TrainConfig,
     UnlearnConfig,
 )
-from pipeline_lib.evaluate import (
+from pipeline_lib.evaluation.metrics import (
     EvalSplits,
     accuracy,
     avg_gap,
@@ -32,7 +32,6 @@ from pipeline_lib.evaluate import (
     per_sample_loss,
     plot_report,
 )
-from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.methods import (
     METHODS,
     UnlearnInputs,
@@ -40,8 +39,9 @@ from pipeline_lib.methods import (
     get_method,
     select_by_ratio,
 )
-from pipeline_lib.models import build_model
-from pipeline_lib.train import FitSettings, fit, predict_logits
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 SHAPE = (1, 8, 8)
 N_CLASSES = 4

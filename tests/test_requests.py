@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline_lib.config import DataConfig
-from pipeline_lib.data import Prepared, load_prepared, prepare_dataset
-from pipeline_lib.requests import (
+from pipeline_lib.data.images import Prepared, load_prepared, prepare_dataset
+from pipeline_lib.data.requests import (
     DeletionRequest,
     RequestError,
     check_unique_ids,

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipeline_lib.config import ModelConfig, RayConfig, to_dict
-from pipeline_lib.fisher import fisher_diagonal, id_uniforms
-from pipeline_lib.models import build_model
-from pipeline_lib.stats import (
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal, id_uniforms
+from pipeline_lib.stats.store import (
     CorruptStats,
     find_stats,
     load_stats,
@@ -179,7 +179,7 @@ def test_find_stats_verifies_the_file(tmp_path, caplog):
 
 @pytest.mark.parametrize("arch", ["cnn", "vit"])
 def test_sharded_activation_stats_equal_stacked_svd(tmp_path, local_ray, arch):
-    from pipeline_lib.activations import decompose_grams, stacked_activations
+    from pipeline_lib.stats.activations import decompose_grams, stacked_activations
     from tasks.stats import run_shards
     from tests.test_activations import _X, _model, assert_same_space
     from tests.test_activations import MODELS as ARCHS
@@ -218,8 +218,8 @@ def test_fisher_pair_keys_sampled_labels_by_id():
     the sample ids it gives the pipeline's values (retain subsample included), whatever the
     order of the rows."""
     from pipeline_lib.config import FisherConfig
-    from pipeline_lib.requests import Manifests
-    from pipeline_lib.steps import fisher_pair, fisher_split_ids
+    from pipeline_lib.data.requests import Manifests
+    from pipeline_lib.modalities.image import fisher_pair, fisher_split_ids
 
     ids, X, y = _data(30)
     model = build_model(MODELS["mlp"], SHAPE, N_CLASSES, seed=1).double()

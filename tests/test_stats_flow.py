@@ -42,13 +42,13 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     from mlflow import MlflowClient
 
     from flows.pipeline import unlearning_pipeline
-    from pipeline_lib.activations import activation_grams, decompose_gram
     from pipeline_lib.config import load_params
-    from pipeline_lib.data import load_prepared
-    from pipeline_lib.fisher import fisher_diagonal
-    from pipeline_lib.requests import load_manifests
-    from pipeline_lib.stats import load_stats
-    from pipeline_lib.steps import fisher_split_ids, load_model
+    from pipeline_lib.data.images import load_prepared
+    from pipeline_lib.data.requests import load_manifests
+    from pipeline_lib.modalities.image import fisher_split_ids, load_model
+    from pipeline_lib.stats.activations import activation_grams, decompose_gram
+    from pipeline_lib.stats.fisher import fisher_diagonal
+    from pipeline_lib.stats.store import load_stats
 
     params_path = str(project / "params.yaml")
     # --- the class request through the pipeline (DVC extraction, MLflow tracking)
@@ -87,7 +87,7 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     tensors, meta = load_stats(path)
     cfg = meta["config"]
     assert cfg["split"] == "forget" and cfg["n_shards"] == 3 and cfg["kind"] == "true_sampled"
-    from pipeline_lib.stats import stats_path
+    from pipeline_lib.stats.store import stats_path
 
     assert path == stats_path(path.parent, cfg["identity"])  # named by identity, not content
     assert load_stats(path, verify=True)[1]["digest"] == meta["digest"]
@@ -133,11 +133,11 @@ def test_pipeline_reuses_the_stats_files(prefect_api, tmp_path: Path, capsys):
 
     from flows.pipeline import unlearning_pipeline
     from pipeline_lib.config import load_params
-    from pipeline_lib.data import load_prepared
-    from pipeline_lib.fisher import fisher_diagonal
-    from pipeline_lib.requests import load_manifests
-    from pipeline_lib.stats import load_stats
-    from pipeline_lib.steps import fisher_split_ids, load_model
+    from pipeline_lib.data.images import load_prepared
+    from pipeline_lib.data.requests import load_manifests
+    from pipeline_lib.modalities.image import fisher_split_ids, load_model
+    from pipeline_lib.stats.fisher import fisher_diagonal
+    from pipeline_lib.stats.store import load_stats
 
     params = tiny_params(tmp_path / "proj")
     params["data"].update(max_train=300, max_test=100)

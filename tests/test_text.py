@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline_lib.lm_config import ConfigError, TextConfig, is_lm_params_file, load_lm_params
-from pipeline_lib.requests import RequestError, extract_forget_set, parse_request
-from pipeline_lib.text import (
+from pipeline_lib.config.text import ConfigError, TextConfig, is_lm_params_file, load_lm_params
+from pipeline_lib.data.requests import RequestError, extract_forget_set, parse_request
+from pipeline_lib.data.text import (
     extract_forget_docs,
     load_corpus,
     load_shakespeare,

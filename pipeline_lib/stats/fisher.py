@@ -12,7 +12,7 @@ Kinds of y:
 - ``true_sampled``: one y ~ p_θ(·|x) per sample (Monte-Carlo true Fisher), seeded. With
   ``sample_ids`` the draw of each sample is keyed by (seed, its id) (:func:`id_uniforms`), so
   the result does not depend on which other samples are in the call: sharded sums equal the
-  unsharded one (:mod:`pipeline_lib.stats`). Without ids one generator draws for the set.
+  unsharded one (:mod:`pipeline_lib.stats.store`). Without ids one generator draws for the set.
 - ``empirical``: the dataset label.
 """
 
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from pipeline_lib.train import predict_logits
+from pipeline_lib.training.fit import predict_logits
 
 KINDS = ("true_expected", "true_sampled", "empirical")
 

@@ -3,7 +3,7 @@ Gradient-free Class Forgetting"; algorithms.md §5).
 
 Gradient-free: one forward pass over a few retain samples per class and a few samples of the
 forgotten class(es) collects every projected layer's input activations
-(:mod:`pipeline_lib.activations`: Gram matrices, so memory does not grow with the samples).
+(:mod:`pipeline_lib.stats.activations`: Gram matrices, so memory does not grow with the samples).
 Per layer, with U, S the basis and singular values of those activations:
 
     σ̃_i = S_i² / Σ_j S_j²,    λ_i = α σ̃_i / ((α − 1) σ̃_i + 1),    M = U diag(λ) Uᵀ
@@ -32,10 +32,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from pipeline_lib.activations import activation_grams, decompose_gram, projection_layers
 from pipeline_lib.config import SvdProjectionParams
-from pipeline_lib.evaluate import accuracy
-from pipeline_lib.train import predict_logits
+from pipeline_lib.evaluation.metrics import accuracy
+from pipeline_lib.stats.activations import activation_grams, decompose_gram, projection_layers
+from pipeline_lib.training.fit import predict_logits
 
 if TYPE_CHECKING:  # methods.py imports this module: no runtime cycle
     from pipeline_lib.methods import Info, UnlearnInputs

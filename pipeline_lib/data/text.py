@@ -15,7 +15,7 @@ or a user-given group) and its text. Sources:
 Prepared data (``documents.parquet``: ``doc_id``, ``group``, ``split``, ``text``; and
 ``meta.json`` with a content hash) is what the DVC stage ``prepare`` of ``lm/dvc.yaml``
 writes; the ``extract`` stage resolves a deletion request against it into the same id
-manifests as for images (:func:`pipeline_lib.requests.write_manifests`).
+manifests as for images (:func:`pipeline_lib.data.requests.write_manifests`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline_lib.config.text import ConfigError, TextConfig
+from pipeline_lib.data.requests import DeletionRequest, RequestError, _preview
 from pipeline_lib.io import atomic_path
-from pipeline_lib.lm_config import ConfigError, TextConfig
-from pipeline_lib.requests import DeletionRequest, RequestError, _preview
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ Evaluation (per model: original, oracle, unlearned), each also as a gap to the o
 
 - perplexity on the forget, retain and held-out documents (exp of the mean token NLL);
 - loss-MIA AUC: per-document mean token loss, forget (1) vs held-out (0), cross-validated
-  logistic regression (:func:`pipeline_lib.evaluate.loss_mia_auc`); 0.5 = indistinguishable;
+  logistic regression (:func:`pipeline_lib.evaluation.metrics.loss_mia_auc`); 0.5 = indistinguishable;
 - verbatim memorisation: the rate of exact greedy continuations of forget-document prefixes
   (and the mean fraction of matching tokens).
 
@@ -28,13 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib import lm
-from pipeline_lib.evaluate import cost, format_table, loss_mia_auc
+from pipeline_lib.config.text import LMModelConfig, LMParams, LMTrainConfig, LMUnlearnConfig
+from pipeline_lib.data.requests import Manifests, load_manifests
+from pipeline_lib.data.text import PreparedCorpus, load_corpus
+from pipeline_lib.evaluation.metrics import cost, format_table, loss_mia_auc
 from pipeline_lib.io import atomic_path, load_weights, save_weights, state_dict_digest, write_json
-from pipeline_lib.lm_config import LMModelConfig, LMParams, LMTrainConfig, LMUnlearnConfig
-from pipeline_lib.lm_methods import LMUnlearnInputs, get_lm_method
-from pipeline_lib.requests import Manifests, load_manifests
-from pipeline_lib.text import PreparedCorpus, load_corpus
+from pipeline_lib.methods.text import LMUnlearnInputs, get_lm_method
+from pipeline_lib.models import lm
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,8 @@ def lm_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[s
 
 def influence_metrics(model: nn.Module, splits: TextSplits, params: LMParams) -> dict[str, float]:
     """Mean (and mean absolute) influence score of the forget documents on the first window
-    of ``influence_prompts`` held-out documents (:mod:`pipeline_lib.influence`)."""
-    from pipeline_lib.influence import influence_scores
+    of ``influence_prompts`` held-out documents (:mod:`pipeline_lib.evaluation.influence`)."""
+    from pipeline_lib.evaluation.influence import influence_scores
 
     ev, L, tok = params.evaluate, params.lm.n_positions, lm.tokenizer_for(params.lm)
     prompts = lm.make_windows(splits.heldout[: ev.influence_prompts], L, tok)

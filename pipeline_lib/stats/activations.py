@@ -149,9 +149,9 @@ def decompose_grams(grams: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def activation_shard_grams(
     model: nn.Module, shard: str | Path, batch_size: int, dtype: torch.dtype = torch.float32
 ) -> tuple[dict[str, torch.Tensor], int]:
-    """Partial Gram sums of one Parquet shard (:mod:`pipeline_lib.stats`). The model computes
+    """Partial Gram sums of one Parquet shard (:mod:`pipeline_lib.stats.store`). The model computes
     in ``dtype`` (a copy when it differs); the Gram matrices accumulate in float64."""
-    from pipeline_lib.stats import read_shard, with_dtype
+    from pipeline_lib.stats.store import read_shard, with_dtype
 
     _, X, _ = read_shard(shard)
     model = with_dtype(model, dtype)

@@ -58,7 +58,7 @@ def fit(
     """Train ``model`` in place on (X (N, *shape), y (N,)) with seeded shuffling.
 
     ``batch_transform(xb, yb)`` (optional) rewrites each batch before the step, e.g. the
-    mnemonic-code mixing of :class:`pipeline_lib.mnemonic.CodeMixer`.
+    mnemonic-code mixing of :class:`pipeline_lib.methods.mnemonic.CodeMixer`.
 
     ``grad_mask`` maps parameter names to bool tensors of the parameter's shape: only the
     True entries move (the rest keep their value exactly; parameters with no True entry are

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline_lib.data import Prepared
+from pipeline_lib.data.images import Prepared
 from pipeline_lib.io import atomic_path
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -51,7 +51,7 @@ class DeletionRequest:
     classes: tuple[int, ...] = ()
     fraction: float | None = None
     seed: int = 0
-    #: Text corpora (pipeline_lib.text): document groups, e.g. plays.
+    #: Text corpora (pipeline_lib.data.text): document groups, e.g. plays.
     groups: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, grad, jvp
 
-from pipeline_lib.lm import IGNORE, Windows, select_parameters
+from pipeline_lib.models.lm import IGNORE, Windows, select_parameters
 
 
 def _loss(model: nn.Module, params: dict, inputs: torch.Tensor, labels: torch.Tensor):

@@ -630,9 +630,9 @@ def validate_ranges(params: Params) -> None:
 
 def validate_names(params: Params) -> None:
     """Check registry-backed names; the error lists the valid choices."""
-    from pipeline_lib.data import DATASETS
+    from pipeline_lib.data.images import DATASETS
     from pipeline_lib.methods import METHODS
-    from pipeline_lib.models import MODELS
+    from pipeline_lib.models.image import MODELS
 
     for key, value, registry in (
         ("data.name", params.data.name, DATASETS),

@@ -22,7 +22,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib.attribution import AttributionStore
+from pipeline_lib.attribution.matching import (
+    MatchTargets,
+    datamodel_targets,
+    matching_retain_rows,
+    oracle_targets,
+)
+from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.config import (
     AttributionConfig,
     FisherConfig,
@@ -31,27 +37,21 @@ from pipeline_lib.config import (
     TrainConfig,
     UnlearnConfig,
 )
-from pipeline_lib.data import Prepared, load_prepared
-from pipeline_lib.evaluate import (
+from pipeline_lib.data.images import Prepared, load_prepared
+from pipeline_lib.data.requests import Manifests, load_manifests
+from pipeline_lib.evaluation.metrics import (
     EvalSplits,
     build_report,
     evaluate_model,
     format_table,
     plot_report,
 )
-from pipeline_lib.fisher import fisher_diagonal
 from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write_json
-from pipeline_lib.matching import (
-    MatchTargets,
-    datamodel_targets,
-    matching_retain_rows,
-    oracle_targets,
-)
 from pipeline_lib.methods import Method, UnlearnInputs, get_method
-from pipeline_lib.mnemonic import CodeMixer, mnemonic_codes
-from pipeline_lib.models import build_model
-from pipeline_lib.requests import Manifests, load_manifests
-from pipeline_lib.train import FitSettings, fit, predict_logits, resolve_device
+from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
+from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,9 @@ log = logging.getLogger(__name__)
 def code_version() -> str:
     """sha256 over pipeline_lib's sources: part of every cache key, so caches follow code."""
     h = hashlib.sha256()
-    root = Path(__file__).parent
-    for path in sorted(root.glob("*.py")):
-        h.update(path.name.encode())
+    root = Path(__file__).resolve().parents[1]
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
         h.update(path.read_bytes())
     return h.hexdigest()
 
@@ -222,7 +222,7 @@ def fisher_config(cfg: FisherConfig, split: str, n: int, **extra: Any) -> dict[s
 
 def matching_points(splits: Splits, multiple: float, seed: int) -> tuple[np.ndarray, torch.Tensor]:
     """Sample ids and inputs of the matching points: all of F, then
-    ``multiple``·|F| seeded retain points (:func:`pipeline_lib.matching.matching_retain_rows`)."""
+    ``multiple``·|F| seeded retain points (:func:`pipeline_lib.attribution.matching.matching_retain_rows`)."""
     man = splits.manifests
     rows = matching_retain_rows(len(man.forget_ids), len(man.retain_ids), multiple, seed)
     ids = np.concatenate([man.forget_ids, man.retain_ids[rows]])

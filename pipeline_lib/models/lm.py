@@ -4,7 +4,7 @@ config, windowed training, per-document losses, perplexity and verbatim memorisa
 The tiny GPT-2's tokens are UTF-8 bytes (0–255) plus one special token 256 used as
 BOS/EOS/padding (:data:`BYTES`): a character-level model for Shakespeare's (ASCII) text, with
 nothing to train or store for the tokenizer. A pretrained model brings its own tokenizer
-(:class:`HFTokenizer`, e.g. SmolLM2's, :mod:`pipeline_lib.lm_pretrained`); windows,
+(:class:`HFTokenizer`, e.g. SmolLM2's, :mod:`pipeline_lib.models.pretrained`); windows,
 perplexity and memorisation take either. A document becomes ``[BOS] + tokens``; it is cut
 into windows of ``n_positions`` tokens overlapping by one, so every token is predicted
 exactly once, from at most ``n_positions − 1`` tokens of context, and per-document losses
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib.lm_config import LMModelConfig, LMTrainConfig
+from pipeline_lib.config.text import LMModelConfig, LMTrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ def build_lm(cfg: LMModelConfig, seed: int) -> nn.Module:
     if cfg.kind == "gpt2":
         return build_gpt2(cfg, seed)
     if cfg.kind == "smollm2":
-        from pipeline_lib.lm_pretrained import load_pretrained
+        from pipeline_lib.models.pretrained import load_pretrained
 
         return load_pretrained(cfg)
     raise ValueError(f"lm.kind {cfg.kind!r} unknown; valid: gpt2, smollm2")
@@ -138,7 +138,7 @@ def build_lm(cfg: LMModelConfig, seed: int) -> nn.Module:
 def tokenizer_for(cfg: LMModelConfig) -> Tokenizer:
     """The tokenizer of ``cfg.kind``: bytes for ``gpt2``, the model's own for ``smollm2``."""
     if cfg.kind == "smollm2":
-        from pipeline_lib.lm_pretrained import load_pretrained_tokenizer
+        from pipeline_lib.models.pretrained import load_pretrained_tokenizer
 
         return load_pretrained_tokenizer(cfg)
     return BYTES

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.io import atomic_path
-from pipeline_lib.train import predict_logits
+from pipeline_lib.training.fit import predict_logits
 
 GAP_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pipeline_lib.config.text import LMModelConfig
 from pipeline_lib.io import atomic_path, load_weights, save_weights
-from pipeline_lib.lm_config import LMModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,9 +151,9 @@ def load_pretrained(cfg: LMModelConfig) -> nn.Module:
 
 
 def load_pretrained_tokenizer(cfg: LMModelConfig):
-    """The model's own tokenizer, from the cache, wrapped as :class:`pipeline_lib.lm.HFTokenizer`."""
+    """The model's own tokenizer, from the cache, wrapped as :class:`pipeline_lib.models.lm.HFTokenizer`."""
     from transformers import AutoTokenizer
 
-    from pipeline_lib.lm import HFTokenizer
+    from pipeline_lib.models.lm import HFTokenizer
 
     return HFTokenizer(AutoTokenizer.from_pretrained(str(ensure_cache(cfg))), name="smollm2")

@@ -12,7 +12,7 @@ Equivalence (the contract): model k trained here equals, to float rounding,
 
     fit(build_model(cfg, shape, n_classes, seeds[k]), X[masks[k]], y[masks[k]], settings, seeds[k])
 
-because every ingredient of :func:`pipeline_lib.train.fit` is reproduced per model:
+because every ingredient of :func:`pipeline_lib.training.fit.fit` is reproduced per model:
 
 - init: ``build_model(..., seeds[k])`` (cast to X's dtype);
 - data order: one ``torch.Generator().manual_seed(seeds[k])`` per model, one
@@ -23,7 +23,7 @@ because every ingredient of :func:`pipeline_lib.train.fit` is reproduced per mod
   Σ_k mean_k, whose gradient with respect to model k's parameters is exactly that model's
   own gradient (the models share no parameters);
 - optimizer: the same ``torch.optim`` Adam/SGD with the hyper-parameters of
-  :func:`pipeline_lib.train._optimizer` (momentum, weight decay), here over the stacked
+  :func:`pipeline_lib.training.fit._optimizer` (momentum, weight decay), here over the stacked
   (K, ...) leaves. Both update rules are elementwise and their step counters advance
   together for all models, so one optimizer over stacked leaves is K independent optimizers
   (the fused kernel is used; it matches the unfused one to rounding).
@@ -46,8 +46,8 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline_lib.config import ModelConfig
-from pipeline_lib.models import MLP, build_model
-from pipeline_lib.train import FitSettings, fit, predict_logits
+from pipeline_lib.models.image import MLP, build_model
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def _check_inputs(
 
 
 def _stacked_optimizer(params: list[torch.Tensor], s: FitSettings) -> torch.optim.Optimizer:
-    """The optimizer of :func:`pipeline_lib.train._optimizer`, over (K, ...) leaves.
+    """The optimizer of :func:`pipeline_lib.training.fit._optimizer`, over (K, ...) leaves.
 
     Same hyper-parameters; ``fused=True`` (one pass over memory per step) because with K
     models the unfused Adam's many full-size temporaries cost as much as the matmuls.

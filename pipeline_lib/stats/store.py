@@ -7,9 +7,9 @@ addition followed by one division; the sum of shard sums equals the unsharded su
 floating-point reassociation (float64 test: any shard count, any worker count).
 
 - Fisher diagonal (algorithms.md §1): Σ_{x∈shard} (∂ log p_θ(y|x)/∂θ)² and the count, from
-  :func:`pipeline_lib.fisher.fisher_diagonal_sum`; ``true_sampled`` labels are keyed by
+  :func:`pipeline_lib.stats.fisher.fisher_diagonal_sum`; ``true_sampled`` labels are keyed by
   sample id, so they do not depend on how the split is cut.
-- Activation Gram matrices (algorithms.md §5): :mod:`pipeline_lib.activations`.
+- Activation Gram matrices (algorithms.md §5): :mod:`pipeline_lib.stats.activations`.
 
 Results are safetensors files holding the statistics, with the config that produced them
 and a content hash in the metadata, written atomically (:func:`save_stats`). A file is named
@@ -40,8 +40,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pipeline_lib.fisher import fisher_diagonal_sum
 from pipeline_lib.io import atomic_path, save_weights, state_dict_digest
+from pipeline_lib.stats.fisher import fisher_diagonal_sum
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@ oracles), with their masks, seeds and outputs on every target point.
 
 Datamodels (algorithms.md §2) and every oracle-based metric (KLoM, LiRA) need M models. The
 unit of work is a *chunk* of consecutive model ids, trained in one process by the vectorised
-ensemble trainer (:mod:`pipeline_lib.ensemble`). Layout of a store directory::
+ensemble trainer (:mod:`pipeline_lib.training.ensemble`). Layout of a store directory::
 
     manifest.json              config, target ids digest, one entry per finished chunk
     targets.parquet            sample_id, split, label of the T target points, in output order
@@ -40,7 +40,7 @@ from safetensors.torch import load_file, save_file
 
 from pipeline_lib.config import ModelConfig, parse_section
 from pipeline_lib.io import atomic_path, sha256_file, write_json
-from pipeline_lib.train import FitSettings
+from pipeline_lib.training.fit import FitSettings
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,7 @@ def train_chunk(
 ) -> dict[str, Any]:
     """Train models [start, stop) with the ensemble trainer; return their masks (bool),
     seeds, outputs on the targets (K, T, C) and the seconds spent inside the trainer."""
-    from pipeline_lib.ensemble import ensemble_logits, train_ensemble
+    from pipeline_lib.training.ensemble import ensemble_logits, train_ensemble
 
     masks = chunk_masks(spec, start, stop, base_mask)
     seeds = [model_seed(spec.seed, m) for m in range(start, stop)]
@@ -380,7 +380,7 @@ class AttributionStore:
         computed once per (masks, λ) and cached in the store directory (atomic write, keyed by
         the masks digest so a grown store gets a new one): the request-independent part of
         DM-Direct, like the subset models themselves."""
-        from pipeline_lib.datamodels import ridge_factor
+        from pipeline_lib.attribution.datamodels import ridge_factor
 
         digest = self.masks_digest()
         path = self.root / f"ridge-factor-{lam:g}-{digest[:16]}.npy"

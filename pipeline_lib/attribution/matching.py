@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib.datamodels import forget_shift_direct
+from pipeline_lib.attribution.datamodels import forget_shift_direct
 
 
 @dataclass(frozen=True)

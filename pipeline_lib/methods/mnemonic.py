@@ -40,7 +40,7 @@ def mnemonic_codes(shape: tuple[int, ...], n_classes: int, seed: int) -> torch.T
 
 
 class CodeMixer:
-    """Batch transform for :func:`pipeline_lib.train.fit`: each sample is swapped for its
+    """Batch transform for :func:`pipeline_lib.training.fit.fit`: each sample is swapped for its
     class's code with probability ``t_mix`` (own seeded generator, so the data order of
     the trainer is unchanged)."""
 

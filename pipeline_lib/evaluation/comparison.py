@@ -3,7 +3,7 @@
 N original models (different seeds) are each unlearned by every method; N oracles are
 retrained on R. Per method the comparison reports:
 
-- KLoM (:mod:`pipeline_lib.klom`) of the N unlearned models' margins against the N oracles'
+- KLoM (:mod:`pipeline_lib.evaluation.klom`) of the N unlearned models' margins against the N oracles'
   margins, P95 / P99 / mean on the forget, retain and validation (test) points, beside the
   oracle-vs-oracle noise floor;
 - UA, RA, TA, MIA-efficacy and loss-MIA AUC (mean ± std over the N unlearned models) and the
@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline_lib.attribution.datamodels import margins as margins_of
+from pipeline_lib.attribution.matching import MatchTargets
 from pipeline_lib.config import FisherConfig, ModelConfig, TrainConfig, UnlearnConfig
-from pipeline_lib.datamodels import margins as margins_of
-from pipeline_lib.evaluate import GAP_METRICS, metrics_from_logits
+from pipeline_lib.evaluation.klom import klom_scores, noise_floor, summarize_splits
+from pipeline_lib.evaluation.metrics import GAP_METRICS, metrics_from_logits
 from pipeline_lib.io import atomic_path
-from pipeline_lib.klom import klom_scores, noise_floor, summarize_splits
-from pipeline_lib.matching import MatchTargets
 from pipeline_lib.methods import UnlearnInputs, get_method
-from pipeline_lib.models import build_model
-from pipeline_lib.train import predict_logits
+from pipeline_lib.models.image import build_model
+from pipeline_lib.training.fit import predict_logits
 
 SPLITS = ("forget", "retain", "validation")
 METRICS = ("UA", "RA", "TA", "MIA_efficacy", "loss_MIA_AUC")
@@ -101,7 +101,7 @@ def unlearn_one(
     t0 = time.perf_counter()
     fisher_f = fisher_r = None
     if method.needs_fisher:
-        from pipeline_lib.steps import fisher_pair
+        from pipeline_lib.modalities.image import fisher_pair
 
         ids = problem.ids
         fisher_f, fisher_r, _ = fisher_pair(
@@ -188,7 +188,7 @@ def summarise(
         )
         rows.append(row)
     oracle_row: dict[str, Any] = {"method": "oracle (retrain)", "n_models": len(oracle_metrics)}
-    from pipeline_lib.klom import oracle_halves
+    from pipeline_lib.evaluation.klom import oracle_halves
 
     a, b = oracle_halves(oracle_margins.shape[0], floor_seed)
     for split in SPLITS:
@@ -303,7 +303,7 @@ def plot_klom(
 
 def floor_scores(oracle_margins: np.ndarray, seed: int = 0) -> np.ndarray:
     """Per-point oracle-vs-oracle KLoM (the noise floor's distribution, for the plot)."""
-    from pipeline_lib.klom import oracle_halves
+    from pipeline_lib.evaluation.klom import oracle_halves
 
     a, b = oracle_halves(oracle_margins.shape[0], seed)
     return klom_scores(oracle_margins[a], oracle_margins[b])

@@ -1,0 +1,1 @@
+"""Evaluation: accuracy and MIA metrics, KLoM, the many-model comparison, LM influence."""

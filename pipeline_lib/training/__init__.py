@@ -1,0 +1,1 @@
+"""Training: one model at a time (``fit``) and K models at once (``ensemble``)."""
