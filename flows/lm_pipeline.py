@@ -11,7 +11,6 @@ root's ``params-lm.yaml`` (the file the LM stages read) before the stages run.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from flows.pipeline import _with_files
-from pipeline_lib.config import flatten, to_dict
+from pipeline_lib.config import flatten, replace, to_dict
 from pipeline_lib.config.text import LMParams, environment_overrides, load_lm_params
 from pipeline_lib.data.requests import DeletionRequest, load_request
 from pipeline_lib.data.text import MANIFESTS_DIR, PREPARED_DIR, extract_forget_docs, load_corpus
@@ -56,7 +55,7 @@ def stage_text(params: LMParams, request: DeletionRequest) -> tuple[LMParams, di
     rel = versioning.stage_request_file(
         root, str(params.resolve(params.request.file)), request.request_id
     )
-    params = dataclasses.replace(params, request=dataclasses.replace(params.request, file=rel))
+    params = replace(params, request=replace(params.request, file=rel))
     for key in versioning.sync_params_file(root, params, ("request",), LM_PARAMS_FILE):
         logger.info("%s: set %s for DVC", LM_PARAMS_FILE, key)
     return params, versioning.dvc_repro(str(root), f"{LM_DVC}:extract", LM_LOCK)

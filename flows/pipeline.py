@@ -11,7 +11,6 @@ default), where the DVC stages run; the MLflow URI is used as given.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from pathlib import Path
@@ -22,7 +21,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from flows.stats import fisher_statistics
-from pipeline_lib.config import Params, environment_overrides, flatten, load_params, to_dict
+from pipeline_lib.config import (
+    Params,
+    environment_overrides,
+    flatten,
+    load_params,
+    replace,
+    to_dict,
+)
 from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import DeletionRequest, extract_forget_set, load_request
 from pipeline_lib.evaluation.metrics import SUMMARY_COLUMNS
@@ -101,7 +107,7 @@ def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[s
     rel = versioning.stage_request_file(
         root, str(params.resolve(params.request.file)), request.request_id
     )
-    params = dataclasses.replace(params, request=dataclasses.replace(params.request, file=rel))
+    params = replace(params, request=replace(params.request, file=rel))
     for key in versioning.sync_params_file(root, params, ("request",)):
         logger.info("params.yaml: set %s for DVC", key)
     return params, versioning.dvc_repro(str(root), "extract")

@@ -668,3 +668,8 @@ def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
         else:
             out[dotted] = value
     return out
+
+
+def replace(section: Any, **changes: Any) -> Any:
+    """A copy of a config section with ``changes`` applied (the sections are frozen)."""
+    return dataclasses.replace(section, **changes)
