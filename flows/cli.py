@@ -70,24 +70,22 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline_lib.config.text import is_lm_params_file
+    """Run the pipeline of the params file's modality (``pipeline: lm`` in params-lm.yaml:
+    language models; none: images)."""
+    from pipeline_lib.modalities import modality_for_params
 
-    if is_lm_params_file(args.params):  # `pipeline: lm` (params-lm.yaml): the LM pipeline
-        from flows.lm_cli import cmd_run_lm
-
-        return cmd_run_lm(args)
+    modality = modality_for_params(args.params)
     overrides = _overrides(args)
-    params = load_params(
+    params = modality.load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
     )  # fails fast
     load_request(params.resolve(params.request.file))  # schema check before work
     _setup_env()
     from flows.pipeline import unlearning_pipeline  # prefect import after env setup
-    from pipeline_lib.evaluation.metrics import format_table
 
     result = unlearning_pipeline(params_path=args.params, overrides=overrides)
     print()
-    print(format_table(result["report"]))
+    print(modality.format_table(result["report"]))
     print(
         f"\nMLflow run {result['run_id']} ({params.tracking.mlflow_uri}); report in {result['report_dir']}"
     )
@@ -192,11 +190,11 @@ def _validate_text(args: argparse.Namespace, requests: list) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Schema-check request files; check ids against prepared data when it exists (image
     params), or against the text corpus (LM params: ``pipeline: lm``)."""
-    from pipeline_lib.config.text import is_lm_params_file
+    from pipeline_lib.modalities import modality_for_params
 
     requests = [(f, load_request(f)) for f in args.files]
     check_unique_ids(requests)
-    if Path(args.params).is_file() and is_lm_params_file(args.params):
+    if Path(args.params).is_file() and modality_for_params(args.params).name == "text":
         return _validate_text(args, requests)
     prepared = None
     try:

@@ -50,9 +50,11 @@ from pipeline_lib.evaluation.comparison import (
     write_tables,
 )
 from pipeline_lib.methods import METHODS, get_method
+from pipeline_lib.modalities import get_modality
 from tasks import attribution as ray_attr
 from tasks import evaluation as ray_eval
-from tasks import tracking
+from tasks import tracking, versioning
+from tasks.stores import Progress, ensure_store
 
 NONE_ROW = "none (original)"
 
@@ -174,8 +176,6 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Compare ``methods`` (default: all registered) on the request of the params file with
     ``evaluate.n_models`` originals and oracles. Returns the table rows, files and run ids."""
-    from flows.attribution import _Progress, ensure_store
-    from flows.pipeline import artifact_key, stage_data
 
     logger = get_run_logger()
     params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
@@ -183,7 +183,7 @@ def evaluate_flow(
     tr, n = params.tracking, params.evaluate.n_models
     request = load_request(params.resolve(params.request.file))
     tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
-    params, md5s = stage_data(params, request)
+    params, md5s = versioning.stage_data(get_modality("image"), params, request)
     prepared_dir = str(params.resolve(params.data.out_dir))
     manifests_dir = str(params.resolve(params.request.out_dir))
     data = load_prepared(prepared_dir)
@@ -283,7 +283,7 @@ def evaluate_flow(
         reference = ray_eval.retrain_seconds(problem, cfg, ray_cfg, params.train.oracle_seed)
         retrain_s = float(np.mean(reference))
         logger.info("retraining one model: %.2fs (mean of %d)", retrain_s, len(reference))
-        progress = _Progress(artifact_key("evaluate", request.request_id))
+        progress = Progress(tracking.artifact_key("evaluate", request.request_id))
         try:
             out = ray_eval.run_jobs(jobs, problem, cfg, ray_cfg, lambda d, t: progress(d, t, {}))
         finally:
@@ -330,7 +330,7 @@ def evaluate_flow(
         )
         create_markdown_artifact(
             markdown_table(rows, title),
-            key=artifact_key("comparison", request.request_id),
+            key=tracking.artifact_key("comparison", request.request_id),
             description=f"method comparison, MLflow run {run_id}",
         )
     except BaseException:

@@ -1,50 +1,35 @@
-"""The unlearning pipeline as a Prefect flow.
+"""The unlearning pipeline as one Prefect flow, for any modality (image or text).
 
-prepare data → extract the forget set (both DVC stages, via ``dvc repro``) → train the
-original model → train the retrain-from-scratch oracle → Fisher statistics (when the method
-needs them) → unlearn → evaluate → track everything in one MLflow parent run named after the
-request id.
+prepare data → extract the forget set (the modality's DVC stages, via ``dvc repro``) → train
+the original model → train the retrain-from-scratch oracle → the inputs the method needs
+(Fisher statistics, an attribution store, the oracle) → unlearn → evaluate → track everything
+in one MLflow parent run named after the request id.
 
-Relative paths in the params file are relative to ``tracking.dvc_root`` (the project root by
-default), where the DVC stages run; the MLflow URI is used as given.
+The modality comes from the params file (``pipeline: lm`` selects ``text``; none: ``image``);
+its data-specific steps are plain functions (:mod:`pipeline_lib.modalities`) called by the
+tasks in :mod:`tasks.compute`. Relative paths in the params file are relative to
+``tracking.dvc_root`` (the project root by default), where the DVC stages run; the MLflow URI
+is used as given.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
-from flows.stats import fisher_statistics
-from pipeline_lib.config import (
-    Params,
-    environment_overrides,
-    flatten,
-    load_params,
-    replace,
-    to_dict,
-)
-from pipeline_lib.data.images import load_prepared
-from pipeline_lib.data.requests import DeletionRequest, extract_forget_set, load_request
-from pipeline_lib.evaluation.metrics import SUMMARY_COLUMNS
-from pipeline_lib.methods import get_method
+from pipeline_lib.config import Params, environment_overrides, flatten, to_dict
+from pipeline_lib.data.requests import load_request
+from pipeline_lib.modalities import Modality, modality_for_params
 from pipeline_lib.modalities.image import code_version
 from tasks import compute, tracking, versioning
-
-
-def _with_files(task, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any]:
-    """Call a cached task; if a cached result points at files that are gone (someone cleaned
-    the artifacts directory), run it again instead of failing later."""
-    result = task(*args)
-    if all(Path(result[k]).is_file() for k in result_keys):
-        return result
-    get_run_logger().warning("%s: cached artifacts missing on disk, recomputing", task.name)
-    return task.with_options(refresh_cache=True)(*args)
+from tasks.compute import with_files
+from tasks.statistics import fisher_statistics
+from tasks.stores import ensure_store
 
 
 def fisher_files(fisher: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -63,56 +48,6 @@ def fisher_metrics(fisher: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def artifact_key(prefix: str, name: str) -> str:
-    """A Prefect artifact key (lowercase letters, digits and dashes only) from a free name."""
-    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{name}".lower()))[:60].strip(
-        "-"
-    )
-
-
-def markdown_table(report: dict[str, Any]) -> str:
-    head = "| model | " + " | ".join(SUMMARY_COLUMNS) + " |"
-    sep = "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"
-    rows = [
-        f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in SUMMARY_COLUMNS) + " |"
-        for name, m in report["models"].items()
-    ]
-    cost = report["cost"]
-    return "\n".join(
-        [
-            head,
-            sep,
-            *rows,
-            "",
-            f"unlearning {cost['unlearn_seconds']:.2f}s, retraining {cost['retrain_seconds']:.2f}s, "
-            f"ratio {cost['unlearn_over_retrain']:.3f}",
-        ]
-    )
-
-
-def stage_data(params: Params, request: DeletionRequest) -> tuple[Params, dict[str, Any]]:
-    """Run the DVC stages for this run's parameters.
-
-    The ``data`` keys are synced into the DVC root's params.yaml (as ``dvc exp run -S``
-    would) and ``dvc repro prepare`` runs; the request is then checked against the prepared
-    data in-process, so a bad request fails with a clear message *before* it is written into
-    params.yaml; only then are the ``request`` keys synced and ``dvc repro extract`` runs.
-    Returns the params (request.file made relative to the DVC root) and the stage md5s."""
-    logger = get_run_logger()
-    root = Path(params.tracking.dvc_root).resolve()
-    for key in versioning.sync_params_file(root, params, ("data",)):
-        logger.info("params.yaml: set %s for DVC", key)
-    versioning.dvc_repro(str(root), "prepare")
-    validate_request(request, str(params.resolve(params.data.out_dir)))
-    rel = versioning.stage_request_file(
-        root, str(params.resolve(params.request.file)), request.request_id
-    )
-    params = replace(params, request=replace(params.request, file=rel))
-    for key in versioning.sync_params_file(root, params, ("request",)):
-        logger.info("params.yaml: set %s for DVC", key)
-    return params, versioning.dvc_repro(str(root), "extract")
-
-
 def attribution_store_for(
     params: Params, source: str, request_data: dict[str, str]
 ) -> dict[str, Any]:
@@ -121,7 +56,7 @@ def attribution_store_for(
     independent of the request) or ``oracle_matching.n_oracles`` oracles on the retain set."""
     import numpy as np
 
-    from flows.attribution import ensure_store
+    from pipeline_lib.data.images import load_prepared
     from pipeline_lib.data.requests import load_manifests
 
     logger = get_run_logger()
@@ -138,14 +73,46 @@ def attribution_store_for(
     logger.info(
         "attribution store %s (%d models trained now)", root, stats.get("models_trained", 0)
     )
-    return {"root": root, "masks_digest": stats["masks_digest"]}
+    return {
+        "root": root,
+        "masks_digest": stats["masks_digest"],
+        "attribution": to_dict(params.attribution),
+    }
 
 
-@task(name="validate-request")
-def validate_request(request: DeletionRequest, prepared_dir: str) -> dict[str, int]:
-    """Resolve the request against the prepared data; raises RequestError naming the problem."""
-    forget, retain = extract_forget_set(request, load_prepared(prepared_dir))
-    return {"n_forget": len(forget), "n_retain": len(retain)}
+def method_extras(
+    modality: Modality,
+    params: Any,
+    method: Any,
+    original: dict[str, Any],
+    oracle: dict[str, Any],
+    request_data: dict[str, str],
+    run_id: str,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What the method reads beyond the data (each with the digests that key the unlearning
+    cache): Fisher statistics (found or computed), an attribution store (trained on Ray the
+    first time), the oracle. Returns (extras, the Fisher result or None)."""
+    tr = params.tracking
+    needs = modality.method_needs(method, params)
+    extras: dict[str, Any] = {}
+    fisher = None
+    if "fisher" in needs:
+        fisher = fisher_statistics(params, original)
+        extras["fisher"] = fisher_files(fisher)
+        tracking.set_tags(
+            tr.mlflow_uri,
+            run_id,
+            {
+                f"stats.fisher_{s}.{k}": str(fisher[f"{s}_{k}"])
+                for s in ("forget", "retain")
+                for k in ("digest", "path")
+            },
+        )
+    if "store" in needs:
+        extras["store"] = attribution_store_for(params, method.needs_targets, request_data)
+    if "oracle" in needs:
+        extras["oracle"] = oracle
+    return extras, fisher
 
 
 @flow(name="unlearning-pipeline")
@@ -154,22 +121,26 @@ def unlearning_pipeline(
 ) -> dict[str, Any]:
     """Run one deletion request end to end; returns the MLflow run id and the report."""
     logger = get_run_logger()
+    modality = modality_for_params(params_path)
     # The environment (MLFLOW_TRACKING_URI, RAY_ADDRESS) applies to deployments too.
-    params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
-    method = get_method(params.unlearn.method)
+    params = modality.load_params(
+        params_path, {**environment_overrides(os.environ), **(overrides or {})}
+    )
+    method = modality.get_method(params.unlearn.method)
     tr = params.tracking
     root = Path(tr.dvc_root).resolve()
     request = load_request(str(params.resolve(params.request.file)))
     tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
-    params, md5s = stage_data(params, request)
+    params, md5s = versioning.stage_data(modality, params, request)
+    prepared_out, manifests_out = modality.prepared_out(params), modality.manifests_out(params)
     data = {
-        "prepared_dir": str(params.resolve(params.data.out_dir)),
-        "prepared_md5": md5s["prepare"][params.data.out_dir],
+        "prepared_dir": str(params.resolve(prepared_out)),
+        "prepared_md5": versioning.stage_md5(md5s, "prepare", prepared_out),
     }
     request_data = {
         **data,
-        "manifests_dir": str(params.resolve(params.request.out_dir)),
-        "manifests_md5": md5s["extract"][params.request.out_dir],
+        "manifests_dir": str(params.resolve(manifests_out)),
+        "manifests_md5": versioning.stage_md5(md5s, "extract", manifests_out),
     }
     code = code_version()
     artifacts = str(params.resolve(tr.artifacts_dir))
@@ -181,67 +152,51 @@ def unlearning_pipeline(
         {
             "request_digest": request.digest,
             "method": method.name,
+            "pipeline": modality.tag,
             "code_version": code,
             "request_reason": request.reason[:500],
         },
         str(root),
     )
     try:
-        tracking.log_lineage(tr.mlflow_uri, run_id, flatten(params), request_data)
-        original = _with_files(
-            compute.train_model,
-            ("path",),
-            data,
-            "original",
-            cfg["model"],
-            cfg["train"],
-            params.train.seed,
-            artifacts,
-            code,
-        )
-        oracle = _with_files(
-            compute.train_model,
-            ("path",),
-            request_data,
-            "oracle",
-            cfg["model"],
-            cfg["train"],
-            params.train.oracle_seed,
-            artifacts,
-            code,
-        )
-        fisher = None
-        if method.needs_fisher:
-            fisher = fisher_statistics(params, original)
-            tracking.set_tags(
-                tr.mlflow_uri,
-                run_id,
-                {
-                    f"stats.fisher_{s}.{k}": str(fisher[f"{s}_{k}"])
-                    for s in ("forget", "retain")
-                    for k in ("digest", "path")
-                },
+        tracking.log_lineage(tr.mlflow_uri, run_id, modality.name, flatten(params), request_data)
+        train_sections = modality.train_sections(cfg)
+        original, oracle = (
+            with_files(
+                compute.train_model,
+                ("path",),
+                modality.name,
+                inputs,
+                role,
+                train_sections,
+                seed,
+                artifacts,
+                code,
             )
-        store = None
-        if method.needs_targets:
-            store = attribution_store_for(params, method.needs_targets, request_data)
-        unlearned = _with_files(
+            for inputs, role, seed in (
+                (data, "original", params.train.seed),
+                (request_data, "oracle", params.train.oracle_seed),
+            )
+        )
+        extras, fisher = method_extras(
+            modality, params, method, original, oracle, request_data, run_id
+        )
+        unlearned = with_files(
             compute.unlearn,
             ("path",),
+            modality.name,
             request_data,
             original,
-            cfg["model"],
-            cfg["train"],
-            cfg["unlearn"],
-            fisher_files(fisher),
+            modality.unlearn_sections(cfg),
+            extras,
             artifacts,
             code,
-            store,
-            cfg["attribution"] if store else None,
         )
         unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
         report_dir = params.resolve(params.evaluate.report_dir) / request.request_id / method.name
+        suffix = "" if modality.name == "image" else f" ({modality.tag.upper()})"
         report = compute.evaluate(
+            modality.name,
             request_data,
             params,
             {
@@ -253,7 +208,7 @@ def unlearning_pipeline(
             oracle["seconds"],
             str(report_dir),
             {
-                "title": f"{request.request_id}: {method.name}",
+                "title": f"{request.request_id}: {method.name}{suffix}",
                 "request_id": request.request_id,
                 "method": method.name,
                 "method_info": unlearned["info"],
@@ -268,7 +223,7 @@ def unlearning_pipeline(
             **{
                 f"method.{k}": float(v)
                 for k, v in unlearned["info"].items()
-                if isinstance(v, int | float)
+                if isinstance(v, int | float) and not isinstance(v, bool)
             },
         }
         tracking.log_results(
@@ -279,19 +234,15 @@ def unlearning_pipeline(
             str(report_dir),
             extra,
         )
+        prefix = "report" if modality.name == "image" else f"{modality.tag}-report"
         create_markdown_artifact(
-            markdown_table(report),
-            key=artifact_key("report", request.request_id),
-            description=f"unlearning report, MLflow run {run_id}",
+            tracking.markdown_table(report, modality.summary_columns, modality.digits),
+            key=tracking.artifact_key(prefix, request.request_id),
+            description=f"unlearning report ({modality.name}), MLflow run {run_id}",
         )
     except BaseException:
         tracking.end_run(tr.mlflow_uri, run_id, "FAILED")
         raise
     tracking.end_run(tr.mlflow_uri, run_id, "FINISHED")
-    logger.info(
-        "MLflow run %s: unlearned Avg. Gap %.3f, unlearn/retrain time %.3f",
-        run_id,
-        report["models"]["unlearned"]["avg_gap"],
-        report["cost"]["unlearn_over_retrain"],
-    )
+    logger.info("MLflow run %s: %s", run_id, modality.summary_line(report))
     return {"run_id": run_id, "report": report, "report_dir": str(report_dir)}

@@ -1,10 +1,11 @@
-"""Compute tasks: train, Fisher statistics, unlearn, evaluate.
+"""Compute tasks of the one unlearning pipeline: train, unlearn, evaluate, for any modality.
 
-Training, statistics and unlearning are cached across runs (``INPUTS + TASK_SOURCE`` with
-persisted JSON results): their inputs carry content digests of the data, the manifests, the
-weights and of pipeline_lib's code, so a second run with unchanged inputs skips them and any
-change re-runs exactly what depends on it. Results are small dicts of paths and numbers;
-the tensors live in content-addressed safetensors files.
+Each task names its modality (``image`` | ``text``) and calls that modality's plain
+functions (:mod:`pipeline_lib.modalities`). Training and unlearning are cached across runs
+(``INPUTS + TASK_SOURCE`` with persisted JSON results): their inputs carry content digests of
+the data, the manifests, the weights and of pipeline_lib's code, so a second run with
+unchanged inputs skips them and any change re-runs exactly what depends on it. Results are
+small dicts of paths and numbers; the tensors live in content-addressed safetensors files.
 """
 
 from __future__ import annotations
@@ -14,81 +15,62 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.logging import get_run_logger
 
-from pipeline_lib.config import (
-    AttributionConfig,
-    ModelConfig,
-    Params,
-    TrainConfig,
-    UnlearnConfig,
-    parse_section,
-)
-from pipeline_lib.modalities import image as steps
+from pipeline_lib.modalities import get_modality
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json")
 
 
-def _splits(data: dict[str, str]) -> steps.Splits:
-    return steps.load_splits(data["prepared_dir"], data["manifests_dir"])
+def with_files(task_fn, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any]:
+    """Call a cached task; if a cached result points at files that are gone (someone cleaned
+    the artifacts directory), run it again instead of failing later."""
+    result = task_fn(*args)
+    if all(Path(result[k]).is_file() for k in result_keys):
+        return result
+    get_run_logger().warning("%s: cached artifacts missing on disk, recomputing", task_fn.name)
+    return task_fn.with_options(refresh_cache=True)(*args)
 
 
 @task(name="train-model", **CACHED)
 def train_model(
+    modality: str,
     data: dict[str, str],
     role: str,
-    model: dict,
-    train: dict,
+    sections: dict[str, Any],
     seed: int,
     artifacts_dir: str,
     code: str,
 ) -> dict[str, Any]:
-    """Train the original (``data`` without manifests: whole training split, reusable across
-    requests) or the oracle (``data`` with manifests: retain set only).
+    """Train the original (``data`` without manifests: the whole training split, reusable
+    across requests) or the oracle (``data`` with manifests: the retain set only).
 
-    ``data`` holds the directories and their DVC md5s, which key the cache."""
-    return steps.train_step(
-        data["prepared_dir"],
-        data.get("manifests_dir"),
-        role,
-        parse_section(ModelConfig, model),
-        parse_section(TrainConfig, train),
-        seed,
-        artifacts_dir,
-    )
+    ``data`` holds the directories and their DVC md5s, which key the cache; ``sections`` the
+    ``model`` and ``train`` config sections."""
+    return get_modality(modality).train(data, role, sections, seed, artifacts_dir)
 
 
 @task(name="unlearn", **CACHED)
 def unlearn(
+    modality: str,
     data: dict[str, str],
     weights: dict[str, Any],
-    model: dict,
-    train: dict,
-    unlearn_cfg: dict,
-    fisher: dict[str, Any] | None,
+    sections: dict[str, Any],
+    extras: dict[str, Any],
     artifacts_dir: str,
     code: str,
-    store: dict[str, Any] | None = None,
-    attribution: dict | None = None,
 ) -> dict[str, Any]:
-    """Apply the configured unlearning method to the original model. ``store`` (root and
-    masks digest, which keys the cache) is the attribution store of dmm / oracle_matching."""
-    return steps.unlearn_step(
-        _splits(data),
-        weights["path"],
-        parse_section(ModelConfig, model),
-        parse_section(TrainConfig, train),
-        parse_section(UnlearnConfig, unlearn_cfg),
-        artifacts_dir,
-        fisher,
-        store["root"] if store else None,
-        parse_section(AttributionConfig, attribution) if attribution else None,
-    )
+    """Apply the configured unlearning method to the original model. ``extras`` are the inputs
+    the method needs beyond the data (Fisher files, an attribution store, the oracle), each
+    with the digests that key the cache."""
+    return get_modality(modality).unlearn(data, weights["path"], sections, extras, artifacts_dir)
 
 
 @task(name="evaluate")
 def evaluate(
+    modality: str,
     data: dict[str, str],
-    params: Params,
+    params: Any,
     weights: dict[str, str],
     unlearn_seconds: float,
     retrain_seconds: float,
@@ -96,6 +78,6 @@ def evaluate(
     extra: dict[str, Any],
 ) -> dict[str, Any]:
     """Metrics of original, oracle and unlearned models; report.json and report.png."""
-    return steps.evaluate_step(
-        _splits(data), params, weights, unlearn_seconds, retrain_seconds, Path(report_dir), extra
+    return get_modality(modality).evaluate(
+        data, params, weights, unlearn_seconds, retrain_seconds, report_dir, extra
     )

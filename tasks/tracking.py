@@ -10,6 +10,7 @@ version and model did this come from" after the fact.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -21,7 +22,6 @@ from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from prefect import task
 
-from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import load_manifests
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
@@ -142,12 +142,46 @@ def log_dataset_lineage(
 
 
 @task(name="mlflow-log-lineage", **RETRY)
-def log_lineage(uri: str, run_id: str, flat_params: dict[str, Any], data: dict[str, str]) -> None:
-    """Params, and the prepared data and manifests as dataset inputs with DVC md5 tags."""
-    prepared = load_prepared(data["prepared_dir"])
-    table = pd.DataFrame({"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y})
+def log_lineage(
+    uri: str, run_id: str, modality: str, flat_params: dict[str, Any], data: dict[str, str]
+) -> None:
+    """Params, and the prepared data (its ids table, from the modality) and the manifests as
+    dataset inputs with DVC md5 tags."""
+    from pipeline_lib.modalities import get_modality
+
+    table, dataset, content_hash, id_column = get_modality(modality).lineage_table(
+        data["prepared_dir"]
+    )
     log_dataset_lineage(
-        uri, run_id, flat_params, data, table, prepared.meta["dataset"], prepared.content_hash
+        uri, run_id, flat_params, data, table, dataset, content_hash, id_column=id_column
+    )
+
+
+def artifact_key(prefix: str, name: str) -> str:
+    """A Prefect artifact key (lowercase letters, digits and dashes only) from a free name."""
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", f"{prefix}-{name}".lower()))[:60].strip(
+        "-"
+    )
+
+
+def markdown_table(report: dict[str, Any], columns: tuple[str, ...], digits: int) -> str:
+    """A report's summary table and cost line as Markdown (a Prefect artifact)."""
+    head = "| model | " + " | ".join(columns) + " |"
+    sep = "|---" * (len(columns) + 1) + "|"
+    rows = [
+        f"| {name} | " + " | ".join(f"{m[c]:.{digits}f}" for c in columns) + " |"
+        for name, m in report["models"].items()
+    ]
+    cost = report["cost"]
+    return "\n".join(
+        [
+            head,
+            sep,
+            *rows,
+            "",
+            f"unlearning {cost['unlearn_seconds']:.2f}s, retraining {cost['retrain_seconds']:.2f}s, "
+            f"ratio {cost['unlearn_over_retrain']:.{digits}f}",
+        ]
     )
 
 

@@ -15,7 +15,7 @@ import yaml
 from prefect import task
 from prefect.logging import get_run_logger
 
-from pipeline_lib.config import Params, to_dict
+from pipeline_lib.config import to_dict
 from pipeline_lib.io import atomic_path
 
 #: params.yaml sections the DVC stages read (see dvc.yaml).
@@ -41,7 +41,7 @@ def stage_request_file(dvc_root: Path, request_file: str, request_id: str) -> st
 
 def sync_params_file(
     dvc_root: Path,
-    params: Params,
+    params: Any,
     sections: tuple[str, ...] = DVC_SECTIONS,
     filename: str = "params.yaml",
 ) -> list[str]:
@@ -131,3 +131,44 @@ def read_lock_md5s(dvc_root: Path, lock_file: str = "dvc.lock") -> dict[str, Any
         name: {o["path"]: o["md5"] for o in stage.get("outs", [])}
         for name, stage in lock.get("stages", {}).items()
     }
+
+
+def stage_md5(md5s: dict[str, Any], stage: str, out: str) -> str:
+    """The md5 of ``out`` in ``stage`` (lock files of sub-directory stage files may name the
+    out relative to their own folder)."""
+    outs = md5s[stage]
+    return outs.get(out) or outs[next(k for k in outs if k.endswith(out))]
+
+
+@task(name="validate-request")
+def validate_request(modality: str, request: Any, prepared_dir: str) -> dict[str, int]:
+    """Resolve the request against the prepared data; raises RequestError naming the problem."""
+    from pipeline_lib.modalities import get_modality
+
+    n_forget, n_retain = get_modality(modality).check_request(request, prepared_dir)
+    return {"n_forget": n_forget, "n_retain": n_retain}
+
+
+def stage_data(modality: Any, params: Any, request: Any) -> tuple[Any, dict[str, Any]]:
+    """Run the modality's DVC stages for this run's parameters.
+
+    The data sections are synced into the DVC root's params file (as ``dvc exp run -S``
+    would) and ``dvc repro prepare`` runs; the request is then checked against the prepared
+    data in-process, so a bad request fails with a clear message *before* it is written into
+    the params file; only then are the ``request`` keys synced and ``dvc repro extract``
+    runs. Returns the params (request.file made relative to the DVC root) and the stage md5s."""
+    from pipeline_lib.config import replace
+
+    logger = get_run_logger()
+    root = Path(params.tracking.dvc_root).resolve()
+    pfile = modality.params_file
+    prefix = "" if modality.dvc_file == "dvc.yaml" else f"{modality.dvc_file}:"
+    for key in sync_params_file(root, params, modality.data_sections, pfile):
+        logger.info("%s: set %s for DVC", pfile, key)
+    dvc_repro(str(root), f"{prefix}prepare", modality.lock_file)
+    validate_request(modality.name, request, str(params.resolve(modality.prepared_out(params))))
+    rel = stage_request_file(root, str(params.resolve(params.request.file)), request.request_id)
+    params = replace(params, request=replace(params.request, file=rel))
+    for key in sync_params_file(root, params, ("request",), pfile):
+        logger.info("%s: set %s for DVC", pfile, key)
+    return params, dvc_repro(str(root), f"{prefix}extract", modality.lock_file)

@@ -223,7 +223,7 @@ def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path):
 
 
 def test_artifact_keys_are_valid_for_any_request_id():
-    from flows.pipeline import artifact_key
+    from tasks.tracking import artifact_key
 
     assert artifact_key("report", "Req_2024.11/A b") == "report-req-2024-11-a-b"
     assert len(artifact_key("evaluate", "x" * 200)) <= 60

@@ -56,7 +56,7 @@ def lm_project(tmp_path: Path) -> Path:
 def test_lm_pipeline_end_to_end(prefect_api, lm_project: Path):
     from mlflow import MlflowClient
 
-    from flows.lm_pipeline import lm_unlearning_pipeline
+    from flows.pipeline import unlearning_pipeline as lm_unlearning_pipeline
 
     params_path = str(lm_project / "params-lm.yaml")
     state = lm_unlearning_pipeline(params_path=params_path, return_state=True)
@@ -131,12 +131,12 @@ def test_lm_pipeline_end_to_end(prefect_api, lm_project: Path):
     from tests.test_flow import _task_states
 
     states = _task_states(state2.state_details.flow_run_id)
-    assert states["train-lm"] == ["Cached", "Cached"], states
-    assert states["unlearn-lm"] == ["Completed"], states
+    assert states["train-model"] == ["Cached", "Cached"], states
+    assert states["unlearn"] == ["Completed"], states
 
 
 def test_lm_bad_request_fails_before_training(prefect_api, lm_project: Path):
-    from flows.lm_pipeline import lm_unlearning_pipeline
+    from flows.pipeline import unlearning_pipeline as lm_unlearning_pipeline
 
     bad = dict(REQUEST, request_id="req-lm-bad", forget={"sample_ids": ["macbeth/9.9"]})
     (lm_project / "requests" / "bad.yaml").write_text(yaml.safe_dump(bad))

@@ -1,2 +1,120 @@
-"""Modalities (image, text): what one pipeline needs to know about a kind of data: how to load
-the splits, build and train a model, unlearn, and evaluate."""
+"""Modalities: what the one unlearning pipeline needs to know about a kind of data.
+
+The pipeline (``flows/pipeline.py``) is written once; a :class:`Modality` plugs in the
+data-specific parts: which params file and DVC stages it uses, how a request is checked
+against the prepared data, how a model is trained, unlearned and evaluated, and how the
+report is printed. ``image`` (digits, Fashion-MNIST, Parquet tables; classifiers) and
+``text`` (text corpora; causal language models) are the two registered today. A new modality
+is a module under this package that defines ``MODALITY`` and one entry in
+:data:`MODALITY_MODULES`; the two modules never import each other.
+
+The modules are imported lazily, so the image pipeline does not pay for importing the
+language-model stack and vice versa.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline_lib.config import ConfigError, read_params_file
+
+#: modality name -> module that defines ``MODALITY``.
+MODALITY_MODULES: dict[str, str] = {
+    "image": "pipeline_lib.modalities.image",
+    "text": "pipeline_lib.modalities.text",
+}
+
+#: The ``pipeline:`` key of a params file names its modality; ``lm`` is the historical name
+#: of ``text`` (params-lm.yaml says ``pipeline: lm``); no key means ``image``.
+PIPELINE_KEYS: dict[str, str] = {"image": "image", "lm": "text", "text": "text"}
+
+
+@dataclass(frozen=True)
+class Modality:
+    """The data-specific parts of the pipeline. Every callable is plain (no orchestration):
+    the tasks call them with paths and config dicts and return small dicts of paths and
+    numbers, so their results can be cached as JSON.
+
+    ``data`` arguments are the dicts the flow builds: ``prepared_dir`` (+ ``manifests_dir``
+    for request-specific work) and their DVC md5s.
+    """
+
+    name: str
+    #: value of the MLflow ``pipeline`` tag (``image`` | ``lm``).
+    tag: str
+    #: default params file and the DVC stage file / lock its stages live in (DVC-root relative).
+    params_file: str
+    dvc_file: str
+    lock_file: str
+    #: params sections synced into the params file before ``prepare`` runs.
+    data_sections: tuple[str, ...]
+    #: the section holding the architecture (``model`` | ``lm``).
+    model_section: str
+    #: ``load_params(path, overrides) -> params``; validates everything, raises ConfigError.
+    load_params: Callable[..., Any]
+    #: DVC-root-relative outs of the prepare and extract stages for these params.
+    prepared_out: Callable[[Any], str]
+    manifests_out: Callable[[Any], str]
+    #: ``get_method(name) -> method`` of this modality's registry (unknown name: ConfigError).
+    get_method: Callable[[str], Any]
+    #: which extra inputs a method needs: a subset of {"fisher", "store", "oracle"}.
+    method_needs: Callable[[Any, Any], frozenset[str]]
+    #: ``check_request(request, prepared_dir) -> (n_forget, n_retain)``; RequestError if bad.
+    check_request: Callable[[Any, str], tuple[int, int]]
+    #: ``train(data, role, sections, seed, out_dir) -> {path, digest, seconds, ...}``.
+    train: Callable[..., dict[str, Any]]
+    #: ``unlearn(data, weights_path, sections, extras, out_dir) -> {path, digest, seconds, info}``.
+    unlearn: Callable[..., dict[str, Any]]
+    #: ``evaluate(data, params, weights, unlearn_s, retrain_s, report_dir, extra) -> report``.
+    evaluate: Callable[..., dict[str, Any]]
+    #: ``lineage_table(prepared_dir) -> (ids table, dataset name, content hash, id column)``.
+    lineage_table: Callable[[str], tuple[Any, str, str, str]]
+    #: plain-text summary table of a report; its columns and digits for markdown.
+    format_table: Callable[[Mapping], str]
+    summary_columns: tuple[str, ...]
+    digits: int
+    #: one log line summarising a finished run's report.
+    summary_line: Callable[[Mapping], str]
+
+    #: further sections the unlearning step reads (they key its cache).
+    unlearn_reads: tuple[str, ...] = ()
+
+    def train_sections(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """What training reads of ``to_dict(params)``: the architecture and the trainer."""
+        return {"model": cfg[self.model_section], "train": cfg["train"]}
+
+    def unlearn_sections(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
+        """What unlearning reads of ``to_dict(params)``."""
+        return {
+            **self.train_sections(cfg),
+            "unlearn": cfg["unlearn"],
+            **{k: cfg[k] for k in self.unlearn_reads},
+        }
+
+
+def get_modality(name: str) -> Modality:
+    """The registered modality ``name``; an unknown name lists the valid ones."""
+    if name not in MODALITY_MODULES:
+        raise ConfigError(
+            f"pipeline: unknown modality {name!r}; valid: {', '.join(sorted(MODALITY_MODULES))}"
+        )
+    return importlib.import_module(MODALITY_MODULES[name]).MODALITY
+
+
+def modality_name_of(raw: Mapping[str, Any], source: str = "params") -> str:
+    """The modality a raw params mapping declares with ``pipeline:`` (default ``image``)."""
+    key = raw.get("pipeline", "image")
+    if key not in PIPELINE_KEYS:
+        raise ConfigError(
+            f"{source}: pipeline: unknown value {key!r}; valid: {', '.join(sorted(PIPELINE_KEYS))}"
+        )
+    return PIPELINE_KEYS[key]
+
+
+def modality_for_params(path: str | Path) -> Modality:
+    """The modality of a params file (its ``pipeline:`` key)."""
+    return get_modality(modality_name_of(read_params_file(path), str(path)))

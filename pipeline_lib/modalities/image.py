@@ -400,3 +400,139 @@ def evaluate_step(
     plot_report(report, report_dir / "report.png")
     log.debug("evaluation:\n%s", format_table(report))
     return report
+
+
+# --------------------------------------------------------------------------- the plug-in
+
+
+def _load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> Params:
+    from pipeline_lib.config import load_params
+
+    return load_params(path, overrides)
+
+
+def _sections(sections: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+    from pipeline_lib.config import parse_section
+
+    return parse_section(ModelConfig, sections["model"]), parse_section(
+        TrainConfig, sections["train"]
+    )
+
+
+def _train(
+    data: dict[str, str], role: str, sections: dict[str, Any], seed: int, out_dir: str
+) -> dict[str, Any]:
+    model_cfg, train_cfg = _sections(sections)
+    return train_step(
+        data["prepared_dir"], data.get("manifests_dir"), role, model_cfg, train_cfg, seed, out_dir
+    )
+
+
+def _unlearn(
+    data: dict[str, str],
+    weights_path: str,
+    sections: dict[str, Any],
+    extras: dict[str, Any],
+    out_dir: str,
+) -> dict[str, Any]:
+    """``extras``: ``fisher`` (files and digests of I_F, I_R) and ``store`` (root, masks
+    digest and the ``attribution`` section of the attribution store) when the method needs
+    them."""
+    from pipeline_lib.config import parse_section
+
+    model_cfg, train_cfg = _sections(sections)
+    store = extras.get("store")
+    return unlearn_step(
+        load_splits(data["prepared_dir"], data["manifests_dir"]),
+        weights_path,
+        model_cfg,
+        train_cfg,
+        parse_section(UnlearnConfig, sections["unlearn"]),
+        out_dir,
+        extras.get("fisher"),
+        store["root"] if store else None,
+        parse_section(AttributionConfig, store["attribution"]) if store else None,
+    )
+
+
+def _evaluate(
+    data: dict[str, str],
+    params: Params,
+    weights: dict[str, str],
+    unlearn_seconds: float,
+    retrain_seconds: float,
+    report_dir: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    return evaluate_step(
+        load_splits(data["prepared_dir"], data["manifests_dir"]),
+        params,
+        weights,
+        unlearn_seconds,
+        retrain_seconds,
+        Path(report_dir),
+        extra,
+    )
+
+
+def _method_needs(method: Method, params: Params) -> frozenset[str]:
+    needs = set()
+    if method.needs_fisher:
+        needs.add("fisher")
+    if method.needs_targets:
+        needs.add("store")
+    return frozenset(needs)
+
+
+def _check_request(request: Any, prepared_dir: str) -> tuple[int, int]:
+    from pipeline_lib.data.requests import extract_forget_set
+
+    forget, retain = extract_forget_set(request, load_prepared(prepared_dir))
+    return len(forget), len(retain)
+
+
+def _lineage_table(prepared_dir: str) -> tuple[Any, str, str, str]:
+    import pandas as pd
+
+    prepared = load_prepared(prepared_dir)
+    table = pd.DataFrame({"sample_id": prepared.ids, "split": prepared.split, "label": prepared.y})
+    return table, prepared.meta["dataset"], prepared.content_hash, "sample_id"
+
+
+def _summary_line(report: Any) -> str:
+    return (
+        f"unlearned Avg. Gap {report['models']['unlearned']['avg_gap']:.3f}, "
+        f"unlearn/retrain time {report['cost']['unlearn_over_retrain']:.3f}"
+    )
+
+
+def _modality() -> Any:
+    from pipeline_lib.evaluation.metrics import SUMMARY_COLUMNS
+    from pipeline_lib.modalities import Modality
+
+    return Modality(
+        name="image",
+        tag="image",
+        params_file="params.yaml",
+        dvc_file="dvc.yaml",
+        lock_file="dvc.lock",
+        data_sections=("data",),
+        model_section="model",
+        load_params=_load_params,
+        prepared_out=lambda p: p.data.out_dir,
+        manifests_out=lambda p: p.request.out_dir,
+        get_method=get_method,
+        method_needs=_method_needs,
+        check_request=_check_request,
+        train=_train,
+        unlearn=_unlearn,
+        evaluate=_evaluate,
+        lineage_table=_lineage_table,
+        format_table=format_table,
+        summary_columns=SUMMARY_COLUMNS,
+        digits=3,
+        summary_line=_summary_line,
+    )
+
+
+MODALITY = _modality()

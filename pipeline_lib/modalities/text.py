@@ -363,3 +363,135 @@ def lm_evaluate_step(
     write_json(report_dir / "report.json", report)
     plot_lm_report(report, report_dir / "report.png")
     return report
+
+
+# --------------------------------------------------------------------------- the plug-in
+
+
+def _load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> LMParams:
+    from pipeline_lib.config.text import load_lm_params
+
+    return load_lm_params(path, overrides)
+
+
+def _sections(sections: dict[str, Any]) -> tuple[LMModelConfig, LMTrainConfig]:
+    from pipeline_lib.config import parse_section
+
+    return (
+        parse_section(LMModelConfig, sections["model"]),
+        parse_section(LMTrainConfig, sections["train"]),
+    )
+
+
+def _train(
+    data: dict[str, str], role: str, sections: dict[str, Any], seed: int, out_dir: str
+) -> dict[str, Any]:
+    model_cfg, train_cfg = _sections(sections)
+    return lm_train_step(
+        data["prepared_dir"], data.get("manifests_dir"), role, model_cfg, train_cfg, seed, out_dir
+    )
+
+
+def _unlearn(
+    data: dict[str, str],
+    weights_path: str,
+    sections: dict[str, Any],
+    extras: dict[str, Any],
+    out_dir: str,
+) -> dict[str, Any]:
+    """``extras``: ``oracle`` (its training result) when the calibration targets its loss."""
+    from pipeline_lib.config import parse_section
+
+    model_cfg, train_cfg = _sections(sections)
+    oracle = extras.get("oracle")
+    return lm_unlearn_step(
+        load_text_splits(data["prepared_dir"], data["manifests_dir"]),
+        weights_path,
+        model_cfg,
+        train_cfg,
+        parse_section(LMUnlearnConfig, sections["unlearn"]),
+        out_dir,
+        oracle["path"] if oracle else None,
+        sections["evaluate"]["batch_size"],
+    )
+
+
+def _evaluate(
+    data: dict[str, str],
+    params: LMParams,
+    weights: dict[str, str],
+    unlearn_seconds: float,
+    retrain_seconds: float,
+    report_dir: str,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    return lm_evaluate_step(
+        load_text_splits(data["prepared_dir"], data["manifests_dir"]),
+        params,
+        weights,
+        unlearn_seconds,
+        retrain_seconds,
+        Path(report_dir),
+        extra,
+    )
+
+
+def _method_needs(method: Any, params: LMParams) -> frozenset[str]:
+    return frozenset({"oracle"} if method.needs_oracle(params.unlearn.method_params()) else ())
+
+
+def _check_request(request: Any, prepared_dir: str) -> tuple[int, int]:
+    from pipeline_lib.data.text import extract_forget_docs
+
+    forget, retain = extract_forget_docs(request, load_corpus(prepared_dir))
+    return len(forget), len(retain)
+
+
+def _lineage_table(prepared_dir: str) -> tuple[Any, str, str, str]:
+    import pandas as pd
+
+    corpus = load_corpus(prepared_dir)
+    table = pd.DataFrame({"doc_id": corpus.ids, "group": corpus.groups, "split": corpus.split})
+    return table, corpus.meta["dataset"], corpus.content_hash, "doc_id"
+
+
+def _summary_line(report: Any) -> str:
+    u = report["models"]["unlearned"]
+    return (
+        f"forget ppl {u['ppl_forget']:.3f} (oracle gap {100 * u['ppl_forget_rel_gap']:+.1f}%), "
+        f"held-out ppl change {100 * u['ppl_heldout_change']:+.1f}%, "
+        f"unlearn/retrain time {report['cost']['unlearn_over_retrain']:.4f}"
+    )
+
+
+def _modality() -> Any:
+    from pipeline_lib.data.text import MANIFESTS_DIR, PREPARED_DIR
+    from pipeline_lib.modalities import Modality
+
+    return Modality(
+        name="text",
+        tag="lm",
+        params_file="params-lm.yaml",
+        dvc_file="lm/dvc.yaml",
+        lock_file="lm/dvc.lock",
+        data_sections=("text",),
+        model_section="lm",
+        load_params=_load_params,
+        prepared_out=lambda p: PREPARED_DIR,
+        manifests_out=lambda p: MANIFESTS_DIR,
+        get_method=get_lm_method,
+        method_needs=_method_needs,
+        check_request=_check_request,
+        train=_train,
+        unlearn=_unlearn,
+        evaluate=_evaluate,
+        lineage_table=_lineage_table,
+        format_table=format_lm_table,
+        summary_columns=LM_SUMMARY_COLUMNS,
+        digits=4,
+        summary_line=_summary_line,
+        unlearn_reads=("evaluate",),
+    )
+
+
+MODALITY = _modality()
