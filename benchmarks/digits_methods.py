@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import sys
 import time
 
 import numpy as np
 import torch
 
-from pipeline_lib.config import Params
+from pipeline_lib.config import Params, replace
 from pipeline_lib.data.images import RawDataset, assign_split, load_digits_source
 from pipeline_lib.evaluation.metrics import EvalSplits, avg_gap, evaluate_model
 from pipeline_lib.methods import UnlearnInputs, get_method
@@ -37,11 +36,11 @@ def variants(params: Params) -> dict[str, tuple[str, object]]:
         for reset in ("reinit", "zero"):
             out[f"fisher_diagonal top={frac} {reset}"] = (
                 "fisher_diagonal",
-                dataclasses.replace(fd, top_fraction=frac, reset=reset),
+                replace(fd, top_fraction=frac, reset=reset),
             )
     out["fisher_diagonal top=0.2 zero, cheap stats"] = (
         "fisher_diagonal",
-        dataclasses.replace(fd, top_fraction=0.2, reset="zero"),
+        replace(fd, top_fraction=0.2, reset="zero"),
     )
     out["finetune"] = ("finetune", params.unlearn.finetune)
     out["retrain"] = ("retrain", params.unlearn.retrain)
@@ -60,7 +59,7 @@ def main() -> None:
     settings = FitSettings(t.epochs, t.batch_size, t.lr, t.optimizer, t.weight_decay, t.momentum)
     rows: dict[str, list[dict[str, float]]] = {}
     for s in range(args.seeds):
-        split = assign_split(raw, dataclasses.replace(params.data, seed=s))
+        split = assign_split(raw, replace(params.data, seed=s))
         train_idx = np.flatnonzero(split == "train")
         test_idx = np.flatnonzero(split == "test")
         rng = np.random.default_rng(s)

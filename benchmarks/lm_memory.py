@@ -21,15 +21,10 @@ import time
 def _child(n_layer: int, n_embd: int, parameters: str, optimizer: str, ctx_len: int) -> dict:
     import torch
 
-    from pipeline_lib.config.text import (
-        GradientAscentParams,
-        LMModelConfig,
-        LMTrainConfig,
-        TextConfig,
-    )
-    from pipeline_lib.data.text import load_shakespeare
-    from pipeline_lib.methods.text import LMUnlearnInputs, gradient_ascent
+    from pipeline_lib.data.text import TextConfig, load_shakespeare
+    from pipeline_lib.methods.text import GradientAscentParams, LMUnlearnInputs, gradient_ascent
     from pipeline_lib.models import lm
+    from pipeline_lib.models.lm import LMModelConfig, LMTrainConfig
 
     torch.set_num_threads(1)
     raw = load_shakespeare(TextConfig(plays=("macbeth",)))

@@ -21,9 +21,6 @@ from torch import nn
 from pipeline_lib.config import (
     ConfigError,
     ModelConfig,
-    NegGradPlusParams,
-    SalunParams,
-    ScrubParams,
     TrainConfig,
     UnlearnConfig,
     build_params,
@@ -39,6 +36,9 @@ from pipeline_lib.methods import (
     scrub_distill,
     top_fraction_mask,
 )
+from pipeline_lib.methods.neggrad_plus import NegGradPlusParams
+from pipeline_lib.methods.salun import SalunParams
+from pipeline_lib.methods.scrub import ScrubParams
 from pipeline_lib.models.image import build_model
 from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 

@@ -10,15 +10,10 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from pipeline_lib.config import (
-    FisherForgettingParams,
-    ModelConfig,
-    SsdParams,
-    SvdProjectionParams,
-    TrainConfig,
-)
+from pipeline_lib.config import ModelConfig, TrainConfig, replace
 from pipeline_lib.methods import UnlearnInputs, get_method
-from pipeline_lib.methods.fisher_baselines import ssd_dampen
+from pipeline_lib.methods.fisher_baselines import FisherForgettingParams, SsdParams, ssd_dampen
+from pipeline_lib.methods.svd_projection import SvdProjectionParams
 from pipeline_lib.models.image import build_model
 from pipeline_lib.stats.fisher import fisher_diagonal
 from pipeline_lib.training.fit import FitSettings, fit, predict_logits
@@ -165,7 +160,7 @@ def test_svd_projection_alpha_search_picks_the_best_pair_on_the_samples_read(dig
     cfg, model = trained
     inputs = make_inputs(digits, cfg, model, fisher=False)
     base = SvdProjectionParams(retain_per_class=20, forget_per_class=20)
-    grid = dataclasses.replace(base, alpha_r_grid=(10.0, 1000.0), alpha_f_grid=(1.0, 3.0, 30.0))
+    grid = replace(base, alpha_r_grid=(10.0, 1000.0), alpha_f_grid=(1.0, 3.0, 30.0))
     out, info = get_method("svd_projection").fn(copy.deepcopy(model), inputs, grid, 0)
     assert info["alpha_candidates"] == 6
     gen = torch.Generator().manual_seed(0)
@@ -174,7 +169,7 @@ def test_svd_projection_alpha_search_picks_the_best_pair_on_the_samples_read(dig
     scores = {}
     for a_r in grid.alpha_r_grid:
         for a_f in grid.alpha_f_grid:
-            p = dataclasses.replace(base, alpha_r=a_r, alpha_f=a_f)
+            p = replace(base, alpha_r=a_r, alpha_f=a_f)
             m, _ = get_method("svd_projection").fn(copy.deepcopy(model), inputs, p, 0)
             scores[(a_r, a_f)] = _accuracy(
                 m, inputs.retain_X[r_rows], inputs.retain_y[r_rows], 256
@@ -229,8 +224,7 @@ def test_code_mixer_swaps_the_expected_fraction():
 
 
 def test_mnemonic_code_forgets_from_the_codes_alone(digits):
-    from pipeline_lib.config import MnemonicCodeParams
-    from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
+    from pipeline_lib.methods.mnemonic import CodeMixer, MnemonicCodeParams, mnemonic_codes
 
     Xtr, ytr, _, _ = digits
     cfg = ModelConfig(name="cnn", channels=(8, 16))

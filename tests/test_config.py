@@ -12,7 +12,6 @@ import yaml
 from pipeline_lib.config import (
     ConfigError,
     DataConfig,
-    FisherDiagonalParams,
     ModelConfig,
     Params,
     TrainConfig,
@@ -23,6 +22,7 @@ from pipeline_lib.config import (
     to_dict,
 )
 from pipeline_lib.methods import METHODS
+from pipeline_lib.methods.fisher_diagonal import FisherDiagonalParams
 
 REPO = Path(__file__).resolve().parents[1]
 PARAMS_YAML = REPO / "params.yaml"

@@ -11,16 +11,19 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline_lib.config.text import (
+from pipeline_lib.config import replace
+from pipeline_lib.methods.text import (
     GradientAscentParams,
-    LMModelConfig,
     LMNegGradPlusParams,
     LMRetrainParams,
-    LMTrainConfig,
+    LMUnlearnInputs,
+    gradient_ascent,
+    neggrad_plus,
+    retrain,
 )
-from pipeline_lib.methods.text import LMUnlearnInputs, gradient_ascent, neggrad_plus, retrain
 from pipeline_lib.modalities.text import build_lm_report, lm_gaps, plot_lm_report
 from pipeline_lib.models import lm
+from pipeline_lib.models.lm import LMModelConfig, LMTrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,7 +85,7 @@ def trained():
         lm.make_windows(HELDOUT, CFG.n_positions),
         None,
         lambda seed: lm.build_lm(CFG, seed),
-        dataclasses.replace(TRAIN, epochs=5),
+        replace(TRAIN, epochs=5),
         oracle,
     )
     return original, oracle, inputs
@@ -158,7 +161,7 @@ def test_gradient_ascent_stop_calibration(trained):
         same = torch.equal(param, before[name])
         assert same != (name in moved), name
     # already above the target: returned unchanged
-    high = dataclasses.replace(p, target_factor=0.001)
+    high = replace(p, target_factor=0.001)
     same, info2 = gradient_ascent(copy.deepcopy(original), inputs, high, seed=0)
     assert info2["steps"] == 0
     assert all(

@@ -18,8 +18,9 @@ from pipeline_lib.attribution.matching import (
     matching_retain_rows,
     oracle_targets,
 )
-from pipeline_lib.config import DmmParams, ModelConfig, TrainConfig
+from pipeline_lib.config import ModelConfig, TrainConfig
 from pipeline_lib.methods import UnlearnInputs, get_method
+from pipeline_lib.methods.matching import DmmParams
 from pipeline_lib.models.image import build_model
 from tests.conftest import REPO, make_dvc_project
 

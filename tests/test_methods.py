@@ -12,10 +12,7 @@ from torch import nn
 
 from pipeline_lib.config import (
     ConfigError,
-    FinetuneParams,
-    FisherDiagonalParams,
     ModelConfig,
-    RetrainParams,
     TrainConfig,
     UnlearnConfig,
 )
@@ -39,6 +36,8 @@ from pipeline_lib.methods import (
     get_method,
     select_by_ratio,
 )
+from pipeline_lib.methods.finetune import FinetuneParams, RetrainParams
+from pipeline_lib.methods.fisher_diagonal import FisherDiagonalParams
 from pipeline_lib.models.image import build_model
 from pipeline_lib.stats.fisher import fisher_diagonal
 from pipeline_lib.training.fit import FitSettings, fit, predict_logits

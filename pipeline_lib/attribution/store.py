@@ -38,8 +38,9 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline_lib.config import ModelConfig, parse_section
 from pipeline_lib.io import atomic_path, sha256_file, write_json
+from pipeline_lib.models.image import ModelConfig
+from pipeline_lib.schema import parse_section
 from pipeline_lib.training.fit import FitSettings
 
 log = logging.getLogger(__name__)

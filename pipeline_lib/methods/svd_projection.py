@@ -27,20 +27,42 @@ from __future__ import annotations
 import copy
 import functools
 import logging
-from typing import TYPE_CHECKING
+from typing import Annotated
 
 import torch
 from torch import nn
 
-from pipeline_lib.config import SvdProjectionParams
 from pipeline_lib.evaluation.metrics import accuracy
+from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.schema import Field, Float, Int, section
 from pipeline_lib.stats.activations import activation_grams, decompose_gram, projection_layers
 from pipeline_lib.training.fit import predict_logits
 
-if TYPE_CHECKING:  # methods.py imports this module: no runtime cycle
-    from pipeline_lib.methods import Info, UnlearnInputs
-
 log = logging.getLogger(__name__)
+
+PositiveFloat = Annotated[Float, Field(gt=0)]
+
+
+@section()
+class SvdProjectionParams:
+    """SVD class forgetting (Kodge et al., TMLR 2024): gradient-free projection of every
+    Linear/Conv layer off the class-discriminatory activation space."""
+
+    #: α_r, α_f: scaling of the retain and forget spaces (paper, CIFAR-10: 100 and 3).
+    alpha_r: Float = Field(100.0, gt=0)
+    alpha_f: Float = Field(3.0, gt=0)
+    #: Seeded samples per retained class and per forgotten class (paper: 100 per class).
+    retain_per_class: Int = Field(100, gt=0)
+    forget_per_class: Int = Field(100, gt=0)
+    #: Samples per forward pass (memory only; the result does not depend on it).
+    batch_size: Int = Field(256, gt=0)
+    #: Optional α search (the paper tunes α_r, α_f per model on a grid; its reference grid is
+    #: α_r ∈ {10, 30, 100, 300, 1000}, α_f ∈ {1, 3, 10, 30, 100}). Both empty: use α_r, α_f
+    #: as given. Otherwise every pair of the grids (an empty grid = its single α) is tried
+    #: and the one with the highest retain-sample accuracy − forget-sample accuracy on the
+    #: samples the method already read is kept (no other data is read).
+    alpha_r_grid: tuple[PositiveFloat, ...] = ()
+    alpha_f_grid: tuple[PositiveFloat, ...] = ()
 
 
 def scaled_projector(gram: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -93,6 +115,13 @@ def project_weights(model: nn.Module, projections: dict[str, torch.Tensor]) -> N
         w.copy_((flat.double() @ p.T.to(w.device)).to(w.dtype).view_as(w))
 
 
+@register_method(
+    "svd_projection",
+    SvdProjectionParams,
+    "class forgetting: project layer weights off the class-discriminatory "
+    "activation space, gradient-free (Kodge 2024)",
+    class_only=True,
+)
 def svd_projection(
     model: nn.Module, inputs: UnlearnInputs, params: SvdProjectionParams, seed: int
 ) -> tuple[nn.Module, Info]:

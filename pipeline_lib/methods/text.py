@@ -8,6 +8,10 @@ Same signature as the image registry (:mod:`pipeline_lib.methods`)::
   machine unlearning: first-epoch gradient ascent", arXiv 2406.09391; algorithms.md §3).
 - ``neggrad_plus``: β·CE(retain) − (1−β)·CE(forget) (Kurmanji et al. 2023), on documents.
 - ``retrain``: train from scratch on the retain documents (the oracle, exact answer).
+
+Each method's params section (``unlearn.<name>`` of params-lm.yaml) sits beside it and the
+method registers itself with :func:`register_lm_method`; the ``unlearn`` section of
+params-lm.yaml is composed from :data:`LM_METHODS` (:mod:`pipeline_lib.config.text`).
 """
 
 from __future__ import annotations
@@ -15,18 +19,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import model_validator
 from torch import nn
 
-from pipeline_lib.config.text import (
-    GradientAscentParams,
-    LMNegGradPlusParams,
-    LMRetrainParams,
-    LMTrainConfig,
-)
 from pipeline_lib.models.lm import (
+    LMTrainConfig,
     Windows,
     corpus_loss,
     freeze_except,
@@ -34,6 +34,8 @@ from pipeline_lib.models.lm import (
     select_parameters,
     train_lm,
 )
+from pipeline_lib.registry import Registry
+from pipeline_lib.schema import ConfigError, Field, Float, Int, section
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,111 @@ class LMUnlearnInputs:
 Info = dict[str, float | int | str]
 
 
+LMMethodFn = Callable[[nn.Module, LMUnlearnInputs, Any, int], tuple[nn.Module, Info]]
+
+
 @dataclass(frozen=True)
 class LMMethod:
     name: str
-    fn: Callable[[nn.Module, LMUnlearnInputs, Any, int], tuple[nn.Module, Info]]
+    fn: LMMethodFn
     params_type: type
     needs_oracle: Callable[[Any], bool]
     summary: str
+
+
+#: The LM unlearning methods by ``unlearn.method`` name, in registration order.
+LM_METHODS: Registry[LMMethod] = Registry("LM method", key="unlearn.method")
+
+
+def register_lm_method(
+    name: str,
+    params_type: type,
+    summary: str,
+    *,
+    needs_oracle: Callable[[Any], bool] = lambda p: False,
+) -> Callable[[LMMethodFn], LMMethodFn]:
+    """Decorator: register the decorated function as LM method ``name`` with hyper-parameters
+    ``params_type`` (``unlearn.<name>`` of params-lm.yaml). ``needs_oracle(params)``: whether
+    the pipeline must train the retrained oracle before running it."""
+
+    def deco(fn: LMMethodFn) -> LMMethodFn:
+        params_type.__section_key__ = f"unlearn.{name}"  # type: ignore[attr-defined]
+        LM_METHODS.add(name, LMMethod(name, fn, params_type, needs_oracle, summary))
+        return fn
+
+    return deco
+
+
+def get_lm_method(name: str) -> LMMethod:
+    """Look up an LM method; an unknown name lists the registered ones."""
+    return LM_METHODS.lookup(name)
+
+
+BlockIndex = Annotated[Int, Field(ge=0)]
+Parameters = Literal["embedding", "all", "blocks"]
+
+
+def _blocks_listed(p: Any) -> Any:
+    """``parameters: blocks`` needs at least one block (whether each exists depends on the
+    model: :class:`pipeline_lib.config.text.LMParams` checks it against ``lm.n_layer``)."""
+    if p.parameters == "blocks" and not p.blocks:
+        raise ConfigError("parameters is 'blocks' but no block is listed", key="blocks")
+    return p
+
+
+@section()
+class GradientAscentParams:
+    """First-epoch gradient ascent with calibration (Zagardo, arXiv 2406.09391;
+    algorithms.md §3). See :func:`gradient_ascent`."""
+
+    #: Passes over the forget documents (the paper: the first epoch is best).
+    epochs: Int = Field(1, gt=0)
+    lr: Float = Field(1e-2, gt=0)
+    batch_size: Int = Field(8, gt=0)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    #: Which weights move: token+position embeddings, everything, or the blocks listed.
+    parameters: Parameters = "embedding"
+    blocks: tuple[BlockIndex, ...] = ()
+    #: stop: stop the ascent when the forget loss reaches the target (the last step
+    #: interpolated to land on it); scale: ascend, then scale the whole update so the forget
+    #: loss equals the target; none: plain ascent for ``epochs`` (the uncalibrated baseline).
+    calibration: Literal["stop", "scale", "none"] = "stop"
+    #: heldout: the original's mean token loss on held-out documents; heldout_group: on the
+    #: held-out documents of the forgotten groups only; oracle: the retrained oracle's loss
+    #: on the forget documents.
+    target: Literal["heldout", "heldout_group", "oracle"] = "heldout"
+    target_factor: Float = Field(1.0, gt=0)
+    #: Optimiser steps between two checks of the forget loss (stop mode).
+    check_every: Int = Field(1, gt=0)
+    #: Largest multiple of the ascent update that scale mode may use.
+    max_scale: Float = Field(4.0, ge=1)
+    #: Bisection steps when landing on the target (stop and scale).
+    bisect_steps: Int = Field(12, ge=0)
+    max_grad_norm: Float | None = Field(None, gt=0)
+
+    _blocks_listed = model_validator(mode="after")(_blocks_listed)
+
+
+@section()
+class LMNegGradPlusParams:
+    """NegGrad+ for LMs: β·CE(retain) − (1−β)·CE(forget) per step."""
+
+    epochs: Int = Field(1, gt=0)
+    lr: Float = Field(1e-3, gt=0)
+    batch_size: Int = Field(8, gt=0)
+    beta: Float = Field(0.5, ge=0, le=1)
+    parameters: Parameters = "all"
+    blocks: tuple[BlockIndex, ...] = ()
+    max_grad_norm: Float | None = Field(1.0, gt=0)
+
+    _blocks_listed = model_validator(mode="after")(_blocks_listed)
+
+
+@section()
+class LMRetrainParams:
+    """Retrain from scratch on the retain documents (``train`` section, this seed)."""
+
+    seed: Int = 2
 
 
 def _state_bytes(params: list[nn.Parameter], optimizer: str) -> int:
@@ -126,6 +226,12 @@ def calibration_target(model: nn.Module, inputs: LMUnlearnInputs, p: GradientAsc
     return p.target_factor * base
 
 
+@register_lm_method(
+    "gradient_ascent",
+    GradientAscentParams,
+    "first-epoch gradient ascent on the forget documents, calibrated to a target loss (Zagardo 2024)",
+    needs_oracle=lambda p: p.calibration != "none" and p.target == "oracle",
+)
 def gradient_ascent(
     model: nn.Module, inputs: LMUnlearnInputs, p: GradientAscentParams, seed: int
 ) -> tuple[nn.Module, Info]:
@@ -228,6 +334,11 @@ def gradient_ascent(
     return model, info
 
 
+@register_lm_method(
+    "neggrad_plus",
+    LMNegGradPlusParams,
+    "beta*CE(retain) - (1-beta)*CE(forget) (NegGrad+, Kurmanji et al. 2023)",
+)
 def neggrad_plus(
     model: nn.Module, inputs: LMUnlearnInputs, p: LMNegGradPlusParams, seed: int
 ) -> tuple[nn.Module, Info]:
@@ -268,6 +379,9 @@ def neggrad_plus(
     }
 
 
+@register_lm_method(
+    "retrain", LMRetrainParams, "train from scratch on the retain documents (the exact answer)"
+)
 def retrain(
     model: nn.Module, inputs: LMUnlearnInputs, p: LMRetrainParams, seed: int
 ) -> tuple[nn.Module, Info]:
@@ -275,39 +389,3 @@ def retrain(
     fresh = inputs.model_factory(p.seed)
     stats = train_lm(fresh, inputs.retain, inputs.train, p.seed)
     return fresh, {"steps": int(stats["steps"]), "final_train_loss": stats["final_train_loss"]}
-
-
-LM_METHODS: dict[str, LMMethod] = {
-    m.name: m
-    for m in (
-        LMMethod(
-            "gradient_ascent",
-            gradient_ascent,
-            GradientAscentParams,
-            lambda p: p.calibration != "none" and p.target == "oracle",
-            "first-epoch gradient ascent on the forget documents, calibrated to a target loss (Zagardo 2024)",
-        ),
-        LMMethod(
-            "neggrad_plus",
-            neggrad_plus,
-            LMNegGradPlusParams,
-            lambda p: False,
-            "beta*CE(retain) - (1-beta)*CE(forget) (NegGrad+, Kurmanji et al. 2023)",
-        ),
-        LMMethod(
-            "retrain",
-            retrain,
-            LMRetrainParams,
-            lambda p: False,
-            "train from scratch on the retain documents (the exact answer)",
-        ),
-    )
-}
-
-
-def get_lm_method(name: str) -> LMMethod:
-    if name not in LM_METHODS:
-        raise ValueError(
-            f"unlearn.method: unknown LM method {name!r}; valid: {', '.join(sorted(LM_METHODS))}"
-        )
-    return LM_METHODS[name]

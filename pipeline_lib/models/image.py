@@ -1,13 +1,43 @@
-"""Model registry: an MLP, a small CNN and a small ViT for image classification."""
+"""Model registry (:data:`MODELS`) and the ``model`` section: an MLP, a small CNN and a
+small ViT for image classification.
+
+A model is a builder ``fn(cfg: ModelConfig, shape, n_classes) -> nn.Module`` registered with
+``@MODELS.register("<name>")``; ``model.name`` in params.yaml picks one, and its settings are
+fields of :class:`ModelConfig`.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Annotated
 
 import torch
+from pydantic import AfterValidator
 from torch import nn
 
-from pipeline_lib.config import ConfigError, ModelConfig
+from pipeline_lib.registry import Registry
+from pipeline_lib.schema import ConfigError, Field, Int, Str, section
+
+#: Builders by ``model.name``: ``fn(cfg, shape, n_classes) -> nn.Module``.
+MODELS: Registry[Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = Registry(
+    "model", key="model.name"
+)
+
+
+@section("model")
+class ModelConfig:
+    """Architecture from the model registry."""
+
+    name: Annotated[Str, AfterValidator(MODELS.check)] = "mlp"
+    hidden: tuple[Int, ...] = (128, 128)
+    channels: tuple[Int, ...] = (16, 32)
+    #: vit (transformers ViTForImageClassification from a config): patch side, width,
+    #: blocks, heads, MLP width.
+    vit_patch: Int = Field(7, gt=0)
+    vit_dim: Int = Field(64, gt=0)
+    vit_depth: Int = Field(2, gt=0)
+    vit_heads: Int = Field(4, gt=0)
+    vit_mlp: Int = Field(128, gt=0)
 
 
 class MLP(nn.Module):
@@ -85,35 +115,28 @@ class ViT(nn.Module):
         return self.hf(pixel_values=x).logits
 
 
+@MODELS.register("mlp")
 def _mlp(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
     return MLP(int(torch.tensor(shape).prod()), cfg.hidden, n_classes)
 
 
+@MODELS.register("cnn")
 def _cnn(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
     if len(shape) != 3:
         raise ConfigError(f"model.name: cnn needs image inputs (C, H, W), data has shape {shape}")
     return SmallCNN(shape[0], cfg.channels, n_classes)
 
 
+@MODELS.register("vit")
 def _vit(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int) -> nn.Module:
     if len(shape) != 3:
         raise ConfigError(f"model.name: vit needs image inputs (C, H, W), data has shape {shape}")
     return ViT(cfg, shape, n_classes)
 
 
-MODELS: dict[str, Callable[[ModelConfig, tuple[int, ...], int], nn.Module]] = {
-    "mlp": _mlp,
-    "cnn": _cnn,
-    "vit": _vit,
-}
-
-
 def build_model(cfg: ModelConfig, shape: tuple[int, ...], n_classes: int, seed: int) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights."""
-    if cfg.name not in MODELS:
-        raise ConfigError(
-            f"model.name: unknown model {cfg.name!r}; valid: {', '.join(sorted(MODELS))}"
-        )
+    builder = MODELS.lookup(cfg.name)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[cfg.name](cfg, tuple(shape), n_classes)
+        return builder(cfg, tuple(shape), n_classes)

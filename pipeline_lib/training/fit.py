@@ -1,4 +1,5 @@
-"""A plain single-model trainer, with optional per-weight gradient masks.
+"""A plain single-model trainer, with optional per-weight gradient masks, and the ``train``
+section of params.yaml that configures it.
 
 The masked variant is the shared "fine-tune only these weights" loop used by the
 Fisher-diagonal method (and later by SalUn); everything is seeded so a run is reproducible.
@@ -10,11 +11,34 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
 
+from pipeline_lib.schema import Field, Float, Int, section
+
 log = logging.getLogger(__name__)
+
+
+@section("train")
+class TrainConfig:
+    """Single-model training (original model and retrain-from-scratch oracle)."""
+
+    epochs: Int = Field(30, gt=0)
+    batch_size: Int = Field(64, gt=0)
+    lr: Float = Field(1e-3, gt=0)
+    weight_decay: Float = Field(0.0, ge=0)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: Float = 0.9
+    seed: Int = 0
+    oracle_seed: Int = 1
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Mnemonic codes (Yamashita et al. 2024): probability that a training sample is swapped
+    #: for its class's random code (paper: 0.1 MNIST-like, 0.3 CIFAR-10); 0 turns it off.
+    mnemonic_t_mix: Float = Field(0.0, ge=0, lt=1)
+    #: Seed of the codes x_c ~ U[0, 1]^shape.
+    mnemonic_seed: Int = 0
 
 
 def resolve_device(name: str) -> torch.device:

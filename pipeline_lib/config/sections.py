@@ -1,0 +1,117 @@
+"""The generic sections of ``params.yaml``: those no registry member owns.
+
+Sections owned by a role package sit beside its code: ``data`` (:mod:`pipeline_lib.data.images`),
+``model`` (:mod:`pipeline_lib.models.image`), ``train`` (:mod:`pipeline_lib.training.fit`),
+and every ``unlearn.<method>`` next to its method in :mod:`pipeline_lib.methods`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pipeline_lib.schema import Field, Float, Hint, Int, Str, section
+
+
+@section("request")
+class RequestConfig:
+    """Where the deletion request lives and where its id manifests are written."""
+
+    file: Str = "requests/example.yaml"
+    out_dir: Str = "data/forget"
+
+
+@section("fisher")
+class FisherConfig:
+    """Per-sample Fisher diagonal (algorithms.md §1).
+
+    ``kind``: ``true_expected`` sums over classes weighted by the model's probabilities (exact
+    true Fisher, deterministic; default), ``true_sampled`` draws one label from the model per
+    sample, ``empirical`` uses the dataset label.
+    """
+
+    kind: Literal["true_expected", "true_sampled", "empirical"] = "true_expected"
+    batch_size: Int = Field(256, gt=0)
+    seed: Int = 0
+    #: Seeded subsample of the retain set used for I_R (null: all of it).
+    max_retain: Int | None = Field(None, gt=0)
+
+
+@section("evaluate")
+class EvaluateConfig:
+    """Evaluation (shared/reference/evaluation.md)."""
+
+    seed: Int = 0
+    mia_folds: Int = Field(5, ge=2)
+    #: RBF-SVC settings of SalUn's MIA-efficacy.
+    mia_svc_c: Float = Field(3.0, gt=0)
+    report_dir: Str = "reports"
+    #: ``unlearn evaluate``: N originals (seeds) unlearned by every method, and N oracles.
+    n_models: Annotated[Int, Hint("the noise floor splits the oracles in halves")] = Field(20, ge=4)
+    #: Store seeds of the evaluation's originals and oracles: distinct from each other and
+    #: from attribution.seed / oracle_matching.seed, so no two roles share model seeds.
+    originals_seed: Int = 100
+    oracles_seed: Int = 200
+
+
+@section("tracking")
+class TrackingConfig:
+    """Where MLflow, DVC and artifacts live."""
+
+    mlflow_uri: Str = "sqlite:///mlflow.db"
+    experiment: Str = "unlearnflow"
+    dvc_root: Str = "."
+    artifacts_dir: Str = "artifacts"
+
+
+@section("attribution")
+class AttributionConfig:
+    """Many-model training for datamodels and oracles (algorithms.md §2, evaluation.md)."""
+
+    #: M subset models; the last ``lds_heldout`` of them are held out to measure LDS.
+    n_models: Int = Field(256, gt=0)
+    #: Subset fraction |S_j| = alpha·N.
+    alpha: Float = Field(0.5, gt=0, lt=1)
+    #: Models per chunk: the unit of work of one Ray task (one vectorised ensemble).
+    chunk_size: Int = Field(32, gt=0)
+    seed: Int = 0
+    #: Epochs of each subset model (null: train.epochs).
+    epochs: Int | None = Field(None, gt=0)
+    output_dtype: Literal["float16", "float32"] = "float16"
+    out_dir: Str = "artifacts/attribution"
+    lds_heldout: Int = Field(32, ge=0)
+    estimator: Literal["ridge_dual", "diff_means"] = "ridge_dual"
+    #: Ridge penalty of the dual-form datamodel fit.
+    lam: Float = Field(1.0, gt=0)
+    #: Oracles trained per request by ``unlearn oracles`` (default count).
+    oracles: Int = Field(20, gt=0)
+
+
+@section("ray")
+class RayConfig:
+    """Ray connection: null address uses RAY_ADDRESS if set, else starts a local Ray."""
+
+    address: Str | None = None
+    #: CPUs of a local Ray (null: all).
+    num_cpus: Int | None = Field(None, gt=0)
+    #: CPUs per chunk task; torch in the task uses that many threads.
+    cpus_per_task: Int = Field(1, gt=0)
+
+
+@section("stats")
+class StatsConfig:
+    """Sharded statistics (``unlearn stats``): the split is written as Parquet shards, one
+    ``ray.remote`` task per shard computes partial sums, one reduce step adds them."""
+
+    #: Number of Parquet shards the split is cut into (the unit of Ray work).
+    n_shards: Int = Field(4, gt=0)
+    #: Shard tasks in flight at once (null: CPUs of the cluster ÷ ray.cpus_per_task).
+    workers: Int | None = Field(None, gt=0)
+    #: Where shards and statistics files go.
+    out_dir: Str = "artifacts/stats"
+    #: Rows of a shard per forward pass (activation statistics).
+    batch_size: Int = Field(256, gt=0)
+    #: How the pipeline computes Fisher statistics it does not find under ``out_dir``:
+    #: ``local`` (in the flow's process; on small data Ray's start-up would dominate) or
+    #: ``ray`` (Parquet shards, one Ray task each, as ``unlearn stats``). Both give the same
+    #: values and write the same file.
+    fisher_backend: Literal["ray", "local"] = "local"
