@@ -18,7 +18,7 @@ import numpy as np
 from prefect import flow
 from prefect.logging import get_run_logger
 
-from pipeline_lib.config import environment_overrides, load_params
+from pipeline_lib.config import environment_overrides, load_params, replace
 from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import load_manifests, load_request
 from pipeline_lib.modalities import get_modality
@@ -42,16 +42,16 @@ def attribution_flow(
     base_mask = None
     if kind == "oracles":
         request = load_request(params.resolve(params.request.file))
-        params, md5s = versioning.stage_data(get_modality("image"), params, request)
+        params, staged = versioning.stage_data(get_modality("image"), params, request)
+        prepared_md5 = staged["prepared_md5"]
         man = load_manifests(params.resolve(params.request.out_dir))
         data = load_prepared(params.resolve(params.data.out_dir))
         train_ids = np.sort(data.split_ids("train"))
         base_mask = np.isin(train_ids, man.retain_ids)
         n_models, run_name = params.attribution.oracles, f"oracles-{request.request_id}"
     elif kind == "subsets":
-        for key in versioning.sync_params_file(root, params, ("data",)):
-            logger.info("params.yaml: set %s for DVC", key)
-        md5s = versioning.dvc_repro(str(root), "prepare")
+        prepared, prepared_md5 = versioning.stage_prepare(get_modality("image"), params, root)
+        params = replace(params, data=replace(params.data, out_dir=prepared))
         data = load_prepared(params.resolve(params.data.out_dir))
         n_models, run_name = params.attribution.n_models, None
     else:
@@ -68,7 +68,7 @@ def attribution_flow(
             "store": str(store_root),
             "store_digest": spec.digest,
             "data_content_hash": data.content_hash,
-            "dvc.prepared_md5": md5s["prepare"][params.data.out_dir],
+            "dvc.prepared_md5": prepared_md5,
         },
         str(root),
     )

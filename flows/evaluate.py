@@ -183,7 +183,7 @@ def evaluate_flow(
     tr, n = params.tracking, params.evaluate.n_models
     request = load_request(params.resolve(params.request.file))
     tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
-    params, md5s = versioning.stage_data(get_modality("image"), params, request)
+    params, staged = versioning.stage_data(get_modality("image"), params, request)
     prepared_dir = str(params.resolve(params.data.out_dir))
     manifests_dir = str(params.resolve(params.request.out_dir))
     data = load_prepared(prepared_dir)
@@ -198,8 +198,8 @@ def evaluate_flow(
             "kind": "evaluation",
             "request_digest": request.digest,
             "methods": ",".join(methods),
-            "dvc.prepared_md5": md5s["prepare"][params.data.out_dir],
-            "dvc.manifests_md5": md5s["extract"][params.request.out_dir],
+            "dvc.prepared_md5": staged["prepared_md5"],
+            "dvc.manifests_md5": staged["manifests_md5"],
         },
         str(Path(tr.dvc_root).resolve()),
     )

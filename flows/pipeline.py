@@ -131,17 +131,9 @@ def unlearning_pipeline(
     root = Path(tr.dvc_root).resolve()
     request = load_request(str(params.resolve(params.request.file)))
     tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
-    params, md5s = versioning.stage_data(modality, params, request)
-    prepared_out, manifests_out = modality.prepared_out(params), modality.manifests_out(params)
-    data = {
-        "prepared_dir": str(params.resolve(prepared_out)),
-        "prepared_md5": versioning.stage_md5(md5s, "prepare", prepared_out),
-    }
-    request_data = {
-        **data,
-        "manifests_dir": str(params.resolve(manifests_out)),
-        "manifests_md5": versioning.stage_md5(md5s, "extract", manifests_out),
-    }
+    params, staged = versioning.stage_data(modality, params, request)
+    data = {k: staged[k] for k in ("prepared_dir", "prepared_md5")}
+    request_data = dict(staged)
     code = code_version()
     artifacts = str(params.resolve(tr.artifacts_dir))
     cfg = to_dict(params)

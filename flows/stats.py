@@ -40,11 +40,8 @@ def statistics_flow(
         raise ValueError(f"statistic {statistic!r} unknown; valid: {', '.join(STATISTICS)}")
     params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
     request = load_request(str(params.resolve(params.request.file)))
-    params, md5s = versioning.stage_data(get_modality("image"), params, request)
-    data = {
-        "prepared_dir": str(params.resolve(params.data.out_dir)),
-        "prepared_md5": md5s["prepare"][params.data.out_dir],
-    }
+    params, staged = versioning.stage_data(get_modality("image"), params, request)
+    data = {k: staged[k] for k in ("prepared_dir", "prepared_md5")}
     cfg = to_dict(params)
     original = with_files(
         compute.train_model,
@@ -87,6 +84,6 @@ def statistics_flow(
         params.tracking.experiment,
         request.request_id,
         {**result, "statistic": statistic, "split": split},
-        {**data, "manifests_md5": md5s["extract"][params.request.out_dir]},
+        staged,
     )
     return {**result, "request_id": request.request_id, "split": split, "statistic": statistic}

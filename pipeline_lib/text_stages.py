@@ -1,17 +1,19 @@
-"""Entry points of the LM pipeline's DVC stages (``lm/dvc.yaml``): ``prepare`` and ``extract``.
+"""Entry points of the LM pipeline's DVC stages (``lm/dvc.yaml`` and the per-request stage
+files): ``prepare`` and ``extract``, with the command line of :mod:`pipeline_lib.stages`.
 
-``python -m pipeline_lib.text_stages prepare --params params-lm.yaml`` writes the prepared
-corpus to ``data/text/prepared``; ``extract`` resolves ``request.file`` against it and writes
-the id manifests to ``data/text/forget``. The LM flow runs these through ``dvc repro``.
+``python -m pipeline_lib.text_stages prepare --params params-lm.yaml [--out DIR]`` writes the
+prepared corpus (default ``data/text/prepared``); ``extract --params params-lm.yaml``
+resolves ``request.file`` against it and writes the id manifests to ``data/text/forget``;
+``extract --prepared DIR --request FILE --out DIR [--exclude T]`` is the per-request form.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
+import numpy as np
+
 from pipeline_lib.config.text import load_lm_params
-from pipeline_lib.data.requests import load_request, write_manifests
 from pipeline_lib.data.text import (
     MANIFESTS_DIR,
     PREPARED_DIR,
@@ -19,29 +21,33 @@ from pipeline_lib.data.text import (
     load_corpus,
     prepare_corpus,
 )
-from pipeline_lib.stages import stage_main
+from pipeline_lib.stages import extract_to, stage_main
 
 
-def run_prepare(params_path: str) -> dict:
+def run_prepare(params_path: str, out: str | None = None) -> dict:
     params = load_lm_params(params_path)
-    return prepare_corpus(params.text, PREPARED_DIR)
+    return prepare_corpus(params.text, out or PREPARED_DIR)
+
+
+def extract_docs(request, prepared_dir: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    corpus = load_corpus(prepared_dir)
+    forget, retain = extract_forget_docs(request, corpus)
+    return np.asarray(forget), np.asarray(retain), corpus.meta
 
 
 def run_extract(params_path: str) -> dict:
     params = load_lm_params(params_path)
-    request = load_request(params.request.file)
-    corpus = load_corpus(PREPARED_DIR)
-    forget, retain = extract_forget_docs(request, corpus)
-    summary = write_manifests(MANIFESTS_DIR, request, forget, retain, corpus.meta)
-    logging.getLogger(__name__).info(
-        "request %s: %d forget, %d retain documents", request.request_id, len(forget), len(retain)
-    )
-    return summary
+    return extract_to(extract_docs, PREPARED_DIR, params.request.file, MANIFESTS_DIR)
 
 
 def main(argv: list[str] | None = None) -> int:
     return stage_main(
-        "python -m pipeline_lib.text_stages", "params-lm.yaml", run_prepare, run_extract, argv
+        "python -m pipeline_lib.text_stages",
+        "params-lm.yaml",
+        run_prepare,
+        run_extract,
+        extract_docs,
+        argv,
     )
 
 

@@ -1,11 +1,24 @@
-"""DVC edge: keep ``params.yaml`` in step with the run's effective parameters, run the
-``prepare``/``extract`` stages through ``dvc repro``, and read their md5s from ``dvc.lock``."""
+"""DVC edge: run the ``prepare`` / ``extract`` stages through ``dvc repro`` and read their md5s
+from the lock files, without ever rewriting a tracked file.
+
+- ``prepare`` runs the stage of the modality's stage file (``dvc.yaml`` / ``lm/dvc.yaml``) when
+  the run's data sections equal the params file's at the DVC root. A run with other data
+  settings (``--set data.*``) gets a *variant*: a generated stage file and params file under
+  ``runs/<modality>/data-<key>/`` with its own lock and output, so it changes nothing another
+  run reads.
+- ``extract`` is per request: ``runs/<modality>/<request id>/`` holds a copy of the request,
+  a generated stage file, its ``dvc.lock`` and the manifests. Two requests never share an
+  output; the lock entries of a request are its own.
+
+The run directories' ``dvc.yaml`` / ``dvc.lock`` are the DVC record of each request (commit
+them to version it); DVC keeps their outputs out of git.
+"""
 
 from __future__ import annotations
 
-import io
+import hashlib
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,56 +31,12 @@ from prefect.logging import get_run_logger
 from pipeline_lib.config import to_dict
 from pipeline_lib.io import atomic_path
 
-#: params.yaml sections the DVC stages read (see dvc.yaml).
-DVC_SECTIONS = ("data", "request")
+#: where the per-request and per-variant stage files live, under the DVC root.
+RUNS_DIR = "runs"
 
 
 class StageFailed(RuntimeError):
     """``dvc repro`` failed; the message carries the stage's own error."""
-
-
-def stage_request_file(dvc_root: Path, request_file: str, request_id: str) -> str:
-    """Return ``request_file`` relative to ``dvc_root``; copy it under ``requests/`` first
-    when it lies outside, so the request is versioned with the data it selects."""
-    src = Path(request_file).resolve()
-    root = dvc_root.resolve()
-    if src.is_relative_to(root):
-        return str(src.relative_to(root))
-    dest = root / "requests" / f"{request_id}.yaml"
-    with atomic_path(dest) as tmp:
-        shutil.copyfile(src, tmp)
-    return str(dest.relative_to(root))
-
-
-def sync_params_file(
-    dvc_root: Path,
-    params: Any,
-    sections: tuple[str, ...] = DVC_SECTIONS,
-    filename: str = "params.yaml",
-) -> list[str]:
-    """Write ``sections`` of ``params`` into ``<dvc_root>/<filename>``, as ``dvc exp run -S``
-    would, keeping comments and every other key. Returns the changed dotted keys.
-    (The LM pipeline's stages read ``params-lm.yaml``.)"""
-    from ruamel.yaml import YAML  # installed with dvc; round-trips comments
-
-    path = dvc_root / filename
-    rt = YAML()
-    rt.preserve_quotes = True
-    doc = rt.load(path.read_text()) if path.exists() else {}
-    wanted = to_dict(params)
-    changed = []
-    for section in sections:
-        node = doc.setdefault(section, {})
-        for key, value in wanted[section].items():
-            if key not in node or node[key] != value:
-                node[key] = value
-                changed.append(f"{section}.{key}")
-    if changed:
-        buf = io.StringIO()
-        rt.dump(doc, buf)
-        with atomic_path(path) as tmp:
-            tmp.write_text(buf.getvalue())
-    return changed
 
 
 def _dvc_env() -> dict[str, str]:
@@ -137,7 +106,7 @@ def stage_md5(md5s: dict[str, Any], stage: str, out: str) -> str:
     """The md5 of ``out`` in ``stage`` (lock files of sub-directory stage files may name the
     out relative to their own folder)."""
     outs = md5s[stage]
-    return outs.get(out) or outs[next(k for k in outs if k.endswith(out))]
+    return outs.get(out) or outs[next(k for k in outs if out.endswith(k) or k.endswith(out))]
 
 
 @task(name="validate-request")
@@ -149,26 +118,122 @@ def validate_request(modality: str, request: Any, prepared_dir: str) -> dict[str
     return {"n_forget": n_forget, "n_retain": n_retain}
 
 
-def stage_data(modality: Any, params: Any, request: Any) -> tuple[Any, dict[str, Any]]:
-    """Run the modality's DVC stages for this run's parameters.
+def _write_if_changed(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
-    The data sections are synced into the DVC root's params file (as ``dvc exp run -S``
-    would) and ``dvc repro prepare`` runs; the request is then checked against the prepared
-    data in-process, so a bad request fails with a clear message *before* it is written into
-    the params file; only then are the ``request`` keys synced and ``dvc repro extract``
-    runs. Returns the params (request.file made relative to the DVC root) and the stage md5s."""
+
+def _stage_file(
+    rel_dir: str, name: str, cmd: str, deps: list[str], outs: list[str], params: Any = None
+) -> str:
+    """A one-stage DVC file whose paths are relative to the DVC root (``wdir``)."""
+    depth = len(Path(rel_dir).parts)
+    stage: dict[str, Any] = {"wdir": "/".join([".."] * depth), "cmd": cmd, "deps": deps}
+    if params:
+        stage["params"] = params
+    stage["outs"] = outs
+    header = "# Generated by unlearnflow for one run: the DVC record of its inputs and outputs.\n"
+    return header + yaml.safe_dump({"stages": {name: stage}}, sort_keys=False)
+
+
+def _code_deps(modality: Any) -> list[str]:
+    module = modality.stage_module.replace(".", "/") + ".py"
+    return sorted({module, "pipeline_lib/stages.py", "pipeline_lib/data", "pipeline_lib/io.py"})
+
+
+def stage_prepare(modality: Any, params: Any, root: Path) -> tuple[str, str]:
+    """Prepare the data of this run; returns (prepared dir relative to ``root``, its md5)."""
+
+    effective = to_dict(params)
+    file = root / modality.params_file
+    on_file = modality.load_params(file) if file.is_file() else None
+    same = on_file is not None and all(
+        to_dict(on_file)[s] == effective[s] for s in modality.data_sections
+    )
+    if same:
+        prefix = "" if modality.dvc_file == "dvc.yaml" else f"{modality.dvc_file}:"
+        out = modality.prepared_out(params)
+        md5s = dvc_repro(str(root), f"{prefix}prepare", modality.lock_file)
+        return out, stage_md5(md5s, "prepare", out)
+    data = {s: effective[s] for s in modality.data_sections}
+    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    rel = f"{RUNS_DIR}/{modality.name}/data-{key}"
+    out = f"{rel}/prepared"
+    variant = {**effective, **({"pipeline": modality.tag} if modality.tag != "image" else {})}
+    if "data" in variant:
+        variant["data"] = {**variant["data"], "out_dir": out}
+    _write_if_changed(root / rel / "params.yaml", yaml.safe_dump(variant, sort_keys=False))
+    stage = _stage_file(
+        rel,
+        "prepare",
+        f"python -m {modality.stage_module} prepare --params {rel}/params.yaml --out {out}",
+        [*_code_deps(modality), "pipeline_lib/config"],
+        [out],
+        [{f"{rel}/params.yaml": list(modality.data_sections)}],
+    )
+    _write_if_changed(root / rel / "dvc.yaml", stage)
+    md5s = dvc_repro(str(root), f"{rel}/dvc.yaml:prepare", f"{rel}/dvc.lock")
+    get_run_logger().info("data variant %s (data settings differ from %s)", rel, file.name)
+    return out, stage_md5(md5s, "prepare", out)
+
+
+def stage_extract(
+    modality: Any,
+    root: Path,
+    request: Any,
+    request_file: Path,
+    prepared: str,
+    exclude: str | None = None,
+) -> tuple[str, str]:
+    """Extract this request's manifests in its own run directory; returns (manifests dir
+    relative to ``root``, md5). The request file is copied in first, so the record does not
+    depend on a file the user may edit or delete."""
+    rel = f"{RUNS_DIR}/{modality.name}/{request.request_id}"
+    copy = root / rel / "request.yaml"
+    _write_if_changed(copy, Path(request_file).read_text())
+    out = f"{rel}/manifests"
+    cmd = (
+        f"python -m {modality.stage_module} extract --prepared {prepared} "
+        f"--request {rel}/request.yaml --out {out}"
+    )
+    deps = [*_code_deps(modality), prepared, f"{rel}/request.yaml"]
+    if exclude:
+        cmd += f" --exclude {exclude}"
+        deps.append(exclude)
+    _write_if_changed(root / rel / "dvc.yaml", _stage_file(rel, "extract", cmd, deps, [out]))
+    md5s = dvc_repro(str(root), f"{rel}/dvc.yaml:extract", f"{rel}/dvc.lock")
+    return out, stage_md5(md5s, "extract", out)
+
+
+def stage_data(
+    modality: Any, params: Any, request: Any, exclude: str | None = None
+) -> tuple[Any, dict[str, str]]:
+    """Prepare the data and extract this request's manifests (both through ``dvc repro``);
+    the request is checked against the prepared data in-process first, so a bad request fails
+    with a clear message before anything is written for it.
+
+    Returns the params with ``data.out_dir`` (image) and ``request.out_dir`` pointing at this
+    run's outputs, and ``{prepared_dir, prepared_md5, manifests_dir, manifests_md5}``."""
     from pipeline_lib.config import replace
 
-    logger = get_run_logger()
     root = Path(params.tracking.dvc_root).resolve()
-    pfile = modality.params_file
-    prefix = "" if modality.dvc_file == "dvc.yaml" else f"{modality.dvc_file}:"
-    for key in sync_params_file(root, params, modality.data_sections, pfile):
-        logger.info("%s: set %s for DVC", pfile, key)
-    dvc_repro(str(root), f"{prefix}prepare", modality.lock_file)
-    validate_request(modality.name, request, str(params.resolve(modality.prepared_out(params))))
-    rel = stage_request_file(root, str(params.resolve(params.request.file)), request.request_id)
-    params = replace(params, request=replace(params.request, file=rel))
-    for key in sync_params_file(root, params, ("request",), pfile):
-        logger.info("%s: set %s for DVC", pfile, key)
-    return params, dvc_repro(str(root), f"{prefix}extract", modality.lock_file)
+    request_file = params.resolve(params.request.file)
+    prepared, prepared_md5 = stage_prepare(modality, params, root)
+    validate_request(modality.name, request, str(root / prepared))
+    manifests, manifests_md5 = stage_extract(
+        modality, root, request, request_file, prepared, exclude
+    )
+    changes: dict[str, Any] = {}
+    if hasattr(params.request, "out_dir"):
+        changes["request"] = replace(params.request, out_dir=manifests)
+    if hasattr(params, "data"):
+        changes["data"] = replace(params.data, out_dir=prepared)
+    params = replace(params, **changes)
+    return params, {
+        "prepared_dir": str(root / prepared),
+        "prepared_md5": prepared_md5,
+        "manifests_dir": str(root / manifests),
+        "manifests_md5": manifests_md5,
+    }

@@ -76,10 +76,14 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     assert run.data.params["train.epochs"] == "4"
     assert run.data.params["unlearn.method"] == "fisher_diagonal"
 
-    # dataset inputs carry the DVC md5s that dvc.lock holds
+    # dataset inputs carry the DVC md5s that the lock files hold: the data's in dvc.lock, the
+    # request's in its own run directory's lock
+    params_before = (project / "params.yaml").read_text()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     prepared_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
-    manifests_md5 = lock["stages"]["extract"]["outs"][0]["md5"]
+    run_dir = project / "runs" / "image" / "req-test-0001"
+    req_lock = yaml.safe_load((run_dir / "dvc.lock").read_text())
+    manifests_md5 = req_lock["stages"]["extract"]["outs"][0]["md5"]
     inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
     assert inputs["digits-prepared"]["dvc_md5"] == prepared_md5
     assert inputs["req-test-0001-forget"]["dvc_md5"] == manifests_md5
@@ -87,7 +91,7 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     assert run.data.tags["dvc.prepared_md5"] == prepared_md5
 
     # the manifests hold ids only, and the forget count matches the request
-    summary = json.loads((project / "data" / "forget" / "request.json").read_text())
+    summary = json.loads((run_dir / "manifests" / "request.json").read_text())
     assert summary["n_forget"] == 30 and summary["n_retain"] == 270
 
     # artifacts: three safetensors weights, the report and its plot
@@ -145,11 +149,17 @@ def test_pipeline_end_to_end(prefect_api, project: Path):
     states3 = _task_states(state3.state_details.flow_run_id)
     assert sorted(states3["train-model"]) == ["Cached", "Completed"], states3
     assert "fisher-statistics" not in states3  # finetune needs no Fisher statistics
-    # the DVC params were synced, so `dvc status` is again clean
-    assert (
-        yaml.safe_load((project / "params.yaml").read_text())["request"]["file"]
-        == "requests/other.yaml"
+    # no run rewrote the params file; each request has its own DVC record and `dvc status`
+    # of it is clean
+    assert (project / "params.yaml").read_text() == params_before
+    assert (project / "runs" / "image" / "req-test-0002" / "dvc.lock").is_file()
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", "runs/image/req-test-0001/dvc.yaml"],
+        cwd=project,
+        capture_output=True,
+        text=True,
     )
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
 
 
 def test_bad_request_fails_before_training(prefect_api, project: Path):

@@ -71,11 +71,13 @@ def test_lm_pipeline_end_to_end(prefect_api, lm_project: Path):
     # DVC: the LM stages ran; their md5s are on the run's dataset inputs
     lock = yaml.safe_load((lm_project / "lm" / "dvc.lock").read_text())
     prepared_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
-    manifests_md5 = lock["stages"]["extract"]["outs"][0]["md5"]
+    run_dir = lm_project / "runs" / "text" / "req-lm-test-0001"
+    req_lock = yaml.safe_load((run_dir / "dvc.lock").read_text())
+    manifests_md5 = req_lock["stages"]["extract"]["outs"][0]["md5"]
     inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
     assert inputs["shakespeare-prepared"]["dvc_md5"] == prepared_md5
     assert inputs["req-lm-test-0001-forget"]["dvc_md5"] == manifests_md5
-    summary = json.loads((lm_project / "data/text/forget/request.json").read_text())
+    summary = json.loads((run_dir / "manifests" / "request.json").read_text())
     assert summary["dataset"] == "shakespeare" and summary["n_forget"] > 0
     forget_ids = json.dumps(summary)  # ids only: manifests name documents, hold no text
     assert "Tempest" not in forget_ids
@@ -114,7 +116,7 @@ def test_lm_pipeline_end_to_end(prefect_api, lm_project: Path):
 
     # a hand-run `dvc status` of the LM stages has nothing to do
     status = subprocess.run(
-        [sys.executable, "-m", "dvc", "status", "lm/dvc.yaml:extract"],
+        [sys.executable, "-m", "dvc", "status", "runs/text/req-lm-test-0001/dvc.yaml"],
         cwd=lm_project,
         capture_output=True,
         text=True,

@@ -63,8 +63,9 @@ class Modality:
     get_method: Callable[[str], Any]
     #: which extra inputs a method needs: a subset of {"fisher", "store", "oracle"}.
     method_needs: Callable[[Any, Any], frozenset[str]]
-    #: ``check_request(request, prepared_dir) -> (n_forget, n_retain)``; RequestError if bad.
-    check_request: Callable[[Any, str], tuple[int, int]]
+    #: ``extract(request, prepared_dir) -> (forget ids, retain ids, data meta)``: the request
+    #: resolved against the prepared data (RequestError naming the problem if it does not fit).
+    extract: Callable[[Any, str], tuple[Any, Any, Mapping[str, Any]]]
     #: ``train(data, role, sections, seed, out_dir) -> {path, digest, seconds, ...}``.
     train: Callable[..., dict[str, Any]]
     #: ``unlearn(data, weights_path, sections, extras, out_dir) -> {path, digest, seconds, info}``.
@@ -80,8 +81,15 @@ class Modality:
     #: one log line summarising a finished run's report.
     summary_line: Callable[[Mapping], str]
 
+    #: the module whose ``prepare`` / ``extract`` commands the DVC stages run.
+    stage_module: str = "pipeline_lib.stages"
     #: further sections the unlearning step reads (they key its cache).
     unlearn_reads: tuple[str, ...] = ()
+
+    def check_request(self, request: Any, prepared_dir: str) -> tuple[int, int]:
+        """(n_forget, n_retain) of ``request`` on the prepared data; RequestError if bad."""
+        forget, retain, _ = self.extract(request, prepared_dir)
+        return len(forget), len(retain)
 
     def train_sections(self, cfg: Mapping[str, Any]) -> dict[str, Any]:
         """What training reads of ``to_dict(params)``: the architecture and the trainer."""

@@ -484,11 +484,10 @@ def _method_needs(method: Method, params: Params) -> frozenset[str]:
     return frozenset(needs)
 
 
-def _check_request(request: Any, prepared_dir: str) -> tuple[int, int]:
-    from pipeline_lib.data.requests import extract_forget_set
+def _extract(request: Any, prepared_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+    from pipeline_lib.stages import extract_images
 
-    forget, retain = extract_forget_set(request, load_prepared(prepared_dir))
-    return len(forget), len(retain)
+    return extract_images(request, prepared_dir)
 
 
 def _lineage_table(prepared_dir: str) -> tuple[Any, str, str, str]:
@@ -523,7 +522,7 @@ def _modality() -> Any:
         manifests_out=lambda p: p.request.out_dir,
         get_method=get_method,
         method_needs=_method_needs,
-        check_request=_check_request,
+        extract=_extract,
         train=_train,
         unlearn=_unlearn,
         evaluate=_evaluate,

@@ -440,11 +440,10 @@ def _method_needs(method: Any, params: LMParams) -> frozenset[str]:
     return frozenset({"oracle"} if method.needs_oracle(params.unlearn.method_params()) else ())
 
 
-def _check_request(request: Any, prepared_dir: str) -> tuple[int, int]:
-    from pipeline_lib.data.text import extract_forget_docs
+def _extract(request: Any, prepared_dir: str) -> tuple[Any, Any, dict[str, Any]]:
+    from pipeline_lib.text_stages import extract_docs
 
-    forget, retain = extract_forget_docs(request, load_corpus(prepared_dir))
-    return len(forget), len(retain)
+    return extract_docs(request, prepared_dir)
 
 
 def _lineage_table(prepared_dir: str) -> tuple[Any, str, str, str]:
@@ -481,7 +480,7 @@ def _modality() -> Any:
         manifests_out=lambda p: MANIFESTS_DIR,
         get_method=get_lm_method,
         method_needs=_method_needs,
-        check_request=_check_request,
+        extract=_extract,
         train=_train,
         unlearn=_unlearn,
         evaluate=_evaluate,
@@ -491,6 +490,7 @@ def _modality() -> Any:
         digits=4,
         summary_line=_summary_line,
         unlearn_reads=("evaluate",),
+        stage_module="pipeline_lib.text_stages",
     )
 
 
