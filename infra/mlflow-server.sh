@@ -7,20 +7,36 @@
 #   MLFLOW_PORT=5500 infra/mlflow-server.sh &    # then: kill %1
 #   export MLFLOW_TRACKING_URI=http://127.0.0.1:5500   # what `unlearn run` then logs to
 #
+#   infra/mlflow-server.sh postgres              # backend store in PostgreSQL (team set-up):
+#                                                # starts infra/postgres.sh (PG_PORT, PG_DATA_DIR,
+#                                                # default $MLFLOW_DATA_DIR/postgres) first; the
+#                                                # request ledger uses the same database:
+#                                                # `infra/postgres.sh url --data-dir ...` prints it.
+#                                                # Stopping the server leaves PostgreSQL running:
+#                                                # `infra/postgres.sh stop --data-dir ...` stops it.
+#                                                # Needs the driver: pip install -e ".[team]"
+#
 # Settings (environment):
 #   MLFLOW_HOST                   bind address (default 127.0.0.1: this machine only; 0.0.0.0
 #                                 to serve a team, together with MLFLOW_ALLOWED_HOSTS)
 #   MLFLOW_PORT                   port (default 5000)
 #   MLFLOW_DATA_DIR               where the default stores live (default ./mlflow-server)
 #   MLFLOW_BACKEND_STORE_URI      SQLAlchemy URL (default sqlite:///$MLFLOW_DATA_DIR/mlflow.db),
-#                                 e.g. postgresql://user:pass@db:5432/mlflow (needs a driver,
-#                                 `pip install psycopg2-binary`; not installed or run here)
+#                                 e.g. postgresql+psycopg2://user:pass@db:5432/unlearnflow for a
+#                                 PostgreSQL run elsewhere (needs `pip install -e ".[team]"`);
+#                                 the `postgres` mode sets it to the local cluster's URL
 #   MLFLOW_ARTIFACTS_DESTINATION  artifact store (default $MLFLOW_DATA_DIR/artifacts), e.g.
 #                                 s3://bucket/mlflow (needs boto3 and credentials on the server
 #                                 only; not run here)
 #   MLFLOW_WORKERS                server worker processes (default 2)
 #   MLFLOW_ALLOWED_HOSTS          forwarded to --allowed-hosts (Host header allow-list) if set
 set -euo pipefail
+
+MODE="${1:-sqlite}"
+case "$MODE" in
+    sqlite | postgres) ;;
+    *) echo "usage: $0 [postgres]   (no argument: the SQLite/MLFLOW_BACKEND_STORE_URI mode)" >&2; exit 2 ;;
+esac
 
 HOST="${MLFLOW_HOST:-127.0.0.1}"
 PORT="${MLFLOW_PORT:-5000}"
@@ -31,7 +47,18 @@ command -v mlflow >/dev/null || { echo "mlflow-server.sh: mlflow not on PATH (ac
 
 mkdir -p "$DATA_DIR"
 DATA_DIR="$(cd "$DATA_DIR" && pwd)"
-BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$DATA_DIR/mlflow.db}"
+if [ "$MODE" = postgres ]; then
+    [ -z "${MLFLOW_BACKEND_STORE_URI:-}" ] || { echo "mlflow-server.sh: postgres mode sets the backend store itself; unset MLFLOW_BACKEND_STORE_URI" >&2; exit 2; }
+    PY="$(dirname "$(command -v mlflow)")/python"
+    [ -x "$PY" ] || PY=python3
+    "$PY" -c "import psycopg2" 2>/dev/null \
+        || { echo "mlflow-server.sh: no PostgreSQL driver next to mlflow: pip install -e \".[team]\"" >&2; exit 1; }
+    export PG_DATA_DIR="${PG_DATA_DIR:-$DATA_DIR/postgres}"
+    BACKEND="$("$(dirname "$0")/postgres.sh" start)"
+    echo "mlflow-server.sh: backend store (and request ledger) in PostgreSQL: \`infra/postgres.sh url --data-dir $PG_DATA_DIR\` prints its URL; \`infra/postgres.sh stop --data-dir $PG_DATA_DIR\` stops it" >&2
+else
+    BACKEND="${MLFLOW_BACKEND_STORE_URI:-sqlite:///$DATA_DIR/mlflow.db}"
+fi
 ARTIFACTS="${MLFLOW_ARTIFACTS_DESTINATION:-$DATA_DIR/artifacts}"
 case "$ARTIFACTS" in *://*) ;; *) mkdir -p "$ARTIFACTS" ;; esac
 
@@ -41,8 +68,11 @@ extra=()
 echo "mlflow server on http://$HOST:$PORT (backend ${BACKEND%%://*}://..., artifacts $ARTIFACTS)" >&2
 # exec: the server replaces this shell, so the PID of `infra/mlflow-server.sh &` is the
 # server's, and one `kill` stops it (uvicorn takes its worker processes with it).
+# The backend URL goes through the environment (`mlflow server` reads
+# MLFLOW_BACKEND_STORE_URI for --backend-store-uri), not the command line, so a database
+# password in it is not shown by `ps` to other users of the machine.
+export MLFLOW_BACKEND_STORE_URI="$BACKEND"
 exec mlflow server \
     --host "$HOST" --port "$PORT" --workers "$WORKERS" \
-    --backend-store-uri "$BACKEND" \
     --serve-artifacts --artifacts-destination "$ARTIFACTS" \
     "${extra[@]}"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -69,6 +72,82 @@ def make_dvc_project(root: Path, params_text: str) -> Path:
     (root / "params.yaml").write_text(params_text)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
     return root
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (chosen by the OS)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def postgres_bin() -> Path | None:
+    """The directory of PostgreSQL's server binaries, found as infra/postgres.sh finds them
+    ($PG_BIN, the newest Debian /usr/lib/postgresql/*/bin, `initdb` on PATH), or None."""
+    if os.environ.get("PG_BIN"):
+        return Path(os.environ["PG_BIN"])
+    debian = [
+        d
+        for d in Path("/usr/lib/postgresql").glob("*/bin")
+        if d.parent.name.isdigit() and (d / "initdb").exists()
+    ]
+    if debian:
+        return max(debian, key=lambda d: int(d.parent.name))
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+@dataclass(frozen=True)
+class PostgresCluster:
+    url: str  # postgresql+psycopg2://unlearnflow:...@127.0.0.1:PORT/unlearnflow
+    state_dir: Path  # infra/postgres.sh's --data-dir (PG_DATA_DIR)
+    port: int
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throw-away PostgreSQL cluster on 127.0.0.1 (infra/postgres.sh: initdb, a database
+    `unlearnflow` and a password user), fsync off; destroyed at the end of the session."""
+    pg_bin = postgres_bin()
+    if pg_bin is None:
+        pytest.skip("no PostgreSQL binaries (initdb) installed: apt-get install postgresql")
+    # Not under the session dir or pytest's tmp dirs (mode 700, root's when the tests run as
+    # root): the server runs as `postgres` then and must reach its state dir.
+    base = Path(tempfile.mkdtemp(prefix="ulf-pg-"))
+    base.chmod(0o755)
+    state = base / "pg"  # infra/postgres.sh creates it, owned by the server's user
+    script = str(REPO / "infra" / "postgres.sh")
+    env = {
+        **os.environ,
+        "PG_BIN": str(pg_bin),
+        "PG_OPTIONS": "-c fsync=off -c synchronous_commit=off -c full_page_writes=off",
+    }
+    port = free_port()
+    try:
+        proc = subprocess.run(
+            ["bash", script, "start", "--port", str(port), "--data-dir", str(state)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"infra/postgres.sh start failed:\n{proc.stderr}", pytrace=False)
+        yield PostgresCluster(proc.stdout.strip().splitlines()[-1], state, port)
+    finally:
+        subprocess.run(
+            ["bash", script, "destroy", "--data-dir", str(state)],
+            env=env,
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_cluster: PostgresCluster) -> str:
+    """SQLAlchemy URL of the throw-away cluster's database (tests using it: mark `cluster`)."""
+    return postgres_cluster.url
 
 
 def pytest_sessionfinish(session, exitstatus):
