@@ -48,6 +48,7 @@ from pipeline_lib.schema import (
     section,
     to_dict,
 )
+from pipeline_lib.service.config import ServiceConfig
 from pipeline_lib.training.fit import TrainConfig
 
 __all__ = [
@@ -137,6 +138,7 @@ class Params:
     attribution: AttributionConfig = dataclasses.field(default_factory=AttributionConfig)
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     stats: StatsConfig = dataclasses.field(default_factory=StatsConfig)
+    service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
 
     def resolve(self, path: str) -> Path:
         """``path`` if absolute, else relative to ``tracking.dvc_root`` (where the DVC stages

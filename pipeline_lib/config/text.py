@@ -35,6 +35,7 @@ from pipeline_lib.methods.text import (
 )
 from pipeline_lib.models.lm import LMModelConfig, LMTrainConfig
 from pipeline_lib.schema import ConfigError, Field, Float, Int, Str, parse_section, section
+from pipeline_lib.service.config import ServiceConfig
 
 __all__ = [
     "ConfigError",
@@ -105,6 +106,9 @@ class LMParams:
     unlearn: LMUnlearnConfig = dataclasses.field(default_factory=LMUnlearnConfig)  # type: ignore[valid-type]
     evaluate: LMEvaluateConfig = dataclasses.field(default_factory=LMEvaluateConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    service: ServiceConfig = dataclasses.field(
+        default_factory=lambda: ServiceConfig(model_name="unlearnflow-shakespeare")
+    )
 
     def resolve(self, path: str) -> Path:
         """``path`` if absolute, else relative to ``tracking.dvc_root``."""

@@ -20,22 +20,25 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict
+
+from pipeline_lib.schema import ConfigError, Field, Float, section
 
 #: Metric keys the gates read (as the evaluation step names them).
 FORGET_ACC = "forget_acc"
 TEST_ACC = "TA"
 MIA_AUC = "loss_MIA_AUC"
 
-Unit = Annotated[float, Field(ge=0.0, le=1.0)]
+Unit = Annotated[Float, Field(ge=0.0, le=1.0)]
 
 #: Bounds are inclusive; this absorbs float rounding (0.96 - 0.94 is 0.0200000000000000018),
 #: so a value exactly at its threshold passes.
 _EPS = 1e-9
 
 
-class GatesConfig(BaseModel):
-    """Per-request acceptance gates (params section ``service.gates`` or similar).
+@section("service.gates")
+class GatesConfig:
+    """Per-request acceptance gates (params section ``service.gates``).
 
     - ``max_forget_accuracy``: the unlearned model's accuracy on the forget set must be
       ``<=`` this (fraction in [0, 1]).
@@ -47,19 +50,15 @@ class GatesConfig(BaseModel):
     - ``fallback``: what to do when a gate fails.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_forget_accuracy: Unit | None = None
-    max_test_accuracy_drop: Unit | None = None
+    max_forget_accuracy: Float | None = Field(None, ge=0.0, le=1.0)
+    max_test_accuracy_drop: Float | None = Field(None, ge=0.0, le=1.0)
     mia_auc_band: tuple[Unit, Unit] | None = None
     fallback: Literal["retrain", "keep-parent"] = "keep-parent"
 
-    @model_validator(mode="after")
-    def _band_ordered(self) -> GatesConfig:
+    def __post_init__(self) -> None:
         if self.mia_auc_band is not None and self.mia_auc_band[0] > self.mia_auc_band[1]:
             lo, hi = self.mia_auc_band
-            raise ValueError(f"mia_auc_band: lower bound {lo} is above upper bound {hi}")
-        return self
+            raise ConfigError(f"lower bound {lo} is above upper bound {hi}", key="mia_auc_band")
 
     @property
     def configured(self) -> bool:
