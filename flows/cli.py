@@ -2,6 +2,11 @@
 
     unlearn run [--params params.yaml] [--request FILE] [--method NAME] [--set KEY=VALUE ...]
     unlearn run --params params-lm.yaml [--request requests/forget-play.yaml] ...   (language models)
+    unlearn submit FILE [FILE ...] [--params params.yaml]
+    unlearn sweep [--params params.yaml] [--max N] [--set KEY=VALUE ...]
+    unlearn retrain-production [--params params.yaml] [--set KEY=VALUE ...]
+    unlearn requests list [--status S] [--json] | show ID [--json] [--params params.yaml]
+    unlearn experiment [--params params.yaml] [--request FILE] [--method NAME] [--set ...]
     unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--params ...] [--set ...]
@@ -69,9 +74,10 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return overrides
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    """Run the pipeline of the params file's modality (``pipeline: lm`` in params-lm.yaml:
-    language models; none: images)."""
+def cmd_experiment(args: argparse.Namespace) -> int:
+    """One request as a one-off experiment: a freshly trained original, the oracle, the
+    method, the comparison (the params file's modality: ``pipeline: lm`` for language models).
+    Nothing is registered and the ledger is not used."""
     from pipeline_lib.modalities import modality_for_params
 
     modality = modality_for_params(args.params)
@@ -90,6 +96,198 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"\nMLflow run {result['run_id']} ({params.tracking.mlflow_uri}); report in {result['report_dir']}"
     )
     return 0
+
+
+def _service(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
+    """The modality, params and ledger of ``--params`` (checked before any work)."""
+    from pipeline_lib.modalities import modality_for_params
+    from tasks.ledger import Ledger, ledger_url
+
+    modality = modality_for_params(args.params)
+    params = modality.load_params(
+        args.params, {**environment_overrides(os.environ), **(overrides or {})}
+    )
+    try:
+        url = ledger_url(params.tracking.mlflow_uri, params.service.ledger_url)
+    except ValueError as exc:
+        raise ConfigError(f"service.ledger_url: {exc}") from exc
+    return modality, params, Ledger(url)
+
+
+def _check_against_data(modality, params, requests: list) -> None:
+    """Resolve requests against the prepared data when it is there (a request whose ids are
+    not in the data is refused at submit, not an hour later in the sweep)."""
+    prepared = params.resolve(modality.prepared_out(params))
+    if (prepared / "meta.json").is_file():
+        for _, req in requests:
+            modality.check_request(req, str(prepared))
+
+
+def _submit(modality, params, ledger, files: list[str]) -> list[tuple[str, str, bool]]:
+    from tasks.ledger import LedgerConflict
+
+    requests = [(f, load_request(f)) for f in files]
+    check_unique_ids(requests)
+    _check_against_data(modality, params, requests)
+    out = []
+    for source, req in requests:
+        try:
+            status, created = ledger.submit(req, params.service.model_name)
+        except LedgerConflict as exc:
+            raise RequestError(f"{source}: {exc}") from exc
+        out.append((req.request_id, status, created))
+    return out
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    """Validate request files and record them in the ledger as ``pending``."""
+    modality, params, ledger = _service(args)
+    try:
+        for rid, status, created in _submit(modality, params, ledger, args.files):
+            note = "submitted" if created else "already submitted"
+            print(f"{rid}: {status} ({note})")
+    finally:
+        ledger.close()
+    return 0
+
+
+def _row_dict(row, events=None) -> dict[str, Any]:
+    import dataclasses
+
+    d = dataclasses.asdict(row)
+    if events is not None:
+        d["events"] = [dataclasses.asdict(e) for e in events]
+    return d
+
+
+def cmd_requests_list(args: argparse.Namespace) -> int:
+    import json
+
+    _, params, ledger = _service(args)
+    try:
+        rows = ledger.list(status=args.status, model_name=params.service.model_name)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps([_row_dict(r) for r in rows], indent=2, default=str))
+        return 0
+    print(f"{'#':>4}  {'request':<28} {'status':<14} {'parent':>6} {'version':>7}  updated")
+    for r in rows:
+        print(
+            f"{r.seq:>4}  {r.request_id:<28} {r.status:<14} {r.parent_version or '-':>6} "
+            f"{r.produced_version or '-':>7}  {r.updated_at}"
+        )
+    if not rows:
+        print("(no requests" + (f" with status {args.status}" if args.status else "") + ")")
+    return 0
+
+
+def cmd_requests_show(args: argparse.Namespace) -> int:
+    import json
+
+    _, _, ledger = _service(args)
+    try:
+        row = ledger.get(args.request_id)
+        if row is None:
+            raise RequestError(f"request {args.request_id!r} is not in the ledger")
+        events = ledger.events(args.request_id)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(_row_dict(row, events), indent=2, default=str))
+        return 0
+    for key in ("request_id", "model_name", "status", "digest", "submitted_at", "updated_at"):
+        print(f"{key:<17}{getattr(row, key)}")
+    for key in ("parent_version", "produced_version", "mlflow_run_id", "error"):
+        if getattr(row, key):
+            print(f"{key:<17}{getattr(row, key)}")
+    print("history:")
+    for e in events:
+        print(f"  {e.at}  {e.from_status or '-':>13} -> {e.to_status:<13} {e.reason}")
+    return 0
+
+
+def _print_sweep(result: dict[str, Any]) -> None:
+    for r in result["recovered"]:
+        print(f"{r}: was left processing by a dead sweep; marked failed")
+    for r in result["processed"]:
+        line = f"{r['request_id']}: {r['status']}"
+        if r.get("produced_version"):
+            line += f" (v{r['parent_version']} -> v{r['produced_version']})"
+        elif r.get("parent_version"):
+            line += f" (production stays v{r['parent_version']})"
+        if r.get("error"):
+            line += f": {r['error']}"
+        print(line)
+    if not result["processed"]:
+        print(f"{result['model']}: nothing pending")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Process every pending request now (what the scheduled deployment runs)."""
+    overrides = _parse_set(args.set or [])
+    _service(args, overrides)[2].close()  # params and ledger checked before any work
+    _setup_env()
+    from flows.service import sweep_flow
+
+    result = sweep_flow(params_path=args.params, overrides=overrides, max_requests=args.max)
+    _print_sweep(result)
+    return 1 if any(r["status"] == "failed" for r in result["processed"]) else 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    overrides = _parse_set(args.set or [])
+    _service(args, overrides)[2].close()
+    _setup_env()
+    from flows.service import retrain_production_flow
+
+    result = retrain_production_flow(params_path=args.params, overrides=overrides)
+    print(f"exact version {result['version']} is production (MLflow run {result['run_id']})")
+    for rid in result["closed"]:
+        print(f"{rid}: done (needs-retrain closed)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The service in one command: submit the request (``--request`` or request.file), process
+    the pending requests (training the first production version if there is none), print
+    the request's summary table."""
+    overrides = _overrides(args)
+    modality, params, ledger = _service(args, overrides)
+    request_file = str(params.resolve(params.request.file))
+    try:
+        ((rid, status, created),) = _submit(modality, params, ledger, [request_file])
+    finally:
+        ledger.close()
+    print(f"{rid}: {status} ({'submitted' if created else 'already submitted'})")
+    if args.oracle:
+        overrides["service.oracle"] = args.oracle
+    _setup_env()
+    from flows.service import sweep_flow
+
+    result = sweep_flow(params_path=args.params, overrides=overrides)
+    _print_sweep(result)
+    mine = [r for r in result["processed"] if r["request_id"] == rid]
+    report = mine[0].get("report") if mine else _stored_report(params, rid)
+    if report:
+        print()
+        print(modality.format_table(report))
+    if mine and mine[0].get("run_id"):
+        print(
+            f"\nMLflow run {mine[0]['run_id']} ({params.tracking.mlflow_uri}); report in {mine[0]['report_dir']}"
+        )
+    if mine and mine[0]["status"] in ("failed", "rejected"):
+        return 1 if mine[0]["status"] == "failed" else 2
+    return 0
+
+
+def _stored_report(params: Any, request_id: str) -> dict | None:
+    """The report an earlier run wrote for ``request_id`` (a done request is not rerun)."""
+    import json
+
+    path = params.resolve(params.evaluate.report_dir) / params.service.model_name / request_id
+    file = path / "report.json"
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, Any]) -> int:
@@ -280,22 +478,52 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unlearn", description="unlearnflow: audited machine unlearning pipeline"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the pipeline for one deletion request")
-    run.add_argument(
-        "--params", default="params.yaml", help="parameter file (default: params.yaml)"
+    run = sub.add_parser(
+        "run",
+        help="submit a deletion request and process the pending ones against the production model",
     )
-    run.add_argument("--request", help="deletion request YAML (overrides request.file)")
-    run.add_argument(
-        "--method",
-        help=f"unlearning method (overrides unlearn.method): {', '.join(sorted(METHODS))}",
+    exp = sub.add_parser(
+        "experiment",
+        help="one request as a one-off experiment: fresh original, oracle, method, comparison",
     )
+    for p in (run, exp):
+        p.add_argument(
+            "--params", default="params.yaml", help="parameter file (default: params.yaml)"
+        )
+        p.add_argument("--request", help="deletion request YAML (overrides request.file)")
+        p.add_argument(
+            "--method",
+            help=f"unlearning method (overrides unlearn.method): {', '.join(sorted(METHODS))}",
+        )
+        p.add_argument(
+            "--set",
+            action="append",
+            metavar="KEY=VALUE",
+            help="override any parameter for this run only, e.g. train.epochs=10",
+        )
     run.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override any parameter, e.g. train.epochs=10",
+        "--oracle",
+        choices=("always", "never", "sampled"),
+        default="always",
+        help="compare against a retrained oracle (default here: always; service.oracle for sweeps)",
     )
     run.set_defaults(func=cmd_run)
+    exp.set_defaults(func=cmd_experiment)
+    sm = sub.add_parser("submit", help="validate deletion requests and queue them in the ledger")
+    sm.add_argument("files", nargs="+")
+    sm.add_argument("--params", default="params.yaml")
+    sm.set_defaults(func=cmd_submit)
+    sw = sub.add_parser("sweep", help="process every pending request now, oldest first")
+    sw.add_argument("--max", type=int, help="process at most this many requests")
+    rt = sub.add_parser(
+        "retrain-production",
+        help="train the production model from scratch on the data minus the tombstones",
+    )
+    for p in (sw, rt):
+        p.add_argument("--params", default="params.yaml")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a parameter")
+    sw.set_defaults(func=cmd_sweep)
+    rt.set_defaults(func=cmd_retrain)
     att = sub.add_parser(
         "attribute", help="train M subset models on Ray (datamodels), then measure LDS"
     )
@@ -332,6 +560,16 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("files", nargs="+")
     val.add_argument("--params", default="params.yaml")
     val.set_defaults(func=cmd_validate)
+    ls = req_sub.add_parser("list", help="the ledger: requests and their status")
+    ls.add_argument("--status", help="only this status (pending, processing, done, ...)")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--params", default="params.yaml")
+    ls.set_defaults(func=cmd_requests_list)
+    sh = req_sub.add_parser("show", help="one request: status, versions, history")
+    sh.add_argument("request_id")
+    sh.add_argument("--json", action="store_true")
+    sh.add_argument("--params", default="params.yaml")
+    sh.set_defaults(func=cmd_requests_show)
     st = sub.add_parser("stats", help="sharded statistics of the original model on Ray")
     st.add_argument("statistic", choices=("fisher", "activations"))
     st.add_argument("--split", choices=("retain", "forget"), required=True)

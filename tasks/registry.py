@@ -214,6 +214,11 @@ def production_version(uri: str, name: str) -> ModelVersion | None:
     return None if version is None else client.get_model_version(name, str(version))
 
 
+def get_version(uri: str, name: str, version: str) -> ModelVersion:
+    """Version ``version`` of ``name`` (RegistryError when it does not exist)."""
+    return _get_version(_client(uri), name, version)
+
+
 def set_production(uri: str, name: str, version: str) -> None:
     """Point alias ``production`` of ``name`` at ``version`` (which must exist)."""
     client = _client(uri)

@@ -169,6 +169,39 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
     return DeletionRequest(rid, reason, "fraction", fraction=float(fraction), seed=seed)
 
 
+def request_document(request: DeletionRequest) -> dict[str, Any]:
+    """The request in its file schema (``request_id``, ``reason``, ``forget``): what
+    :func:`parse_request` reads back into the same request (same digest)."""
+    kind = request.kind
+    value: Any = {
+        "sample_ids": list(request.sample_ids),
+        "classes": list(request.classes),
+        "groups": list(request.groups),
+        "fraction": request.fraction,
+    }[kind]
+    return {
+        "request_id": request.request_id,
+        "reason": request.reason,
+        "forget": {kind: value, "seed": request.seed},
+    }
+
+
+def request_from_dict(content: Mapping[str, Any]) -> DeletionRequest:
+    """A request from its canonical dict (:meth:`DeletionRequest.to_dict`, as the ledger
+    stores it)."""
+    req = DeletionRequest(
+        request_id=content["request_id"],
+        reason=content["reason"],
+        kind=content["kind"],
+        sample_ids=tuple(content.get("sample_ids", ())),
+        classes=tuple(content.get("classes", ())),
+        fraction=content.get("fraction"),
+        seed=content.get("seed", 0),
+        groups=tuple(content.get("groups", ())),
+    )
+    return parse_request(request_document(req), f"request {req.request_id}")
+
+
 def load_request(path: str | Path) -> DeletionRequest:
     path = Path(path)
     if not path.is_file():

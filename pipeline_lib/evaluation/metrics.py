@@ -140,10 +140,14 @@ def build_report(
     retrain_seconds: float,
     extra: Mapping[str, object] | None = None,
 ) -> dict:
-    """Assemble the JSON report: per-model metrics with Avg. Gap to ``models['oracle']``,
-    and the cost of unlearning relative to retraining."""
-    oracle = models["oracle"]
-    table = {name: {**m, "avg_gap": avg_gap(m, oracle)} for name, m in models.items()}
+    """Assemble the JSON report: per-model metrics with Avg. Gap to ``models['oracle']``
+    (NaN when the request was not compared against an oracle), and the cost of unlearning
+    relative to retraining (NaN ratio without a retrain time)."""
+    oracle = models.get("oracle")
+    table = {
+        name: {**m, "avg_gap": avg_gap(m, oracle) if oracle else float("nan")}
+        for name, m in models.items()
+    }
     return {
         "models": table,
         "cost": cost(unlearn_seconds, retrain_seconds),
@@ -175,7 +179,9 @@ def format_table(
     header = f"{'model':<12}" + "".join(f"{c:>{width}}" for c in columns)
     lines = [header, "-" * len(header)]
     for name, m in report["models"].items():
-        lines.append(f"{name:<12}" + "".join(f"{m[c]:>{width}.{digits}f}" for c in columns))
+        lines.append(
+            f"{name:<12}" + "".join(f"{m.get(c, float('nan')):>{width}.{digits}f}" for c in columns)
+        )
     c = report["cost"]
     lines.append(
         f"unlearning {c['unlearn_seconds']:.2f}s vs retraining {c['retrain_seconds']:.2f}s "
@@ -205,14 +211,14 @@ def plot_report(report: Mapping, path: str | Path) -> None:
         x = np.arange(len(metrics))
         values = []
         for i, name in enumerate(names):
-            vals = [report["models"][name][m] for m in metrics]
-            values += vals
+            vals = [float(report["models"][name].get(m, float("nan"))) for m in metrics]
+            values += [v for v in vals if np.isfinite(v)]  # no oracle: Avg. Gap is NaN
             bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
         ax.set_xticks(x, metrics)
         ax.set_ylabel(ylabel)
         if ylabel.startswith("accuracy"):
-            ax.set_ylim(max(0.0, min(values) - 5.0), 101.0)
+            ax.set_ylim(max(0.0, min(values + [100.0]) - 5.0), 101.0)
         else:
             ax.set_ylim(0.0, max(values + [1.0]) * 1.15)
     axes[0].legend(loc="lower left", fontsize=8)

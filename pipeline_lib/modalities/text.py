@@ -277,8 +277,8 @@ def build_lm_report(
     retrain_seconds: float,
     extra: Mapping[str, object] | None = None,
 ) -> dict:
-    oracle = models["oracle"]
-    table = {name: {**m, **lm_gaps(m, oracle)} for name, m in models.items()}
+    oracle = models.get("oracle")
+    table = {name: {**m, **(lm_gaps(m, oracle) if oracle else {})} for name, m in models.items()}
     if "original" in table:
         base = table["original"]["ppl_heldout"]
         for m in table.values():
@@ -316,7 +316,7 @@ def plot_lm_report(report: Mapping, path: str | Path) -> None:
         x = np.arange(len(metrics))
         values = []
         for i, name in enumerate(names):
-            vals = [float(report["models"][name][m]) for m in metrics]
+            vals = [float(report["models"][name].get(m, float("nan"))) for m in metrics]
             values += [v for v in vals if np.isfinite(v)]
             bars = ax.bar(x + i * width - 0.4 + width / 2, vals, width, label=name)
             ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)

@@ -1,0 +1,97 @@
+"""What an unlearning method reads beyond the data, for the pipeline and the service: Fisher
+statistics (found in the statistics store or computed), an attribution store (trained on Ray
+the first time), the oracle. Each comes with the digests that key the unlearning cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect.logging import get_run_logger
+
+from pipeline_lib.config import Params, to_dict
+from tasks import tracking
+from tasks.statistics import fisher_statistics
+from tasks.stores import ensure_store
+
+
+def fisher_files(fisher: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the (cached) unlearning task needs of the Fisher statistics: the files and their
+    content hashes, nothing that changes between runs that reuse them."""
+    if fisher is None:
+        return None
+    keys = ("forget_path", "retain_path", "forget_digest", "retain_digest")
+    return {k: fisher[k] for k in keys}
+
+
+def fisher_metrics(fisher: dict[str, Any]) -> dict[str, float]:
+    return {
+        "time.fisher_seconds": fisher["seconds"],
+        **{f"stats.fisher_{s}_reused": float(fisher[f"{s}_reused"]) for s in ("forget", "retain")},
+    }
+
+
+def attribution_store_for(
+    params: Params, source: str, request_data: dict[str, str]
+) -> dict[str, Any]:
+    """The store an output-matching method takes its targets from, trained on Ray the first
+    time and reused afterwards: ``attribution.n_models`` subset models (datamodels, for dmm;
+    independent of the request) or ``oracle_matching.n_oracles`` oracles on the retain set."""
+    import numpy as np
+
+    from pipeline_lib.data.images import load_prepared
+    from pipeline_lib.data.requests import load_manifests
+
+    logger = get_run_logger()
+    data = load_prepared(request_data["prepared_dir"])
+    if source == "datamodels":
+        root, stats = ensure_store(params, data, "subsets", params.attribution.n_models)
+    else:
+        man = load_manifests(request_data["manifests_dir"])
+        train_ids = np.sort(data.split_ids("train"))
+        om = params.unlearn.oracle_matching
+        root, stats = ensure_store(
+            params, data, "oracles", om.n_oracles, np.isin(train_ids, man.retain_ids), om.seed
+        )
+    logger.info(
+        "attribution store %s (%d models trained now)", root, stats.get("models_trained", 0)
+    )
+    return {
+        "root": root,
+        "masks_digest": stats["masks_digest"],
+        "attribution": to_dict(params.attribution),
+    }
+
+
+def method_extras(
+    modality: Any,
+    params: Any,
+    method: Any,
+    original: dict[str, Any],
+    oracle: dict[str, Any],
+    request_data: dict[str, str],
+    run_id: str,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """What the method reads beyond the data (each with the digests that key the unlearning
+    cache): Fisher statistics (found or computed), an attribution store (trained on Ray the
+    first time), the oracle. Returns (extras, the Fisher result or None)."""
+    tr = params.tracking
+    needs = modality.method_needs(method, params)
+    extras: dict[str, Any] = {}
+    fisher = None
+    if "fisher" in needs:
+        fisher = fisher_statistics(params, original)
+        extras["fisher"] = fisher_files(fisher)
+        tracking.set_tags(
+            tr.mlflow_uri,
+            run_id,
+            {
+                f"stats.fisher_{s}.{k}": str(fisher[f"{s}_{k}"])
+                for s in ("forget", "retain")
+                for k in ("digest", "path")
+            },
+        )
+    if "store" in needs:
+        extras["store"] = attribution_store_for(params, method.needs_targets, request_data)
+    if "oracle" in needs:
+        extras["oracle"] = oracle
+    return extras, fisher
