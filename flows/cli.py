@@ -6,6 +6,7 @@
     unlearn sweep [--params params.yaml] [--max N] [--set KEY=VALUE ...]
     unlearn retrain-production [--params params.yaml] [--set KEY=VALUE ...]
     unlearn requests list [--status S] [--json] | show ID [--json] [--params params.yaml]
+    unlearn lineage request ID | sample ID | model NAME@VERSION|NAME@production [--json]
     unlearn experiment [--params params.yaml] [--request FILE] [--method NAME] [--set ...]
     unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
@@ -290,6 +291,160 @@ def _stored_report(params: Any, request_id: str) -> dict | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
+def _lineage_print(rows: list[tuple[str, Any]]) -> None:
+    for key, value in rows:
+        if value not in (None, "", [], {}):
+            print(f"{key:<22}{value}")
+
+
+def cmd_lineage(args: argparse.Namespace) -> int:
+    """``unlearn lineage request ID | sample ID | model NAME@VERSION``: what the tracking
+    store, the registry and the ledger record (tasks/lineage.py); ``--json`` for machines."""
+    import json
+
+    from tasks.lineage import LineageError, model_lineage, request_lineage, sample_lineage
+
+    _, params, ledger = _service(args)
+    uri = params.tracking.mlflow_uri
+    try:
+        if args.lineage_command == "request":
+            out = request_lineage(uri, ledger, args.id)
+        elif args.lineage_command == "sample":
+            out = sample_lineage(uri, ledger, args.model or params.service.model_name, args.id)
+        else:
+            name, _, version = (args.id or "production").partition("@")
+            if not version:
+                name, version = params.service.model_name, name or "production"
+            out = model_lineage(uri, ledger, name, version)
+    except LineageError as exc:
+        raise RequestError(str(exc)) from exc
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    if args.lineage_command == "request":
+        _print_request_lineage(out)
+    elif args.lineage_command == "sample":
+        _print_sample_lineage(out)
+    else:
+        _print_model_lineage(out)
+    return 0
+
+
+def _print_request_lineage(out: dict[str, Any]) -> None:
+    ml = out.get("mlflow") or {}
+    data = out.get("data_version") or {}
+    ids = out.get("forget_ids") or {}
+    gates = out.get("gates") or {}
+    prefect = out.get("prefect") or {}
+    _lineage_print(
+        [
+            ("request", out["request_id"]),
+            ("model", out["model_name"]),
+            ("status", out["status"]),
+            (
+                "versions",
+                f"v{out['parent_version']} -> v{out['produced_version']}"
+                if out.get("produced_version")
+                else f"parent v{out['parent_version']}, none produced"
+                if out.get("parent_version")
+                else None,
+            ),
+            ("method", out.get("method")),
+            (
+                "method params",
+                ", ".join(
+                    f"{k.split('.', 2)[-1]}={v}"
+                    for k, v in (out.get("method_params") or {}).items()
+                ),
+            ),
+            (
+                "forgotten ids",
+                f"{ids.get('count')} (sha256 {ids.get('sha256')})" if ids.get("count") else None,
+            ),
+            (
+                "data version",
+                f"prepared {data.get('prepared_md5')}, manifests {data.get('manifests_md5')}"
+                if data
+                else None,
+            ),
+            (
+                "tombstones",
+                f"{(out.get('tombstones') or {}).get('count')} ids, md5 "
+                f"{(out.get('tombstones') or {}).get('md5')}"
+                if out.get("tombstones")
+                else None,
+            ),
+            (
+                "gates",
+                f"{gates.get('summary')} (passed: {gates.get('passed')})"
+                if gates.get("summary")
+                else None,
+            ),
+            ("mlflow run", ml.get("run_id")),
+            (
+                "prefect flow run",
+                " ".join(v for v in (prefect.get("flow_run_id"), prefect.get("flow_run_url")) if v),
+            ),
+            ("certificate", (out.get("certificate") or {}).get("path")),
+            ("error", out.get("error")),
+        ]
+    )
+    metrics = out.get("metrics") or {}
+    keys = [k for k in metrics if k.startswith(("unlearned.", "oracle.", "original.", "cost."))]
+    if keys:
+        print("metrics:")
+        for k in keys:
+            print(f"  {k:<32}{metrics[k]:.4f}")
+    print("history:")
+    for e in out["history"]:
+        print(f"  {e['at']}  {e['from'] or '-':>13} -> {e['to']:<13} {e['reason']}")
+
+
+def _print_sample_lineage(out: dict[str, Any]) -> None:
+    print(f"sample {out['sample_id']} of {out['model_name']}")
+    if out["forgotten_by"]:
+        for f in out["forgotten_by"]:
+            print(
+                f"  forgotten by {f['request_id']} at {f['at']} (tombstone #{f['tombstone_index']})"
+            )
+    else:
+        print("  not forgotten by any request")
+    print(f"{'version':>7}  {'kind':<12} {'parent':>6}  {'state':<10} {'requests':<28} purged")
+    for v in out["versions"]:
+        mark = "*" if v["production"] else " "
+        print(
+            f"{v['version']:>6}{mark}  {v['kind'] or '-':<12} {v['parent_version'] or '-':>6}  "
+            f"{v['state']:<10} {v['request_ids'] or '-':<28} {v['purged_at'] or '-'}"
+        )
+    print(
+        "(* production; with: trained with it, or derived from weights that were; unlearned: "
+        "removed approximately; without: trained without it)"
+    )
+    if out["forgotten"]:
+        held = out["holding_artifacts"]
+        print(
+            "artifacts still holding it: "
+            + (", ".join(f"v{v} weights" for v in held) if held else "none")
+        )
+
+
+def _print_model_lineage(out: dict[str, Any]) -> None:
+    print(f"{out['model_name']}@{out['version']}: chain back to the last exact version")
+    print(
+        f"{'version':>7}  {'kind':<12} {'parent':>6}  {'method':<16} {'data version':<36} "
+        f"{'tombstones':>10}  requests"
+    )
+    for s in out["chain"]:
+        reqs = ", ".join(f"{r} ({st})" for r, st in s["requests"].items()) or "-"
+        print(
+            f"{s['version']:>7}  {s['kind'] or '-':<12} {s['parent_version'] or '-':>6}  "
+            f"{s['method'] or '-':<16} {s['data_version'] or '-':<36} "
+            f"{s['tombstones_count'] or '-':>10}  {reqs}"
+        )
+
+
 def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, Any]) -> int:
     params = load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
@@ -570,6 +725,22 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--params", default="params.yaml")
     sh.set_defaults(func=cmd_requests_show)
+    lin = sub.add_parser(
+        "lineage", help="what produced a request, a sample's history, a model version's chain"
+    )
+    lin_sub = lin.add_subparsers(dest="lineage_command", required=True)
+    for name, help_text, metavar in (
+        ("request", "a request: history, data and tombstone versions, versions, gates", "ID"),
+        ("sample", "a sample: requests that forgot it, versions trained with it", "ID"),
+        ("model", "a version's chain of requests back to the last exact version", "NAME@VERSION"),
+    ):
+        p = lin_sub.add_parser(name, help=help_text)
+        p.add_argument("id", metavar=metavar, **({"nargs": "?"} if name == "model" else {}))
+        p.add_argument("--json", action="store_true")
+        p.add_argument("--params", default="params.yaml")
+        if name == "sample":
+            p.add_argument("--model", help="registered model (default: service.model_name)")
+        p.set_defaults(func=cmd_lineage)
     st = sub.add_parser("stats", help="sharded statistics of the original model on Ray")
     st.add_argument("statistic", choices=("fisher", "activations"))
     st.add_argument("--split", choices=("retain", "forget"), required=True)

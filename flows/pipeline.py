@@ -68,6 +68,7 @@ def unlearning_pipeline(
     )
     try:
         tracking.log_lineage(tr.mlflow_uri, run_id, modality.name, flatten(params), request_data)
+        tracking.log_evidence(tr.mlflow_uri, run_id, request_data["manifests_dir"])
         train_sections = modality.train_sections(cfg)
         original, oracle = (
             with_files(

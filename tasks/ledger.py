@@ -13,6 +13,10 @@ Tables:
 - ``unlearnflow_request_events``: every state change (from, to, time, reason), append-only.
 - ``unlearnflow_models``: one row per model name, locked (``SELECT ... FOR UPDATE``) by a
   claimer on PostgreSQL so that claims of one model are serialised.
+- ``unlearnflow_forgotten_ids``: an index of the tombstone set, one row per (sample id,
+  request): when it was tombstoned and its row in the append-only tombstone file
+  (``tombstone_index``), so ``unlearn lineage sample`` is one indexed query.
+- ``unlearnflow_purges``: every retention purge: what was deleted, when and why.
 
 Requests of one model are processed strictly one at a time in arrival order, because each
 starts from the model's current production version. :meth:`Ledger.claim_next` enforces
@@ -123,6 +127,58 @@ models_table = sa.Table(
     sa.Column("model_name", sa.String(256), primary_key=True),
     sa.Column("created_at", sa.String(40), nullable=False),
 )
+
+
+forgotten_table = sa.Table(
+    "unlearnflow_forgotten_ids",
+    metadata,
+    sa.Column("sample_id", sa.String(256), primary_key=True),
+    sa.Column("request_id", sa.String(128), primary_key=True),
+    sa.Column("model_name", sa.String(256), nullable=False),
+    sa.Column("at", sa.String(40), nullable=False),
+    # position of the id's (first) row in the append-only tombstone file: an exact version
+    # whose tag tombstones_count is N was trained without exactly the ids with index < N
+    sa.Column("tombstone_index", sa.Integer, nullable=False),
+)
+sa.Index(
+    "unlearnflow_forgotten_ids_model_sample",
+    forgotten_table.c.model_name,
+    forgotten_table.c.sample_id,
+)
+
+purges_table = sa.Table(
+    "unlearnflow_purges",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("model_name", sa.String(256), nullable=False, index=True),
+    sa.Column("at", sa.String(40), nullable=False),
+    sa.Column("kind", sa.String(64), nullable=False),
+    sa.Column("target", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sqlite_autoincrement=True,
+)
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    """One forgotten id of the index: which request tombstoned it, when, and where."""
+
+    sample_id: str
+    request_id: str
+    model_name: str
+    at: str
+    tombstone_index: int
+
+
+@dataclass(frozen=True)
+class Purge:
+    """One deletion made by a retention purge."""
+
+    model_name: str
+    at: str
+    kind: str
+    target: str
+    reason: str
 
 
 class LedgerConflict(ValueError):
@@ -535,3 +591,69 @@ class Ledger:
             )
             for row in rows
         ]
+
+    # ------------------------------------------------------------- forgotten ids, purges
+
+    def record_forgotten(
+        self,
+        model_name: str,
+        request_id: str,
+        positions: dict[str, int],
+        at: str,
+    ) -> int:
+        """Index the ids ``request_id`` tombstoned (``{sample id: row in the tombstone
+        file}``) at ``at`` (ISO time). Idempotent (a retried request adds nothing).
+        Returns the number of new rows."""
+        f = forgotten_table.c
+        with self._tx() as conn:
+            known = {
+                r.sample_id
+                for r in conn.execute(
+                    sa.select(f.sample_id).where(
+                        f.request_id == request_id, f.model_name == model_name
+                    )
+                )
+            }
+            rows = [
+                {
+                    "sample_id": sid,
+                    "request_id": request_id,
+                    "model_name": model_name,
+                    "at": at,
+                    "tombstone_index": int(pos),
+                }
+                for sid, pos in positions.items()
+                if sid not in known
+            ]
+            for i in range(0, len(rows), 500):
+                conn.execute(forgotten_table.insert(), rows[i : i + 500])
+        return len(rows)
+
+    def forgotten(self, model_name: str, sample_id: str | None = None) -> builtins.list[Forgotten]:
+        """The forgotten-id index of ``model_name`` (one sample's rows when ``sample_id`` is
+        given: an indexed lookup), ordered by time."""
+        f = forgotten_table.c
+        query = sa.select(forgotten_table).where(f.model_name == model_name)
+        if sample_id is not None:
+            query = query.where(f.sample_id == sample_id)
+        with self._read() as conn:
+            rows = conn.execute(query.order_by(f.at, f.tombstone_index)).all()
+        return [Forgotten(**dict(r._mapping)) for r in rows]
+
+    def record_purge(self, model_name: str, kind: str, target: str, reason: str) -> Purge:
+        """Record one deletion of a retention purge (append-only)."""
+        purge = Purge(model_name, utc_now_iso(), kind, target, reason)
+        with self._tx() as conn:
+            conn.execute(purges_table.insert().values(**purge.__dict__))
+        return purge
+
+    def purges(self, model_name: str) -> builtins.list[Purge]:
+        """Every recorded purge deletion of ``model_name``, oldest first."""
+        p = purges_table.c
+        with self._read() as conn:
+            rows = conn.execute(
+                sa.select(p.model_name, p.at, p.kind, p.target, p.reason)
+                .where(p.model_name == model_name)
+                .order_by(p.id)
+            ).all()
+        return [Purge(**dict(r._mapping)) for r in rows]

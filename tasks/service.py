@@ -40,7 +40,7 @@ from pipeline_lib.service.tombstones import (
     tombstoned_ids,
     write_tombstones,
 )
-from tasks import compute, registry, tracking, versioning
+from tasks import compute, lineage, registry, tracking, versioning
 from tasks.compute import with_files
 from tasks.ledger import Ledger, LedgerRow
 from tasks.method_inputs import fisher_metrics, method_extras
@@ -269,6 +269,7 @@ def process_request(
     )
     try:
         tracking.log_lineage(tr.mlflow_uri, run_id, modality.name, flatten(params), request_data)
+        tracking.log_evidence(tr.mlflow_uri, run_id, request_data["manifests_dir"])
         needs = modality.method_needs(method, params)
         oracle = None
         if svc.evaluates_oracle(rid) or "oracle" in needs:
@@ -331,6 +332,7 @@ def process_request(
         )
         write_tombstones(tombs, root / tomb_rel)
         tomb_md5 = version_tombstones(str(root), tomb_rel)
+        lineage.index_forgotten(ledger, svc.model_name, rid, tombs, man.forget_ids)
         tags = {
             "service.gates": gates.summary(),
             "service.gates_passed": str(gates.passed).lower(),
@@ -385,6 +387,9 @@ def process_request(
             **({"oracle": oracle} if oracle else {}),
         }
         tracking.log_results(tr.mlflow_uri, run_id, report, roles, str(report_dir), extra)
+        lineage.write_certificate(
+            tr.mlflow_uri, run_id, str(report_dir), {"status": status, "reason": reason}
+        )
     except BaseException:
         tracking.end_run(tr.mlflow_uri, run_id, "FAILED")
         raise

@@ -20,6 +20,7 @@ import mlflow
 import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from prefect import task
 
 from pipeline_lib.data.requests import load_manifests
@@ -35,9 +36,43 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
+#: Experiment tag that makes MLflow 3's UI open an experiment in its model-training view
+#: (runs, metrics, models) instead of the GenAI view (traces).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     exp = client.get_experiment_by_name(name)
-    return exp.experiment_id if exp else client.create_experiment(name)
+    if exp is None:
+        try:
+            return client.create_experiment(name, tags=EXPERIMENT_KIND)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            exp = client.get_experiment_by_name(name)  # created by a concurrent run
+            assert exp is not None
+    if "mlflow.experimentKind" not in exp.tags:  # created before the tag existed
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(exp.experiment_id, key, value)
+    return exp.experiment_id
+
+
+def prefect_tags() -> dict[str, str]:
+    """The Prefect flow run this code runs in (id and UI URL), as MLflow run tags; empty
+    outside a flow. The URL needs ``PREFECT_UI_URL`` (set for a Prefect server)."""
+    from prefect.runtime import flow_run
+    from prefect.settings import PREFECT_UI_URL
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return {}
+    tags = {"prefect.flow_run_id": str(run_id)}
+    name = flow_run.get_name()
+    if name:
+        tags["prefect.flow_run_name"] = str(name)
+    if PREFECT_UI_URL.value():
+        tags["prefect.flow_run_url"] = str(flow_run.get_flow_run_ui_url())
+    return tags
 
 
 def _git_commit(cwd: Path) -> str | None:
@@ -78,12 +113,57 @@ def start_run(
         _experiment_id(client, experiment),
         run_name=request_id,
         tags={
+            **prefect_tags(),
             **tags,
             "request_id": request_id,
             **({"mlflow.source.git.commit": commit} if commit else {}),
         },
     )
     return run.info.run_id
+
+
+EVIDENCE_DIR = "evidence"
+
+
+@task(name="mlflow-log-evidence", **RETRY)
+def log_evidence(uri: str, run_id: str, manifests_dir: str) -> dict[str, str]:
+    """The request's durable evidence on its run, so lineage never needs the local DVC
+    cache: ``evidence/forget_ids.parquet`` (the forgotten ids), ``evidence/request.json``
+    (the resolved request), ``evidence/retain_ids.json`` (the retain ids' count and sha256:
+    a digest, not the list); tags ``forget_ids.count``/``.sha256`` and
+    ``retain_ids.count``/``.sha256``. Returns the tags."""
+    import json
+    import tempfile
+
+    from pipeline_lib.service.evidence import ids_digest
+
+    man = load_manifests(manifests_dir)
+    tags = {
+        "forget_ids.count": str(len(man.forget_ids)),
+        "forget_ids.sha256": ids_digest(man.forget_ids),
+        "retain_ids.count": str(len(man.retain_ids)),
+        "retain_ids.sha256": ids_digest(man.retain_ids),
+    }
+    client = client_for(uri)
+    src = Path(manifests_dir)
+    with tempfile.TemporaryDirectory(prefix="unlearnflow-evidence-") as tmp:
+        staging = Path(tmp)
+        for name in ("forget_ids.parquet", "request.json"):
+            (staging / name).write_bytes((src / name).read_bytes())
+        (staging / "retain_ids.json").write_text(
+            json.dumps(
+                {
+                    "count": len(man.retain_ids),
+                    "sha256": tags["retain_ids.sha256"],
+                    "encoding": "sha256 of the sorted ids as a compact JSON list",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        client.log_artifacts(run_id, str(staging), artifact_path=EVIDENCE_DIR)
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
+    return tags
 
 
 def _dataset_input(

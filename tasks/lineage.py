@@ -1,0 +1,400 @@
+"""Lineage queries over the stores the service writes: the MLflow tracking store (request
+runs, their evidence artifacts and tags), the MLflow Model Registry (versions and their
+``parent_version``/``request_ids``/``tombstones_count`` tags) and the request ledger
+(statuses, events, the forgotten-id index, purges). ``unlearn lineage request|sample|model``
+prints what these return.
+
+Nothing here reads the local DVC cache: a request's forgotten ids are on its run
+(``evidence/forget_ids.parquet``) and indexed in the ledger
+(``unlearnflow_forgotten_ids``), written when the tombstones are appended.
+
+Which versions were trained with a sample ``x`` follows from the tags alone:
+
+- an *exact* version with tag ``tombstones_count = N`` was trained on the data minus the
+  first ``N`` rows of the append-only tombstone file, so it holds ``x`` iff ``x`` was never
+  tombstoned or its tombstone row index is ``>= N``;
+- an *approximate* version derives from its parent's weights: it is ``with`` ``x`` when its
+  parent is and its requests did not forget ``x``; ``unlearned`` when its parent held ``x``
+  and one of its requests forgot it (approximate removal), or when its parent is
+  ``unlearned``; ``without`` when its parent is.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from pipeline_lib.service.evidence import render_certificate
+from tasks import registry
+from tasks.ledger import Ledger
+
+#: What a version holds of a sample (see the module docstring).
+WITH, WITHOUT, UNLEARNED, UNRELATED = "with", "without", "unlearned", "unknown"
+PURGED_TAG = "purged_at"
+CERTIFICATE_DIR = "certificate"
+CERTIFICATE_FILE = "certificate.html"
+
+
+class LineageError(ValueError):
+    """A lineage question cannot be answered: unknown request, model or version."""
+
+
+def _client(uri: str) -> MlflowClient:
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+# ------------------------------------------------------------------------------- writing
+
+
+def index_forgotten(
+    ledger: Ledger, model_name: str, request_id: str, tombs: pa.Table, forget_ids: Iterable[str]
+) -> int:
+    """Index the ids ``request_id`` forgot in the ledger, with each id's row in the tombstone
+    table ``tombs`` (its first row: the tombstone file is append-only) and its time."""
+    wanted = {str(i) for i in forget_ids}
+    positions: dict[str, int] = {}
+    times: dict[str, str] = {}
+    ids = tombs.column("sample_id").to_pylist()
+    at = tombs.column("forgotten_at").to_pylist()
+    for i, sid in enumerate(ids):
+        if sid in wanted and sid not in positions:
+            positions[sid] = i
+            times[sid] = at[i].astimezone(UTC).isoformat()
+    if not positions:
+        return 0
+    when = max(times.values())
+    return ledger.record_forgotten(model_name, request_id, positions, when)
+
+
+def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str, Any]) -> Path:
+    """The request's certificate (one self-contained HTML page, plot embedded) from what its
+    MLflow run holds and the report in ``report_dir``; written to
+    ``<report_dir>/certificate.html``, logged to the run under ``certificate/`` and named by
+    the run tag ``certificate.path``. ``outcome``: the request's status and reason."""
+    client = _client(uri)
+    run = client.get_run(run_id)
+    tags, params = run.data.tags, run.data.params
+    report_path = Path(report_dir) / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    method = tags.get("method", params.get("unlearn.method", ""))
+    facts = {
+        "issued_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "request": {
+            "request_id": tags.get("request_id", ""),
+            "reason": tags.get("request_reason", ""),
+            "request digest": tags.get("request_digest", ""),
+            "status": outcome.get("status", ""),
+            "outcome": outcome.get("reason", ""),
+        },
+        "ids": {
+            "forgotten ids": tags.get("forget_ids.count", ""),
+            "forgotten ids sha256": tags.get("forget_ids.sha256", ""),
+            "retained ids": tags.get("retain_ids.count", ""),
+            "retained ids sha256": tags.get("retain_ids.sha256", ""),
+            "forgotten ids (artifact)": "evidence/forget_ids.parquet on the MLflow run",
+        },
+        "versions": {
+            "registered model": tags.get("service.model_name", ""),
+            "parent version": tags.get("service.parent_version", ""),
+            "produced version": tags.get("service.produced_version", "") or "none",
+            "data version (DVC md5)": tags.get("dvc.prepared_md5", ""),
+            "manifests (DVC md5)": tags.get("dvc.manifests_md5", ""),
+            "tombstone set (DVC md5)": tags.get("tombstones.md5", ""),
+            "tombstoned ids in total": tags.get("tombstones.count", ""),
+            "code version": tags.get("code_version", ""),
+        },
+        "method": method,
+        "method_params": {
+            k: v for k, v in sorted(params.items()) if k.startswith(f"unlearn.{method}.")
+        },
+        "gates": {
+            "summary": tags.get("service.gates", ""),
+            "passed": tags.get("service.gates_passed") == "true",
+            "outcome": outcome.get("reason", ""),
+        }
+        if "service.gates" in tags
+        else None,
+        "report": report,
+        "oracle_evaluated": "oracle" in report.get("models", {}),
+        "mlflow": {"tracking URI": uri, "MLflow run": run_id},
+        "prefect": {
+            k: v
+            for k, v in (
+                ("Prefect flow run", tags.get("prefect.flow_run_id")),
+                ("Prefect flow run URL", tags.get("prefect.flow_run_url")),
+            )
+            if v
+        },
+    }
+    plot = Path(report_dir) / "report.png"
+    out = Path(report_dir) / CERTIFICATE_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_certificate(facts, plot if plot.is_file() else None))
+    client.log_artifact(run_id, str(out), artifact_path=CERTIFICATE_DIR)
+    client.set_tag(run_id, "certificate.path", str(out))
+    return out
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+def _find_run(client: MlflowClient, request_id: str, run_id: str | None):
+    if run_id:
+        try:
+            return client.get_run(run_id)
+        except MlflowException:
+            return None
+    exps = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        exps, filter_string=f"tags.request_id = '{request_id}'", max_results=1
+    )
+    return runs[0] if runs else None
+
+
+def request_lineage(uri: str, ledger: Ledger, request_id: str) -> dict[str, Any]:
+    """Everything recorded about one request: ledger status and history, the data, manifest
+    and tombstone versions, parent and produced model versions, method and parameters, the
+    forget-id count and digest, gates, metrics, the Prefect flow run, the certificate."""
+    row = ledger.get(request_id)
+    if row is None:
+        raise LineageError(f"request {request_id!r} is not in the ledger")
+    client = _client(uri)
+    out: dict[str, Any] = {
+        "request_id": row.request_id,
+        "model_name": row.model_name,
+        "status": row.status,
+        "submitted_at": row.submitted_at,
+        "digest": row.digest,
+        "parent_version": row.parent_version,
+        "produced_version": row.produced_version,
+        "error": row.error,
+        "history": [
+            {"at": e.at, "from": e.from_status, "to": e.to_status, "reason": e.reason}
+            for e in ledger.events(request_id)
+        ],
+        "forgotten_in_index": len(
+            [f for f in ledger.forgotten(row.model_name) if f.request_id == request_id]
+        ),
+    }
+    run = _find_run(client, request_id, row.mlflow_run_id)
+    if run is None:
+        out["mlflow"] = None
+        return out
+    tags, params = run.data.tags, run.data.params
+    method = tags.get("method", params.get("unlearn.method"))
+    out.update(
+        {
+            "mlflow": {"run_id": run.info.run_id, "status": run.info.status, "uri": uri},
+            "data_version": {
+                "prepared_md5": tags.get("dvc.prepared_md5"),
+                "manifests_md5": tags.get("dvc.manifests_md5"),
+                "content_hash": tags.get("data_content_hash"),
+            },
+            "tombstones": {
+                "md5": tags.get("tombstones.md5"),
+                "count": tags.get("tombstones.count"),
+            },
+            "method": method,
+            "method_params": {
+                k: v for k, v in sorted(params.items()) if k.startswith(f"unlearn.{method}.")
+            },
+            "forget_ids": {
+                "count": tags.get("forget_ids.count"),
+                "sha256": tags.get("forget_ids.sha256"),
+            },
+            "retain_ids": {
+                "count": tags.get("retain_ids.count"),
+                "sha256": tags.get("retain_ids.sha256"),
+            },
+            "gates": {
+                "summary": tags.get("service.gates"),
+                "passed": tags.get("service.gates_passed"),
+            },
+            "metrics": dict(sorted(run.data.metrics.items())),
+            "prefect": {
+                "flow_run_id": tags.get("prefect.flow_run_id"),
+                "flow_run_name": tags.get("prefect.flow_run_name"),
+                "flow_run_url": tags.get("prefect.flow_run_url"),
+            },
+            "certificate": {
+                "path": tags.get("certificate.path"),
+                "artifact": f"{CERTIFICATE_DIR}/{CERTIFICATE_FILE}"
+                if tags.get("certificate.path")
+                else None,
+            },
+        }
+    )
+    out["parent_version"] = out["parent_version"] or tags.get("service.parent_version")
+    out["produced_version"] = out["produced_version"] or tags.get("service.produced_version")
+    return out
+
+
+def _versions(client: MlflowClient, name: str) -> dict[str, ModelVersion]:
+    found: dict[str, ModelVersion] = {}
+    token = None
+    while True:
+        page = client.search_model_versions(f"name = '{name}'", max_results=10000, page_token=token)
+        found.update({str(mv.version): mv for mv in page})
+        token = page.token
+        if not token:
+            return found
+
+
+def version_states(
+    versions: dict[str, ModelVersion], forgotten_index: int | None, forgotten_by: set[str]
+) -> dict[str, str]:
+    """What each version holds of one sample (``with``, ``without``, ``unlearned``,
+    ``unknown`` for a broken chain); ``forgotten_index`` is the sample's first tombstone row
+    (``None``: never forgotten) and ``forgotten_by`` the requests that forgot it."""
+    states: dict[str, str] = {}
+
+    def state(v: str) -> str:
+        if v in states:
+            return states[v]
+        stack, current = [], v
+        # walk up to a known state or an exact version, then fill in downwards (no recursion:
+        # chains may be thousands of versions long)
+        while current not in states:
+            mv = versions.get(current)
+            if mv is None:
+                states[current] = UNRELATED
+                break
+            kind = mv.tags.get("kind")
+            if kind == "exact":
+                n = int(mv.tags.get("tombstones_count", "0") or 0)
+                held = forgotten_index is None or forgotten_index >= n
+                states[current] = WITH if held else WITHOUT
+                break
+            parent = mv.tags.get("parent_version")
+            if kind != "approximate" or not parent or parent in stack or parent == current:
+                states[current] = UNRELATED
+                break
+            stack.append(current)
+            current = parent
+        while stack:
+            child = stack.pop()
+            parent_state = states[versions[child].tags["parent_version"]]
+            rids = set(filter(None, versions[child].tags.get("request_ids", "").split(",")))
+            if parent_state == WITH and rids & forgotten_by:
+                states[child] = UNLEARNED
+            else:
+                states[child] = parent_state
+        return states[v]
+
+    for v in versions:
+        state(v)
+    return states
+
+
+def sample_lineage(uri: str, ledger: Ledger, model_name: str, sample_id: str) -> dict[str, Any]:
+    """Which requests forgot ``sample_id`` and when; which versions of ``model_name`` were
+    trained with it (or derive from weights that were), which unlearned it approximately and
+    which were trained without it; which artifacts still hold it (weights of ``with``
+    versions that no purge deleted)."""
+    rows = ledger.forgotten(model_name, sample_id)
+    first = min((r.tombstone_index for r in rows), default=None)
+    by = {r.request_id for r in rows}
+    client = _client(uri)
+    try:
+        versions = _versions(client, model_name)
+        production = client.get_registered_model(model_name).aliases.get(registry.PRODUCTION_ALIAS)
+    except MlflowException as exc:
+        raise LineageError(f"registered model {model_name!r}: {exc.message}") from exc
+    states = version_states(versions, first, by)
+    listing = []
+    for v in sorted(versions, key=int):
+        mv = versions[v]
+        listing.append(
+            {
+                "version": v,
+                "kind": mv.tags.get("kind"),
+                "state": states[v],
+                "parent_version": mv.tags.get("parent_version"),
+                "request_ids": mv.tags.get("request_ids"),
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "purged_at": mv.tags.get(PURGED_TAG),
+                "production": str(production) == v,
+            }
+        )
+    holding = [v["version"] for v in listing if v["state"] == WITH and not v["purged_at"]]
+    return {
+        "sample_id": sample_id,
+        "model_name": model_name,
+        "forgotten": bool(rows),
+        "forgotten_by": [
+            {"request_id": r.request_id, "at": r.at, "tombstone_index": r.tombstone_index}
+            for r in rows
+        ],
+        "trained_with": [v["version"] for v in listing if v["state"] == WITH],
+        "unlearned_in": [v["version"] for v in listing if v["state"] == UNLEARNED],
+        "trained_without": [v["version"] for v in listing if v["state"] == WITHOUT],
+        "holding_artifacts": holding if rows else [],
+        "versions": listing,
+    }
+
+
+def model_lineage(uri: str, ledger: Ledger, name: str, version: str) -> dict[str, Any]:
+    """The chain from ``name@version`` (a number or ``production``) back to the last exact
+    version: each step's kind, requests (with their ledger status), method, data version
+    and tombstone set."""
+    client = _client(uri)
+    try:
+        if not version.isdigit():
+            version = str(client.get_model_version_by_alias(name, version).version)
+        chain = registry.version_chain(uri, name, version)
+    except (MlflowException, registry.RegistryError) as exc:
+        message = exc.message if isinstance(exc, MlflowException) else str(exc)
+        raise LineageError(f"{name}@{version}: {message}") from exc
+    steps = []
+    for mv in chain:
+        rids = [r for r in mv.tags.get("request_ids", "").split(",") if r]
+        statuses = {}
+        for rid in rids:
+            row = ledger.get(rid)
+            statuses[rid] = row.status if row else "not in ledger"
+        steps.append(
+            {
+                "version": str(mv.version),
+                "kind": mv.tags.get("kind"),
+                "parent_version": mv.tags.get("parent_version"),
+                "requests": statuses,
+                "method": mv.tags.get("method")
+                or ("exact retrain" if mv.tags.get("kind") == "exact" else None),
+                "data_version": mv.tags.get("data_version"),
+                "tombstones_md5": mv.tags.get("tombstones_md5"),
+                "tombstones_count": mv.tags.get("tombstones_count"),
+                "run_id": mv.run_id,
+                "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
+                    timespec="seconds"
+                ),
+                "purged_at": mv.tags.get(PURGED_TAG),
+            }
+        )
+    return {"model_name": name, "version": version, "chain": steps}
+
+
+def read_forget_ids(uri: str, run_id: str) -> list[str]:
+    """The forgotten ids of a request run, from its ``evidence/forget_ids.parquet`` artifact
+    (no local DVC cache needed)."""
+    import mlflow.artifacts
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory(prefix="unlearnflow-evidence-") as tmp:
+        path = mlflow.artifacts.download_artifacts(
+            run_id=run_id,
+            artifact_path="evidence/forget_ids.parquet",
+            dst_path=tmp,
+            tracking_uri=uri,
+        )
+        return [str(i) for i in pq.read_table(path).column("sample_id").to_pylist()]

@@ -1,0 +1,186 @@
+"""Lineage and audit evidence on real stores: three requests processed in sequence by the
+deletion service (a real temporary Prefect API, SQLite MLflow with its registry, a real DVC
+repo), then ``unlearn lineage request | sample | model`` answered from MLflow and the ledger
+alone, the evidence and certificate on each run, and a retention purge searched for."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_dvc_project
+from tests.test_flow import tiny_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODEL = "lineage-digits"
+REQUESTS = [
+    {"request_id": f"req-lin-{i}", "reason": f"erasure {i}", "forget": {"fraction": 0.04, "seed": i}}
+    for i in (1, 2, 3)
+]
+
+
+@pytest.fixture(scope="module")
+def service(prefect_api, tmp_path_factory, one_thread) -> dict:
+    from flows.cli import main
+    from flows.service import sweep_flow
+
+    root = tmp_path_factory.mktemp("lineage") / "proj"
+    params = tiny_params(root)
+    params["service"].update(
+        model_name=MODEL,
+        oracle="always",
+        gates={
+            "max_forget_accuracy": None,
+            "max_test_accuracy_drop": None,
+            "mia_auc_band": None,
+            "fallback": "keep-parent",
+        },
+    )
+    params["evaluate"]["report_dir"] = "reports"
+    make_dvc_project(root, yaml.safe_dump(params))
+    files = []
+    for req in REQUESTS:
+        path = root / "requests" / f"{req['request_id']}.yaml"
+        path.write_text(yaml.safe_dump(req))
+        files.append(str(path))
+    params_path = str(root / "params.yaml")
+    assert main(["submit", *files, "--params", params_path]) == 0
+    result = sweep_flow(params_path=params_path)
+    assert [r["status"] for r in result["processed"]] == ["done"] * 3, result
+    return {
+        "root": root,
+        "params": params_path,
+        "uri": f"sqlite:///{root / 'mlflow.db'}",
+        "result": result,
+    }
+
+
+def _ledger(service):
+    from tasks.ledger import Ledger
+
+    return Ledger(service["uri"])
+
+
+def _cli_json(capsys, *argv) -> dict:
+    from flows.cli import main
+
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_runs_carry_durable_evidence(service):
+    from mlflow import MlflowClient
+
+    from pipeline_lib.data.requests import load_manifests
+    from pipeline_lib.service.evidence import ids_digest
+    from tasks.lineage import read_forget_ids
+
+    client = MlflowClient(service["uri"])
+    for r in service["result"]["processed"]:
+        run = client.get_run(r["run_id"])
+        tags = run.data.tags
+        man = load_manifests(
+            service["root"] / "runs" / "image" / r["request_id"] / "manifests"
+        )
+        # the forgotten ids live on the run: no DVC cache needed to read them back
+        ids = read_forget_ids(service["uri"], r["run_id"])
+        assert sorted(ids) == sorted(man.forget_ids.tolist())
+        assert tags["forget_ids.count"] == str(len(ids))
+        assert tags["forget_ids.sha256"] == ids_digest(man.forget_ids)
+        assert tags["retain_ids.sha256"] == ids_digest(man.retain_ids)
+        evidence = {a.path for a in client.list_artifacts(r["run_id"], "evidence")}
+        assert evidence == {
+            "evidence/forget_ids.parquet",
+            "evidence/request.json",
+            "evidence/retain_ids.json",
+        }
+        assert tags["prefect.flow_run_id"]
+        assert {a.path for a in client.list_artifacts(r["run_id"], "certificate")} == {
+            "certificate/certificate.html"
+        }
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_lineage_request(service, capsys):
+    out = _cli_json(capsys, "lineage", "request", "req-lin-2", "--params", service["params"])
+    assert out["status"] == "done"
+    assert [e["to"] for e in out["history"]] == ["pending", "processing", "done"]
+    assert out["parent_version"] == "2" and out["produced_version"] == "3"
+    assert out["method"] == "fisher_diagonal" and out["method_params"]
+    assert out["data_version"]["prepared_md5"] and out["data_version"]["manifests_md5"]
+    assert out["tombstones"]["md5"] and int(out["tombstones"]["count"]) > int(
+        out["forget_ids"]["count"]
+    )
+    assert len(out["forget_ids"]["sha256"]) == 64
+    assert out["gates"]["passed"] == "true"
+    assert "unlearned.TA" in out["metrics"] and "oracle.TA" in out["metrics"]
+    assert out["prefect"]["flow_run_id"]
+    assert Path(out["certificate"]["path"]).is_file()
+    # the table output names the same facts
+    from flows.cli import main
+
+    assert main(["lineage", "request", "req-lin-2", "--params", service["params"]]) == 0
+    text = capsys.readouterr().out
+    assert "v2 -> v3" in text and out["forget_ids"]["sha256"] in text
+
+
+def test_lineage_sample(service, capsys):
+    from tasks.lineage import read_forget_ids
+
+    second = service["result"]["processed"][1]
+    sample = read_forget_ids(service["uri"], second["run_id"])[0]
+    out = _cli_json(capsys, "lineage", "sample", sample, "--params", service["params"])
+    assert [f["request_id"] for f in out["forgotten_by"]] == ["req-lin-2"]
+    # v1 exact (trained with it), v2 unlearned req-lin-1 (still derived from v1: with),
+    # v3 unlearned req-lin-2 (approximately removed), v4 descends from v3
+    assert out["trained_with"] == ["1", "2"]
+    assert out["unlearned_in"] == ["3", "4"]
+    assert out["trained_without"] == []
+    assert out["holding_artifacts"] == ["1", "2"]
+    # a sample nobody forgot: every version holds it, none is reported as holding deleted data
+    kept = _cli_json(capsys, "lineage", "sample", "no-such-id", "--params", service["params"])
+    assert kept["forgotten_by"] == [] and kept["holding_artifacts"] == []
+
+
+def test_lineage_model(service, capsys):
+    out = _cli_json(
+        capsys, "lineage", "model", f"{MODEL}@production", "--params", service["params"]
+    )
+    assert out["version"] == "4"
+    assert [s["version"] for s in out["chain"]] == ["4", "3", "2", "1"]
+    assert [s["kind"] for s in out["chain"]] == ["approximate"] * 3 + ["exact"]
+    assert [list(s["requests"]) for s in out["chain"][:3]] == [
+        ["req-lin-3"],
+        ["req-lin-2"],
+        ["req-lin-1"],
+    ]
+    assert all(s["data_version"] for s in out["chain"])
+    v2 = _cli_json(capsys, "lineage", "model", f"{MODEL}@2", "--params", service["params"])
+    assert [s["version"] for s in v2["chain"]] == ["2", "1"]
+
+
+def test_exact_version_after_tombstones_is_trained_without(service):
+    """An exact version's tombstones_count decides: ids tombstoned before it are out."""
+    from tasks.lineage import WITH, WITHOUT, version_states
+
+    class V:
+        def __init__(self, **tags):
+            self.tags = tags
+
+    versions = {
+        "1": V(kind="exact", tombstones_count="0"),
+        "2": V(kind="approximate", parent_version="1", request_ids="a"),
+        "3": V(kind="exact", tombstones_count="10"),
+        "4": V(kind="approximate", parent_version="3", request_ids="b"),
+    }
+    states = version_states(versions, forgotten_index=4, forgotten_by={"a"})
+    assert states == {"1": WITH, "2": "unlearned", "3": WITHOUT, "4": WITHOUT}
+    late = version_states(versions, forgotten_index=12, forgotten_by={"b"})
+    assert late == {"1": WITH, "2": WITH, "3": WITH, "4": "unlearned"}
