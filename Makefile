@@ -34,8 +34,10 @@ run: install
 test: install-test
 	$(BIN)/python -m pytest -m "not slow and not gpu"
 
+# ruff, then the import contracts of pyproject.toml's [tool.importlinter] (ARCHITECTURE.md)
 lint: install-test
 	$(BIN)/ruff check pipeline_lib tasks flows tests benchmarks
+	$(BIN)/lint-imports --no-logo
 
 clean:
 	rm -rf data/prepared data/forget artifacts reports mlflow.db mlruns .prefect-results

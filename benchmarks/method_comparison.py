@@ -90,7 +90,7 @@ def main() -> None:
     scratch_project(root, params)
 
     from flows.evaluate import default_methods, evaluate_flow
-    from pipeline_lib.evaluation.comparison import markdown_table
+    from pipeline_lib.comparison import markdown_table
 
     methods = args.methods.split(",") if args.methods else default_methods()
     for fraction in [float(f) for f in args.fractions.split(",")]:

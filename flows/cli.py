@@ -499,7 +499,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
 
     check_methods(methods, params)  # fails before any work
-    from pipeline_lib.evaluation.comparison import markdown_table
+    from pipeline_lib.comparison import markdown_table
 
     result = evaluate_flow(params_path=args.params, overrides=overrides, methods=methods)
     print()

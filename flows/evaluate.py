@@ -30,6 +30,15 @@ from pipeline_lib.attribution.matching import (
     oracle_targets,
 )
 from pipeline_lib.attribution.store import AttributionStore
+from pipeline_lib.comparison import (
+    Problem,
+    floor_scores,
+    markdown_table,
+    metrics_of_logits,
+    plot_klom,
+    summarise,
+    write_tables,
+)
 from pipeline_lib.config import (
     ConfigError,
     Params,
@@ -40,15 +49,6 @@ from pipeline_lib.config import (
 )
 from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import load_manifests, load_request
-from pipeline_lib.evaluation.comparison import (
-    Problem,
-    floor_scores,
-    markdown_table,
-    metrics_of_logits,
-    plot_klom,
-    summarise,
-    write_tables,
-)
 from pipeline_lib.methods import METHODS, get_method
 from pipeline_lib.modalities import get_modality
 from tasks import attribution as ray_attr

@@ -13,6 +13,11 @@ retrained on R. Per method the comparison reports:
 The work per (original, method) is :func:`unlearn_one` — pure, so the flow can run it as a
 Ray task; :func:`summarise` turns the results into rows; :func:`write_tables` and
 :func:`plot_klom` write the Markdown/CSV table and the KLoM distribution plot.
+
+This module sits above the library's packages rather than in ``evaluation/``: it composes
+the config, the method registry, the image models and modality (Fisher statistics) with the
+metrics, and the methods themselves use ``evaluation`` (``svd_projection`` scores with
+``accuracy``), so placing it there would make the packages import each other.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Ray edge of the method comparison: every (original model, method) pair is one
-``ray.remote`` task running :func:`pipeline_lib.evaluation.comparison.unlearn_one` with torch threads
+``ray.remote`` task running :func:`pipeline_lib.comparison.unlearn_one` with torch threads
 matched to its CPUs; the request's data travels once through the object store.
 """
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from pipeline_lib.comparison import Problem, unlearn_one
 from pipeline_lib.config import (
     FisherConfig,
     ModelConfig,
@@ -19,7 +20,6 @@ from pipeline_lib.config import (
     UnlearnConfig,
     parse_section,
 )
-from pipeline_lib.evaluation.comparison import Problem, unlearn_one
 
 
 @ray.remote

@@ -24,14 +24,13 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline_lib.data.images import Prepared
 from pipeline_lib.io import atomic_path
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -40,6 +39,18 @@ FORGET_KINDS = ("sample_ids", "classes", "fraction", "groups")
 
 class RequestError(ValueError):
     """A deletion request is malformed or does not fit the data; the message says which part."""
+
+
+class LabelledSplits(Protocol):
+    """What extraction reads of a prepared labelled dataset
+    (:class:`pipeline_lib.data.images.Prepared`): ids, labels and the ids of a split.
+    A protocol rather than an import, so requests stay shared by both modalities and the
+    text data sources do not import the image ones."""
+
+    ids: np.ndarray  # (N,) str
+    y: np.ndarray  # (N,) int
+
+    def split_ids(self, split: str) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -229,7 +240,9 @@ def _preview(items: list[str], n: int = 5) -> str:
     return ", ".join(repr(str(i)) for i in items[:n]) + more
 
 
-def extract_forget_set(request: DeletionRequest, data: Prepared) -> tuple[np.ndarray, np.ndarray]:
+def extract_forget_set(
+    request: DeletionRequest, data: LabelledSplits
+) -> tuple[np.ndarray, np.ndarray]:
     """Resolve a request against prepared data into sorted (forget_ids, retain_ids).
 
     Deterministic: the result depends only on the request and the set of training ids.

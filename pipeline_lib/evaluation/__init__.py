@@ -1,1 +1,2 @@
-"""Evaluation: accuracy and MIA metrics, KLoM, the many-model comparison, LM influence."""
+"""Evaluation: accuracy and MIA metrics, KLoM, LM influence. The many-model method comparison
+that uses them is :mod:`pipeline_lib.comparison`."""

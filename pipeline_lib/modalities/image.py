@@ -1,4 +1,5 @@
-"""Pipeline steps as plain functions: paths and config in, files and metric dicts out.
+"""The image modality: pipeline steps as plain functions: paths and config in, files and
+metric dicts out.
 
 Each Prefect task in ``tasks/`` is a thin wrapper around one of these (load → compute → save);
 keeping them here means the whole pipeline is testable without any orchestrator.

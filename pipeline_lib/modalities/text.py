@@ -1,5 +1,5 @@
-"""Steps of the language-model pipeline as plain functions (the Prefect tasks in
-``tasks/lm.py`` wrap them): train the original and the oracle, unlearn, evaluate.
+"""The text modality: steps of the language-model pipeline as plain functions (the Prefect
+tasks in ``tasks/compute.py`` wrap them): train the original and the oracle, unlearn, evaluate.
 
 Evaluation (per model: original, oracle, unlearned), each also as a gap to the oracle:
 
