@@ -24,8 +24,8 @@ from prefect.logging import get_run_logger
 
 from pipeline_lib.config import environment_overrides, flatten, to_dict
 from pipeline_lib.data.requests import load_request
+from pipeline_lib.io import code_version
 from pipeline_lib.modalities import modality_for_params
-from pipeline_lib.modalities.image import code_version
 from tasks import compute, tracking, versioning
 from tasks.compute import with_files
 from tasks.method_inputs import fisher_metrics, method_extras

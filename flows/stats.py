@@ -18,8 +18,8 @@ from prefect.logging import get_run_logger
 from pipeline_lib.config import environment_overrides, load_params, to_dict
 from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import load_request
+from pipeline_lib.io import code_version
 from pipeline_lib.modalities import get_modality
-from pipeline_lib.modalities.image import code_version
 from tasks import compute, tracking, versioning
 from tasks.compute import with_files
 from tasks.statistics import STATISTICS, identity_for, lookup, shard_split, sharded_statistics

@@ -88,3 +88,44 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     return load_file(str(path))
+
+
+def save_model(
+    model: torch.nn.Module, out_dir: str | Path, stem: str, meta: dict[str, str]
+) -> tuple[str, str]:
+    """Save ``model``'s weights as ``<out_dir>/models/<stem>-<digest[:16]>.safetensors``
+    (content-addressed, atomic); returns (path, digest). Tensors are cloned first: tied
+    weights (GPT-2's embedding and head) share storage, which safetensors refuses."""
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    digest = state_dict_digest(state)
+    path = Path(out_dir) / "models" / f"{stem}-{digest[:16]}.safetensors"
+    save_weights(state, path, {"role": stem, **meta})
+    return str(path), digest
+
+
+def load_into(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load safetensors weights into ``model``; returns it in eval mode."""
+    model.load_state_dict(load_weights(path))
+    return model.eval()
+
+
+def check_same_data(
+    manifests_summary: dict, content_hash: str, manifests_dir: str | Path, prepared_dir: str | Path
+) -> None:
+    """Refuse manifests extracted from other prepared data than ``prepared_dir``."""
+    theirs = manifests_summary["data_content_hash"]
+    if theirs != content_hash:
+        raise ValueError(
+            f"{manifests_dir} was extracted from other data ({theirs[:12]}) than "
+            f"{prepared_dir} ({content_hash[:12]}); re-run the extract stage"
+        )
+
+
+def code_version() -> str:
+    """sha256 over pipeline_lib's sources: part of every cache key, so caches follow code."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()

@@ -66,12 +66,20 @@ class Modality:
     #: ``extract(request, prepared_dir) -> (forget ids, retain ids, data meta)``: the request
     #: resolved against the prepared data (RequestError naming the problem if it does not fit).
     extract: Callable[[Any, str], tuple[Any, Any, Mapping[str, Any]]]
-    #: ``train(data, role, sections, seed, out_dir) -> {path, digest, seconds, ...}``.
-    train: Callable[..., dict[str, Any]]
-    #: ``unlearn(data, weights_path, sections, extras, out_dir) -> {path, digest, seconds, info}``.
-    unlearn: Callable[..., dict[str, Any]]
-    #: ``evaluate(data, params, weights, unlearn_s, retrain_s, report_dir, extra) -> report``.
-    evaluate: Callable[..., dict[str, Any]]
+    #: the (model, train, unlearn) section classes the steps take.
+    configs: tuple[type, type, type]
+    #: ``load_splits(prepared_dir, manifests_dir) -> splits`` (forget, retain, test).
+    load_splits: Callable[[str, str], Any]
+    #: ``train_step(prepared_dir, manifests_dir | None, role, model_cfg, train_cfg, seed,
+    #: out_dir) -> {path, digest, seconds, ...}``: the original (no manifests) or a model of
+    #: the retain set.
+    train_step: Callable[..., dict[str, Any]]
+    #: ``unlearn_step(splits, weights_path, model_cfg, train_cfg, unlearn_cfg, out_dir,
+    #: **unlearn_kwargs(extras, sections)) -> {path, digest, seconds, info, method}``.
+    unlearn_step: Callable[..., dict[str, Any]]
+    unlearn_kwargs: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
+    #: ``evaluate_step(splits, params, weights, unlearn_s, retrain_s, report_dir, extra)``.
+    evaluate_step: Callable[..., dict[str, Any]]
     #: ``lineage_table(prepared_dir) -> (ids table, dataset name, content hash, id column)``.
     lineage_table: Callable[[str], tuple[Any, str, str, str]]
     #: plain-text summary table of a report; its columns and digits for markdown.
@@ -85,6 +93,72 @@ class Modality:
     stage_module: str = "pipeline_lib.stages"
     #: further sections the unlearning step reads (they key its cache).
     unlearn_reads: tuple[str, ...] = ()
+
+    def _parsed(self, sections: dict[str, Any]) -> tuple[Any, Any]:
+        from pipeline_lib.config import parse_section
+
+        model_cls, train_cls, _ = self.configs
+        return parse_section(model_cls, sections["model"]), parse_section(
+            train_cls, sections["train"]
+        )
+
+    def train(
+        self, data: dict[str, str], role: str, sections: dict[str, Any], seed: int, out_dir: str
+    ) -> dict[str, Any]:
+        """Train a model: the original (``data`` without manifests) or one of the retain set."""
+        model_cfg, train_cfg = self._parsed(sections)
+        return self.train_step(
+            data["prepared_dir"],
+            data.get("manifests_dir"),
+            role,
+            model_cfg,
+            train_cfg,
+            seed,
+            out_dir,
+        )
+
+    def unlearn(
+        self,
+        data: dict[str, str],
+        weights_path: str,
+        sections: dict[str, Any],
+        extras: dict[str, Any],
+        out_dir: str,
+    ) -> dict[str, Any]:
+        """Apply ``sections['unlearn']``'s method to the weights at ``weights_path``."""
+        from pipeline_lib.config import parse_section
+
+        model_cfg, train_cfg = self._parsed(sections)
+        return self.unlearn_step(
+            self.load_splits(data["prepared_dir"], data["manifests_dir"]),
+            weights_path,
+            model_cfg,
+            train_cfg,
+            parse_section(self.configs[2], sections["unlearn"]),
+            out_dir,
+            **self.unlearn_kwargs(extras, sections),
+        )
+
+    def evaluate(
+        self,
+        data: dict[str, str],
+        params: Any,
+        weights: dict[str, str],
+        unlearn_seconds: float,
+        retrain_seconds: float,
+        report_dir: str,
+        extra: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Metrics of the models in ``weights``; the report (written to ``report_dir``)."""
+        return self.evaluate_step(
+            self.load_splits(data["prepared_dir"], data["manifests_dir"]),
+            params,
+            weights,
+            unlearn_seconds,
+            retrain_seconds,
+            Path(report_dir),
+            extra,
+        )
 
     def check_request(self, request: Any, prepared_dir: str) -> tuple[int, int]:
         """(n_forget, n_retain) of ``request`` on the prepared data; RequestError if bad."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -47,7 +46,14 @@ from pipeline_lib.evaluation.metrics import (
     format_table,
     plot_report,
 )
-from pipeline_lib.io import load_weights, save_weights, state_dict_digest, write_json
+from pipeline_lib.io import (
+    check_same_data,
+    code_version,
+    load_into,
+    load_weights,
+    save_model,
+    write_json,
+)
 from pipeline_lib.methods import Method, UnlearnInputs, get_method
 from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
 from pipeline_lib.models.image import build_model
@@ -56,15 +62,8 @@ from pipeline_lib.training.fit import FitSettings, fit, predict_logits, resolve_
 
 log = logging.getLogger(__name__)
 
-
-def code_version() -> str:
-    """sha256 over pipeline_lib's sources: part of every cache key, so caches follow code."""
-    h = hashlib.sha256()
-    root = Path(__file__).resolve().parents[1]
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
+#: (moved to pipeline_lib.io; kept importable here for callers of the old path)
+code_version = code_version
 
 
 @dataclass(frozen=True)
@@ -84,11 +83,7 @@ class Splits:
 def load_splits(prepared_dir: str | Path, manifests_dir: str | Path) -> Splits:
     data = load_prepared(prepared_dir)
     man = load_manifests(manifests_dir)
-    if man.summary["data_content_hash"] != data.content_hash:
-        raise ValueError(
-            f"{manifests_dir} was extracted from other data ({man.summary['data_content_hash'][:12]}) "
-            f"than {prepared_dir} ({data.content_hash[:12]}); re-run the extract stage"
-        )
+    check_same_data(man.summary, data.content_hash, manifests_dir, prepared_dir)
 
     def tensors(ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         X, y = data.subset(ids)
@@ -108,19 +103,7 @@ def model_factory(model_cfg: ModelConfig, data: Prepared):
 
 
 def load_model(weights_path: str | Path, model_cfg: ModelConfig, data: Prepared) -> nn.Module:
-    model = build_model(model_cfg, data.shape, data.n_classes, seed=0)
-    model.load_state_dict(load_weights(weights_path))
-    return model.eval()
-
-
-def _save_model(
-    model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]
-) -> tuple[str, str]:
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    digest = state_dict_digest(state)
-    path = Path(out_dir) / "models" / f"{role}-{digest[:16]}.safetensors"
-    save_weights(state, path, {"role": role, **meta})
-    return str(path), digest
+    return load_into(build_model(model_cfg, data.shape, data.n_classes, seed=0), weights_path)
 
 
 def train_step(
@@ -160,7 +143,7 @@ def train_step(
     t0 = time.perf_counter()
     fit(model, X, y, settings, seed, device=device, batch_transform=mixer)
     seconds = time.perf_counter() - t0
-    path, digest = _save_model(model.cpu(), out_dir, role, {"seed": str(seed)})
+    path, digest = save_model(model.cpu(), out_dir, role, {"seed": str(seed)})
     log.info("trained %s on %d samples in %.2fs -> %s", role, len(X), seconds, path)
     return {"path": path, "digest": digest, "seconds": seconds, "n_train": len(X), "seed": seed}
 
@@ -366,7 +349,7 @@ def unlearn_step(
         copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed
     )
     seconds = time.perf_counter() - t0 + (match.seconds if match else 0.0)
-    path, digest = _save_model(
+    path, digest = save_model(
         model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name}
     )
     log.info("unlearned with %s in %.2fs -> %s", method.name, seconds, path)
@@ -412,68 +395,18 @@ def _load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> P
     return load_params(path, overrides)
 
 
-def _sections(sections: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
-    from pipeline_lib.config import parse_section
-
-    return parse_section(ModelConfig, sections["model"]), parse_section(
-        TrainConfig, sections["train"]
-    )
-
-
-def _train(
-    data: dict[str, str], role: str, sections: dict[str, Any], seed: int, out_dir: str
-) -> dict[str, Any]:
-    model_cfg, train_cfg = _sections(sections)
-    return train_step(
-        data["prepared_dir"], data.get("manifests_dir"), role, model_cfg, train_cfg, seed, out_dir
-    )
-
-
-def _unlearn(
-    data: dict[str, str],
-    weights_path: str,
-    sections: dict[str, Any],
-    extras: dict[str, Any],
-    out_dir: str,
-) -> dict[str, Any]:
+def _unlearn_kwargs(extras: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
     """``extras``: ``fisher`` (files and digests of I_F, I_R) and ``store`` (root, masks
     digest and the ``attribution`` section of the attribution store) when the method needs
     them."""
     from pipeline_lib.config import parse_section
 
-    model_cfg, train_cfg = _sections(sections)
     store = extras.get("store")
-    return unlearn_step(
-        load_splits(data["prepared_dir"], data["manifests_dir"]),
-        weights_path,
-        model_cfg,
-        train_cfg,
-        parse_section(UnlearnConfig, sections["unlearn"]),
-        out_dir,
-        extras.get("fisher"),
-        store["root"] if store else None,
-        parse_section(AttributionConfig, store["attribution"]) if store else None,
-    )
-
-
-def _evaluate(
-    data: dict[str, str],
-    params: Params,
-    weights: dict[str, str],
-    unlearn_seconds: float,
-    retrain_seconds: float,
-    report_dir: str,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    return evaluate_step(
-        load_splits(data["prepared_dir"], data["manifests_dir"]),
-        params,
-        weights,
-        unlearn_seconds,
-        retrain_seconds,
-        Path(report_dir),
-        extra,
-    )
+    return {
+        "fisher": extras.get("fisher"),
+        "store_root": store["root"] if store else None,
+        "attribution": parse_section(AttributionConfig, store["attribution"]) if store else None,
+    }
 
 
 def _method_needs(method: Method, params: Params) -> frozenset[str]:
@@ -524,9 +457,12 @@ def _modality() -> Any:
         get_method=get_method,
         method_needs=_method_needs,
         extract=_extract,
-        train=_train,
-        unlearn=_unlearn,
-        evaluate=_evaluate,
+        configs=(ModelConfig, TrainConfig, UnlearnConfig),
+        load_splits=load_splits,
+        train_step=train_step,
+        unlearn_step=unlearn_step,
+        unlearn_kwargs=_unlearn_kwargs,
+        evaluate_step=evaluate_step,
         lineage_table=_lineage_table,
         format_table=format_table,
         summary_columns=SUMMARY_COLUMNS,

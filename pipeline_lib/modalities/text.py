@@ -32,7 +32,7 @@ from pipeline_lib.config.text import LMModelConfig, LMParams, LMTrainConfig, LMU
 from pipeline_lib.data.requests import Manifests, load_manifests
 from pipeline_lib.data.text import PreparedCorpus, load_corpus
 from pipeline_lib.evaluation.metrics import cost, format_table, loss_mia_auc
-from pipeline_lib.io import atomic_path, load_weights, save_weights, state_dict_digest, write_json
+from pipeline_lib.io import atomic_path, check_same_data, load_into, save_model, write_json
 from pipeline_lib.methods.text import LMUnlearnInputs, get_lm_method
 from pipeline_lib.models import lm
 
@@ -64,10 +64,7 @@ class TextSplits:
 def load_text_splits(prepared_dir: str | Path, manifests_dir: str | Path) -> TextSplits:
     corpus = load_corpus(prepared_dir)
     man = load_manifests(manifests_dir)
-    if man.summary["data_content_hash"] != corpus.content_hash:
-        raise ValueError(
-            f"{manifests_dir} was extracted from another corpus than {prepared_dir}; re-run extract"
-        )
+    check_same_data(man.summary, corpus.content_hash, manifests_dir, prepared_dir)
     group_of = dict(zip(corpus.ids, corpus.groups, strict=True))
     fgroups = {group_of[d] for d in man.forget_ids}
     test = corpus.split_ids("test")
@@ -86,20 +83,13 @@ def model_factory(cfg: LMModelConfig):
 
 
 def load_lm(path: str | Path, cfg: LMModelConfig) -> nn.Module:
-    model = lm.build_lm(cfg, 0)
-    model.load_state_dict(load_weights(path))
-    return model.eval()
+    return load_into(lm.build_lm(cfg, 0), path)
 
 
 def save_lm(
     model: nn.Module, out_dir: str | Path, role: str, meta: dict[str, str]
 ) -> tuple[str, str]:
-    # clone: GPT-2 ties wte and lm_head, and safetensors refuses shared storage
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    digest = state_dict_digest(state)
-    path = Path(out_dir) / "models" / f"lm-{role}-{digest[:16]}.safetensors"
-    save_weights(state, path, {"role": role, **meta})
-    return str(path), digest
+    return save_model(model, out_dir, f"lm-{role}", meta)
 
 
 def lm_train_step(
@@ -374,66 +364,13 @@ def _load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> L
     return load_lm_params(path, overrides)
 
 
-def _sections(sections: dict[str, Any]) -> tuple[LMModelConfig, LMTrainConfig]:
-    from pipeline_lib.config import parse_section
-
-    return (
-        parse_section(LMModelConfig, sections["model"]),
-        parse_section(LMTrainConfig, sections["train"]),
-    )
-
-
-def _train(
-    data: dict[str, str], role: str, sections: dict[str, Any], seed: int, out_dir: str
-) -> dict[str, Any]:
-    model_cfg, train_cfg = _sections(sections)
-    return lm_train_step(
-        data["prepared_dir"], data.get("manifests_dir"), role, model_cfg, train_cfg, seed, out_dir
-    )
-
-
-def _unlearn(
-    data: dict[str, str],
-    weights_path: str,
-    sections: dict[str, Any],
-    extras: dict[str, Any],
-    out_dir: str,
-) -> dict[str, Any]:
+def _unlearn_kwargs(extras: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
     """``extras``: ``oracle`` (its training result) when the calibration targets its loss."""
-    from pipeline_lib.config import parse_section
-
-    model_cfg, train_cfg = _sections(sections)
     oracle = extras.get("oracle")
-    return lm_unlearn_step(
-        load_text_splits(data["prepared_dir"], data["manifests_dir"]),
-        weights_path,
-        model_cfg,
-        train_cfg,
-        parse_section(LMUnlearnConfig, sections["unlearn"]),
-        out_dir,
-        oracle["path"] if oracle else None,
-        sections["evaluate"]["batch_size"],
-    )
-
-
-def _evaluate(
-    data: dict[str, str],
-    params: LMParams,
-    weights: dict[str, str],
-    unlearn_seconds: float,
-    retrain_seconds: float,
-    report_dir: str,
-    extra: dict[str, Any],
-) -> dict[str, Any]:
-    return lm_evaluate_step(
-        load_text_splits(data["prepared_dir"], data["manifests_dir"]),
-        params,
-        weights,
-        unlearn_seconds,
-        retrain_seconds,
-        Path(report_dir),
-        extra,
-    )
+    return {
+        "oracle_path": oracle["path"] if oracle else None,
+        "eval_batch_size": sections["evaluate"]["batch_size"],
+    }
 
 
 def _method_needs(method: Any, params: LMParams) -> frozenset[str]:
@@ -481,9 +418,12 @@ def _modality() -> Any:
         get_method=get_lm_method,
         method_needs=_method_needs,
         extract=_extract,
-        train=_train,
-        unlearn=_unlearn,
-        evaluate=_evaluate,
+        configs=(LMModelConfig, LMTrainConfig, LMUnlearnConfig),
+        load_splits=load_text_splits,
+        train_step=lm_train_step,
+        unlearn_step=lm_unlearn_step,
+        unlearn_kwargs=_unlearn_kwargs,
+        evaluate_step=lm_evaluate_step,
         lineage_table=_lineage_table,
         format_table=format_lm_table,
         summary_columns=LM_SUMMARY_COLUMNS,
