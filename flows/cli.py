@@ -6,6 +6,7 @@
     unlearn sweep [--params params.yaml] [--max N] [--set KEY=VALUE ...]
     unlearn retrain-production [--params params.yaml] [--set KEY=VALUE ...]
     unlearn requests list [--status S] [--json] | show ID [--json] [--params params.yaml]
+    unlearn purge [--older-than DAYS] [--dry-run] [--json] [--params params.yaml]
     unlearn lineage request ID | sample ID | model NAME@VERSION|NAME@production [--json]
     unlearn experiment [--params params.yaml] [--request FILE] [--method NAME] [--set ...]
     unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
@@ -233,6 +234,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     result = sweep_flow(params_path=args.params, overrides=overrides, max_requests=args.max)
     _print_sweep(result)
+    if args.purge:
+        from tasks.retention import summary_lines
+
+        _, params, ledger = _service(args, overrides)
+        try:
+            print("\n".join(summary_lines(_purge(params, ledger, None, False))))
+        finally:
+            ledger.close()
     return 1 if any(r["status"] == "failed" for r in result["processed"]) else 0
 
 
@@ -445,6 +454,45 @@ def _print_model_lineage(out: dict[str, Any]) -> None:
         )
 
 
+def _purge(params: Any, ledger: Any, older_than: float | None, dry_run: bool) -> dict[str, Any]:
+    from tasks.retention import purge, results_dir_from_env
+
+    tr = params.tracking
+    days = params.service.retention_days if older_than is None else older_than
+    return purge(
+        tr.mlflow_uri,
+        ledger,
+        params.service.model_name,
+        days,
+        params.resolve(tr.artifacts_dir),
+        Path(tr.dvc_root).resolve(),
+        results_dir_from_env(),
+        dry_run=dry_run,
+    )
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Delete model artifacts (and stale DVC cache entries) that hold ids forgotten more
+    than the retention window ago; every deletion is recorded in the ledger."""
+    import json
+
+    from tasks.retention import summary_lines
+
+    if args.older_than is not None and args.older_than < 0:
+        raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
+    _, params, ledger = _service(args)
+    _setup_env()
+    try:
+        out = _purge(params, ledger, args.older_than, args.dry_run)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print("\n".join(summary_lines(out)))
+    return 0
+
+
 def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, Any]) -> int:
     params = load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
@@ -499,7 +547,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
 
     check_methods(methods, params)  # fails before any work
-    from pipeline_lib.comparison import markdown_table
+    from pipeline_lib.evaluation.comparison import markdown_table
 
     result = evaluate_flow(params_path=args.params, overrides=overrides, methods=methods)
     print()
@@ -670,6 +718,11 @@ def build_parser() -> argparse.ArgumentParser:
     sm.set_defaults(func=cmd_submit)
     sw = sub.add_parser("sweep", help="process every pending request now, oldest first")
     sw.add_argument("--max", type=int, help="process at most this many requests")
+    sw.add_argument(
+        "--purge",
+        action="store_true",
+        help="then purge artifacts past the retention window (unlearn purge)",
+    )
     rt = sub.add_parser(
         "retrain-production",
         help="train the production model from scratch on the data minus the tombstones",
@@ -725,6 +778,20 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--params", default="params.yaml")
     sh.set_defaults(func=cmd_requests_show)
+    pg = sub.add_parser(
+        "purge",
+        help="delete model artifacts that hold ids forgotten longer ago than the retention window",
+    )
+    pg.add_argument(
+        "--older-than",
+        type=float,
+        metavar="DAYS",
+        help="retention window in days (default: service.retention_days)",
+    )
+    pg.add_argument("--dry-run", action="store_true", help="list what would be deleted")
+    pg.add_argument("--json", action="store_true")
+    pg.add_argument("--params", default="params.yaml")
+    pg.set_defaults(func=cmd_purge)
     lin = sub.add_parser(
         "lineage", help="what produced a request, a sample's history, a model version's chain"
     )

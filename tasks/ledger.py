@@ -629,13 +629,17 @@ class Ledger:
                 conn.execute(forgotten_table.insert(), rows[i : i + 500])
         return len(rows)
 
-    def forgotten(self, model_name: str, sample_id: str | None = None) -> builtins.list[Forgotten]:
-        """The forgotten-id index of ``model_name`` (one sample's rows when ``sample_id`` is
-        given: an indexed lookup), ordered by time."""
+    def forgotten(
+        self, model_name: str, sample_id: str | None = None, request_id: str | None = None
+    ) -> builtins.list[Forgotten]:
+        """The forgotten-id index of ``model_name``: one sample's rows when ``sample_id`` is
+        given (an indexed lookup), one request's when ``request_id`` is; ordered by time."""
         f = forgotten_table.c
         query = sa.select(forgotten_table).where(f.model_name == model_name)
         if sample_id is not None:
             query = query.where(f.sample_id == sample_id)
+        if request_id is not None:
+            query = query.where(f.request_id == request_id)
         with self._read() as conn:
             rows = conn.execute(query.order_by(f.at, f.tombstone_index)).all()
         return [Forgotten(**dict(r._mapping)) for r in rows]

@@ -181,9 +181,7 @@ def request_lineage(uri: str, ledger: Ledger, request_id: str) -> dict[str, Any]
             {"at": e.at, "from": e.from_status, "to": e.to_status, "reason": e.reason}
             for e in ledger.events(request_id)
         ],
-        "forgotten_in_index": len(
-            [f for f in ledger.forgotten(row.model_name) if f.request_id == request_id]
-        ),
+        "forgotten_in_index": len(ledger.forgotten(row.model_name, request_id=request_id)),
     }
     run = _find_run(client, request_id, row.mlflow_run_id)
     if run is None:

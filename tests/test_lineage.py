@@ -6,7 +6,6 @@ alone, the evidence and certificate on each run, and a retention purge searched 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 MODEL = "lineage-digits"
 REQUESTS = [
-    {"request_id": f"req-lin-{i}", "reason": f"erasure {i}", "forget": {"fraction": 0.04, "seed": i}}
+    {
+        "request_id": f"req-lin-{i}",
+        "reason": f"erasure {i}",
+        "forget": {"fraction": 0.04, "seed": i},
+    }
     for i in (1, 2, 3)
 ]
 
@@ -49,6 +52,16 @@ def service(prefect_api, tmp_path_factory, one_thread) -> dict:
         path.write_text(yaml.safe_dump(req))
         files.append(str(path))
     params_path = str(root / "params.yaml")
+    # the run artifacts inside the project (a new SQLite store's default is ./mlruns of the cwd)
+    from mlflow import MlflowClient
+
+    from tasks.tracking import EXPERIMENT_KIND
+
+    MlflowClient(params["tracking"]["mlflow_uri"]).create_experiment(
+        params["tracking"]["experiment"],
+        artifact_location=(root / "mlartifacts").as_uri(),
+        tags=EXPERIMENT_KIND,
+    )
     assert main(["submit", *files, "--params", params_path]) == 0
     result = sweep_flow(params_path=params_path)
     assert [r["status"] for r in result["processed"]] == ["done"] * 3, result
@@ -85,9 +98,7 @@ def test_runs_carry_durable_evidence(service):
     for r in service["result"]["processed"]:
         run = client.get_run(r["run_id"])
         tags = run.data.tags
-        man = load_manifests(
-            service["root"] / "runs" / "image" / r["request_id"] / "manifests"
-        )
+        man = load_manifests(service["root"] / "runs" / "image" / r["request_id"] / "manifests")
         # the forgotten ids live on the run: no DVC cache needed to read them back
         ids = read_forget_ids(service["uri"], r["run_id"])
         assert sorted(ids) == sorted(man.forget_ids.tolist())
@@ -184,3 +195,140 @@ def test_exact_version_after_tombstones_is_trained_without(service):
     assert states == {"1": WITH, "2": "unlearned", "3": WITHOUT, "4": WITHOUT}
     late = version_states(versions, forgotten_index=12, forgotten_by={"b"})
     assert late == {"1": WITH, "2": WITH, "3": WITH, "4": "unlearned"}
+
+
+def _stores(service) -> list[Path]:
+    """Every store the pipeline writes: local weights, the MLflow artifact root, the DVC
+    cache, Prefect results, reports, the run directories (manifests) and the prepared data."""
+    import os
+
+    from mlflow import MlflowClient
+
+    root = service["root"]
+    client = MlflowClient(service["uri"])
+    roots = {
+        Path(e.artifact_location.removeprefix("file://"))
+        for e in client.search_experiments()
+        if e.name != "Default"
+    }
+    return [
+        root / "artifacts",
+        *roots,
+        root / ".dvc" / "cache",
+        Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]),
+        root / "reports",
+        root / "runs",
+        root / "data",
+    ]
+
+
+def _files_holding_rows(stores: list[Path], rows: set[bytes]) -> set[Path]:
+    """Files that contain one of ``rows`` (float32 feature vectors as bytes): Parquet files
+    (the DVC cache stores them without extension) decoded row by row, anything else searched
+    byte for byte."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    found = set()
+    for store in stores:
+        for path in (p for p in store.rglob("*") if p.is_file()):
+            data = path.read_bytes()
+            if data[:4] == b"PAR1":
+                table = pq.read_table(path)
+                if "features" not in table.column_names:
+                    continue
+                feats = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
+                if any(r.tobytes() in rows for r in feats):
+                    found.add(path)
+            elif any(r in data for r in rows):
+                found.add(path)
+    return found
+
+
+def test_purge_leaves_forgotten_rows_only_in_the_live_data(service, capsys):
+    """After the retention window, nothing trained with a forgotten id remains except the
+    production version's ancestors that unlearned it; the rows themselves remain only in the
+    live prepared data (its workspace copy and cache entry). A stale prepared version in the
+    DVC cache (the data was prepared again since) is deleted."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from flows.cli import main
+    from tasks.lineage import sample_lineage
+    from tasks.versioning import _dvc_env
+
+    root, params_path = service["root"], service["params"]
+    ledger = _ledger(service)
+    forgotten = ledger.forgotten(MODEL)
+    ids = {f.sample_id for f in forgotten}
+    table = pq.read_table(root / "data" / "prepared" / "samples.parquet")
+    feats = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
+    sid = table.column("sample_id").to_pylist()
+    rows = {feats[i].tobytes() for i, s in enumerate(sid) if s in ids}
+    assert len(rows) == len(ids)
+
+    # the data is prepared again (fewer test rows): the version the runs used goes stale
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["max_test"] = 100
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", "-q", "prepare"],
+        cwd=root,
+        check=True,
+        env=_dvc_env(),
+    )
+    before = _files_holding_rows(_stores(service), rows)
+    live_ws = root / "data" / "prepared" / "samples.parquet"
+    assert live_ws in before and len(before) >= 3  # live copy, live cache entry, stale entry
+
+    # nothing is due inside the window
+    assert main(["purge", "--params", params_path, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == []
+
+    assert main(["purge", "--older-than", "0", "--params", params_path, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kinds = {d["kind"] for d in out["deleted"]}
+    assert {"registry-version", "mlflow-artifact", "local-weights", "dvc-cache"} <= kinds
+    purged = sorted(
+        d["target"].split()[1] for d in out["deleted"] if d["kind"] == "registry-version"
+    )
+    assert purged == ["v1", "v2", "v3"]  # v4 is production; it unlearned every request
+    assert any("live prepared data" in k for k in out["kept"])
+
+    # lineage: no artifact still holds a forgotten id; each purge is recorded
+    for f in forgotten[:: max(1, len(forgotten) // 5)]:
+        assert sample_lineage(service["uri"], ledger, MODEL, f.sample_id)["holding_artifacts"] == []
+    purges = ledger.purges(MODEL)
+    assert len(purges) == len(out["deleted"]) and all(
+        "retention 0 days" in p.reason for p in purges
+    )
+    assert main(["lineage", "model", f"{MODEL}@production", "--params", params_path]) == 0
+    capsys.readouterr()
+
+    # the rows remain only in the live prepared data (workspace and its DVC cache entry),
+    # which the purge reports and keeps
+    after = _files_holding_rows(_stores(service), rows)
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    live_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
+    live_members = {
+        e["md5"]
+        for e in json.loads(
+            (root / ".dvc/cache/files/md5" / live_md5[:2] / live_md5[2:]).read_text()
+        )
+    }
+    live_cache = {root / ".dvc/cache/files/md5" / m[:2] / m[2:] for m in live_members}
+    assert after <= {live_ws, *live_cache}, after
+    assert before - after  # the stale prepared version was deleted from the cache
+    # no weights of the purged versions remain anywhere
+    from mlflow import MlflowClient
+
+    from tasks.retention import _weights_digest
+
+    client = MlflowClient(service["uri"], registry_uri=service["uri"])
+    gone = {client.get_model_version(MODEL, v).tags["state_digest"] for v in ("1", "2", "3")}
+    for store in _stores(service):
+        for path in store.rglob("*.safetensors"):
+            assert _weights_digest(path) not in gone, path

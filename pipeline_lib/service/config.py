@@ -23,6 +23,8 @@ class ServiceConfig:
       ``always``, ``never`` or ``sampled`` (a seeded ``oracle_sample_rate`` of requests,
       chosen by a hash of the request id, so the choice is reproducible).
     - ``gates``: acceptance checks; the alias moves only when they pass.
+    - ``retention_days``: how long model artifacts trained with a forgotten id are kept after
+      the id was tombstoned (``unlearn purge`` deletes them once the window has passed).
     """
 
     model_name: Str = "unlearnflow-digits"
@@ -30,6 +32,7 @@ class ServiceConfig:
     oracle: Literal["always", "never", "sampled"] = "sampled"
     oracle_sample_rate: Float = Field(0.25, ge=0.0, le=1.0)
     gates: GatesConfig = dataclasses.field(default_factory=GatesConfig)
+    retention_days: Float = Field(30.0, ge=0.0)
 
     def evaluates_oracle(self, request_id: str) -> bool:
         """Whether the request ``request_id`` gets an oracle comparison."""

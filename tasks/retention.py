@@ -1,0 +1,316 @@
+"""Retention: ``unlearn purge`` deletes what still holds forgotten data once the retention
+window (``service.retention_days``, or ``--older-than DAYS``) has passed since the ids were
+tombstoned, and records every deletion in the ledger (``unlearnflow_purges``: what, when,
+why) and on the purged registry versions (tag ``purged_at``).
+
+What holds a forgotten id ``x`` (see :mod:`tasks.lineage` for the rule per version):
+
+- the weights of every registered version *trained with* ``x`` (state ``with``): its
+  registry files (``model/`` of its run), the copies logged on request runs
+  (``models/<role>-<digest>.safetensors``), the local content-addressed files under
+  ``tracking.artifacts_dir`` (``models/``, ``registry/<name>/v<N>/``);
+- the oracle and unlearned weights of request runs that were trained on, or derived from,
+  weights holding ``x`` without forgetting it;
+- Prefect result records (``.prefect-results``) naming those weight files;
+- prepared-data versions in the DVC cache that are no longer the live data version.
+
+What is deliberately kept:
+
+- the *production* version, even when it still holds ``x`` (keep-parent after failed gates):
+  the purge reports it, and ``unlearn retrain-production`` is the fix;
+- versions that *unlearned* ``x`` (approximate removal): they are the deletion's result;
+- the **live prepared data** (the DVC output named by the current ``dvc.lock`` and its cache
+  entry): every training excludes the tombstoned ids through the manifests, but the rows
+  themselves stay in the prepared data, since it is derived from the raw source. Deleting
+  them means changing the source data and preparing again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from safetensors import safe_open
+
+from pipeline_lib.service.evidence import retention_due
+from tasks import lineage, registry
+from tasks.ledger import Forgotten, Ledger
+
+log = logging.getLogger(__name__)
+
+
+def _weights_digest(path: Path) -> str | None:
+    """The state digest in a safetensors file's metadata (``None`` when unreadable)."""
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            return (fh.metadata() or {}).get("digest")
+    except Exception:  # not safetensors, truncated: not ours to judge
+        return None
+
+
+def _model_runs(client: MlflowClient, model: str) -> list[Any]:
+    """Every run of the service's model (request runs and exact retrains)."""
+    return client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.`service.model_name` = '{model}'",
+        max_results=50000,
+    )
+
+
+def _holding_digests(
+    ledger: Ledger,
+    model: str,
+    due: list[Forgotten],
+    versions: dict[str, Any],
+    production: str | None,
+    runs: list[Any],
+) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """The weights that hold a due id: ``({digest: why}, {version: why}, notes)``;
+    the production version is never included (a note says so)."""
+    by_request: dict[str, int] = {}
+    for f in due:
+        by_request[f.request_id] = min(f.tombstone_index, by_request.get(f.request_id, 1 << 62))
+    digests: dict[str, str] = {}
+    purge_versions: dict[str, str] = {}
+    notes: list[str] = []
+    # tombstones before each request run: its tag (count after) less the ids it added
+    before = {
+        run.info.run_id: int(run.data.tags["tombstones.count"])
+        - len(ledger.forgotten(model, request_id=run.data.tags["request_id"]))
+        for run in runs
+        if "tombstones.count" in run.data.tags and run.data.tags.get("request_id")
+    }
+    for rid, index in sorted(by_request.items()):
+        states = lineage.version_states(versions, index, {rid})
+        why = f"trained with ids forgotten by {rid}"
+        for v, state in states.items():
+            if state != lineage.WITH or versions[v].tags.get(lineage.PURGED_TAG):
+                continue
+            if v == production:
+                notes.append(
+                    f"production version v{v} still holds ids forgotten by {rid}: kept; "
+                    "run `unlearn retrain-production`"
+                )
+                continue
+            purge_versions.setdefault(v, why)
+            if versions[v].tags.get("state_digest"):
+                digests.setdefault(versions[v].tags["state_digest"], f"v{v} {why}")
+        # request runs: oracle trained on data that still held the id; unlearned weights
+        # derived from a parent that held it, by a request that did not forget it
+        for run in runs:
+            tags = run.data.tags
+            q = tags.get("request_id")
+            if not q or q == rid or run.info.run_id not in before:
+                continue
+            parent = tags.get("service.parent_version")
+            oracle = tags.get("weights.oracle.digest")
+            if oracle and index >= before[run.info.run_id]:
+                digests.setdefault(oracle, f"oracle of {q}, {why}")
+            unlearned = tags.get("weights.unlearned.digest")
+            if unlearned and parent and states.get(parent) == lineage.WITH:
+                produced = tags.get("service.produced_version")
+                if produced != production:
+                    digests.setdefault(unlearned, f"unlearned weights of {q}, {why}")
+    if production and production in versions:  # never delete what is in service
+        digests.pop(versions[production].tags.get("state_digest", ""), None)
+    return digests, purge_versions, notes
+
+
+def _live_prepared_md5s(root: Path) -> set[str]:
+    """The prepared-data md5s that the workspace's lock files name (live data versions)."""
+    live: set[str] = set()
+    for lock in [*root.glob("dvc.lock"), *root.glob("*/dvc.lock"), *root.glob("runs/*/*/dvc.lock")]:
+        try:
+            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        except (OSError, yaml.YAMLError):
+            continue
+        for name, stage in stages.items():
+            if name != "prepare":
+                continue
+            for out in stage.get("outs", []):
+                if out.get("md5"):
+                    live.add(out["md5"])
+    return live
+
+
+def _cache_file(root: Path, md5: str) -> Path:
+    return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def _dir_members(root: Path, md5: str) -> set[str]:
+    path = _cache_file(root, md5)
+    if not md5.endswith(".dir") or not path.is_file():
+        return set()
+    return {e["md5"] for e in json.loads(path.read_text())}
+
+
+def purge(
+    uri: str,
+    ledger: Ledger,
+    model: str,
+    older_than_days: float,
+    artifacts_dir: str | Path,
+    dvc_root: str | Path,
+    results_dir: str | Path | None = None,
+    now: datetime | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Delete what holds ids of ``model`` tombstoned more than ``older_than_days`` ago (see
+    the module docstring); returns what was (or, with ``dry_run``, would be) deleted."""
+    now = now or datetime.now(UTC)
+    due = [f for f in ledger.forgotten(model) if retention_due(f.at, older_than_days, now)]
+    out: dict[str, Any] = {
+        "model_name": model,
+        "older_than_days": older_than_days,
+        "due_ids": len(due),
+        "due_requests": sorted({f.request_id for f in due}),
+        "deleted": [],
+        "kept": [],
+        "dry_run": dry_run,
+    }
+    if not due:
+        return out
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = lineage._versions(client, model)
+    try:
+        production = client.get_registered_model(model).aliases.get(registry.PRODUCTION_ALIAS)
+    except MlflowException:
+        production = None
+    production = str(production) if production is not None else None
+    runs = _model_runs(client, model)
+    digests, purge_versions, notes = _holding_digests(
+        ledger, model, due, versions, production, runs
+    )
+    out["kept"] += notes
+    deleted: list[dict[str, str]] = []
+
+    def record(kind: str, target: str, why: str) -> None:
+        deleted.append({"kind": kind, "target": target, "reason": why})
+        if not dry_run:
+            ledger.record_purge(model, kind, target, f"retention {older_than_days:g} days: {why}")
+
+    # 1. registry versions: their files (model/ of the producing run) and a purged tag
+    for v, why in sorted(purge_versions.items(), key=lambda kv: int(kv[0])):
+        mv = versions[v]
+        if not dry_run:
+            try:
+                run = client.get_run(mv.run_id)
+                get_artifact_repository(run.info.artifact_uri).delete_artifacts("model")
+            except (MlflowException, OSError, FileNotFoundError) as exc:
+                log.warning("v%s: could not delete its artifacts: %s", v, exc)
+            client.set_model_version_tag(model, v, lineage.PURGED_TAG, now.isoformat())
+            client.set_model_version_tag(model, v, "purged_reason", why[:500])
+        record("registry-version", f"{model} v{v} ({mv.source})", why)
+
+    # 2. weight copies on runs (models/<role>-<digest16>.safetensors; the parent's copy keeps
+    # its registry name, weights.safetensors, and is told by the run's weights.<role>.digest)
+    for run in runs:
+        repo = None
+        try:
+            files = [f.path for f in client.list_artifacts(run.info.run_id, "models")]
+        except (MlflowException, OSError):
+            continue
+        roles = {
+            k.split(".")[1]: v
+            for k, v in run.data.tags.items()
+            if k.startswith("weights.") and k.endswith(".digest")
+        }
+        named = {
+            f: next((d for d in roles.values() if Path(f).stem.endswith(d[:16])), None)
+            for f in files
+        }
+        left = set(roles.values()) - set(named.values())
+        for f, digest in named.items():
+            if digest is None and len(left) == 1 and sum(v is None for v in named.values()) == 1:
+                digest = next(iter(left))
+            if digest not in digests:
+                continue
+            if not dry_run:
+                repo = repo or get_artifact_repository(run.info.artifact_uri)
+                repo.delete_artifacts(f)
+            record("mlflow-artifact", f"runs:/{run.info.run_id}/{f}", digests[digest])
+
+    # 3. local weight files and Prefect result records that name them
+    names: list[str] = []
+    for path in sorted(Path(artifacts_dir).rglob("*.safetensors")):
+        digest = _weights_digest(path)
+        if digest in digests:
+            names.append(str(path))
+            if not dry_run:
+                path.unlink()
+            record("local-weights", str(path), digests[digest])
+    if results_dir and Path(results_dir).is_dir():
+        for path in sorted(p for p in Path(results_dir).rglob("*") if p.is_file()):
+            try:
+                text = path.read_text(errors="ignore")
+            except OSError:
+                continue
+            hit = next((d for d in digests if d in text), None) or next(
+                (n for n in names if n in text), None
+            )
+            if hit:
+                if not dry_run:
+                    path.unlink()
+                record("prefect-result", str(path), f"names purged weights ({hit[:16]})")
+
+    # 4. prepared-data versions in the DVC cache other than the live ones
+    root = Path(dvc_root)
+    live = _live_prepared_md5s(root)
+    keep = set(live)
+    for md5 in live:
+        keep |= _dir_members(root, md5)
+    used = {r.data.tags["dvc.prepared_md5"] for r in runs if r.data.tags.get("dvc.prepared_md5")}
+    for md5 in sorted(used - live):
+        for member in sorted(_dir_members(root, md5) - keep):
+            path = _cache_file(root, member)
+            if path.is_file():
+                if not dry_run:
+                    path.unlink()
+                record("dvc-cache", str(path), f"member of stale prepared data {md5}")
+        path = _cache_file(root, md5)
+        if path.is_file():
+            if not dry_run:
+                path.unlink()
+            record("dvc-cache", str(path), "stale prepared data version (holds forgotten rows)")
+    for md5 in sorted(live):
+        if _cache_file(root, md5).is_file():
+            out["kept"].append(
+                f"live prepared data {md5} (the current data version) still holds the "
+                "forgotten rows; every training excludes them, but deleting them means "
+                "changing the source data and preparing again"
+            )
+    out["deleted"] = deleted
+    return out
+
+
+def results_dir_from_env() -> str | None:
+    """Prefect's local result storage (``PREFECT_RESULTS_LOCAL_STORAGE_PATH``, else the
+    project's ``.prefect-results`` when it exists)."""
+    env = os.environ.get("PREFECT_RESULTS_LOCAL_STORAGE_PATH")
+    if env:
+        return env
+    local = Path(".prefect-results")
+    return str(local.resolve()) if local.is_dir() else None
+
+
+def summary_lines(out: dict[str, Any]) -> Iterable[str]:
+    verb = "would delete" if out["dry_run"] else "deleted"
+    yield (
+        f"{out['model_name']}: {out['due_ids']} id(s) of {len(out['due_requests'])} request(s) "
+        f"forgotten more than {out['older_than_days']:g} day(s) ago"
+    )
+    for d in out["deleted"]:
+        yield f"  {verb} {d['kind']:<17} {d['target']}  ({d['reason']})"
+    if not out["deleted"]:
+        yield "  nothing to delete"
+    for k in out["kept"]:
+        yield f"  kept: {k}"
