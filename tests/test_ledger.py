@@ -303,4 +303,22 @@ def test_three_processes_process_each_request_exactly_once_in_order(tmp_path: Pa
 
 def test_ledger_tables_are_prefixed(ledger: Ledger) -> None:
     names = set(sa.inspect(ledger.engine).get_table_names())
-    assert names == {"unlearnflow_requests", "unlearnflow_request_events", "unlearnflow_models"}
+    assert names == {
+        "unlearnflow_requests",
+        "unlearnflow_request_events",
+        "unlearnflow_models",
+        "unlearnflow_forgotten_ids",
+        "unlearnflow_purges",
+    }
+
+
+def test_forgotten_index_is_idempotent_and_indexed(ledger: Ledger) -> None:
+    at = "2026-01-01T00:00:00+00:00"
+    assert ledger.record_forgotten("m", "r1", {"a": 0, "b": 1}, at) == 2
+    assert ledger.record_forgotten("m", "r1", {"a": 0, "b": 1}, at) == 0  # a retry adds nothing
+    assert ledger.record_forgotten("m", "r2", {"c": 2}, at) == 1
+    assert [f.request_id for f in ledger.forgotten("m", "b")] == ["r1"]
+    assert [f.sample_id for f in ledger.forgotten("m", request_id="r2")] == ["c"]
+    assert ledger.forgotten("other", "a") == []
+    p = ledger.record_purge("m", "local-weights", "artifacts/x.safetensors", "retention 30 days")
+    assert ledger.purges("m") == [p]
