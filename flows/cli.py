@@ -401,11 +401,18 @@ def _print_request_lineage(out: dict[str, Any]) -> None:
         ]
     )
     metrics = out.get("metrics") or {}
-    keys = [k for k in metrics if k.startswith(("unlearned.", "oracle.", "original.", "cost."))]
-    if keys:
-        print("metrics:")
-        for k in keys:
-            print(f"  {k:<32}{metrics[k]:.4f}")
+    models = [m for m in ("original", "oracle", "unlearned") if f"{m}.TA" in metrics]
+    if models:
+        cols = sorted({k.split(".", 1)[1] for k in metrics if k.split(".", 1)[0] in models})
+        print("metrics:  " + "".join(f"{c:>15}" for c in cols))
+        for m in models:
+            print(
+                f"  {m:<8}"
+                + "".join(f"{metrics.get(f'{m}.{c}', float('nan')):>15.4f}" for c in cols)
+            )
+    cost = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("cost.")}
+    if cost:
+        print("cost:     " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cost.items())))
     print("history:")
     for e in out["history"]:
         print(f"  {e['at']}  {e['from'] or '-':>13} -> {e['to']:<13} {e['reason']}")

@@ -357,6 +357,12 @@ def model_lineage(uri: str, ledger: Ledger, name: str, version: str) -> dict[str
     steps = []
     for mv in chain:
         rids = [r for r in mv.tags.get("request_ids", "").split(",") if r]
+        count = mv.tags.get("tombstones_count")
+        if count is None and mv.run_id:  # approximate versions: on the producing run
+            try:
+                count = client.get_run(mv.run_id).data.tags.get("tombstones.count")
+            except MlflowException:
+                count = None
         statuses = {}
         for rid in rids:
             row = ledger.get(rid)
@@ -371,7 +377,7 @@ def model_lineage(uri: str, ledger: Ledger, name: str, version: str) -> dict[str
                 or ("exact retrain" if mv.tags.get("kind") == "exact" else None),
                 "data_version": mv.tags.get("data_version"),
                 "tombstones_md5": mv.tags.get("tombstones_md5"),
-                "tombstones_count": mv.tags.get("tombstones_count"),
+                "tombstones_count": count,
                 "run_id": mv.run_id,
                 "created": datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC).isoformat(
                     timespec="seconds"
