@@ -313,8 +313,20 @@ def cmd_lineage(args: argparse.Namespace) -> int:
 
     from tasks.lineage import LineageError, model_lineage, request_lineage, sample_lineage
 
-    _, params, ledger = _service(args)
+    modality, params, ledger = _service(args)
     uri = params.tracking.mlflow_uri
+    if args.lineage_command == "reindex":
+        from pipeline_lib.service.tombstones import read_tombstones
+        from tasks.lineage import reindex_forgotten
+        from tasks.service import tombstones_path
+
+        path = Path(params.tracking.dvc_root).resolve() / tombstones_path(modality, params)
+        try:
+            added = reindex_forgotten(ledger, params.service.model_name, read_tombstones(path))
+        finally:
+            ledger.close()
+        print(f"{params.service.model_name}: {added} forgotten id(s) indexed from {path}")
+        return 0
     try:
         if args.lineage_command == "request":
             out = request_lineage(uri, ledger, args.id)
@@ -815,6 +827,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sample":
             p.add_argument("--model", help="registered model (default: service.model_name)")
         p.set_defaults(func=cmd_lineage)
+    rx = lin_sub.add_parser(
+        "reindex",
+        help="index the forgotten ids of the tombstone file (requests done before the index)",
+    )
+    rx.add_argument("--params", default="params.yaml")
+    rx.set_defaults(func=cmd_lineage, json=False)
     st = sub.add_parser("stats", help="sharded statistics of the original model on Ray")
     st.add_argument("statistic", choices=("fisher", "activations"))
     st.add_argument("--split", choices=("retain", "forget"), required=True)

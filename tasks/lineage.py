@@ -75,6 +75,24 @@ def index_forgotten(
     return ledger.record_forgotten(model_name, request_id, positions, when)
 
 
+def reindex_forgotten(ledger: Ledger, model_name: str, tombs: pa.Table) -> int:
+    """Fill the forgotten-id index from a whole tombstone table (requests processed before
+    the index existed): each id under the request that first tombstoned it, at its row.
+    Idempotent. Returns the number of rows added."""
+    ids = tombs.column("sample_id").to_pylist()
+    rids = tombs.column("request_id").to_pylist()
+    times = tombs.column("forgotten_at").to_pylist()
+    by_request: dict[str, dict[str, int]] = {}
+    at: dict[str, str] = {}
+    for i, (sid, rid) in enumerate(zip(ids, rids, strict=True)):
+        by_request.setdefault(rid, {}).setdefault(sid, i)
+        at[rid] = max(at.get(rid, ""), times[i].astimezone(UTC).isoformat())
+    return sum(
+        ledger.record_forgotten(model_name, rid, positions, at[rid])
+        for rid, positions in by_request.items()
+    )
+
+
 def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str, Any]) -> Path:
     """The request's certificate (one self-contained HTML page, plot embedded) from what its
     MLflow run holds and the report in ``report_dir``; written to

@@ -177,6 +177,24 @@ def test_lineage_model(service, capsys):
     assert [s["version"] for s in v2["chain"]] == ["2", "1"]
 
 
+def test_reindex_from_the_tombstone_file_matches_the_index(service, tmp_path):
+    """Requests processed before the forgotten-id index existed: `unlearn lineage reindex`
+    rebuilds it from the tombstone file, the same rows as the sweep wrote."""
+    from pipeline_lib.service.tombstones import read_tombstones
+    from tasks.ledger import Ledger
+    from tasks.lineage import reindex_forgotten
+
+    tombs = read_tombstones(service["root"] / "runs" / "image" / MODEL / "tombstones.parquet")
+    fresh = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert reindex_forgotten(fresh, MODEL, tombs) == tombs.num_rows
+    assert reindex_forgotten(fresh, MODEL, tombs) == 0
+
+    def key(rows):
+        return sorted((f.sample_id, f.request_id, f.tombstone_index, f.at) for f in rows)
+
+    assert key(fresh.forgotten(MODEL)) == key(_ledger(service).forgotten(MODEL))
+
+
 def test_exact_version_after_tombstones_is_trained_without(service):
     """An exact version's tombstones_count decides: ids tombstoned before it are out."""
     from tasks.lineage import WITH, WITHOUT, version_states
