@@ -27,6 +27,7 @@ def fisher_metrics(fisher: dict[str, Any]) -> dict[str, float]:
     return {
         "time.fisher_seconds": fisher["seconds"],
         **{f"stats.fisher_{s}_reused": float(fisher[f"{s}_reused"]) for s in ("forget", "retain")},
+        "stats.retain_from_full": float(fisher.get("retain_from") == "full_minus_forget"),
     }
 
 

@@ -23,6 +23,7 @@ from prefect import task
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import flatten, replace, to_dict
+from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import (
     DeletionRequest,
     RequestError,
@@ -44,6 +45,7 @@ from tasks import compute, lineage, registry, tracking, versioning
 from tasks.compute import with_files
 from tasks.ledger import Ledger, LedgerRow
 from tasks.method_inputs import fisher_metrics, method_extras
+from tasks.statistics import full_data_statistics
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
 
@@ -185,7 +187,33 @@ def train_exact(modality: Modality, params: Any, reason: str) -> dict[str, Any]:
         svc.model_name,
         len(gone),
     )
-    return {"version": version, "run_id": run_id, "result": result}
+    if manifests:
+        trained_on = load_manifests(data["manifests_dir"]).retain_ids
+    else:
+        trained_on = load_prepared(data["prepared_dir"]).split_ids("train")
+    stats = version_statistics(modality, params, result, trained_on)
+    return {"version": version, "run_id": run_id, "result": result, "full_statistics": stats}
+
+
+def version_statistics(
+    modality: Modality, params: Any, weights: dict[str, Any], trained_on: Any
+) -> dict[str, Any] | None:
+    """The amortised statistics of a newly registered version: its full-data Fisher sums over
+    the ids it was trained on (``full-data-statistics``), when the service's method reads
+    Fisher statistics, so that each later request unlearned from it computes only its forget
+    set (``stats.retain_from``). Off the request's own path; a failure is logged and the next
+    request computes I_R directly."""
+    if "fisher" not in modality.method_needs(modality.get_method(params.unlearn.method), params):
+        return None
+    try:
+        return full_data_statistics(
+            params,
+            {"path": weights["path"], "digest": weights["digest"]},
+            [str(i) for i in trained_on],
+        )
+    except Exception as exc:  # the version is registered; only the amortisation is lost
+        get_run_logger().warning("full-data statistics of %s failed: %s", weights["path"], exc)
+        return None
 
 
 def ensure_production(modality: Modality, params: Any) -> str:
@@ -421,6 +449,12 @@ def process_request(
         "gates": gates.summary(),
         "parent_tags": parent_tags,
         "seconds": time.perf_counter() - t0,
+        # the new version's full-data statistics: the amortised cost, after the request
+        "full_statistics": (
+            version_statistics(modality, params, unlearned, man.retain_ids)
+            if gates.passed
+            else None
+        ),
     }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import FisherConfig, Params, to_dict
@@ -19,20 +20,19 @@ from pipeline_lib.data.images import Prepared, load_prepared
 from pipeline_lib.data.requests import load_manifests
 from pipeline_lib.io import load_weights
 from pipeline_lib.modalities.image import fisher_config, fisher_split_ids, load_model
-from pipeline_lib.stats.fisher import fisher_diagonal
+from pipeline_lib.stats.fisher import PER_SAMPLE_KINDS, fisher_diagonal, fisher_diagonal_sum
 from pipeline_lib.stats.store import (
     find_stats,
+    load_stats,
     means,
     reduce_sums,
+    retain_from_full,
     save_stats,
     stats_identity,
     stats_path,
     write_shards,
 )
 from tasks import stats as ray_stats
-
-STATISTICS = ("fisher", "activations")
-
 
 STATISTICS = ("fisher", "activations")
 
@@ -76,8 +76,10 @@ def identity_for(
 
 
 def fisher_options(cfg: FisherConfig) -> dict[str, Any]:
-    """The Fisher settings that change its values (``max_retain`` acts through the ids)."""
-    return {"kind": cfg.kind, "seed": cfg.seed, "dtype": "float32"}
+    """The Fisher settings that change its values (``max_retain`` acts through the ids;
+    the batch size only for ``batch_squared``, whose batches are the statistic)."""
+    extra = {"batch_size": cfg.batch_size} if cfg.kind not in PER_SAMPLE_KINDS else {}
+    return {"kind": cfg.kind, "seed": cfg.seed, "dtype": "float32", **extra}
 
 
 def _save(
@@ -209,14 +211,253 @@ def lookup(params: Params, identity: dict[str, Any]) -> dict | None:
     }
 
 
+# --------------------------------------------------------------------------- full-data sums
+
+
+def full_split_ids(params: Params) -> np.ndarray:
+    """D of a request, sorted: its forget and retain ids together, i.e. the train split less
+    the tombstones at the time (the training set of the model version it unlearns from)."""
+    man = load_manifests(params.resolve(params.request.out_dir))
+    return np.sort(np.concatenate([man.forget_ids, man.retain_ids]))
+
+
+def full_identity(
+    params: Params, weights_digest: str, content_hash: str, ids: np.ndarray
+) -> dict[str, Any]:
+    """Identity of a model version's full-data Fisher *sums* Σ_D over ``ids`` (sorted)."""
+    options = {**fisher_options(params.fisher), "reduction": "sum", "sum_dtype": "float64"}
+    return stats_identity("fisher", "full", weights_digest, content_hash, list(ids), options)
+
+
+def full_fisher_sums(
+    params: Params, weights: dict[str, Any], ids: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Σ_D and N of the model ``weights`` over ``ids`` (default: the request's D,
+    :func:`full_split_ids`), found in the statistics store or computed (float64 sums,
+    ``stats.fisher_backend``) and stored under :func:`full_identity`. ``seconds``: what the
+    sums cost to compute (the amortised statistics cost of the version)."""
+    data = load_prepared(params.resolve(params.data.out_dir))
+    ids = np.sort(np.asarray(full_split_ids(params) if ids is None else ids, dtype=str))
+    identity = full_identity(params, weights["digest"], data.content_hash, ids)
+    found = lookup(params, identity)
+    if found is not None:
+        return found
+    f = params.fisher
+    if f.kind not in PER_SAMPLE_KINDS:
+        raise ValueError(f"full-data Fisher sums need a per-sample fisher.kind, not {f.kind!r}")
+    X, y = data.subset(ids)
+    t0 = time.perf_counter()
+    if params.stats.fisher_backend == "ray":
+        key = hashlib.sha256(
+            (data.content_hash + "|" + "\n".join(ids) + f"|{params.stats.n_shards}").encode()
+        ).hexdigest()[:16]
+        out = params.resolve(params.stats.out_dir) / "shards" / f"full-{key}"
+        if (out / "shards.json").is_file():
+            shards = [str(p) for p in sorted(out.glob("shard-*.parquet"))]
+        else:
+            shards = [str(p) for p in write_shards(ids, X, y, out, params.stats.n_shards)]
+        t0 = time.perf_counter()
+        run = ray_stats.run_shards(
+            "fisher",
+            load_weights(weights["path"]),
+            to_dict(params.model),
+            data.shape,
+            data.n_classes,
+            shards,
+            {"kind": f.kind, "batch_size": f.batch_size, "seed": f.seed},
+            params.ray,
+            params.stats.workers,
+        )
+        # shard sums are float32; their reduce is float64
+        parts = [({k: v.double() for k, v in s_.items()}, n) for s_, n in run["parts"]]
+        sums, n = reduce_sums(parts)
+        backend = "ray"
+    else:
+        model = load_model(weights["path"], params.model, data)
+        t0 = time.perf_counter()
+        sums, n = fisher_diagonal_sum(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            kind=f.kind,
+            batch_size=f.batch_size,
+            seed=f.seed,
+            sample_ids=list(ids),
+            sum_dtype=torch.float64,
+        )
+        backend = "local"
+    seconds = time.perf_counter() - t0
+    config = fisher_config(
+        f,
+        "full",
+        n,
+        reduction="sum",
+        weights_digest=weights["digest"],
+        data_content_hash=data.content_hash,
+        backend=backend,
+        seconds=seconds,
+        identity=identity,
+    )
+    path = stats_path(params.resolve(params.stats.out_dir), identity)
+    digest = save_stats(sums, path, config)
+    return {
+        "path": str(path),
+        "digest": digest,
+        "n": n,
+        "seconds": seconds,
+        "reused": False,
+        "identity": identity,
+    }
+
+
+@task(name="full-data-statistics", cache_policy=NO_CACHE)
+def full_data_statistics(
+    params: Params, weights: dict[str, Any], ids: list[str] | None = None
+) -> dict[str, Any]:
+    """The full-data Fisher sums of a model version (:func:`full_fisher_sums`): computed once
+    per version, off a request's own path (the service calls it right after registering a
+    version), so that each later request computes only its forget set."""
+    res = full_fisher_sums(params, weights, None if ids is None else np.asarray(ids, dtype=str))
+    get_run_logger().info(
+        "full-data Fisher sums of %s (%d samples): %s in %.2fs -> %s",
+        weights["digest"][:12],
+        res["n"],
+        "reused" if res["reused"] else "computed",
+        res["seconds"],
+        res["path"],
+    )
+    return res
+
+
+def retain_source(params: Params, weights_digest: str, content_hash: str) -> str:
+    """``direct`` or ``full_minus_forget`` for this request (``stats.retain_from``; null:
+    full_minus_forget when the model's full-data sums are stored and apply)."""
+    f, chosen = params.fisher, params.stats.retain_from
+    man = load_manifests(params.resolve(params.request.out_dir))
+    subsampled = f.max_retain is not None and f.max_retain < len(man.retain_ids)
+    if chosen == "full_minus_forget":
+        if f.kind not in PER_SAMPLE_KINDS:
+            raise ValueError(
+                f"stats.retain_from full_minus_forget needs a per-sample fisher.kind "
+                f"({', '.join(PER_SAMPLE_KINDS)}), not {f.kind!r}"
+            )
+        return chosen
+    if chosen == "direct" or f.kind not in PER_SAMPLE_KINDS or subsampled:
+        return "direct"
+    ids = full_split_ids(params)
+    stored = stats_path(
+        params.resolve(params.stats.out_dir),
+        full_identity(params, weights_digest, content_hash, ids),
+    ).is_file()
+    return "full_minus_forget" if stored else "direct"
+
+
+def _entries(split: str, res: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{split}_path": res["path"],
+        f"{split}_digest": res["digest"],
+        f"{split}_reused": res["reused"],
+        f"n_{split}": res["n"],
+        f"{split}_seconds": res["seconds"],
+    }
+
+
+def _fisher_from_full(
+    params: Params, weights: dict[str, Any], data: Prepared, logger: Any
+) -> dict[str, Any]:
+    """I_F computed, I_R = (Σ_D − Σ_F)/(N − |F|) from the version's full-data sums."""
+    f = params.fisher
+    man = load_manifests(params.resolve(params.request.out_dir))
+    fid = identity_for(params, "fisher", "forget", weights["digest"], data.content_hash)
+    rid = stats_identity(
+        "fisher",
+        "retain",
+        weights["digest"],
+        data.content_hash,
+        list(man.retain_ids),
+        {**fisher_options(f), "retain_from": "full_minus_forget"},
+    )
+    full = full_fisher_sums(params, weights)
+    res_f, res_r = lookup(params, fid), lookup(params, rid)
+    if res_r is None:
+        model = load_model(weights["path"], params.model, data)
+        ids = man.forget_ids
+        X, y = data.subset(ids)
+        t0 = time.perf_counter()
+        sums_f, n_f = fisher_diagonal_sum(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            kind=f.kind,
+            batch_size=f.batch_size,
+            seed=f.seed,
+            sample_ids=list(ids),
+            sum_dtype=torch.float64,
+        )
+        forget_seconds = time.perf_counter() - t0
+        common = {"weights_digest": weights["digest"], "data_content_hash": data.content_hash}
+        if res_f is None:
+            tensors = {k: (v / n_f).float() for k, v in sums_f.items()}
+            extra = {**common, "backend": "local", "seconds": forget_seconds}
+            path, digest = _save(params, "fisher", "forget", fid, tensors, extra)
+            res_f = {"path": path, "digest": digest, "n": n_f, "reused": False}
+        res_f["seconds"] = forget_seconds
+        t0 = time.perf_counter()
+        full_sums, _ = load_stats(full["path"])
+        i_r = {k: v.float() for k, v in retain_from_full(full_sums, full["n"], sums_f, n_f).items()}
+        derive = time.perf_counter() - t0
+        extra = {
+            **common,
+            "backend": "full_minus_forget",
+            "full_path": full["path"],
+            "full_digest": full["digest"],
+            "seconds": derive,
+        }
+        path, digest = _save(params, "fisher", "retain", rid, i_r, extra)
+        res_r = {"path": path, "digest": digest, "n": len(man.retain_ids), "seconds": derive}
+        res_r["reused"] = False
+    logger.info(
+        "Fisher retain (%d samples) = full-data sums (%d, %s) minus forget (%d): %s",
+        res_r["n"],
+        full["n"],
+        "stored" if full["reused"] else "computed now",
+        res_f["n"],
+        res_r["path"],
+    )
+    out = {**_entries("forget", res_f), **_entries("retain", res_r)}
+    n_full = full["n"]
+    out.update(
+        retain_from="full_minus_forget",
+        full_path=full["path"],
+        full_reused=full["reused"],
+        n_full=n_full,
+        amortised_seconds=full["seconds"],
+        # what computing I_R over R directly would cost: the same per-sample work on |R| of N
+        direct_retain_seconds=full["seconds"] * res_r["n"] / max(n_full, 1),
+    )
+    return out
+
+
 @task(name="fisher-statistics")
 def fisher_statistics(params: Params, weights: dict[str, Any]) -> dict[str, Any]:
     """I_F and I_R of the original model for the pipeline: looked up in ``stats.out_dir``
     (written by ``unlearn stats fisher`` or an earlier run, for any method that needs them),
-    else computed with ``stats.fisher_backend`` and stored there. ``seconds`` is what the
-    statistics cost to compute, whether now or when they were stored."""
+    else computed with ``stats.fisher_backend`` and stored there. ``stats.retain_from``
+    decides whether I_R is computed over R (``direct``) or derived from the model's full-data
+    sums (``full_minus_forget``: only F is computed per request).
+
+    ``seconds`` is the request's own statistics cost (what the statistics cost to compute,
+    whether now or when they were stored): I_F and I_R, or I_F and the subtraction.
+    ``amortised_seconds``: the full-data sums' cost (0 for ``direct``);
+    ``direct_retain_seconds``: what I_R over R costs (measured, or for ``full_minus_forget``
+    estimated as the full-data cost × |R|/N)."""
     logger = get_run_logger()
     data = load_prepared(params.resolve(params.data.out_dir))
+    mode = retain_source(params, weights["digest"], data.content_hash)
+    if mode == "full_minus_forget":
+        out = _fisher_from_full(params, weights, data, logger)
+        out["seconds"] = out["forget_seconds"] + out["retain_seconds"]
+        return out
     out: dict[str, Any] = {}
     for split in ("forget", "retain"):
         identity = identity_for(params, "fisher", split, weights["digest"], data.content_hash)
@@ -234,14 +475,8 @@ def fisher_statistics(params: Params, weights: dict[str, Any]) -> dict[str, Any]
             "reused" if res["reused"] else f"computed ({params.stats.fisher_backend})",
             res["path"],
         )
-        out.update(
-            {
-                f"{split}_path": res["path"],
-                f"{split}_digest": res["digest"],
-                f"{split}_reused": res["reused"],
-                f"n_{split}": res["n"],
-                f"{split}_seconds": res["seconds"],
-            }
-        )
+        out.update(_entries(split, res))
     out["seconds"] = out["forget_seconds"] + out["retain_seconds"]
+    out.update(retain_from="direct", amortised_seconds=0.0)
+    out["direct_retain_seconds"] = out["retain_seconds"]
     return out

@@ -10,6 +10,7 @@ from pipeline_lib.config import ModelConfig
 from pipeline_lib.models.image import build_model
 from pipeline_lib.stats.fisher import (
     KINDS,
+    PER_SAMPLE_KINDS,
     fisher_diagonal,
     fisher_diagonal_reference,
     fisher_diagonal_sum,
@@ -55,7 +56,7 @@ def test_vectorised_matches_reference(arch: str, kind: str) -> None:
     model = _model(arch)
     X, y = _data()
     fast = fisher_diagonal(model, X, y, kind=kind, batch_size=8, seed=3)
-    ref = fisher_diagonal_reference(model, X, y, kind=kind, seed=3)
+    ref = fisher_diagonal_reference(model, X, y, kind=kind, seed=3, batch_size=8)
     assert all(v.dtype == torch.float64 for v in fast.values())
     assert fast.keys() == dict(model.named_parameters()).keys()
     _assert_same(fast, ref)
@@ -85,7 +86,7 @@ def test_true_expected_matches_closed_form_last_layer(arch: str) -> None:
     )
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", PER_SAMPLE_KINDS)
 @pytest.mark.parametrize("arch", sorted(MODELS))
 def test_batch_size_does_not_matter(arch: str, kind: str) -> None:
     model = _model(arch)
@@ -153,7 +154,8 @@ def test_unknown_kind_lists_kinds() -> None:
     X, y = _data(n=3)
     for fn in (fisher_diagonal, fisher_diagonal_reference):
         with pytest.raises(
-            ValueError, match="'fisher' unknown; valid: true_expected, true_sampled, empirical"
+            ValueError,
+            match="'fisher' unknown; valid: true_expected, true_sampled, empirical, batch_squared",
         ):
             fn(model, X, y, kind="fisher")
 
@@ -186,3 +188,34 @@ def test_fisher_sum_of_empty_shard_is_zero(kind: str) -> None:
     X, y = _data(n=0)
     sums, n = fisher_diagonal_sum(model, X, y, kind=kind)
     assert n == 0 and all(float(v.abs().sum()) == 0.0 for v in sums.values())
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_batch_squared_is_ssd_importance(arch: str) -> None:
+    """``batch_squared`` (SSD's reference importance): with batch_size=1 the squared gradient
+    of each one-sample batch is that sample's empirical per-sample term, so it equals the
+    empirical Fisher; with larger batches the gradients of a batch's samples are averaged
+    before squaring (they partly cancel), so it differs and is smaller on mixed batches; it is
+    the mean over equal batches of (∇ batch-mean CE)², which a hand-written loop reproduces."""
+    model = _model(arch)
+    X, y = _data(n=24)
+    emp = fisher_diagonal(model, X, y, kind="empirical")
+    one = fisher_diagonal(model, X, y, kind="batch_squared", batch_size=1)
+    _assert_same(one, emp)
+    eight = fisher_diagonal(model, X, y, kind="batch_squared", batch_size=8)
+    total_emp = sum(float(v.sum()) for v in emp.values())
+    total_eight = sum(float(v.sum()) for v in eight.values())
+    assert total_eight < 0.9 * total_emp
+    by_hand = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for b in range(3):  # three equal batches: SSD's Σ_b g_b² / n_batches
+        model.zero_grad()
+        nn.functional.cross_entropy(model(X[8 * b : 8 * b + 8]), y[8 * b : 8 * b + 8]).backward()
+        for k, p in model.named_parameters():
+            by_hand[k] += p.grad.square() / 3
+    model.zero_grad(set_to_none=True)
+    _assert_same(eight, by_hand)
+    # not additive over samples: the sum of two halves' sums is not the whole's
+    whole, _ = fisher_diagonal_sum(model, X, y, kind="batch_squared", batch_size=12)
+    a, _ = fisher_diagonal_sum(model, X[:12], y[:12], kind="batch_squared", batch_size=8)
+    b2, _ = fisher_diagonal_sum(model, X[12:], y[12:], kind="batch_squared", batch_size=8)
+    assert any(not torch.allclose(whole[k], a[k] + b2[k]) for k in whole)

@@ -244,3 +244,47 @@ def test_fisher_pair_keys_sampled_labels_by_id():
     for k in want_r:
         torch.testing.assert_close(fisher_r[k], want_r[k])
         torch.testing.assert_close(fisher_f[k], want_f[k])
+
+
+@pytest.mark.parametrize("kind", ["true_expected", "true_sampled", "empirical"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_retain_from_full_equals_direct_retain_fisher(arch, kind):
+    """I_R = (Σ_D − Σ_F)/(N − |F|) equals the Fisher diagonal computed over R itself in
+    float64, for every per-sample kind (sampled labels are keyed by id, so a sample draws the
+    same label in D as in R), whatever rows F takes and in whatever order R comes."""
+    from pipeline_lib.stats.fisher import fisher_diagonal_sum
+    from pipeline_lib.stats.store import retain_from_full
+
+    ids, X, y = _data(41)
+    model = build_model(MODELS[arch], SHAPE, N_CLASSES, 0).double()
+    Xt, yt = torch.from_numpy(X).double(), torch.from_numpy(y)
+    forget = np.array([3, 7, 8, 20, 33])
+    retain = np.setdiff1d(np.arange(len(ids)), forget)[::-1].copy()  # another order
+    opts = {"kind": kind, "batch_size": 16, "seed": 3}
+    full, n = fisher_diagonal_sum(
+        model, Xt, yt, **opts, sample_ids=list(ids), sum_dtype=torch.float64
+    )
+    f_sums, n_f = fisher_diagonal_sum(
+        model, Xt[forget], yt[forget], **opts, sample_ids=list(ids[forget]), sum_dtype=torch.float64
+    )
+    got = retain_from_full(full, n, f_sums, n_f)
+    want = fisher_diagonal(model, Xt[retain], yt[retain], **opts, sample_ids=list(ids[retain]))
+    assert n - n_f == len(retain)
+    for k in want:
+        assert got[k].dtype == torch.float64
+        torch.testing.assert_close(got[k], want[k], rtol=1e-10, atol=1e-14)
+
+
+def test_retain_from_full_refuses_empty_retain_and_mismatched_tensors():
+    from pipeline_lib.stats.store import retain_from_full
+
+    a = {"w": torch.ones(3, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="no retain set"):
+        retain_from_full(a, 4, a, 4)
+    with pytest.raises(ValueError, match="different tensors"):
+        retain_from_full(a, 4, {"v": torch.ones(3)}, 1)
+    # rounding residue below zero is clamped: a Fisher diagonal is non-negative
+    out = retain_from_full(
+        {"w": torch.tensor([1.0, 2.0])}, 3, {"w": torch.tensor([1.0 + 1e-16, 1.0])}, 1
+    )
+    assert (out["w"] >= 0).all() and out["w"][1] == 0.5

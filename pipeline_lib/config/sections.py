@@ -26,10 +26,13 @@ class FisherConfig:
 
     ``kind``: ``true_expected`` sums over classes weighted by the model's probabilities (exact
     true Fisher, deterministic; default), ``true_sampled`` draws one label from the model per
-    sample, ``empirical`` uses the dataset label.
+    sample, ``empirical`` uses the dataset label; ``batch_squared`` is SSD's reference
+    importance, the squared gradient of the batch-mean loss summed over batches of
+    ``batch_size`` (one backward per batch: cheap, biased; not per-sample, so I_R is computed
+    directly, never derived from full-data sums; :mod:`pipeline_lib.stats.fisher`).
     """
 
-    kind: Literal["true_expected", "true_sampled", "empirical"] = "true_expected"
+    kind: Literal["true_expected", "true_sampled", "empirical", "batch_squared"] = "true_expected"
     batch_size: Int = Field(256, gt=0)
     seed: Int = 0
     #: Seeded subsample of the retain set used for I_R (null: all of it).
@@ -115,3 +118,10 @@ class StatsConfig:
     #: ``ray`` (Parquet shards, one Ray task each, as ``unlearn stats``). Both give the same
     #: values and write the same file.
     fisher_backend: Literal["ray", "local"] = "local"
+    #: Where a request's retain-set Fisher I_R comes from: ``direct`` (computed over R),
+    #: ``full_minus_forget`` ((Σ_D − Σ_F)/(N − |F|) from the model version's stored full-data
+    #: sums, computed and stored first if missing: only F is computed per request) or null:
+    #: ``full_minus_forget`` when the model's full-data sums are stored, else ``direct``
+    #: (and ``direct`` for ``fisher.kind: batch_squared`` or a ``fisher.max_retain``
+    #: subsample, which the subtraction does not give).
+    retain_from: Literal["direct", "full_minus_forget"] | None = None

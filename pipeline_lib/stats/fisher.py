@@ -14,6 +14,16 @@ Kinds of y:
   the result does not depend on which other samples are in the call: sharded sums equal the
   unsharded one (:mod:`pipeline_lib.stats.store`). Without ids one generator draws for the set.
 - ``empirical``: the dataset label.
+- ``batch_squared``: not a per-sample kind. The squared gradient of the *batch-mean* loss
+  (cross-entropy with the dataset labels), accumulated over consecutive batches of
+  ``batch_size`` in the order given: the importance estimate of SSD's reference code
+  (Foster, Schoepf, Brintrup, AAAI 2024, github.com/if-loops/selective-synaptic-dampening,
+  ``calc_importance``: ``imp += p.grad ** 2`` per batch, divided by the number of batches).
+  Here each batch's square is weighted by its size and the sum divided by N, which is the
+  same mean over batches when they are equal in size. One backward pass per batch instead of
+  one per sample (and per class): far cheaper, but biased, since mixed batches cancel: it
+  equals ``empirical`` with ``batch_size=1`` only. Its sums are not additive over samples, so
+  Σ_R ≠ Σ_D − Σ_F and it depends on the order and the batch size.
 """
 
 from __future__ import annotations
@@ -28,7 +38,9 @@ from torch.func import functional_call, grad, vmap
 
 from pipeline_lib.training.fit import predict_logits
 
-KINDS = ("true_expected", "true_sampled", "empirical")
+KINDS = ("true_expected", "true_sampled", "empirical", "batch_squared")
+#: Kinds whose sums add over samples (Σ_R = Σ_D − Σ_F, any sharding).
+PER_SAMPLE_KINDS = ("true_expected", "true_sampled", "empirical")
 
 
 def _check_kind(kind: str) -> None:
@@ -65,7 +77,7 @@ def fisher_targets(
     if sample_ids is not None and len(sample_ids) != len(X):
         raise ValueError(f"fisher_targets: {len(sample_ids)} sample ids for {len(X)} samples")
     probs = predict_logits(model, X).to(X.dtype).softmax(-1)
-    if kind == "empirical":
+    if kind in ("empirical", "batch_squared"):
         return y.long(), probs
     if kind == "true_sampled":
         if len(X) == 0:
@@ -87,11 +99,14 @@ def fisher_diagonal_sum(
     batch_size: int = 256,
     seed: int = 0,
     sample_ids: Sequence[str] | None = None,
+    sum_dtype: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], int]:
     """Σ over samples of the squared per-sample gradients, and the sample count.
 
     ``X``: (N, *shape), ``y``: (N,). Returns ({param name: tensor of the param's shape}, N).
-    Sums (not means) so shards can be added exactly before one division.
+    Sums (not means) so shards can be added exactly before one division. ``sum_dtype``: the
+    dtype the sums accumulate in (default: the parameters'); float64 for the full-data sums
+    a per-request I_R is derived from by subtraction (:func:`pipeline_lib.stats.store.retain_from_full`).
     """
     targets, probs = fisher_targets(model, X, y, kind, seed, sample_ids)
     model.eval()
@@ -104,14 +119,28 @@ def fisher_diagonal_sum(
         return -logits.log_softmax(-1)[0].gather(0, t.unsqueeze(0)).squeeze(0)
 
     per_sample_grad = vmap(grad(neg_log_prob), in_dims=(None, 0, 0))
-    sums = {k: torch.zeros_like(v) for k, v in params.items()}
+    sums = {k: torch.zeros_like(v, dtype=sum_dtype) for k, v in params.items()}
+    if kind == "batch_squared":
+        assert targets is not None
+
+        def batch_loss(p: dict[str, torch.Tensor], x: torch.Tensor, t: torch.Tensor):
+            logits = functional_call(model, (p, buffers), (x,))
+            return nn.functional.cross_entropy(logits, t)
+
+        batch_grad = grad(batch_loss)
+        for start in range(0, len(X), batch_size):
+            xb = X[start : start + batch_size].to(device)
+            g = batch_grad(params, xb, targets[start : start + batch_size].to(device))
+            for k in sums:
+                sums[k] += (len(xb) * g[k].square()).to(sums[k].dtype)
+        return sums, len(X)
     n_classes = probs.shape[1]
     for start in range(0, len(X), batch_size):
         xb = X[start : start + batch_size].to(device)
         if targets is not None:
             g = per_sample_grad(params, xb, targets[start : start + batch_size].to(device))
             for k in sums:
-                sums[k] += g[k].square().sum(0)
+                sums[k] += g[k].square().sum(0).to(sums[k].dtype)
             continue
         pb = probs[start : start + batch_size].to(device)
         # One vmapped pass per class keeps memory at B × |θ| instead of B × C × |θ|.
@@ -120,7 +149,7 @@ def fisher_diagonal_sum(
             g = per_sample_grad(params, xb, t)
             w = pb[:, c]
             for k in sums:
-                sums[k] += torch.einsum("b,b...->...", w, g[k].square())
+                sums[k] += torch.einsum("b,b...->...", w, g[k].square()).to(sums[k].dtype)
     return sums, len(X)
 
 
@@ -147,12 +176,23 @@ def fisher_diagonal_reference(
     kind: str = "true_expected",
     seed: int = 0,
     sample_ids: Sequence[str] | None = None,
+    batch_size: int = 256,
 ) -> dict[str, torch.Tensor]:
-    """Slow, obviously-correct reference: one autograd backward per sample (and class)."""
+    """Slow, obviously-correct reference: one autograd backward per sample (and class);
+    ``batch_squared``: one per batch of ``batch_size``."""
     targets, probs = fisher_targets(model, X, y, kind, seed, sample_ids)
     model.eval()
     named = dict(model.named_parameters())
     acc = {k: torch.zeros_like(v) for k, v in named.items()}
+    if kind == "batch_squared":
+        for start in range(0, len(X), batch_size):
+            model.zero_grad(set_to_none=True)
+            xb, tb = X[start : start + batch_size], y[start : start + batch_size].long()
+            nn.functional.cross_entropy(model(xb), tb).backward()
+            for k, p in named.items():
+                acc[k] += len(xb) * p.grad.detach().square()
+        model.zero_grad(set_to_none=True)
+        return {k: v / len(X) for k, v in acc.items()}
     for i in range(len(X)):
         classes = range(probs.shape[1]) if targets is None else [int(targets[i])]
         for c in classes:

@@ -176,6 +176,31 @@ def means(sums: Mapping[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
     return {k: v / n for k, v in sums.items()}
 
 
+def retain_from_full(
+    full_sums: Mapping[str, torch.Tensor],
+    n_full: int,
+    forget_sums: Mapping[str, torch.Tensor],
+    n_forget: int,
+) -> dict[str, torch.Tensor]:
+    """I_R = (Σ_D − Σ_F) / (N − |F|) in float64, from the full-data sums of a model version
+    (D: its training set, N samples) and the forget set's sums (F ⊂ D, |F| samples).
+
+    Exact for sums: per-sample squared gradients of the per-sample kinds do not depend on
+    which other samples are summed (``true_sampled`` labels are keyed by sample id), so
+    Σ_R = Σ_D − Σ_F up to floating-point reassociation; the subtraction is done in float64
+    (keep Σ_D in float64: cancellation loses what float32 sums would not hold) and the
+    rounding residue below zero is clamped to 0 (a Fisher diagonal is non-negative)."""
+    n_r = int(n_full) - int(n_forget)
+    if n_r <= 0:
+        raise ValueError(f"retain_from_full: {n_forget} forget samples of {n_full}: no retain set")
+    if full_sums.keys() != forget_sums.keys():
+        raise ValueError("retain_from_full: full and forget sums cover different tensors")
+    return {
+        k: ((full_sums[k].double() - forget_sums[k].double()) / n_r).clamp_min(0.0)
+        for k in full_sums
+    }
+
+
 # --------------------------------------------------------------------------- files
 
 

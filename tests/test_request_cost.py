@@ -1,0 +1,136 @@
+"""Per-request cost in the deletion service (issue 15) on real components: a temporary Prefect
+API, MLflow on SQLite with its Model Registry and the ledger, a real DVC repo.
+
+Each registered version gets its full-data Fisher sums (task ``full-data-statistics``: the
+exact first version at bootstrap, each approximate version right after it is registered);
+each request then computes only its forget set and derives I_R = (Σ_D − Σ_F)/(N − |F|),
+which equals I_R computed over the retain set directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import make_dvc_project
+from tests.test_flow import _task_states, tiny_params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODEL = "unlearnflow-cost-test"
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    from flows.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(list(argv))
+    return rc, out.getvalue()
+
+
+def test_service_amortises_full_data_statistics(prefect_api, tmp_path: Path):
+    from mlflow import MlflowClient
+
+    from flows.service import sweep_flow
+    from pipeline_lib.config import load_params
+    from pipeline_lib.data.images import load_prepared
+    from pipeline_lib.data.requests import load_manifests
+    from pipeline_lib.modalities.image import load_model
+    from pipeline_lib.stats.fisher import fisher_diagonal
+    from pipeline_lib.stats.store import load_stats
+    from tasks.registry import download_version_weights
+
+    root = tmp_path / "proj"
+    params = tiny_params(root)
+    params["data"].update(max_train=240, max_test=80)
+    params["train"].update(epochs=2)
+    params["fisher"].update(kind="true_sampled", seed=2)
+    params["tracking"]["experiment"] = "cost-test"
+    params["service"].update(
+        model_name=MODEL,
+        ledger_url=None,
+        oracle="never",
+        gates={
+            "max_forget_accuracy": None,
+            "max_test_accuracy_drop": None,
+            "mia_auc_band": None,
+            "fallback": "keep-parent",
+        },
+    )
+    make_dvc_project(root, yaml.safe_dump(params))
+    files = []
+    for rid, seed in (("cost-a", 1),):
+        doc = {"request_id": rid, "reason": "t", "forget": {"fraction": 0.05, "seed": seed}}
+        path = root / "requests" / f"{rid}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(str(path))
+    pp = str(root / "params.yaml")
+    assert _cli("submit", "--params", pp, *files)[0] == 0
+    state = sweep_flow(params_path=pp, return_state=True)
+    assert state.is_completed(), state
+    result = state.result()
+    assert [r["status"] for r in result["processed"]] == ["done"], result
+    assert "full-data-statistics" in _task_states(state.state_details.flow_run_id)
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name='{MODEL}'")}
+    assert sorted(versions) == ["1", "2"]
+    stats_dir = root / "artifacts" / "stats"
+    full = {}
+    for f in stats_dir.glob("fisher-full-*.safetensors"):
+        tensors, meta = load_stats(f, verify=True)
+        full[meta["config"]["weights_digest"]] = (tensors, meta["config"])
+    # one full-data file per version, each over the ids that version was trained on
+    data = load_prepared(root / "data" / "prepared")
+    train = set(data.split_ids("train").tolist())
+    forget = {
+        rid: set(load_manifests(root / "runs" / "image" / rid / "manifests").forget_ids.tolist())
+        for rid in ("cost-a",)
+    }
+    trained_on = {
+        "1": train,
+        "2": train - forget["cost-a"],
+    }
+    for v, mv in versions.items():
+        tensors, cfg = full[mv.tags["state_digest"]]
+        assert cfg["n"] == len(trained_on[v]) and cfg["reduction"] == "sum", (v, cfg)
+        assert all(t.dtype == torch.float64 for t in tensors.values())
+
+    # each request derived I_R from its parent's sums, computing only its forget set ...
+    p = load_params(pp)
+    for rid, parent in (("cost-a", "1"),):
+        (run,) = client.search_runs(
+            [client.get_experiment_by_name("cost-test").experiment_id],
+            filter_string=f"tags.request_id = '{rid}'",
+        )
+        m = run.data.metrics
+        assert m["stats.retain_from_full"] == 1, m
+        retain_file = Path(run.data.tags["stats.fisher_retain.path"])
+        got, meta = load_stats(retain_file, verify=True)
+        assert meta["config"]["backend"] == "full_minus_forget"
+        # ... and that I_R is the Fisher diagonal over the retain set itself
+        man = load_manifests(root / "runs" / "image" / rid / "manifests")
+        path, _ = download_version_weights(uri, MODEL, parent, tmp_path / f"v{parent}")
+        model = load_model(path, p.model, data)
+        X, y = data.subset(man.retain_ids)
+        want = fisher_diagonal(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            "true_sampled",
+            64,
+            2,
+            list(man.retain_ids),
+        )
+        for k in want:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-9)
+        assert np.isin(man.retain_ids, list(trained_on[parent])).all()
+
