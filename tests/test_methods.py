@@ -294,6 +294,37 @@ def test_fisher_diagonal_threshold_and_missing_stats(
         fisher_diagonal_forgetting(_copy(trained), bare, FisherDiagonalParams(), seed=0)
 
 
+def test_fisher_diagonal_retain_sample_multiple(trained: nn.Module, inputs: UnlearnInputs) -> None:
+    """k·|F| seeded retain points: the same as fine-tuning on exactly those rows (DMM's draw),
+    not the same as fine-tuning on all of R; null keeps every retain point."""
+    import dataclasses
+
+    from pipeline_lib.attribution.matching import matching_retain_rows
+
+    base = dict(top_fraction=0.2, epochs=2, lr=1e-2, batch_size=16)
+    sub, info = fisher_diagonal_forgetting(
+        _copy(trained), inputs, FisherDiagonalParams(**base, retain_sample_multiple=1.0), seed=3
+    )
+    rows = torch.from_numpy(matching_retain_rows(24, 72, 1.0, 3))
+    assert info["n_finetune"] == len(rows) == 24
+    only = dataclasses.replace(
+        inputs, retain_X=inputs.retain_X[rows], retain_y=inputs.retain_y[rows]
+    )
+    want, _ = fisher_diagonal_forgetting(_copy(trained), only, FisherDiagonalParams(**base), seed=3)
+    full, info_full = fisher_diagonal_forgetting(
+        _copy(trained), inputs, FisherDiagonalParams(**base), seed=3
+    )
+    assert info_full["n_finetune"] == 72
+    a, b, c = _state(sub), _state(want), _state(full)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    # more than |R| points asked for: all of R
+    _, big = fisher_diagonal_forgetting(
+        _copy(trained), inputs, FisherDiagonalParams(**base, retain_sample_multiple=10.0), seed=3
+    )
+    assert big["n_finetune"] == 72
+
+
 def test_retrain_ignores_original_weights(trained: nn.Module, inputs: UnlearnInputs) -> None:
     retrain = get_method("retrain").fn
     a, _ = retrain(_copy(trained), inputs, RetrainParams(seed=2), 0)

@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from pipeline_lib.attribution.matching import matching_retain_rows
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method, top_fraction_mask
 from pipeline_lib.schema import ConfigError, Field, Float, Int, section
 from pipeline_lib.training.fit import FitSettings, fit
@@ -29,6 +30,10 @@ class FisherDiagonalParams:
     epochs: Int = Field(5, ge=0)
     lr: Float = Field(1e-3, gt=0)
     batch_size: Int = Field(64, gt=0)
+    #: k: fine-tune on a seeded retain subsample of k·|F| points (as DMM matches on
+    #: 3·|F| retain points), so the fine-tuning cost scales with the forget set; null: the
+    #: whole retain set.
+    retain_sample_multiple: Float | None = Field(None, gt=0)
 
 
 def select_by_ratio(
@@ -74,7 +79,10 @@ def fisher_diagonal_forgetting(
        ones: reset them — to zero (default; the paper leaves it open), or to a fresh
        initialisation drawn with ``seed``. On digits zero forgets more at equal test
        accuracy (BENCHMARKS.md).
-    3. Fine-tune only those weights on R for ``epochs`` epochs, all others frozen.
+    3. Fine-tune only those weights on R for ``epochs`` epochs, all others frozen; with
+       ``retain_sample_multiple`` k, on min(|R|, round(k·|F|)) retain points drawn with
+       ``seed`` (:func:`pipeline_lib.attribution.matching.matching_retain_rows`, DMM's draw)
+       instead of all of R.
     """
     if inputs.fisher_forget is None or inputs.fisher_retain is None:
         raise ValueError("fisher_diagonal needs the forget and retain Fisher diagonals")
@@ -97,13 +105,20 @@ def fisher_diagonal_forgetting(
     n_total = int(sum(m.numel() for m in masks.values()))
     log.info("fisher_diagonal: reset %d of %d weights (γ=%.4g)", n_reset, n_total, gamma)
     settings = FitSettings(params.epochs, params.batch_size, params.lr, "adam")
+    rX, ry = inputs.retain_X, inputs.retain_y
+    if params.retain_sample_multiple is not None:
+        rows = torch.from_numpy(
+            matching_retain_rows(len(inputs.forget_y), len(ry), params.retain_sample_multiple, seed)
+        )
+        rX, ry = rX[rows], ry[rows]
     fit(
         model,
-        inputs.retain_X,
-        inputs.retain_y,
+        rX,
+        ry,
         settings,
         seed,
         grad_mask=masks,
         device=inputs.device,
     )
-    return model, {"n_reset": n_reset, "fraction_reset": n_reset / n_total, "gamma": gamma}
+    info: Info = {"n_reset": n_reset, "fraction_reset": n_reset / n_total, "gamma": gamma}
+    return model, {**info, "n_finetune": len(ry)}
