@@ -177,7 +177,7 @@ def test_lineage_model(service, capsys):
     assert [s["version"] for s in v2["chain"]] == ["2", "1"]
 
 
-def test_reindex_from_the_tombstone_file_matches_the_index(service, tmp_path):
+def test_reindex_from_the_tombstone_file_matches_the_index(service, tmp_path, capsys):
     """Requests processed before the forgotten-id index existed: `unlearn lineage reindex`
     rebuilds it from the tombstone file, the same rows as the sweep wrote."""
     from pipeline_lib.service.tombstones import read_tombstones
@@ -193,6 +193,11 @@ def test_reindex_from_the_tombstone_file_matches_the_index(service, tmp_path):
         return sorted((f.sample_id, f.request_id, f.tombstone_index, f.at) for f in rows)
 
     assert key(fresh.forgotten(MODEL)) == key(_ledger(service).forgotten(MODEL))
+    from flows.cli import main
+
+    capsys.readouterr()
+    assert main(["lineage", "reindex", "--params", service["params"]]) == 0
+    assert "0 forgotten id(s) indexed" in capsys.readouterr().out  # the sweep indexed them all
 
 
 def test_exact_version_after_tombstones_is_trained_without(service):
