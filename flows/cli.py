@@ -3,7 +3,7 @@
     unlearn run [--params params.yaml] [--request FILE] [--method NAME] [--set KEY=VALUE ...]
     unlearn run --params params-lm.yaml [--request requests/forget-play.yaml] ...   (language models)
     unlearn submit FILE [FILE ...] [--params params.yaml]
-    unlearn sweep [--params params.yaml] [--max N] [--set KEY=VALUE ...]
+    unlearn sweep [--params params.yaml] [--max N] [--purge] [--set KEY=VALUE ...]
     unlearn retrain-production [--params params.yaml] [--set KEY=VALUE ...]
     unlearn requests list [--status S] [--json] | show ID [--json] [--params params.yaml]
     unlearn purge [--older-than DAYS] [--dry-run] [--json] [--params params.yaml]
@@ -566,7 +566,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
 
     check_methods(methods, params)  # fails before any work
-    from pipeline_lib.evaluation.comparison import markdown_table
+    from pipeline_lib.comparison import markdown_table
 
     result = evaluate_flow(params_path=args.params, overrides=overrides, methods=methods)
     print()
