@@ -28,7 +28,7 @@ from pipeline_lib.io import code_version
 from pipeline_lib.modalities import modality_for_params
 from tasks import compute, tracking, versioning
 from tasks.compute import with_files
-from tasks.method_inputs import fisher_metrics, method_extras
+from tasks.method_inputs import fisher_metrics, method_extras, request_cost_block
 
 
 @flow(name="unlearning-pipeline")
@@ -122,6 +122,7 @@ def unlearning_pipeline(
                 "method": method.name,
                 "method_info": unlearned["info"],
                 "mlflow_run_id": run_id,
+                **({"cost": request_cost_block(fisher, unlearned["seconds"])} if fisher else {}),
             },
         )
         extra = {

@@ -31,6 +31,22 @@ def fisher_metrics(fisher: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def request_cost_block(fisher: dict[str, Any] | None, method_seconds: float) -> dict[str, float]:
+    """The report's cost split for a request (:func:`pipeline_lib.evaluation.metrics.request_cost`):
+    its own cost (forget statistics, I_R, method) and the amortised full-data statistics."""
+    from pipeline_lib.evaluation.metrics import request_cost
+
+    if fisher is None:
+        return request_cost(0.0, 0.0, method_seconds, 0.0, 0.0)
+    return request_cost(
+        fisher["forget_seconds"],
+        fisher["retain_seconds"],
+        method_seconds,
+        float(fisher.get("amortised_seconds", 0.0)),
+        float(fisher.get("direct_retain_seconds", fisher["retain_seconds"])),
+    )
+
+
 def attribution_store_for(
     params: Params, source: str, request_data: dict[str, str]
 ) -> dict[str, Any]:

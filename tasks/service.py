@@ -44,7 +44,7 @@ from pipeline_lib.service.tombstones import (
 from tasks import compute, lineage, registry, tracking, versioning
 from tasks.compute import with_files
 from tasks.ledger import Ledger, LedgerRow
-from tasks.method_inputs import fisher_metrics, method_extras
+from tasks.method_inputs import fisher_metrics, method_extras, request_cost_block
 from tasks.statistics import full_data_statistics
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
@@ -348,6 +348,7 @@ def process_request(
                 "method_info": unlearned["info"],
                 "mlflow_run_id": run_id,
                 "parent_version": parent_version,
+                **({"cost": request_cost_block(fisher, unlearned["seconds"])} if fisher else {}),
             },
         )
         gates = evaluate_gates(

@@ -113,6 +113,11 @@ def test_service_amortises_full_data_statistics(prefect_api, tmp_path: Path):
         )
         m = run.data.metrics
         assert m["stats.retain_from_full"] == 1, m
+        # the cost block: the request's own cost apart from the amortised statistics
+        assert m["cost.amortised_stats_seconds"] > 0, m
+        assert m["cost.request_seconds"] < m["cost.direct_request_seconds"], m
+        assert 0 < m["cost.break_even_requests"] < float("inf"), m
+        assert m["cost.unlearn_seconds"] == pytest.approx(m["cost.request_seconds"]), m
         retain_file = Path(run.data.tags["stats.fisher_retain.path"])
         got, meta = load_stats(retain_file, verify=True)
         assert meta["config"]["backend"] == "full_minus_forget"
@@ -134,3 +139,16 @@ def test_service_amortises_full_data_statistics(prefect_api, tmp_path: Path):
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-9)
         assert np.isin(man.retain_ids, list(trained_on[parent])).all()
 
+
+def test_request_cost_break_even():
+    from pipeline_lib.evaluation.metrics import build_report, request_cost
+
+    c = request_cost(0.5, 0.01, 1.0, 30.0, 10.0)
+    assert c["request_seconds"] == pytest.approx(1.51)
+    assert c["direct_request_seconds"] == pytest.approx(11.5)
+    assert c["break_even_requests"] == pytest.approx(30.0 / (11.5 - 1.51))
+    assert request_cost(0.5, 2.0, 1.0, 0.0, 2.0)["break_even_requests"] == 0.0  # direct
+    assert request_cost(0.5, 3.0, 1.0, 5.0, 2.0)["break_even_requests"] == float("inf")
+    report = build_report({"original": {"forget_acc": 1.0}}, 1.51, 10.0, {"cost": c, "x": 1})
+    assert report["cost"]["unlearn_over_retrain"] == pytest.approx(0.151)
+    assert report["cost"]["break_even_requests"] == c["break_even_requests"] and report["x"] == 1

@@ -148,10 +148,12 @@ def build_report(
         name: {**m, "avg_gap": avg_gap(m, oracle) if oracle else float("nan")}
         for name, m in models.items()
     }
+    extra = dict(extra or {})
     return {
         "models": table,
-        "cost": cost(unlearn_seconds, retrain_seconds),
-        **(dict(extra) if extra else {}),
+        # extra["cost"]: the request's cost split (:func:`request_cost`), in the same block
+        "cost": {**cost(unlearn_seconds, retrain_seconds), **dict(extra.pop("cost", None) or {})},
+        **extra,
     }
 
 
@@ -163,6 +165,39 @@ def cost(unlearn_seconds: float, retrain_seconds: float) -> dict[str, float]:
         "unlearn_over_retrain": unlearn_seconds / retrain_seconds
         if retrain_seconds > 0
         else float("nan"),
+    }
+
+
+def request_cost(
+    forget_stats_seconds: float,
+    retain_stats_seconds: float,
+    method_seconds: float,
+    amortised_seconds: float,
+    direct_retain_seconds: float,
+) -> dict[str, float]:
+    """A request's own cost, apart from what is amortised over the requests of a version.
+
+    - ``request_seconds``: the request's own statistics (I_F, and I_R: computed directly, or
+      derived from the version's full-data sums by one subtraction) plus the method.
+    - ``amortised_stats_seconds``: the version's full-data statistics (0 when I_R is direct).
+    - ``direct_request_seconds``: what the request would cost with I_R computed over R.
+    - ``break_even_requests``: amortised ÷ (direct request cost − request cost), the number
+      of requests from one version after which the full-data statistics have paid for
+      themselves (inf when nothing is saved per request, 0 when nothing is amortised).
+    """
+    request = forget_stats_seconds + retain_stats_seconds + method_seconds
+    direct = forget_stats_seconds + direct_retain_seconds + method_seconds
+    saved = direct - request
+    if amortised_seconds <= 0:
+        even = 0.0
+    else:
+        even = amortised_seconds / saved if saved > 0 else float("inf")
+    return {
+        "request_seconds": request,
+        "request_stats_seconds": forget_stats_seconds + retain_stats_seconds,
+        "amortised_stats_seconds": amortised_seconds,
+        "direct_request_seconds": direct,
+        "break_even_requests": even,
     }
 
 
@@ -187,6 +222,13 @@ def format_table(
         f"unlearning {c['unlearn_seconds']:.2f}s vs retraining {c['retrain_seconds']:.2f}s "
         f"(ratio {c['unlearn_over_retrain']:.{digits}f})"
     )
+    if c.get("amortised_stats_seconds"):
+        lines.append(
+            f"request's own cost {c['request_seconds']:.2f}s (statistics "
+            f"{c['request_stats_seconds']:.2f}s); amortised full-data statistics "
+            f"{c['amortised_stats_seconds']:.2f}s, break-even after "
+            f"{c['break_even_requests']:.1f} requests"
+        )
     return "\n".join(lines)
 
 
