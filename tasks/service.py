@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import flatten, replace, to_dict
@@ -55,9 +56,13 @@ def tombstones_path(modality: Modality, params: Any) -> str:
     return f"{versioning.RUNS_DIR}/{modality.name}/{params.service.model_name}/tombstones.parquet"
 
 
-@task(name="dvc-add-tombstones", **RETRY)
+@task(name="dvc-add-tombstones", cache_policy=NO_CACHE, **RETRY)
 def version_tombstones(dvc_root: str, rel_path: str) -> str:
-    """``dvc add`` the tombstone file (its version enters the DVC cache); returns its md5."""
+    """``dvc add`` the tombstone file (its version enters the DVC cache); returns its md5.
+
+    Never cached: its inputs are the same for every request of a sweep while the file's
+    content is not (Prefect's default policy would return the first request's md5 and skip
+    the ``dvc add`` of every later one)."""
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "add", "--quiet", rel_path],
         cwd=dvc_root,
