@@ -125,6 +125,14 @@ def _write_if_changed(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def _copy_if_changed(src: Path, dst: Path) -> None:
+    data = src.read_bytes()
+    if dst.is_file() and dst.read_bytes() == data:
+        return
+    with atomic_path(dst) as tmp:
+        tmp.write_bytes(data)
+
+
 def _stage_file(
     rel_dir: str, name: str, cmd: str, deps: list[str], outs: list[str], params: Any = None
 ) -> str:
@@ -189,7 +197,9 @@ def stage_extract(
 ) -> tuple[str, str]:
     """Extract this request's manifests in its own run directory; returns (manifests dir
     relative to ``root``, md5). The request file is copied in first, so the record does not
-    depend on a file the user may edit or delete."""
+    depend on a file the user may edit or delete; so is the tombstone set ``exclude`` (the
+    cumulative file grows with every later request, which would make this request's stage
+    stale, and a hand-run ``dvc repro`` would then delete its manifests and fail)."""
     rel = f"{RUNS_DIR}/{modality.name}/{request.request_id}"
     copy = root / rel / "request.yaml"
     _write_if_changed(copy, Path(request_file).read_text())
@@ -200,8 +210,10 @@ def stage_extract(
     )
     deps = [*_code_deps(modality), prepared, f"{rel}/request.yaml"]
     if exclude:
-        cmd += f" --exclude {exclude}"
-        deps.append(exclude)
+        snapshot = f"{rel}/tombstones.parquet"
+        _copy_if_changed(root / exclude, root / snapshot)
+        cmd += f" --exclude {snapshot}"
+        deps.append(snapshot)
     _write_if_changed(root / rel / "dvc.yaml", _stage_file(rel, "extract", cmd, deps, [out]))
     md5s = dvc_repro(str(root), f"{rel}/dvc.yaml:extract", f"{rel}/dvc.lock")
     return out, stage_md5(md5s, "extract", out)
