@@ -6,7 +6,7 @@ Exactly once: a request is *claimed* in the ledger (``pending → processing`` i
 transaction that also refuses a second request of the same model in flight), so two sweeps
 started at once never process the same request, and requests of one model run one after
 the other. The per-request work is a Prefect task whose cache key is the request's id,
-content digest and parent version (a replayed claim of a request that already finished
+content digest and ledger entry (a replayed claim of a request that already finished
 returns the recorded result instead of registering a second version). A failing request is
 marked ``failed`` with its error; a request that does not fit the data is ``rejected``; the
 sweep goes on with the next one.
@@ -17,6 +17,7 @@ exact retrain weekly) or from the CLI (``unlearn sweep``, ``unlearn retrain-prod
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Any
 
@@ -42,8 +43,12 @@ def open_service(
 
 
 def _request_key(context: Any, parameters: dict[str, Any]) -> str:
+    # The ledger entry, not only the request: the same id and content in another ledger (a
+    # second store, or this one reset) is other work, never served from this one's outcome.
     row = parameters["row"]
-    return f"unlearnflow-request-{row.model_name}-{row.request_id}-{row.digest}"
+    entry = f"{parameters['ledger_db']}|{row.seq}|{row.submitted_at}"
+    ledger = hashlib.sha256(entry.encode()).hexdigest()[:16]
+    return f"unlearnflow-request-{row.model_name}-{row.request_id}-{row.digest}-{ledger}"
 
 
 @task(
@@ -54,8 +59,8 @@ def _request_key(context: Any, parameters: dict[str, Any]) -> str:
 )
 def process_request_task(modality_name: str, params: Any, row: Any, ledger_db: str) -> dict:
     """One claimed request, end to end (:func:`tasks.service.process_request`). Cached by
-    request id and content digest: replaying a finished request returns its recorded
-    outcome; it never produces a second version."""
+    request id, content digest and ledger entry: replaying a finished request returns its
+    recorded outcome; it never produces a second version."""
     from pipeline_lib.modalities import get_modality
 
     ledger = Ledger(ledger_db)
