@@ -27,7 +27,7 @@ from prefect.logging import get_run_logger
 from pipeline_lib.config import environment_overrides
 from pipeline_lib.modalities import Modality, modality_for_params
 from tasks.ledger import Ledger, default_owner, ledger_url
-from tasks.service import ensure_production, is_input_error, process_request, train_exact
+from tasks.service import is_input_error, process_request, train_exact
 
 
 def open_service(
@@ -94,7 +94,9 @@ def sweep_flow(
         if not ledger.list(status="pending", model_name=model):
             logger.info("%s: no pending request", model)
             return out
-        ensure_production(modality, params)
+        # The first production version is trained by the request that needs it, under its
+        # claim (process_request): sweeps started at once on a model without one would each
+        # train and register a first version here, and race on creating MLflow's tables.
         while max_requests is None or len(out["processed"]) < max_requests:
             row = ledger.claim_next(model, owner)
             if row is None:
