@@ -257,12 +257,12 @@ def process_request(
     ``keep-parent``: the request is marked ``needs-retrain``). The ledger records the outcome.
     """
     logger = get_run_logger()
-    t0 = time.perf_counter()
     svc, tr = params.service, params.tracking
     root = Path(tr.dvc_root).resolve()
     request = request_from_dict(row.content)
     rid = request.request_id
     parent_version = ensure_production(modality, params)
+    t0 = time.perf_counter()  # the request's own time: not the first version's training
     parent, parent_tags = _production_weights(modality, params, parent_version)
     tomb_rel = tombstones_path(modality, params)
     exclude = tomb_rel if (root / tomb_rel).is_file() else None
