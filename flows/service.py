@@ -107,9 +107,19 @@ def sweep_flow(
             except Exception as exc:  # recorded in the ledger; the next request goes on
                 status = "rejected" if is_input_error(exc) else "failed"
                 reason = f"{type(exc).__name__}: {exc}"
-                ledger.transition(row.request_id, status, reason[:2000], error=reason[:8000])
-                logger.error("%s: %s: %s", row.request_id, status, reason)
                 result = {"request_id": row.request_id, "status": status, "error": reason}
+                current = ledger.get(row.request_id)
+                if current is not None and current.status != "processing":
+                    # raised after its outcome was recorded: that outcome stands (a final
+                    # state cannot become failed, and the sweep must go on)
+                    result.update(
+                        status=current.status,
+                        parent_version=current.parent_version,
+                        produced_version=current.produced_version,
+                    )
+                else:
+                    ledger.transition(row.request_id, status, reason[:2000], error=reason[:8000])
+                logger.error("%s: %s: %s", row.request_id, result["status"], reason)
             else:
                 current = ledger.get(row.request_id)
                 if current is not None and current.status == "processing":

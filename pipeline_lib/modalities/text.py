@@ -394,7 +394,8 @@ def _lineage_table(prepared_dir: str) -> tuple[Any, str, str, str]:
 def _summary_line(report: Any) -> str:
     u = report["models"]["unlearned"]
     return (
-        f"forget ppl {u['ppl_forget']:.3f} (oracle gap {100 * u['ppl_forget_rel_gap']:+.1f}%), "
+        f"forget ppl {u['ppl_forget']:.3f} "
+        f"(oracle gap {100 * u.get('ppl_forget_rel_gap', float('nan')):+.1f}%), "
         f"held-out ppl change {100 * u['ppl_heldout_change']:+.1f}%, "
         f"unlearn/retrain time {report['cost']['unlearn_over_retrain']:.4f}"
     )
