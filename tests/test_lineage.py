@@ -200,6 +200,16 @@ def test_reindex_from_the_tombstone_file_matches_the_index(service, tmp_path, ca
     assert "0 forgotten id(s) indexed" in capsys.readouterr().out  # the sweep indexed them all
 
 
+def test_sweep_with_purge_inside_the_window_deletes_nothing(service, capsys):
+    from flows.cli import main
+
+    capsys.readouterr()
+    assert main(["sweep", "--purge", "--params", service["params"]]) == 0
+    out = capsys.readouterr().out
+    assert f"{MODEL}: nothing pending" in out
+    assert "forgotten more than 30 day(s) ago" in out and "nothing to delete" in out
+
+
 def test_exact_version_after_tombstones_is_trained_without(service):
     """An exact version's tombstones_count decides: ids tombstoned before it are out."""
     from tasks.lineage import WITH, WITHOUT, version_states
