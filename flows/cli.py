@@ -466,10 +466,11 @@ def _print_model_lineage(out: dict[str, Any]) -> None:
     )
     for s in out["chain"]:
         reqs = ", ".join(f"{r} ({st})" for r, st in s["requests"].items()) or "-"
+        purged = f"  [weights purged {s['purged_at']}]" if s.get("purged_at") else ""
         print(
             f"{s['version']:>7}  {s['kind'] or '-':<12} {s['parent_version'] or '-':>6}  "
             f"{s['method'] or '-':<16} {s['data_version'] or '-':<36} "
-            f"{s['tombstones_count'] or '-':>10}  {reqs}"
+            f"{s['tombstones_count'] or '-':>10}  {reqs}{purged}"
         )
 
 
