@@ -322,3 +322,16 @@ def test_forgotten_index_is_idempotent_and_indexed(ledger: Ledger) -> None:
     assert ledger.forgotten("other", "a") == []
     p = ledger.record_purge("m", "local-weights", "artifacts/x.safetensors", "retention 30 days")
     assert ledger.purges("m") == [p]
+
+
+@pytest.mark.cluster
+def test_forgotten_index_and_purges_on_postgres(postgres_url: str) -> None:
+    """The two lineage tables on the team set-up's database (PostgreSQL)."""
+    led = Ledger(postgres_url)
+    at = "2026-01-01T00:00:00+00:00"
+    assert led.record_forgotten("pg-model", "r1", {"a": 0, "b": 1}, at) == 2
+    assert led.record_forgotten("pg-model", "r1", {"a": 0, "b": 1}, at) == 0
+    assert [f.request_id for f in led.forgotten("pg-model", "b")] == ["r1"]
+    p = led.record_purge("pg-model", "local-weights", "x.safetensors", "retention 30 days")
+    assert led.purges("pg-model")[-1] == p
+    led.close()
