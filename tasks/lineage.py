@@ -93,6 +93,14 @@ def reindex_forgotten(ledger: Ledger, model_name: str, tombs: pa.Table) -> int:
     )
 
 
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """:func:`tasks.tracking.ui_url`, imported when needed (tasks.tracking loads Prefect,
+    which ``unlearn lineage`` does not need otherwise)."""
+    from tasks.tracking import ui_url as _ui_url
+
+    return _ui_url(uri, experiment_id, run_id)
+
+
 def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str, Any]) -> Path:
     """The request's certificate (one self-contained HTML page, plot embedded) from what its
     MLflow run holds and the report in ``report_dir``; written to
@@ -143,7 +151,15 @@ def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str,
         else None,
         "report": report,
         "oracle_evaluated": "oracle" in report.get("models", {}),
-        "mlflow": {"tracking URI": uri, "MLflow run": run_id},
+        "mlflow": {
+            k: v
+            for k, v in (
+                ("tracking URI", uri),
+                ("MLflow run", run_id),
+                ("MLflow UI", ui_url(uri, run.info.experiment_id, run_id)),
+            )
+            if v
+        },
         "prefect": {
             k: v
             for k, v in (
@@ -209,7 +225,12 @@ def request_lineage(uri: str, ledger: Ledger, request_id: str) -> dict[str, Any]
     method = tags.get("method", params.get("unlearn.method"))
     out.update(
         {
-            "mlflow": {"run_id": run.info.run_id, "status": run.info.status, "uri": uri},
+            "mlflow": {
+                "run_id": run.info.run_id,
+                "status": run.info.status,
+                "uri": uri,
+                "ui_url": ui_url(uri, run.info.experiment_id, run.info.run_id),
+            },
             "data_version": {
                 "prepared_md5": tags.get("dvc.prepared_md5"),
                 "manifests_md5": tags.get("dvc.manifests_md5"),

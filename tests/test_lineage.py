@@ -365,3 +365,13 @@ def test_purge_leaves_forgotten_rows_only_in_the_live_data(service, capsys):
     for store in _stores(service):
         for path in store.rglob("*.safetensors"):
             assert _weights_digest(path) not in gone, path
+
+
+def test_ui_url_opens_the_model_training_view():
+    from tasks.tracking import ui_url
+
+    assert (
+        ui_url("http://mlflow:5000/", "3", "abc")
+        == "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
+    )
+    assert ui_url("sqlite:///mlflow.db", "3") is None
