@@ -24,7 +24,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import flatten, replace, to_dict
-from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import (
     DeletionRequest,
     RequestError,
@@ -194,8 +193,9 @@ def train_exact(modality: Modality, params: Any, reason: str) -> dict[str, Any]:
     )
     if manifests:
         trained_on = load_manifests(data["manifests_dir"]).retain_ids
-    else:
-        trained_on = load_prepared(data["prepared_dir"]).split_ids("train")
+    else:  # the modality's own reader: the image loader cannot read a text corpus
+        table, _, _, id_column = modality.lineage_table(data["prepared_dir"])
+        trained_on = table[id_column][table["split"] == "train"].to_numpy()
     stats = version_statistics(modality, params, result, trained_on)
     return {"version": version, "run_id": run_id, "result": result, "full_statistics": stats}
 
