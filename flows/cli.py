@@ -221,7 +221,17 @@ def _print_sweep(result: dict[str, Any]) -> None:
         if r.get("error"):
             line += f": {r['error']}"
         print(line)
-    if not result["processed"]:
+    left = result.get("pending") or []
+    names = ", ".join(left[:5]) + (", ..." if len(left) > 5 else "")
+    if left and not result["processed"]:
+        # claim_next found a request of the model processing: requests run one at a time
+        print(
+            f"{result['model']}: another sweep is processing a request of this model; "
+            f"{len(left)} pending left to it ({names})"
+        )
+    elif left:
+        print(f"{result['model']}: {len(left)} still pending ({names})")
+    elif not result["processed"]:
         print(f"{result['model']}: nothing pending")
 
 

@@ -80,13 +80,15 @@ def sweep_flow(
     max_requests: int | None = None,
 ) -> dict[str, Any]:
     """Process the pending requests of the params file's production model, oldest first.
-    Returns what happened to each (``processed``) and the requests recovered from dead
-    sweeps. A sweep with nothing pending does nothing (not even train a first version)."""
+    Returns what happened to each (``processed``), the requests recovered from dead sweeps
+    and those still pending when it ends (``pending``: another sweep is processing a request
+    of the model, or ``max_requests`` was reached). A sweep with nothing pending does
+    nothing (not even train a first version)."""
     logger = get_run_logger()
     modality, params, ledger = open_service(params_path, overrides)
     model = params.service.model_name
     owner = default_owner()
-    out: dict[str, Any] = {"model": model, "processed": [], "recovered": []}
+    out: dict[str, Any] = {"model": model, "processed": [], "recovered": [], "pending": []}
     try:
         for row in ledger.recover_stale(model):
             logger.warning("%s: left processing by a dead sweep; marked failed", row.request_id)
@@ -133,6 +135,7 @@ def sweep_flow(
                         produced_version=result["produced_version"],
                     )
             out["processed"].append(result)
+        out["pending"] = [r.request_id for r in ledger.list(status="pending", model_name=model)]
     finally:
         ledger.close()
     logger.info(
