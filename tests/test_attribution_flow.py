@@ -93,7 +93,7 @@ def test_oracles_train_on_the_retain_set(prefect_api, project: Path, local_ray):
         kind="oracles",
     )
     masks, seeds, _ = AttributionStore.open(result["store"]).load()
-    man = load_manifests(project / "data" / "forget")
+    man = load_manifests(project / "runs" / "image" / "req-orc" / "manifests")
     targets = AttributionStore.open(result["store"]).targets().column("sample_id").to_pylist()
     retain = np.isin(np.array(targets[:200]), man.retain_ids)
     assert masks.shape == (4, 200) and (masks == retain).all()

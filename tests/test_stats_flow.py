@@ -56,11 +56,11 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
     assert state.is_completed(), state
     result = state.result()
     data = load_prepared(project / "data" / "prepared")
-    man = load_manifests(project / "data" / "forget")
+    man = load_manifests(project / "runs" / "image" / "req-classes" / "manifests")
     labels = dict(zip(data.ids, data.y, strict=True))
     assert {int(labels[s]) for s in man.forget_ids} == set(FORGET)
     assert not {int(labels[s]) for s in man.retain_ids} & set(FORGET)
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    lock = yaml.safe_load((project / "runs" / "image" / "req-classes" / "dvc.lock").read_text())
     run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_run(result["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["request_id"] == "req-classes"
     assert run.data.tags["dvc.manifests_md5"] == lock["stages"]["extract"]["outs"][0]["md5"]
@@ -193,7 +193,7 @@ def test_pipeline_reuses_the_stats_files(prefect_api, tmp_path: Path, capsys):
     # ... and the stored values are what an in-process recompute gives (ids as keys)
     p = load_params(pp, over)
     data = load_prepared(root / "data" / "prepared")
-    man = load_manifests(root / "data" / "forget")
+    man = load_manifests(root / "runs" / "image" / "req-a" / "manifests")
     model = load_model(next((root / "artifacts" / "models").glob("original-*")), p.model, data)
     for split in ("forget", "retain"):
         ids = fisher_split_ids(man, split, p.fisher)
