@@ -198,3 +198,51 @@ def test_three_processes_claim_from_the_ledger_in_mlflows_postgresql_database(
     assert all(claims[i + 1] >= finishes[i] for i in range(len(ids) - 1))
     assert len({r.owner for r in rows}) >= 2, "the workers did not contend"
     ledger.close()
+
+
+@pytest.mark.slow  # three processes, each starting its own temporary Prefect API: ~100 s
+def test_three_sweeps_at_once_against_the_postgresql_backed_tracking_server(
+    mlflow_server: str, postgres_url: str, tmp_path: Path
+) -> None:
+    """Issue 12 on the team set-up: three `unlearn sweep` processes started at once on three
+    pending requests, MLflow through the tracking server (PostgreSQL behind it) and the
+    ledger in the same PostgreSQL database (service.ledger_url): one first version, each
+    request processed exactly once (one run, one version, a linear chain), each run with its
+    own request's forget ids (tests/test_service.py's checks)."""
+    from tests.test_service import (
+        assert_each_processed_once,
+        cli,
+        concurrent_sweeps,
+        new_project,
+        prepare,
+    )
+
+    model = "unlearnflow-team-sweep"
+    p = new_project(
+        tmp_path / "proj",
+        model=model,
+        tracking_uri=mlflow_server,
+        ledger_url=postgres_url,
+        experiment="team-sweep",
+    )
+    prepare(p)
+    ids = [f"team-sweep-{i}" for i in range(3)]
+    files = [p.write_request(rid, {"fraction": 0.1, "seed": 50 + i}) for i, rid in enumerate(ids)]
+    assert cli("submit", "--params", p.params, *files)[0] == 0
+    outputs = concurrent_sweeps(p, tmp_path)
+    assert_each_processed_once(p, ids, outputs)
+
+    # the ledger and the registry behind the server are one PostgreSQL database
+    engine = sa.create_engine(postgres_url)
+    with engine.connect() as conn:
+        done = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM unlearnflow_requests WHERE model_name = :m AND status = 'done'"
+            ),
+            {"m": model},
+        ).scalar_one()
+        versions = conn.execute(
+            sa.text("SELECT count(*) FROM model_versions WHERE name = :m"), {"m": model}
+        ).scalar_one()
+    engine.dispose()
+    assert (done, versions) == (3, 4)
