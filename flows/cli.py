@@ -5,7 +5,7 @@
     unlearn submit FILE [FILE ...] [--params params.yaml]
     unlearn sweep [--params params.yaml] [--max N] [--purge] [--set KEY=VALUE ...]
     unlearn retrain-production [--params params.yaml] [--set KEY=VALUE ...]
-    unlearn requests list [--status S] [--json] | show ID [--json] [--params params.yaml]
+    unlearn requests list [--status S] [--json] | show ID [--json] | retry ID [--params params.yaml]
     unlearn purge [--older-than DAYS] [--dry-run] [--json] [--params params.yaml]
     unlearn lineage request ID | sample ID | model NAME@VERSION|NAME@production [--json]
     unlearn experiment [--params params.yaml] [--request FILE] [--method NAME] [--set ...]
@@ -206,6 +206,25 @@ def cmd_requests_show(args: argparse.Namespace) -> int:
     print("history:")
     for e in events:
         print(f"  {e.at}  {e.from_status or '-':>13} -> {e.to_status:<13} {e.reason}")
+    return 0
+
+
+def cmd_requests_retry(args: argparse.Namespace) -> int:
+    """Put a ``failed`` request back in the queue (``failed -> pending``); the next sweep
+    processes it again, in its original place."""
+    _, _, ledger = _service(args)
+    try:
+        row = ledger.get(args.request_id)
+        if row is None:
+            raise RequestError(f"request {args.request_id!r} is not in the ledger")
+        if row.status != "failed":
+            raise RequestError(
+                f"request {args.request_id!r} is {row.status}; only a failed request can be retried"
+            )
+        ledger.transition(args.request_id, "pending", args.reason, error=None)
+    finally:
+        ledger.close()
+    print(f"{args.request_id}: pending (retry)")
     return 0
 
 
@@ -809,6 +828,11 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--json", action="store_true")
     sh.add_argument("--params", default="params.yaml")
     sh.set_defaults(func=cmd_requests_show)
+    rt_req = req_sub.add_parser("retry", help="put a failed request back in the queue")
+    rt_req.add_argument("request_id")
+    rt_req.add_argument("--reason", default="retry requested", help="recorded in its history")
+    rt_req.add_argument("--params", default="params.yaml")
+    rt_req.set_defaults(func=cmd_requests_retry)
     pg = sub.add_parser(
         "purge",
         help="delete model artifacts that hold ids forgotten longer ago than the retention window",

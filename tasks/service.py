@@ -31,8 +31,8 @@ from pipeline_lib.data.requests import (
     request_document,
     request_from_dict,
 )
+from pipeline_lib.io import code_version
 from pipeline_lib.modalities import Modality
-from pipeline_lib.modalities.image import code_version
 from pipeline_lib.service.gates import evaluate_gates
 from pipeline_lib.service.tombstones import (
     append_tombstones,

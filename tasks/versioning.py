@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import to_dict
@@ -59,6 +60,8 @@ def ensure_dvc_repo(dvc_root: Path) -> None:
 
 @task(
     name="dvc-repro",
+    # never served from a cache: the md5s must be what the lock files say now
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=2,
     retry_condition_fn=lambda task, run, state: (
@@ -109,7 +112,7 @@ def stage_md5(md5s: dict[str, Any], stage: str, out: str) -> str:
     return outs.get(out) or outs[next(k for k in outs if out.endswith(k) or k.endswith(out))]
 
 
-@task(name="validate-request")
+@task(name="validate-request", cache_policy=NO_CACHE)
 def validate_request(modality: str, request: Any, prepared_dir: str) -> dict[str, int]:
     """Resolve the request against the prepared data; raises RequestError naming the problem."""
     from pipeline_lib.modalities import get_modality

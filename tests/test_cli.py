@@ -131,3 +131,33 @@ def test_console_script_help():
     ).stdout
     for flag in ("--params", "--request", "--method", "--set"):
         assert flag in out
+
+
+def test_requests_retry_puts_a_failed_request_back(capsys, tmp_path):
+    from pipeline_lib.data.requests import parse_request
+    from tasks.ledger import Ledger
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["tracking"].update(
+        mlflow_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", dvc_root=str(tmp_path)
+    )
+    pfile = tmp_path / "params.yaml"
+    pfile.write_text(yaml.safe_dump(params))
+    ledger = Ledger(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for rid in ("r-ok", "r-bad"):
+        doc = {"request_id": rid, "reason": "t", "forget": {"fraction": 0.1}}
+        ledger.submit(parse_request(doc), params["service"]["model_name"])
+    ledger.claim_next(params["service"]["model_name"])  # r-ok
+    ledger.transition("r-ok", "failed", "crashed", error="boom")
+    # a pending request cannot be retried; an unknown one is named
+    assert main(["requests", "retry", "r-bad", "--params", str(pfile)]) == 2
+    assert "r-bad" in capsys.readouterr().err
+    assert main(["requests", "retry", "nope", "--params", str(pfile)]) == 2
+    assert main(["requests", "retry", "r-ok", "--params", str(pfile)]) == 0
+    assert "r-ok: pending (retry)" in capsys.readouterr().out
+    row = ledger.get("r-ok")
+    assert row.status == "pending" and row.error is None
+    assert [e.to_status for e in ledger.events("r-ok")][-2:] == ["failed", "pending"]
+    # arrival order is kept: the retried request is claimed before the later one
+    assert ledger.claim_next(params["service"]["model_name"]).request_id == "r-ok"
+    ledger.close()
