@@ -213,7 +213,10 @@ def format_table(
     """Plain-text summary table of a report (one row per model) plus the cost line."""
     header = f"{'model':<12}" + "".join(f"{c:>{width}}" for c in columns)
     lines = [header, "-" * len(header)]
-    for name, m in report["models"].items():
+    roles = ("original", "oracle", "unlearned")  # this order, whatever order the JSON kept
+    models = report["models"]
+    names = [r for r in roles if r in models] + [n for n in models if n not in roles]
+    for name, m in ((n, models[n]) for n in names):
         lines.append(
             f"{name:<12}" + "".join(f"{m.get(c, float('nan')):>{width}.{digits}f}" for c in columns)
         )
