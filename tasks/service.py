@@ -307,7 +307,7 @@ def process_request(
         oracle = None
         if svc.evaluates_oracle(rid) or "oracle" in needs:
             oracle = with_files(
-                compute.train_model,
+                oracle_task(root, tomb_rel, request_data),
                 ("path",),
                 modality.name,
                 request_data,
@@ -462,6 +462,38 @@ def process_request(
             else None
         ),
     }
+
+
+def oracle_task(root: Path, tomb_rel: str, request_data: dict[str, str]) -> Any:
+    """The training task of a request's oracle, cached per *tombstone set*: the oracle is
+    trained on the data minus every id forgotten so far (this request's included), so its
+    cache key is the prepared data's md5, the digest of that id set, the sections, the seed
+    and the code, and not the request. Any request that leaves the same ids out reuses it."""
+    import hashlib
+
+    man = load_manifests(request_data["manifests_dir"])
+    after = append_tombstones(
+        read_tombstones(root / tomb_rel), "oracle", man.forget_ids, datetime.now(UTC)
+    )
+    gone = tombstone_digest(after)  # sha256 of the sorted ids only
+
+    def key(context: Any, parameters: dict[str, Any]) -> str:
+        body = json.dumps(
+            [
+                parameters["modality"],
+                parameters["data"]["prepared_md5"],
+                gone,
+                parameters["role"],
+                parameters["sections"],
+                parameters["seed"],
+                parameters["artifacts_dir"],
+                parameters["code"],
+            ],
+            sort_keys=True,
+        )
+        return "oracle-" + hashlib.sha256(body.encode()).hexdigest()
+
+    return compute.train_model.with_options(cache_key_fn=key)
 
 
 def is_input_error(exc: BaseException) -> bool:

@@ -663,6 +663,46 @@ def test_the_request_task_cache_key_names_the_ledger_entry(tmp_path: Path) -> No
     assert all("/" not in k and MODEL in k and "r1" in k for k in keys)
 
 
+def test_the_oracle_is_cached_per_tombstone_set(tmp_path: Path) -> None:
+    """Two requests that leave the same ids out of the data (tombstones so far plus their own
+    forget set) get the same oracle cache key; another id set gets another key."""
+    import numpy as np
+
+    from pipeline_lib.data.requests import parse_request, write_manifests
+    from pipeline_lib.service.tombstones import append_tombstones, read_tombstones, write_tombstones
+    from tasks.service import oracle_task
+
+    tomb_rel = "tombstones.parquet"
+    write_tombstones(
+        append_tombstones(
+            read_tombstones(tmp_path / tomb_rel), "r0", ["a"], "2026-01-01T00:00:00+00:00"
+        ),
+        tmp_path / tomb_rel,
+    )
+    meta = {"content_hash": "h", "dataset": "d"}
+
+    def key(rid: str, forget: list[str]) -> str:
+        req = parse_request({"request_id": rid, "reason": "x", "forget": {"sample_ids": forget}})
+        out = tmp_path / rid
+        write_manifests(out, req, np.array(forget), np.array(["z"]), meta)
+        data = {"prepared_dir": "p", "prepared_md5": "m", "manifests_dir": str(out)}
+        task = oracle_task(tmp_path, tomb_rel, data)
+        params = {
+            "modality": "image",
+            "data": data,
+            "role": "oracle",
+            "sections": {"model": {}, "train": {}},
+            "seed": 1,
+            "artifacts_dir": "art",
+            "code": "c",
+        }
+        return task.cache_key_fn(None, params)
+
+    # {a} tombstoned: forgetting b, or a and b, leaves out the same set {a, b}
+    assert key("r1", ["b"]) == key("r2", ["a", "b"])
+    assert key("r1", ["b"]) != key("r3", ["c"])
+
+
 def _forget_digest(ids: list[str]) -> str:
     import mlflow
     import pandas as pd
