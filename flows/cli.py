@@ -32,6 +32,7 @@ from typing import Any
 import yaml
 
 from pipeline_lib.config import ConfigError, environment_overrides, load_params
+from pipeline_lib.data.images import DataError
 from pipeline_lib.data.requests import (
     RequestError,
     check_unique_ids,
@@ -895,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ConfigError, RequestError, FileNotFoundError) as exc:
+    except (ConfigError, RequestError, DataError, FileNotFoundError) as exc:
         print(f"unlearn: error: {exc}", file=sys.stderr)
         return 2
 

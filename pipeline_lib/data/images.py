@@ -174,40 +174,167 @@ def load_fashion_mnist_source(cfg: DataConfig) -> RawDataset:
     return RawDataset(ids, X, labels.astype(np.int64), split_arr, 10, str(directory))
 
 
+class DataError(ValueError):
+    """A data source is unusable (unreadable file, missing column, nulls, ragged or non-finite
+    features, labels that are not class indices 0..k-1); the message names the file and column."""
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        # Arrow repeats the path ("Could not open Parquet input source '<path>': ..."); keep the why.
+        why = why.split("': ", 1)[-1]
+        raise DataError(f"{path}: not a readable Parquet table ({why})") from None
+
+
+def _null_rows(col: pa.ChunkedArray) -> np.ndarray:
+    return np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))
+
+
+def _refuse_nulls(path: Path, table: pa.Table, name: str) -> None:
+    col = table.column(name)
+    if col.null_count:
+        first = int(_null_rows(col)[0])
+        raise DataError(
+            f"{path}: column {name} holds {col.null_count} null value(s) (first in row {first})"
+        )
+
+
+def _parquet_ids(path: Path, table: pa.Table) -> np.ndarray:
+    _refuse_nulls(path, table, "sample_id")
+    ids = np.array([str(s) for s in table.column("sample_id").to_pylist()])
+    empty = np.flatnonzero(ids == "")
+    if len(empty):
+        raise DataError(f"{path}: column sample_id holds an empty id (row {int(empty[0])})")
+    values, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        dupe = str(values[counts > 1][0])
+        raise DataError(
+            f"{path}: sample_id values are not unique ({int((counts > 1).sum())} id(s) repeated, "
+            f"e.g. {dupe!r} in {int(counts[values == dupe][0])} rows)"
+        )
+    return ids
+
+
+def _parquet_labels(path: Path, table: pa.Table) -> tuple[np.ndarray, int]:
+    """Labels as int64 and the class count; refuses nulls, non-integers and classes that
+    are not exactly 0..k-1 (labels 1..k would silently make k+1 classes)."""
+    _refuse_nulls(path, table, "label")
+    label_type = table.schema.field("label").type
+    if pa.types.is_floating(label_type):
+        raw_y = np.asarray(table.column("label").to_numpy())
+        bad = np.flatnonzero(~np.isfinite(raw_y) | (raw_y != np.round(raw_y)))
+        if len(bad):
+            i = int(bad[0])
+            raise DataError(
+                f"{path}: column label must hold integer class indices, found {float(raw_y[i])} "
+                f"in row {i} ({len(bad)} such row(s); column type {label_type})"
+            )
+    elif not pa.types.is_integer(label_type):
+        raise DataError(
+            f"{path}: column label must hold integer class indices (column type {label_type}; "
+            "strings and other types are not converted)"
+        )
+    y = np.asarray(table.column("label").to_numpy()).astype(np.int64)
+    negative = np.flatnonzero(y < 0)
+    if len(negative):
+        i = int(negative[0])
+        raise DataError(
+            f"{path}: column label must hold non-negative class indices, found {int(y[i])} "
+            f"in row {i}"
+        )
+    n_classes = int(y.max()) + 1
+    absent = np.setdiff1d(np.arange(n_classes), y)
+    if len(absent):
+        present = np.unique(y)
+        shown = ", ".join(str(int(c)) for c in present[:10]) + (" ..." if len(present) > 10 else "")
+        raise DataError(
+            f"{path}: column label must hold contiguous class indices 0..{n_classes - 1}, but "
+            f"class {int(absent[0])} has no rows ({len(absent)} missing; labels present: {shown}; "
+            "renumber the classes from 0)"
+        )
+    return y, n_classes
+
+
+def _first_ragged_row(values: list) -> tuple[int, tuple, tuple]:
+    shape0 = np.shape(values[0])
+    for i, v in enumerate(values):
+        try:
+            shape = np.shape(v)
+        except ValueError:  # ragged inside the row itself
+            return i, shape0, ("ragged",)
+        if shape != shape0:
+            return i, shape0, shape
+    return 0, shape0, shape0
+
+
+def _nested_column(path: Path, table: pa.Table, name: str) -> np.ndarray:
+    """A ``features`` / ``image`` column of (nested) lists as a float32 array."""
+    _refuse_nulls(path, table, name)
+    col = table.column(name)
+    if not (pa.types.is_list(col.type) or pa.types.is_large_list(col.type)) and not (
+        pa.types.is_fixed_size_list(col.type)
+    ):
+        raise DataError(f"{path}: column {name} must hold lists of numbers (type {col.type})")
+    inner_nulls = col.combine_chunks().flatten().null_count
+    if inner_nulls:
+        raise DataError(f"{path}: column {name} holds {inner_nulls} null value(s) inside its lists")
+    values = col.to_pylist()
+    try:
+        return np.array(values, dtype=np.float32)
+    except (ValueError, TypeError) as exc:
+        i, shape0, shape = _first_ragged_row(values)  # only on failure: a pass over every row
+        if shape != shape0:
+            raise DataError(
+                f"{path}: column {name} is ragged: row 0 has shape {shape0}, row {i} has "
+                f"{shape} (every sample needs the same number of features)"
+            ) from None
+        raise DataError(f"{path}: column {name} must hold numbers ({exc})") from None
+
+
+def _refuse_non_finite(path: Path, name: str, X: np.ndarray, ids: np.ndarray) -> None:
+    bad = ~np.isfinite(X.reshape(len(X), -1))
+    n_bad = int(bad.sum())
+    if n_bad:
+        rows = np.flatnonzero(bad.any(axis=1))
+        raise DataError(
+            f"{path}: column {name} holds {n_bad} non-finite value(s) (NaN or inf) in "
+            f"{len(rows)} row(s), first in row {int(rows[0])} (sample_id {str(ids[rows[0]])!r})"
+        )
+
+
 @DATASETS.register("parquet")
 def load_parquet_source(cfg: DataConfig) -> RawDataset:
     """A user's table: ``sample_id``, ``label`` and either a ``features`` list column, an
     ``image`` column (nested lists, H×W or C×H×W), or plain numeric feature columns.
-    An optional ``split`` column (train/test) is kept; otherwise the split is seeded."""
+    An optional ``split`` column (train/test) is kept; otherwise the split is seeded.
+
+    The table is checked before anything is written; a :class:`DataError` names the file
+    and the column: no rows, a missing ``sample_id``/``label``, null or repeated ids, null,
+    fractional or non-numeric labels, classes that are not 0..k-1, ragged, null or
+    non-finite features, a split other than train/test."""
     if not cfg.path:
         raise ConfigError("data.path: the parquet dataset needs the path of a Parquet table")
     path = Path(cfg.path)
     if not path.exists():
         raise FileNotFoundError(f"data.path: Parquet table not found: {path}")
-    table = pq.read_table(path)
+    table = _read_parquet(path)
     cols = set(table.column_names)
     missing = {"sample_id", "label"} - cols
     if missing:
-        raise ValueError(f"{path}: missing required column(s) {', '.join(sorted(missing))}")
-    ids = np.array([str(s) for s in table.column("sample_id").to_pylist()])
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"{path}: sample_id values are not unique")
-    label_type = table.schema.field("label").type
-    raw_y = np.asarray(table.column("label").to_numpy(zero_copy_only=False))
-    if not pa.types.is_integer(label_type):
-        if (
-            not pa.types.is_floating(label_type)
-            or not np.all(np.isfinite(raw_y))
-            or np.any(raw_y != np.round(raw_y))
-        ):
-            raise ValueError(
-                f"{path}: label must hold integer class indices (column type {label_type})"
-            )
-    y = raw_y.astype(np.int64)
+        raise DataError(f"{path}: missing required column(s) {', '.join(sorted(missing))}")
+    if table.num_rows == 0:
+        raise DataError(f"{path}: the table has no rows")
+    ids = _parquet_ids(path, table)
+    y, n_classes = _parquet_labels(path, table)
     if "features" in cols:
-        X = np.array(table.column("features").to_pylist(), dtype=np.float32)
+        X = _nested_column(path, table, "features")
+        _refuse_non_finite(path, "features", X, ids)
     elif "image" in cols:
-        X = np.array(table.column("image").to_pylist(), dtype=np.float32)
+        X = _nested_column(path, table, "image")
+        _refuse_non_finite(path, "image", X, ids)
         if X.ndim == 3:
             X = X[:, None]
     else:
@@ -219,19 +346,42 @@ def load_parquet_source(cfg: DataConfig) -> RawDataset:
             and (pa.types.is_floating(f.type) or pa.types.is_integer(f.type))
         ]
         if not numeric:
-            raise ValueError(
+            raise DataError(
                 f"{path}: no 'features' or 'image' column and no numeric feature columns"
             )
+        for c in numeric:
+            _refuse_nulls(path, table, c)
         X = np.stack([table.column(c).to_numpy().astype(np.float32) for c in numeric], axis=1)
+        for j, c in enumerate(numeric):
+            _refuse_non_finite(path, c, X[:, j : j + 1], ids)
     split = None
     if "split" in cols:
+        _refuse_nulls(path, table, "split")
         split = np.array(table.column("split").to_pylist(), dtype=str)
         bad = sorted(set(split) - set(SPLITS))
         if bad:
-            raise ValueError(f"{path}: split column holds {str(bad[0])!r}; valid: train, test")
-    if y.min() < 0:
-        raise ValueError(f"{path}: labels must be non-negative class indices")
-    return RawDataset(ids, X, y, split, int(y.max()) + 1, str(path))
+            raise DataError(f"{path}: split column holds {str(bad[0])!r}; valid: train, test")
+    return RawDataset(ids, X, y, split, n_classes, str(path))
+
+
+def check_raw(raw: RawDataset) -> None:
+    """What every source must deliver, whatever it checked itself: rows, unique ids, finite
+    features and labels in 0..n_classes-1; a :class:`DataError` naming the source otherwise."""
+    src = raw.source
+    if len(raw.ids) == 0:
+        raise DataError(f"{src}: the dataset has no samples")
+    if not (len(raw.ids) == len(raw.X) == len(raw.y)):
+        raise DataError(f"{src}: ids, features and labels differ in count")
+    if len(np.unique(raw.ids)) != len(raw.ids):
+        raise DataError(f"{src}: sample_id values are not unique")
+    n_bad = int((~np.isfinite(raw.X)).sum())
+    if n_bad:
+        raise DataError(f"{src}: {n_bad} non-finite feature value(s) (NaN or inf)")
+    if raw.y.min() < 0 or raw.y.max() >= raw.n_classes:
+        raise DataError(
+            f"{src}: labels must lie in 0..{raw.n_classes - 1}, "
+            f"found {int(raw.y.min())}..{int(raw.y.max())}"
+        )
 
 
 def get_dataset_loader(name: str) -> Callable[[DataConfig], RawDataset]:
@@ -285,6 +435,7 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path | None = None) -> dict:
     Returns the metadata written to ``meta.json``.
     """
     raw = get_dataset_loader(cfg.name)(cfg)
+    check_raw(raw)
     split = assign_split(raw, cfg)
     rng = np.random.default_rng(cfg.seed + 1)
     keep = np.concatenate(

@@ -35,6 +35,10 @@ from pipeline_lib.io import atomic_path
 
 REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 FORGET_KINDS = ("sample_ids", "classes", "fraction", "groups")
+#: A request file larger than this is refused before it is read (a list of ids fits easily).
+MAX_REQUEST_BYTES = 1_000_000
+#: The longest ``reason`` accepted (it is stored with the request, in MLflow and the ledger).
+MAX_REASON_CHARS = 2_000
 
 
 class RequestError(ValueError):
@@ -101,6 +105,10 @@ def parse_request(raw: Any, source: str = "request") -> DeletionRequest:
     reason = raw.get("reason")
     if not isinstance(reason, str) or not reason.strip():
         raise RequestError(f"{source}: reason must be a non-empty string")
+    if len(reason) > MAX_REASON_CHARS:
+        raise RequestError(
+            f"{source}: reason is {len(reason)} characters long; the limit is {MAX_REASON_CHARS}"
+        )
     forget = raw.get("forget")
     if not isinstance(forget, Mapping):
         raise RequestError(
@@ -217,8 +225,23 @@ def load_request(path: str | Path) -> DeletionRequest:
     path = Path(path)
     if not path.is_file():
         raise RequestError(f"request file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_REQUEST_BYTES:
+        raise RequestError(
+            f"{path}: request file is {size:,} bytes; the limit is {MAX_REQUEST_BYTES:,} bytes"
+        )
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError(
+            f"{path}: not a text file (byte {exc.start} is not UTF-8); a request is YAML text"
+        ) from None
+    if "\x00" in text:
+        at = text.index("\x00")
+        raise RequestError(f"{path}: not a text file (NUL byte at offset {at}); a request is YAML")
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise RequestError(f"{path}: not valid YAML: {exc}") from exc
     return parse_request(raw, str(path))
