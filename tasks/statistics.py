@@ -229,6 +229,27 @@ def full_identity(
     return stats_identity("fisher", "full", weights_digest, content_hash, list(ids), options)
 
 
+def _local_sums(
+    params: Params, weights: dict[str, Any], data: Prepared, ids: np.ndarray
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Float64 Fisher sums over ``ids`` in this process: (sums, n, seconds)."""
+    f = params.fisher
+    model = load_model(weights["path"], params.model, data)
+    X, y = data.subset(ids)
+    t0 = time.perf_counter()
+    sums, n = fisher_diagonal_sum(
+        model,
+        torch.from_numpy(X),
+        torch.from_numpy(y),
+        kind=f.kind,
+        batch_size=f.batch_size,
+        seed=f.seed,
+        sample_ids=list(ids),
+        sum_dtype=torch.float64,
+    )
+    return sums, n, time.perf_counter() - t0
+
+
 def full_fisher_sums(
     params: Params, weights: dict[str, Any], ids: np.ndarray | None = None
 ) -> dict[str, Any]:
@@ -245,9 +266,8 @@ def full_fisher_sums(
     f = params.fisher
     if f.kind not in PER_SAMPLE_KINDS:
         raise ValueError(f"full-data Fisher sums need a per-sample fisher.kind, not {f.kind!r}")
-    X, y = data.subset(ids)
-    t0 = time.perf_counter()
     if params.stats.fisher_backend == "ray":
+        X, y = data.subset(ids)
         key = hashlib.sha256(
             (data.content_hash + "|" + "\n".join(ids) + f"|{params.stats.n_shards}").encode()
         ).hexdigest()[:16]
@@ -271,22 +291,10 @@ def full_fisher_sums(
         # shard sums are float32; their reduce is float64
         parts = [({k: v.double() for k, v in s_.items()}, n) for s_, n in run["parts"]]
         sums, n = reduce_sums(parts)
-        backend = "ray"
+        seconds, backend = time.perf_counter() - t0, "ray"
     else:
-        model = load_model(weights["path"], params.model, data)
-        t0 = time.perf_counter()
-        sums, n = fisher_diagonal_sum(
-            model,
-            torch.from_numpy(X),
-            torch.from_numpy(y),
-            kind=f.kind,
-            batch_size=f.batch_size,
-            seed=f.seed,
-            sample_ids=list(ids),
-            sum_dtype=torch.float64,
-        )
+        sums, n, seconds = _local_sums(params, weights, data, ids)
         backend = "local"
-    seconds = time.perf_counter() - t0
     config = fisher_config(
         f,
         "full",
@@ -380,21 +388,7 @@ def _fisher_from_full(
     full = full_fisher_sums(params, weights)
     res_f, res_r = lookup(params, fid), lookup(params, rid)
     if res_r is None:
-        model = load_model(weights["path"], params.model, data)
-        ids = man.forget_ids
-        X, y = data.subset(ids)
-        t0 = time.perf_counter()
-        sums_f, n_f = fisher_diagonal_sum(
-            model,
-            torch.from_numpy(X),
-            torch.from_numpy(y),
-            kind=f.kind,
-            batch_size=f.batch_size,
-            seed=f.seed,
-            sample_ids=list(ids),
-            sum_dtype=torch.float64,
-        )
-        forget_seconds = time.perf_counter() - t0
+        sums_f, n_f, forget_seconds = _local_sums(params, weights, data, man.forget_ids)
         common = {"weights_digest": weights["digest"], "data_content_hash": data.content_hash}
         if res_f is None:
             tensors = {k: (v / n_f).float() for k, v in sums_f.items()}
