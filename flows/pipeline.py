@@ -28,7 +28,7 @@ from pipeline_lib.io import code_version
 from pipeline_lib.modalities import modality_for_params
 from tasks import compute, tracking, versioning
 from tasks.compute import with_files
-from tasks.method_inputs import fisher_metrics, method_extras, request_cost_block
+from tasks.method_inputs import fisher_metrics, request_cost_block, unlearn_with_inputs
 
 
 @flow(name="unlearning-pipeline")
@@ -87,21 +87,9 @@ def unlearning_pipeline(
                 (request_data, "oracle", params.train.oracle_seed),
             )
         )
-        extras, fisher = method_extras(
-            modality, params, method, original, oracle, request_data, run_id
+        unlearned, fisher, unlearn_seconds = unlearn_with_inputs(
+            modality, params, method, original, oracle, request_data, run_id, artifacts, code
         )
-        unlearned = with_files(
-            compute.unlearn,
-            ("path",),
-            modality.name,
-            request_data,
-            original,
-            modality.unlearn_sections(cfg),
-            extras,
-            artifacts,
-            code,
-        )
-        unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
         report_dir = params.resolve(params.evaluate.report_dir) / request.request_id / method.name
         suffix = "" if modality.name == "image" else f" ({modality.tag.upper()})"
         report = compute.evaluate(

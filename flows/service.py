@@ -68,9 +68,7 @@ def process_request_task(modality_name: str, params: Any, row: Any, ledger_db: s
         out = process_request(get_modality(modality_name), params, row, ledger)
     finally:
         ledger.close()
-    return {k: v for k, v in out.items() if k not in ("report", "parent_tags")} | {
-        "report": out["report"]
-    }
+    return out
 
 
 @flow(name="deletion-sweep")

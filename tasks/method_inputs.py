@@ -9,7 +9,8 @@ from typing import Any
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import Params, to_dict
-from tasks import tracking
+from tasks import compute, tracking
+from tasks.compute import with_files
 from tasks.statistics import fisher_statistics
 from tasks.stores import ensure_store
 
@@ -112,3 +113,32 @@ def method_extras(
     if "oracle" in needs:
         extras["oracle"] = oracle
     return extras, fisher
+
+
+def unlearn_with_inputs(
+    modality: Any,
+    params: Params,
+    method: Any,
+    original: dict[str, Any],
+    oracle: dict[str, Any] | None,
+    request_data: dict[str, str],
+    run_id: str,
+    artifacts: str,
+    code: str,
+) -> tuple[dict[str, Any], dict[str, Any] | None, float]:
+    """The method's inputs (:func:`method_extras`), then the cached unlearning task on
+    ``original``'s weights. Returns (the unlearned result, the Fisher result or None, the
+    unlearning seconds: the method's plus the statistics')."""
+    extras, fisher = method_extras(modality, params, method, original, oracle, request_data, run_id)
+    unlearned = with_files(
+        compute.unlearn,
+        ("path",),
+        modality.name,
+        request_data,
+        original,
+        modality.unlearn_sections(to_dict(params)),
+        extras,
+        artifacts,
+        code,
+    )
+    return unlearned, fisher, unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)

@@ -44,7 +44,7 @@ from pipeline_lib.service.tombstones import (
 from tasks import compute, lineage, registry, tracking, versioning
 from tasks.compute import with_files
 from tasks.ledger import Ledger, LedgerRow
-from tasks.method_inputs import fisher_metrics, method_extras, request_cost_block
+from tasks.method_inputs import fisher_metrics, request_cost_block, unlearn_with_inputs
 from tasks.statistics import full_data_statistics
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
@@ -232,16 +232,14 @@ def ensure_production(modality: Modality, params: Any) -> str:
     return train_exact(modality, params, "first production version")["version"]
 
 
-def _production_weights(
-    modality: Modality, params: Any, version: str
-) -> tuple[dict[str, Any], dict[str, Any]]:
+def _production_weights(modality: Modality, params: Any, version: str) -> dict[str, Any]:
     """Download (and verify) a version's weights under the artifacts directory; returns the
-    weights dict the compute tasks take (path, digest) and the version's tags."""
+    weights dict the compute tasks take (path, digest)."""
     uri, name = params.tracking.mlflow_uri, params.service.model_name
     mv = registry.get_version(uri, name, version)
     dest = params.resolve(params.tracking.artifacts_dir) / "registry" / name / f"v{version}"
     path, _ = registry.download_version_weights(uri, name, version, dest)
-    return {"path": str(path), "digest": mv.tags["state_digest"]}, dict(mv.tags)
+    return {"path": str(path), "digest": mv.tags["state_digest"]}
 
 
 def process_request(
@@ -263,7 +261,7 @@ def process_request(
     rid = request.request_id
     parent_version = ensure_production(modality, params)
     t0 = time.perf_counter()  # the request's own time: not the first version's training
-    parent, parent_tags = _production_weights(modality, params, parent_version)
+    parent = _production_weights(modality, params, parent_version)
     tomb_rel = tombstones_path(modality, params)
     exclude = tomb_rel if (root / tomb_rel).is_file() else None
     prepared, prepared_md5 = versioning.stage_prepare(modality, params, root)
@@ -317,21 +315,9 @@ def process_request(
                 artifacts,
                 code,
             )
-        extras, fisher = method_extras(
-            modality, params, method, parent, oracle, request_data, run_id
+        unlearned, fisher, unlearn_seconds = unlearn_with_inputs(
+            modality, params, method, parent, oracle, request_data, run_id, artifacts, code
         )
-        unlearned = with_files(
-            compute.unlearn,
-            ("path",),
-            modality.name,
-            request_data,
-            parent,
-            modality.unlearn_sections(cfg),
-            extras,
-            artifacts,
-            code,
-        )
-        unlearn_seconds = unlearned["seconds"] + (fisher["seconds"] if fisher else 0.0)
         report_dir = params.resolve(params.evaluate.report_dir) / svc.model_name / rid
         weights = {
             "original": parent["path"],
@@ -453,7 +439,6 @@ def process_request(
         "report": report,
         "report_dir": str(report_dir),
         "gates": gates.summary(),
-        "parent_tags": parent_tags,
         "seconds": time.perf_counter() - t0,
         # the new version's full-data statistics: the amortised cost, after the request
         "full_statistics": (

@@ -443,7 +443,6 @@ def test_failing_requests_do_not_block_the_next(three: Sweep, monkeypatch) -> No
     import dataclasses
 
     import pipeline_lib.modalities.image as image_modality
-    from tasks import service as service_tasks
 
     p = three.project
     a_forget = sorted(p.manifests("svc-a")[0])
@@ -451,7 +450,9 @@ def test_failing_requests_do_not_block_the_next(three: Sweep, monkeypatch) -> No
     f = p.write_request("svc-f", {"fraction": 0.05, "seed": 11})
     e = p.write_request("svc-e", {"fraction": 0.05, "seed": 12})
     assert cli("submit", "--params", p.params, d, f, e)[0] == 0
-    real = service_tasks.method_extras
+    import tasks.method_inputs as method_inputs
+
+    real = method_inputs.method_extras
 
     def method_extras(*args: Any, **kwargs: Any) -> Any:
         request_data = args[5]
@@ -459,7 +460,7 @@ def test_failing_requests_do_not_block_the_next(three: Sweep, monkeypatch) -> No
             raise RuntimeError("forced failure of svc-f (test)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(service_tasks, "method_extras", method_extras)
+    monkeypatch.setattr(method_inputs, "method_extras", method_extras)
     modality = image_modality.MODALITY
 
     def summary_line(report: dict[str, Any]) -> str:
