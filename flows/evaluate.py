@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +22,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.logging import get_run_logger
 
 from pipeline_lib.attribution.datamodels import margins as margins_of
-from pipeline_lib.attribution.matching import (
-    MatchTargets,
-    datamodel_targets,
-    matching_retain_rows,
-    oracle_targets,
-)
+from pipeline_lib.attribution.matching import MatchTargets
 from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.comparison import (
     Problem,
@@ -54,6 +48,7 @@ from pipeline_lib.modalities import get_modality
 from tasks import attribution as ray_attr
 from tasks import evaluation as ray_eval
 from tasks import tracking, versioning
+from tasks.evaluation import build_problem
 from tasks.stores import Progress, ensure_store
 
 NONE_ROW = "none (original)"
@@ -91,27 +86,6 @@ def check_methods(methods: list[str], params: Params) -> list[str]:
     return methods
 
 
-def build_problem(store: AttributionStore, prepared_dir: str, manifests_dir: str) -> Problem:
-    """The request's points in the stores' target order (train by id, then test)."""
-    data = load_prepared(prepared_dir)
-    man = load_manifests(manifests_dir)
-    targets = store.targets()
-    ids = targets.column("sample_id").to_numpy()
-    split = np.asarray(targets.column("split").to_pylist())
-    X, y = data.subset(ids)
-    forget = store.columns_of(np.sort(man.forget_ids))
-    retain = store.columns_of(np.sort(man.retain_ids))
-    return Problem(
-        torch.from_numpy(X),
-        torch.from_numpy(y),
-        np.sort(forget),
-        np.sort(retain),
-        np.flatnonzero(split == "test"),
-        data.n_classes,
-        ids=np.asarray(ids, dtype=str),
-    )
-
-
 @task(name="connect-ray")
 def connect(ray_cfg: dict) -> str:
     from pipeline_lib.config import RayConfig, parse_section
@@ -132,40 +106,19 @@ def matching_targets(
     lam: float,
     estimator: str,
 ) -> list[MatchTargets]:
-    """Targets for each original: the matching points (all of F, then multiple·|F| seeded
-    retain points) are shared; DM-Direct subtracts the same Σ_F β from each original's own
-    logits. The seconds recorded are those of computing the targets once (one request); the
-    store's ridge factor is request-independent, computed once and cached in the store."""
-    factor = None
-    if source == "datamodels" and estimator == "ridge_dual":
-        factor = AttributionStore.open(store_root).ridge_factor(lam)
-    t0 = time.perf_counter()
-    rows = matching_retain_rows(len(problem.forget), len(problem.retain), multiple, seed)
-    cols = np.concatenate([problem.forget, problem.retain[rows]])
-    store = AttributionStore.open(store_root)
-    point_ids = store.targets().column("sample_id").to_numpy()[cols]
-    # the flow verified every checksum when it ensured the store (train_store → check)
-    masks, outputs = store.gather(store.columns_of(point_ids), verify=False)
-    if source == "oracles":
-        shared = oracle_targets(outputs)
-        seconds = time.perf_counter() - t0
-        per_model = [shared] * len(original_outputs)
-    else:
-        forget_pos = np.searchsorted(train_ids, np.sort(forget_ids))
-        zero = np.zeros(outputs.shape[1:], dtype=np.float64)
-        shift = -datamodel_targets(masks, outputs, zero, forget_pos, lam, estimator, factor)
-        seconds = time.perf_counter() - t0
-        per_model = [
-            original_outputs[k][cols].astype(np.float64) - shift
-            for k in range(len(original_outputs))
-        ]
-    X = problem.X[torch.from_numpy(cols)]
-    return [
-        MatchTargets(
-            X, torch.from_numpy(t.astype(np.float32)), len(problem.forget), source, seconds
-        )
-        for t in per_model
-    ]
+    """Targets for each original (:func:`tasks.evaluation.matching_targets_for`)."""
+    return ray_eval.matching_targets_for(
+        source,
+        store_root,
+        problem,
+        original_outputs,
+        train_ids,
+        forget_ids,
+        multiple,
+        seed,
+        lam,
+        estimator,
+    )
 
 
 @flow(name="evaluate-methods")

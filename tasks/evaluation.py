@@ -1,6 +1,8 @@
 """Ray edge of the method comparison: every (original model, method) pair is one
 ``ray.remote`` task running :func:`pipeline_lib.comparison.unlearn_one` with torch threads
-matched to its CPUs; the request's data travels once through the object store.
+matched to its CPUs; the request's data travels once through the object store. Also the
+steps the comparison and the tuning flows share: the request's :class:`Problem` in the
+stores' target order and the matching targets of DMM / OM.
 """
 
 from __future__ import annotations
@@ -9,8 +11,17 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import ray
+import torch
 
+from pipeline_lib.attribution.matching import (
+    MatchTargets,
+    datamodel_targets,
+    matching_retain_rows,
+    oracle_targets,
+)
+from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.comparison import Problem, unlearn_one
 from pipeline_lib.config import (
     FisherConfig,
@@ -20,6 +31,8 @@ from pipeline_lib.config import (
     UnlearnConfig,
     parse_section,
 )
+from pipeline_lib.data.images import load_prepared
+from pipeline_lib.data.requests import load_manifests
 
 
 @ray.remote
@@ -134,3 +147,72 @@ def config_payload(params: Any) -> dict[str, Any]:
         "fisher": to_dict(params.fisher),
         "mia": [ev.mia_svc_c, ev.mia_folds, ev.seed],
     }
+
+
+def build_problem(store: AttributionStore, prepared_dir: str, manifests_dir: str) -> Problem:
+    """The request's points in the stores' target order (train by id, then test)."""
+    data = load_prepared(prepared_dir)
+    man = load_manifests(manifests_dir)
+    targets = store.targets()
+    ids = targets.column("sample_id").to_numpy()
+    split = np.asarray(targets.column("split").to_pylist())
+    X, y = data.subset(ids)
+    forget = store.columns_of(np.sort(man.forget_ids))
+    retain = store.columns_of(np.sort(man.retain_ids))
+    return Problem(
+        torch.from_numpy(X),
+        torch.from_numpy(y),
+        np.sort(forget),
+        np.sort(retain),
+        np.flatnonzero(split == "test"),
+        data.n_classes,
+        ids=np.asarray(ids, dtype=str),
+    )
+
+
+def matching_targets_for(
+    source: str,
+    store_root: str,
+    problem: Problem,
+    original_outputs: np.ndarray,
+    train_ids: np.ndarray,
+    forget_ids: np.ndarray,
+    multiple: float,
+    seed: int,
+    lam: float,
+    estimator: str,
+) -> list[MatchTargets]:
+    """Targets for each original: the matching points (all of F, then multiple·|F| seeded
+    retain points) are shared; DM-Direct subtracts the same Σ_F β from each original's own
+    logits. The seconds recorded are those of computing the targets once (one request); the
+    store's ridge factor is request-independent, computed once and cached in the store."""
+    factor = None
+    if source == "datamodels" and estimator == "ridge_dual":
+        factor = AttributionStore.open(store_root).ridge_factor(lam)
+    t0 = time.perf_counter()
+    rows = matching_retain_rows(len(problem.forget), len(problem.retain), multiple, seed)
+    cols = np.concatenate([problem.forget, problem.retain[rows]])
+    store = AttributionStore.open(store_root)
+    point_ids = store.targets().column("sample_id").to_numpy()[cols]
+    # the flow verified every checksum when it ensured the store (train_store → check)
+    masks, outputs = store.gather(store.columns_of(point_ids), verify=False)
+    if source == "oracles":
+        shared = oracle_targets(outputs)
+        seconds = time.perf_counter() - t0
+        per_model = [shared] * len(original_outputs)
+    else:
+        forget_pos = np.searchsorted(train_ids, np.sort(forget_ids))
+        zero = np.zeros(outputs.shape[1:], dtype=np.float64)
+        shift = -datamodel_targets(masks, outputs, zero, forget_pos, lam, estimator, factor)
+        seconds = time.perf_counter() - t0
+        per_model = [
+            original_outputs[k][cols].astype(np.float64) - shift
+            for k in range(len(original_outputs))
+        ]
+    X = problem.X[torch.from_numpy(cols)]
+    return [
+        MatchTargets(
+            X, torch.from_numpy(t.astype(np.float32)), len(problem.forget), source, seconds
+        )
+        for t in per_model
+    ]
