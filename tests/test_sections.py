@@ -112,6 +112,6 @@ def test_methods_section_is_composed_from_a_registry() -> None:
 
 def test_unlearn_section_has_one_sub_section_per_registered_method_in_order() -> None:
     names = [f.name for f in dataclasses.fields(UnlearnConfig)]
-    assert names == ["method", "seed", *METHODS]
+    assert names == ["method", "seed", "preset", *METHODS]
     for name, m in METHODS.items():
         assert type(UnlearnConfig().method_params(name)) is m.params_type

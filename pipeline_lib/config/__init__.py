@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator
 
+from pipeline_lib.config.presets import check_name, preset_overrides
 from pipeline_lib.config.sections import (
     AttributionConfig,
     EvaluateConfig,
@@ -87,12 +88,19 @@ def _method_params(self: Any, name: str | None = None) -> Any:
 
 
 def methods_section(
-    name: str, registry: Registry[Any], *, default: str, module: str, doc: str
+    name: str,
+    registry: Registry[Any],
+    *,
+    default: str,
+    module: str,
+    doc: str,
+    presets: bool = False,
 ) -> type:
     """The ``unlearn`` section of a params file, composed from a method registry: ``method``
-    (a registered name), ``seed``, and one sub-section per registered method (its entry's
-    ``params_type``, defaults as declared), in registration order; ``method_params(name)``
-    returns a method's sub-section."""
+    (a registered name), ``seed``, ``preset`` (with ``presets``: a named preset of tuned
+    settings, :mod:`pipeline_lib.config.presets`), and one sub-section per registered method
+    (its entry's ``params_type``, defaults as declared), in registration order;
+    ``method_params(name)`` returns a method's sub-section."""
     fields: list[tuple[str, Any, Any]] = [
         (
             "method",
@@ -101,6 +109,14 @@ def methods_section(
         ),
         ("seed", Int, dataclasses.field(default=0)),
     ]
+    if presets:
+        fields.append(
+            (
+                "preset",
+                Annotated[Str, AfterValidator(check_name)] | None,
+                dataclasses.field(default=None),
+            )
+        )
     for method_name, entry in registry.items():
         tp = entry.params_type
         fields.append((method_name, tp, dataclasses.field(default_factory=tp)))
@@ -120,6 +136,7 @@ UnlearnConfig = methods_section(
     default="fisher_diagonal",
     module=__name__,
     doc="Which unlearning method runs, with one typed sub-section per registered method.",
+    presets=True,
 )
 
 
@@ -203,8 +220,14 @@ def environment_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
 
 
 def build_params(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Params:
-    """Parse a raw mapping plus dotted-key ``overrides`` into :class:`Params`."""
-    return parse_section(Params, apply_overrides(raw, overrides), prefix="")
+    """Parse a raw mapping plus dotted-key ``overrides`` into :class:`Params`. A selected
+    preset (``unlearn.preset``) sets its methods' sections over the file's values; the
+    explicit ``overrides`` are applied last, so they win over the preset."""
+    tree = apply_overrides(raw, overrides)
+    from_preset = preset_overrides(tree)
+    if from_preset:
+        tree = apply_overrides(apply_overrides(raw, from_preset), overrides)
+    return parse_section(Params, tree, prefix="")
 
 
 def load_params(path: str | Path, overrides: Mapping[str, Any] | None = None) -> Params:

@@ -25,14 +25,15 @@ defaults in params.yaml; the package ``__init__`` imports the module so that it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from pipeline_lib.attribution.matching import MatchTargets
+from pipeline_lib.methods.space import Dimension, check_space
 from pipeline_lib.registry import Registry
 from pipeline_lib.training.fit import TrainConfig
 
@@ -79,6 +80,9 @@ class Method:
     #: True: forgets whole classes (a ``forget: classes`` request); meaningless for a random
     #: forget set, so ``unlearn evaluate`` on such a request leaves it out.
     class_only: bool = False
+    #: Hyper-parameters ``unlearn tune`` searches ({field: dimension}, :mod:`.space`); empty:
+    #: nothing to tune (``retrain`` is exact).
+    search_space: Mapping[str, Dimension] = field(default_factory=dict)
 
 
 #: The unlearning methods by ``unlearn.method`` name, in registration order (the order of
@@ -95,9 +99,12 @@ def register_method(
     needs_targets: str = "",
     needs_data: bool = True,
     class_only: bool = False,
+    search_space: Mapping[str, Dimension] | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: register the decorated function as method ``name`` whose hyper-parameters
-    are the section ``params_type`` (``unlearn.<name>`` of params.yaml)."""
+    are the section ``params_type`` (``unlearn.<name>`` of params.yaml); ``search_space``
+    declares what ``unlearn tune`` may vary (checked against the section here)."""
+    space = check_space(name, params_type, search_space or {})
 
     def deco(fn: MethodFn) -> MethodFn:
         params_type.__section_key__ = f"unlearn.{name}"  # type: ignore[attr-defined]
@@ -112,6 +119,7 @@ def register_method(
                 needs_targets=needs_targets,
                 needs_data=needs_data,
                 class_only=class_only,
+                search_space=space,
             ),
         )
         return fn

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.methods.space import IntRange, LogUniform
 from pipeline_lib.schema import Field, Float, Int, section
 from pipeline_lib.training.fit import FitSettings, fit
 
@@ -25,7 +26,12 @@ class RetrainParams:
     seed: Int = 2
 
 
-@register_method("finetune", FinetuneParams, "fine-tune all weights on R")
+@register_method(
+    "finetune",
+    FinetuneParams,
+    "fine-tune all weights on R",
+    search_space={"epochs": IntRange(1, 20), "lr": LogUniform(1e-4, 1e-2)},
+)
 def finetune(
     model: nn.Module, inputs: UnlearnInputs, params: FinetuneParams, seed: int
 ) -> tuple[nn.Module, Info]:

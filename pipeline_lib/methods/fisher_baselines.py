@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.methods.space import LogUniform
 from pipeline_lib.schema import Field, Float, section
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def ssd_dampen(
     SsdParams,
     "dampen weights with I_F > alpha*I_D by min(lambda*I_D/I_F, 1) (SSD)",
     needs_fisher=True,
+    search_space={"alpha": LogUniform(0.5, 20.0), "lam": LogUniform(0.1, 5.0)},
 )
 def ssd(
     model: nn.Module, inputs: UnlearnInputs, params: SsdParams, seed: int
@@ -131,6 +133,7 @@ def ssd(
     FisherForgettingParams,
     "Gaussian noise with variance alpha/(I_R+eps), clamped (Golatkar 2020)",
     needs_fisher=True,
+    search_space={"alpha": LogUniform(1e-9, 1e-4)},
 )
 def fisher_forgetting(
     model: nn.Module, inputs: UnlearnInputs, params: FisherForgettingParams, seed: int

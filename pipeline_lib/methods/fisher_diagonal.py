@@ -10,6 +10,7 @@ from torch import nn
 
 from pipeline_lib.attribution.matching import matching_retain_rows
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method, top_fraction_mask
+from pipeline_lib.methods.space import IntRange, LogUniform
 from pipeline_lib.schema import ConfigError, Field, Float, Int, section
 from pipeline_lib.training.fit import FitSettings, fit
 
@@ -68,6 +69,11 @@ def select_by_ratio(
     FisherDiagonalParams,
     "reset weights with high forget/retain Fisher ratio, fine-tune them on R",
     needs_fisher=True,
+    search_space={
+        "top_fraction": LogUniform(0.01, 0.5),
+        "epochs": IntRange(1, 10),
+        "lr": LogUniform(1e-4, 1e-2),
+    },
 )
 def fisher_diagonal_forgetting(
     model: nn.Module, inputs: UnlearnInputs, params: FisherDiagonalParams, seed: int

@@ -9,6 +9,7 @@ from torch import nn
 
 from pipeline_lib.attribution.matching import match_outputs
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.methods.space import Choice, IntRange, LogUniform, Uniform
 from pipeline_lib.schema import Field, Float, Int, section
 
 
@@ -43,6 +44,16 @@ class OracleMatchingParams:
     seed: Int = 1
 
 
+#: What ``unlearn tune`` varies for both matching methods: the fine-tuning only. Not
+#: ``retain_multiple``: the matching points (and DMM's targets) are computed once per request.
+MATCHING_SPACE = {
+    "epochs": IntRange(5, 60),
+    "lr": LogUniform(5e-4, 2e-2),
+    "batch_size": Choice((64, 128, 256, 512)),
+    "lr_decay": Uniform(0.8, 1.0),
+}
+
+
 def _matching(
     model: nn.Module,
     inputs: UnlearnInputs,
@@ -75,6 +86,7 @@ def _matching(
     DmmParams,
     "match DM-Direct logits (f - sum_F beta, from the subset-model store) on F + 3|F| R",
     needs_targets="datamodels",
+    search_space=MATCHING_SPACE,
 )
 def dmm(
     model: nn.Module, inputs: UnlearnInputs, params: DmmParams, seed: int
@@ -91,6 +103,7 @@ def dmm(
     OracleMatchingParams,
     "match the mean logits of models retrained on R (upper bound for dmm)",
     needs_targets="oracles",
+    search_space=MATCHING_SPACE,
 )
 def oracle_matching(
     model: nn.Module, inputs: UnlearnInputs, params: OracleMatchingParams, seed: int

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.methods.space import LogUniform
 from pipeline_lib.schema import Field, Float, section
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def code_score(model: nn.Module, codes: torch.Tensor, forget: list[int]) -> floa
     "(Yamashita 2024)",
     needs_data=False,
     class_only=True,
+    search_space={"lambda1": LogUniform(1e-5, 1e-1), "lambda2": LogUniform(0.1, 1e4)},
 )
 def mnemonic_code(
     model: nn.Module, inputs: UnlearnInputs, params: MnemonicCodeParams, seed: int

@@ -14,6 +14,7 @@ from pipeline_lib.methods.base import (
     cycled_batches,
     register_method,
 )
+from pipeline_lib.methods.space import IntRange, LogUniform, Uniform
 from pipeline_lib.schema import Field, Float, Int, section
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,11 @@ class NegGradPlusParams:
     "neggrad_plus",
     NegGradPlusParams,
     "descent on R and ascent on F: beta*CE(R) - (1-beta)*CE(F)",
+    search_space={
+        "epochs": IntRange(1, 10),
+        "lr": LogUniform(1e-4, 5e-3),
+        "beta": Uniform(0.5, 0.999),
+    },
 )
 def neggrad_plus(
     model: nn.Module, inputs: UnlearnInputs, params: NegGradPlusParams, seed: int

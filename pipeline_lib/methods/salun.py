@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method, top_fraction_mask
+from pipeline_lib.methods.space import IntRange, LogUniform, Uniform
 from pipeline_lib.schema import Field, Float, Int, section
 from pipeline_lib.training.fit import FitSettings, fit
 
@@ -52,6 +53,11 @@ def random_other_labels(y: torch.Tensor, n_classes: int, seed: int) -> torch.Ten
     "salun",
     SalunParams,
     "fine-tune the most forget-salient weights on random-labelled F plus R",
+    search_space={
+        "saliency_fraction": Uniform(0.1, 0.5),
+        "epochs": IntRange(1, 10),
+        "lr": LogUniform(1e-4, 1e-2),
+    },
 )
 def salun(
     model: nn.Module, inputs: UnlearnInputs, params: SalunParams, seed: int

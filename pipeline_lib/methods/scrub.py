@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.methods.base import Info, UnlearnInputs, batches, distill_kl, register_method
+from pipeline_lib.methods.space import IntRange, LogUniform
 from pipeline_lib.schema import Field, Float, Int, section
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,17 @@ def scrub_distill(
     }
 
 
-@register_method("scrub", ScrubParams, "student max-KL to the original on F, min CE + KL on R")
+@register_method(
+    "scrub",
+    ScrubParams,
+    "student max-KL to the original on F, min CE + KL on R",
+    search_space={
+        "epochs": IntRange(1, 10),
+        "max_steps": IntRange(1, 5),
+        "lr": LogUniform(1e-4, 1e-2),
+        "gamma_kl": LogUniform(0.01, 1.0),
+    },
+)
 def scrub(
     model: nn.Module, inputs: UnlearnInputs, params: ScrubParams, seed: int
 ) -> tuple[nn.Module, Info]:

@@ -34,6 +34,7 @@ from torch import nn
 
 from pipeline_lib.evaluation.metrics import accuracy
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
+from pipeline_lib.methods.space import LogUniform
 from pipeline_lib.schema import Field, Float, Int, section
 from pipeline_lib.stats.activations import activation_grams, decompose_gram, projection_layers
 from pipeline_lib.training.fit import predict_logits
@@ -121,6 +122,7 @@ def project_weights(model: nn.Module, projections: dict[str, torch.Tensor]) -> N
     "class forgetting: project layer weights off the class-discriminatory "
     "activation space, gradient-free (Kodge 2024)",
     class_only=True,
+    search_space={"alpha_r": LogUniform(10.0, 1000.0), "alpha_f": LogUniform(1.0, 100.0)},
 )
 def svd_projection(
     model: nn.Module, inputs: UnlearnInputs, params: SvdProjectionParams, seed: int

@@ -1,0 +1,129 @@
+"""Named hyper-parameter presets: tuned settings of the unlearning methods, per dataset and model.
+
+A preset is a folder ``presets/<name>/`` (under ``tracking.dvc_root``; ``unlearn tune`` names
+it ``<dataset>-<model>``, e.g. ``digits-mlp``) holding one YAML file per tuned method::
+
+    preset: digits-mlp
+    method: dmm
+    dataset: digits
+    model: mlp
+    params:            # the whole unlearn.dmm section of the best trial
+      epochs: 37
+      lr: 0.0042
+      ...
+    tuning:            # where it came from (objective, score, request, trials, MLflow run)
+      ...
+
+``unlearn.preset: NAME`` in params.yaml (or ``--preset NAME``) sets ``unlearn.<method>`` of
+every method that has a file in the folder; explicit ``--set`` overrides still win. A preset
+tuned on another dataset or model than the params describe is refused, naming the file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline_lib.io import atomic_path
+from pipeline_lib.schema import ConfigError
+
+PRESETS_DIR = "presets"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def preset_name(dataset: str, model: str) -> str:
+    """The default name of a preset: ``<dataset>-<model>``."""
+    return f"{dataset}-{model}"
+
+
+def check_name(name: str, key: str = "unlearn.preset") -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or ".." in name:
+        raise ConfigError(
+            f"{key}: {name!r} is not a preset name (letters, digits, '-', '_', '.'; no path)"
+        )
+    return name
+
+
+def preset_dir(root: str | Path, name: str) -> Path:
+    return Path(root).resolve() / PRESETS_DIR / check_name(name)
+
+
+def preset_file(root: str | Path, name: str, method: str) -> Path:
+    return preset_dir(root, name) / f"{method}.yaml"
+
+
+def read_preset(path: str | Path) -> dict[str, Any]:
+    """One preset file, checked: a mapping with ``method``, ``dataset``, ``model`` (strings) and
+    ``params`` (a mapping); the method must be the file's stem. ConfigError names the file."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping")
+    for key in ("method", "dataset", "model"):
+        if not isinstance(raw.get(key), str):
+            raise ConfigError(f"{path}: {key} missing or not a string")
+    if not isinstance(raw.get("params"), dict):
+        raise ConfigError(f"{path}: params missing or not a mapping")
+    if raw["method"] != path.stem:
+        raise ConfigError(f"{path}: method {raw['method']!r} differs from the file name")
+    return raw
+
+
+def preset_overrides(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted overrides (``unlearn.<method>.<key>``) of the preset a raw params tree selects
+    (``unlearn.preset``); empty when none is selected. The preset folder must exist and hold
+    at least one method, each tuned on the dataset and model the tree names."""
+    unlearn = tree.get("unlearn") or {}
+    name = unlearn.get("preset") if isinstance(unlearn, Mapping) else None
+    if name is None:
+        return {}
+    tracking = tree.get("tracking") or {}
+    root = tracking.get("dvc_root", ".") if isinstance(tracking, Mapping) else "."
+    folder = preset_dir(root, name)
+    files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    if not files:
+        raise ConfigError(f"unlearn.preset: no preset {name!r} ({folder} has no <method>.yaml)")
+    dataset = (tree.get("data") or {}).get("name", "digits")
+    model = (tree.get("model") or {}).get("name", "mlp")
+    out: dict[str, Any] = {}
+    for file in files:
+        p = read_preset(file)
+        if (p["dataset"], p["model"]) != (dataset, model):
+            raise ConfigError(
+                f"unlearn.preset: {file} was tuned on {p['dataset']}/{p['model']}; the params "
+                f"describe {dataset}/{model}"
+            )
+        for key, value in p["params"].items():
+            out[f"unlearn.{p['method']}.{key}"] = value
+    return out
+
+
+def preset_methods(root: str | Path, name: str) -> list[str]:
+    """The methods a preset holds (file stems), sorted."""
+    folder = preset_dir(root, name)
+    return sorted(f.stem for f in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def write_preset(path: str | Path, content: Mapping[str, Any], *, overwrite: bool) -> Path:
+    """Write a preset file atomically (temporary name, then moved into place). An existing
+    file is replaced only with ``overwrite``; otherwise ConfigError naming it."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ConfigError(
+            f"{path} exists: pass --overwrite to replace it, or --name another preset"
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = (
+        f"# Preset {content.get('preset')}: unlearn.{content.get('method')} tuned by `unlearn tune` "
+        "(select it with unlearn.preset or --preset).\n"
+    )
+    with atomic_path(path) as tmp:
+        tmp.write_text(header + yaml.safe_dump(dict(content), sort_keys=False))
+    return path
