@@ -198,3 +198,82 @@ def test_parameter_and_split_validation():
         klom_report(m, m, {"empty": np.zeros(6, dtype=bool)})
     with pytest.raises(ValueError, match=r"\[0, 6\)"):
         klom_report(m, m, {"oob": np.array([0, 6])})
+
+
+# ------------------------------------------------------------ EasyDUB's binning (issue 16)
+
+
+def _easydub_point(p_samples, q_samples, bin_count=20, eps=1e-5, lo_clip=-100.0, hi_clip=100.0):
+    """A transcription of EasyDUB's published per-point formula (easydub/eval.py,
+    ``binned_kl_divergence``), one point at a time, loops and all."""
+    p_arr = np.clip(np.asarray(p_samples, dtype=np.float64), lo_clip, hi_clip)
+    q_arr = np.clip(np.asarray(q_samples, dtype=np.float64), lo_clip, hi_clip)
+    start = min(p_arr.min(), q_arr.min())
+    end = max(p_arr.max(), q_arr.max())
+    if start >= end:
+        end = start + 1.0
+    edges = np.linspace(start, end, bin_count + 1)
+    p_idx = np.digitize(p_arr, edges)
+    q_idx = np.digitize(q_arr, edges)
+    p_counts = np.array([np.sum(p_idx == i) for i in range(1, bin_count + 1)])
+    q_counts = np.array([np.sum(q_idx == i) for i in range(1, bin_count + 1)])
+    p_probs = p_counts / p_counts.sum() if p_counts.sum() > 0 else np.zeros(bin_count)
+    q_probs = q_counts / q_counts.sum() if q_counts.sum() > 0 else np.zeros(bin_count)
+    q_safe = np.where(p_probs > 0.0, np.maximum(q_probs, eps), q_probs)
+    keep = p_probs > 0.0
+    return float(np.sum(p_probs[keep] * np.log(p_probs[keep] / q_safe[keep])))
+
+
+def _fixed_margins() -> tuple[np.ndarray, np.ndarray]:
+    """Fixed margins with every case the two binnings treat differently."""
+    rng = np.random.default_rng(11)
+    t = 120
+    u = rng.normal(size=(20, t)) * rng.uniform(0.5, 30, size=t) + rng.normal(2, 3, size=t)
+    o = rng.normal(size=(20, t)) * rng.uniform(0.5, 30, size=t)
+    u[:, :6], o[:, :6] = np.round(u[:, :6]), np.round(o[:, :6])  # ties on interior edges
+    u[:, 6] = 150.0  # every unlearned model clipped at the pooled maximum: all dropped
+    u[:3, 7] = 120.0  # three unlearned models share the clipped maximum
+    o[:, 8] = 250.0  # every oracle dropped (q = 0 where p > 0: the floor alone)
+    u[:, 9] = o[:, 9] = 4.0  # zero range
+    o[0, 10] = u[:, 10].max() + 5.0  # the maximum is one oracle
+    return u, o
+
+
+def test_easydub_binning_matches_a_transcription_of_its_formula():
+    u, o = _fixed_margins()
+    got = klom_scores(u, o, binning="easydub")
+    ref = np.array([_easydub_point(u[:, i], o[:, i]) for i in range(u.shape[1])])
+    np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-15)
+    # unequal model counts and other bins / floor / clip
+    ref7 = [_easydub_point(u[:, i], o[:13, i], 7, 1e-3, -10, 10) for i in range(u.shape[1])]
+    got7 = klom_scores(u, o[:13], bins=7, clip=10.0, floor=1e-3, binning="easydub")
+    np.testing.assert_allclose(got7, ref7, rtol=1e-12, atol=1e-15)
+
+
+def test_easydub_differs_from_ours_where_the_maximum_is_dropped():
+    u, o = _fixed_margins()
+    ours = klom_scores(u, o)
+    easy = klom_scores(u, o, binning="easydub")
+    # all unlearned margins at the pooled maximum: EasyDUB counts none of them and scores 0;
+    # ours puts them in the last bin, where the oracles have nothing, and scores high
+    assert easy[6] == 0.0 and ours[6] > 5.0
+    assert easy[9] == ours[9] == 0.0  # a zero range is 0 in both
+    # identical samples: one copy of the maximum is dropped from each side alike, and the
+    # rest agree, so both give 0 (ours: exactly; EasyDUB: the floor is unused)
+    m = np.random.default_rng(12).normal(size=(20, 30))
+    assert np.all(klom_scores(m, m.copy(), binning="easydub") == 0.0)
+    assert np.mean(np.abs(ours - easy) > 1e-9) > 0.5  # they are different estimators
+
+
+def test_easydub_noise_floor_and_report_pass_the_binning_through():
+    u, o = _fixed_margins()
+    splits = {"forget": np.arange(10), "retain": np.arange(10, 120)}
+    rep = klom_report(u, o, splits, binning="easydub")
+    assert rep["retain"] == klom_summary(klom_scores(u, o, binning="easydub")[10:])
+    oracles = np.random.default_rng(13).normal(size=(40, 50))
+    nf = noise_floor(oracles, {"all": np.arange(50)}, binning="easydub")
+    a, b = oracle_halves(40)
+    ref = [_easydub_point(oracles[a, i], oracles[b, i]) for i in range(50)]
+    assert nf["all"] == klom_summary(np.array(ref))
+    with pytest.raises(ValueError, match="binning must be one of unlearnflow, easydub"):
+        klom_scores(u, o, binning="scipy")

@@ -19,6 +19,37 @@ floor at half the sample size and is somewhat higher than the floor at N_o itsel
 
 Binning follows ``np.histogram(x, bins=bins, range=(lo, hi))`` exactly (half-open bins, last
 bin closed, the same edge corrections), vectorised over the T points.
+
+Two binnings (``binning``, ``evaluate.klom_binning``):
+
+- ``"unlearnflow"`` (default): the steps above. Every margin is counted (the last bin is
+  closed, as ``np.histogram`` has it), and both histograms are floored and renormalised, so
+  KLoM is a KL divergence between two proper distributions on the same 20 bins.
+- ``"easydub"``: the formula of EasyDUB's published code (``binned_kl_divergence`` in
+  easydub/EasyDUB-code, same combined range, clip and 20 bins), reproduced exactly so that
+  figures can be set beside published ones. It differs in three ways:
+
+  1. bins are assigned by ``np.digitize(x, edges)`` and only indices 1..bins are counted, so
+     every margin equal to the pooled maximum (the last edge) is dropped: at least one model
+     at every point, and up to all of one side's models where they share the maximum (e.g.
+     clipped at +100). The dropped sample belongs to one side only, so the two histograms are
+     built from different subsets of the models;
+  2. probabilities are counts ÷ the *counted* samples (0 everywhere when none is counted);
+  3. only q (the oracles') is floored at ``floor``, and only in bins where p > 0; neither is
+     renormalised afterwards, and KL sums over the bins where p > 0 (so a value can dip a
+     hair below 0; it is not clipped).
+
+  A zero combined range is widened to [lo, lo + 1] (everything in the first bin: KLoM 0), as
+  there. EasyDUB computes in its margins' dtype; here margins are cast to float64 first
+  (identical for float64 margins).
+
+  Why ours differs: dropping the pooled maximum removes a real sample — usually the most
+  confident model at that point, which is exactly where unlearned and oracle models differ on
+  forget points — from one side only, and adds up to 1/N of spurious mass difference; at
+  N = 20 the two binnings differ by up to 0.82 per point and 0.13 in P95 (issue 16). The
+  symmetric floor keeps KLoM a divergence between two distributions on the same support,
+  as shared/reference/evaluation.md defines it ("probabilities with a floor of 1e-5"); the
+  earlier data-unlearning-bench code (``scipy.stats.entropy``) renormalised too.
 """
 
 from __future__ import annotations
@@ -28,6 +59,8 @@ from collections.abc import Mapping
 import numpy as np
 
 SUMMARY_KEYS = ("p95", "p99", "mean")
+#: ``binning`` values: ours, and EasyDUB's published formula (module docstring).
+BINNINGS = ("unlearnflow", "easydub")
 
 Split = np.ndarray
 
@@ -48,7 +81,9 @@ def _check_margins(name: str, m: np.ndarray, min_models: int = 2) -> np.ndarray:
     return m
 
 
-def _check_params(bins: int, clip: float, floor: float) -> None:
+def _check_params(bins: int, clip: float, floor: float, binning: str = "unlearnflow") -> None:
+    if binning not in BINNINGS:
+        raise ValueError(f"binning must be one of {', '.join(BINNINGS)}; got {binning!r}")
     if isinstance(bins, bool) or not isinstance(bins, int | np.integer) or bins < 1:
         raise ValueError(f"bins must be a positive integer; got {bins!r}")
     if not (np.isfinite(clip) and clip > 0):
@@ -89,12 +124,42 @@ def _probabilities(idx: np.ndarray, bins: int, floor: float) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
+def _digitize_counts(x: np.ndarray, edges: np.ndarray, bins: int, chunk: int = 2048) -> np.ndarray:
+    """Counts of ``np.digitize(x, edges)`` == 1..bins per row, as EasyDUB counts them.
+
+    x: (T, N); edges: (T, bins + 1) increasing. ``np.digitize`` (right=False) is the number of
+    edges <= x; values at or above the last edge get bins + 1 and are not counted. Returns
+    (T, bins) int64. Chunked over T to bound the (T, N, bins + 1) comparison."""
+    t = x.shape[0]
+    counts = np.zeros((t, bins), dtype=np.int64)
+    for a in range(0, t, chunk):
+        idx = (x[a : a + chunk, :, None] >= edges[a : a + chunk, None, :]).sum(axis=2)
+        for b in range(1, bins + 1):
+            counts[a : a + chunk, b - 1] = (idx == b).sum(axis=1)
+    return counts
+
+
+def _kl_easydub(
+    u: np.ndarray, o: np.ndarray, edges: np.ndarray, bins: int, floor: float
+) -> np.ndarray:
+    """EasyDUB's per-point KL (module docstring): u (T, N_u), o (T, N_o) clipped margins."""
+    pc, qc = _digitize_counts(u, edges, bins), _digitize_counts(o, edges, bins)
+    pt, qt = pc.sum(axis=1, keepdims=True), qc.sum(axis=1, keepdims=True)
+    p = np.where(pt > 0, pc / np.maximum(pt, 1), 0.0)
+    q = np.where(qt > 0, qc / np.maximum(qt, 1), 0.0)
+    mask = p > 0
+    q_safe = np.where(mask, np.maximum(q, floor), q)
+    ratio = np.where(mask, p / np.where(mask, q_safe, 1.0), 1.0)
+    return np.sum(np.where(mask, p * np.log(ratio), 0.0), axis=1)
+
+
 def klom_scores(
     unlearned_margins: np.ndarray,
     oracle_margins: np.ndarray,
     bins: int = 20,
     clip: float = 100.0,
     floor: float = 1e-5,
+    binning: str = "unlearnflow",
 ) -> np.ndarray:
     """KLoM(x) = KL(P_unlearned || P_oracle) of binned margins at every point x (DMM, ICLR 2025).
 
@@ -102,7 +167,8 @@ def klom_scores(
     oracle_margins: (N_o, T) margins of N_o oracle (retrained-on-R) models on the same T points.
     Both are clipped to [-clip, clip]; ``bins`` equal-width bins span the combined range of both
     samples at each point; probabilities are floored at ``floor`` and renormalised. Points whose
-    combined range is zero get 0. Returns (T,) float64, every entry >= 0.
+    combined range is zero get 0. Returns (T,) float64, every entry >= 0. ``binning="easydub"``:
+    EasyDUB's published formula instead (module docstring; entries may dip a hair below 0).
     """
     u = _check_margins("unlearned_margins", unlearned_margins)
     o = _check_margins("oracle_margins", oracle_margins)
@@ -110,16 +176,19 @@ def klom_scores(
         raise ValueError(
             f"unlearned_margins {u.shape} and oracle_margins {o.shape} must cover the same T points"
         )
-    _check_params(bins, clip, floor)
+    _check_params(bins, clip, floor, binning)
 
     u = np.clip(u, -clip, clip).T  # (T, N_u)
     o = np.clip(o, -clip, clip).T  # (T, N_o)
     lo = np.minimum(u.min(axis=1), o.min(axis=1))
     hi = np.maximum(u.max(axis=1), o.max(axis=1))
     degenerate = hi == lo
-    # a stand-in range keeps the arithmetic finite; those points are set to 0 below
+    # a stand-in range keeps the arithmetic finite; those points are set to 0 below (EasyDUB
+    # widens a zero range to [lo, lo + 1] in the same way and gets 0 from it)
     hi = np.where(degenerate, lo + 1.0, hi)
     edges = np.linspace(lo, hi, bins + 1, axis=1)  # (T, bins + 1), as np.histogram builds them
+    if binning == "easydub":
+        return _kl_easydub(u, o, edges, bins, floor)
 
     p = _probabilities(_bin_indices(u, edges, bins), bins, floor)
     q = _probabilities(_bin_indices(o, edges, bins), bins, floor)
@@ -206,13 +275,16 @@ def klom_report(
     bins: int = 20,
     clip: float = 100.0,
     floor: float = 1e-5,
+    binning: str = "unlearnflow",
 ) -> dict[str, dict[str, float]]:
     """KLoM summaries per split, e.g. {"forget": {"p95", "p99", "mean"}, "retain": ..., ...}.
 
     unlearned_margins: (N_u, T); oracle_margins: (N_o, T); splits: name -> bool mask (T,) or
     integer indices into T. Report :func:`noise_floor` beside these figures.
     """
-    scores = klom_scores(unlearned_margins, oracle_margins, bins=bins, clip=clip, floor=floor)
+    scores = klom_scores(
+        unlearned_margins, oracle_margins, bins=bins, clip=clip, floor=floor, binning=binning
+    )
     return summarize_splits(scores, splits)
 
 
@@ -237,6 +309,7 @@ def noise_floor(
     bins: int = 20,
     clip: float = 100.0,
     floor: float = 1e-5,
+    binning: str = "unlearnflow",
 ) -> dict[str, dict[str, float]]:
     """Oracle-vs-oracle KLoM summaries per split: the value a perfect unlearner would score.
 
@@ -246,4 +319,4 @@ def noise_floor(
     """
     o = _check_margins("oracle_margins", oracle_margins, min_models=4)
     a, b = oracle_halves(o.shape[0], seed)
-    return klom_report(o[a], o[b], splits, bins=bins, clip=clip, floor=floor)
+    return klom_report(o[a], o[b], splits, bins=bins, clip=clip, floor=floor, binning=binning)

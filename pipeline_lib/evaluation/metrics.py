@@ -7,11 +7,25 @@
 - Loss MIA AUC (SCRUB): logistic regression on the per-sample loss, F (1) vs test (0),
   class-balanced, cross-validated; 0.5 means indistinguishable.
 - Avg. Gap = mean(|UA−UA_R|, |RA−RA_R|, |TA−TA_R|, |MIA−MIA_R|) against the retrained oracle.
+
+Spread, not single draws. Both MIAs are random: the SVC's member subsample (retain points) and
+the loss MIA's subsample and cross-validation folds depend on a seed, and on a separable
+confidence table the same model scores 0 or 100 depending on it. ``evaluate.mia_seeds`` = S
+draws use the seeds ``evaluate.seed``, ``evaluate.seed + 1``, … (:func:`mia_seed_list`):
+
+- ``MIA_efficacy`` / ``loss_MIA_AUC``: the mean over the S draws; ``…_std``: their standard
+  deviation (ddof 1; 0 for one draw); ``…_draws``: the S values, in seed order.
+- ``avg_gap`` (:func:`build_report`): the mean over the S draws of the Avg. Gap of draw s of
+  the model against draw s of the oracle (same seed, so the same subsample of points), and
+  ``avg_gap_std`` their spread (:func:`avg_gap_draws`).
+
+The old single number is the S = 1 case (``evaluate.mia_seeds: 1``): one SVC fit / one
+cross-validated regression with seed ``evaluate.seed``; it is always ``…_draws[0]``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +37,8 @@ from pipeline_lib.io import atomic_path
 from pipeline_lib.training.fit import predict_logits
 
 GAP_METRICS = ("UA", "RA", "TA", "MIA_efficacy")
+#: The metrics computed once per seed (the others are deterministic given the model).
+SEEDED_METRICS = ("MIA_efficacy", "loss_MIA_AUC")
 
 
 @dataclass(frozen=True)
@@ -87,10 +103,68 @@ def loss_mia_auc(loss_forget: np.ndarray, loss_test: np.ndarray, folds: int, see
     return float(roc_auc_score(labels, scores))
 
 
+def mia_seed_list(seed: int, n_seeds: int) -> list[int]:
+    """The seeds of ``n_seeds`` MIA draws: seed, seed + 1, …; the first is the single draw."""
+    if isinstance(n_seeds, bool) or int(n_seeds) != n_seeds or n_seeds < 1:
+        raise ValueError(f"n_seeds must be a positive integer; got {n_seeds!r}")
+    return [int(seed) + i for i in range(int(n_seeds))]
+
+
+def mia_efficacy_draws(
+    conf_retain: np.ndarray,
+    conf_test: np.ndarray,
+    conf_forget: np.ndarray,
+    c: float,
+    seeds: Sequence[int],
+) -> np.ndarray:
+    """:func:`mia_efficacy` once per seed: (len(seeds),) float64, in seed order."""
+    return np.array([mia_efficacy(conf_retain, conf_test, conf_forget, c, s) for s in seeds])
+
+
+def loss_mia_auc_draws(
+    loss_forget: np.ndarray, loss_test: np.ndarray, folds: int, seeds: Sequence[int]
+) -> np.ndarray:
+    """:func:`loss_mia_auc` once per seed (subsample and folds): (len(seeds),) float64."""
+    return np.array([loss_mia_auc(loss_forget, loss_test, folds, s) for s in seeds])
+
+
+def mean_std(values: Sequence[float] | np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof 1; 0 for a single value) of ``values``."""
+    a = np.asarray(values, dtype=np.float64).ravel()
+    if a.size == 0:
+        raise ValueError("mean_std needs at least one value")
+    return float(a.mean()), float(a.std(ddof=1)) if a.size > 1 else 0.0
+
+
+def draw_spread(draws: np.ndarray) -> dict[str, float]:
+    """Spread of a metric measured by N models × S seeded draws: draws (N, S).
+
+    Returns ``mean`` (over all draws), ``std`` (over all N·S draws, ddof 1: how far one
+    model's one draw may fall), ``model_std`` (std of the N per-model means: the spread between
+    models) and ``seed_std`` (the mean over models of the std of its S draws: the measurement
+    noise alone; 0 when S = 1). With S = 1, ``std`` = ``model_std``."""
+    d = np.asarray(draws, dtype=np.float64)
+    if d.ndim != 2 or d.size == 0:
+        raise ValueError(f"draws must be a non-empty 2-D array (models, seeds); got {d.shape}")
+    mean, std = mean_std(d)
+    return {
+        "mean": mean,
+        "std": std,
+        "model_std": mean_std(d.mean(axis=1))[1],
+        "seed_std": float(np.mean([mean_std(row)[1] for row in d])),
+    }
+
+
 def evaluate_model(
-    model: nn.Module, splits: EvalSplits, c: float = 3.0, folds: int = 5, seed: int = 0
+    model: nn.Module,
+    splits: EvalSplits,
+    c: float = 3.0,
+    folds: int = 5,
+    seed: int = 0,
+    n_seeds: int = 1,
 ) -> dict[str, float]:
-    """Accuracy and membership-inference metrics of one model (percent except the AUC)."""
+    """Accuracy and membership-inference metrics of one model (percent except the AUC); the
+    MIAs as the mean, std and values of ``n_seeds`` seeded draws (module docstring)."""
     return metrics_from_logits(
         predict_logits(model, splits.forget_X),
         splits.forget_y,
@@ -101,6 +175,7 @@ def evaluate_model(
         c,
         folds,
         seed,
+        n_seeds,
     )
 
 
@@ -114,24 +189,43 @@ def metrics_from_logits(
     c: float = 3.0,
     folds: int = 5,
     seed: int = 0,
+    n_seeds: int = 1,
 ) -> dict[str, float]:
     """:func:`evaluate_model` from the logits on forget (lf), retain (lr) and test (lt)."""
     fa = accuracy(lf, yf)
-    return {
-        "forget_acc": fa,
-        "UA": 100.0 - fa,
-        "RA": accuracy(lr, yr),
-        "TA": accuracy(lt, yt),
-        "MIA_efficacy": mia_efficacy(
-            confidence(lr, yr), confidence(lt, yt), confidence(lf, yf), c, seed
+    seeds = mia_seed_list(seed, n_seeds)
+    draws = {
+        "MIA_efficacy": mia_efficacy_draws(
+            confidence(lr, yr), confidence(lt, yt), confidence(lf, yf), c, seeds
         ),
-        "loss_MIA_AUC": loss_mia_auc(per_sample_loss(lf, yf), per_sample_loss(lt, yt), folds, seed),
+        "loss_MIA_AUC": loss_mia_auc_draws(
+            per_sample_loss(lf, yf), per_sample_loss(lt, yt), folds, seeds
+        ),
     }
+    out: dict = {"forget_acc": fa, "UA": 100.0 - fa, "RA": accuracy(lr, yr), "TA": accuracy(lt, yt)}
+    for k, d in draws.items():
+        out[k], out[f"{k}_std"] = mean_std(d)
+        out[f"{k}_draws"] = [float(v) for v in d]
+    return out
 
 
 def avg_gap(metrics: Mapping[str, float], oracle: Mapping[str, float]) -> float:
-    """Mean absolute gap to the retrained oracle over UA, RA, TA and MIA-efficacy."""
+    """Mean absolute gap to the retrained oracle over UA, RA, TA and MIA-efficacy (of the
+    values in the two dicts: with seeded draws, the gap of the means; :func:`avg_gap_draws`
+    pairs the draws)."""
     return float(np.mean([abs(metrics[k] - oracle[k]) for k in GAP_METRICS]))
+
+
+def avg_gap_draws(metrics: Mapping, oracle: Mapping) -> np.ndarray:
+    """Avg. Gap of each seeded draw: draw s of the model against draw s of the oracle.
+
+    Both dicts as :func:`metrics_from_logits` returns them; with ``MIA_efficacy_draws`` of the
+    same length in both, returns one gap per draw, else the single :func:`avg_gap`."""
+    md, od = metrics.get("MIA_efficacy_draws"), oracle.get("MIA_efficacy_draws")
+    if md is None or od is None or len(md) != len(od):
+        return np.array([avg_gap(metrics, oracle)])
+    fixed = [abs(metrics[k] - oracle[k]) for k in GAP_METRICS if k != "MIA_efficacy"]
+    return np.array([np.mean([*fixed, abs(a - b)]) for a, b in zip(md, od, strict=True)])
 
 
 def build_report(
@@ -141,13 +235,17 @@ def build_report(
     extra: Mapping[str, object] | None = None,
 ) -> dict:
     """Assemble the JSON report: per-model metrics with Avg. Gap to ``models['oracle']``
-    (NaN when the request was not compared against an oracle), and the cost of unlearning
-    relative to retraining (NaN ratio without a retrain time)."""
+    (NaN when the request was not compared against an oracle) and its spread over the seeded
+    MIA draws (``avg_gap_std``, :func:`avg_gap_draws`), and the cost of unlearning relative to
+    retraining (NaN ratio without a retrain time)."""
     oracle = models.get("oracle")
-    table = {
-        name: {**m, "avg_gap": avg_gap(m, oracle) if oracle else float("nan")}
-        for name, m in models.items()
-    }
+    table = {}
+    for name, m in models.items():
+        if oracle:
+            gap, gap_std = mean_std(avg_gap_draws(m, oracle))
+        else:
+            gap, gap_std = float("nan"), float("nan")
+        table[name] = {**m, "avg_gap": gap, "avg_gap_std": gap_std}
     extra = dict(extra or {})
     return {
         "models": table,
@@ -210,15 +308,29 @@ def format_table(
     width: int = 14,
     digits: int = 3,
 ) -> str:
-    """Plain-text summary table of a report (one row per model) plus the cost line."""
-    header = f"{'model':<12}" + "".join(f"{c:>{width}}" for c in columns)
-    lines = [header, "-" * len(header)]
+    """Plain-text summary table of a report (one row per model) plus the cost line. A metric
+    with a spread (``<column>_std`` > 0: seeded MIA draws, Avg. Gap) shows as mean±std."""
     roles = ("original", "oracle", "unlearned")  # this order, whatever order the JSON kept
     models = report["models"]
     names = [r for r in roles if r in models] + [n for n in models if n not in roles]
-    for name, m in ((n, models[n]) for n in names):
+
+    def cell(m: Mapping, c: str) -> str:
+        v, sd = m.get(c, float("nan")), m.get(f"{c}_std")
+        text = f"{v:.{digits}f}"
+        if isinstance(sd, float) and np.isfinite(sd) and sd > 0:
+            text += f"±{sd:.{digits}f}"
+        return text
+
+    cells = {n: [cell(models[n], c) for c in columns] for n in names}
+    widths = [
+        max([width, len(c) + 1, *(len(cells[n][i]) + 2 for n in names)])
+        for i, c in enumerate(columns)
+    ]
+    header = f"{'model':<12}" + "".join(f"{c:>{w}}" for c, w in zip(columns, widths, strict=True))
+    lines = [header, "-" * len(header)]
+    for name in names:
         lines.append(
-            f"{name:<12}" + "".join(f"{m.get(c, float('nan')):>{width}.{digits}f}" for c in columns)
+            f"{name:<12}" + "".join(f"{t:>{w}}" for t, w in zip(cells[name], widths, strict=True))
         )
     c = report["cost"]
     lines.append(
