@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 @contextlib.contextmanager
@@ -83,11 +85,71 @@ def save_weights(
     return digest
 
 
-def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+class WeightsError(ValueError):
+    """A weights file that cannot be read or whose tensors do not match its content digest
+    (truncated, corrupted, edited). The message names the file."""
+
+
+#: (resolved path, size, mtime_ns) of files verified in this process, with their digest: a
+#: file is hashed once per process however often it is loaded.
+_VERIFIED: dict[tuple[str, int, int], str] = {}
+
+_NAMED_DIGEST = re.compile(r"-([0-9a-f]{16})\.safetensors$")
+
+
+def read_weights(path: str | Path, verify: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, metadata) of a safetensors file. With ``verify`` (the default), a file whose
+    metadata carries a ``digest`` (every file :func:`save_weights` writes) must hash to it,
+    and a file named ``<stem>-<digest[:16]>.safetensors`` (:func:`save_model`) must match its
+    name: otherwise :class:`WeightsError`, as for a file safetensors cannot parse."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = dict(fh.metadata() or {})
+            state = {name: fh.get_tensor(name) for name in fh.keys()}
+    except Exception as exc:  # safetensors raises its own error types for a damaged file
+        raise WeightsError(f"{path}: unreadable weights file ({exc}); delete it") from exc
+    if verify:
+        expected = meta.get("digest")
+        # save_model's files: <role>-<digest[:16]>.safetensors, with the role in the metadata
+        named = _NAMED_DIGEST.search(path.name) if "role" in meta else None
+        if named and path.name != f"{meta['role']}-{named.group(1)}.safetensors":
+            named = None
+        if expected and named and not expected.startswith(named.group(1)):
+            raise WeightsError(
+                f"{path}: its name says digest {named.group(1)}, its metadata {expected[:16]}"
+            )
+        if expected:
+            st = path.stat()
+            key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+            if _VERIFIED.get(key) != expected:
+                actual = state_dict_digest(state)
+                if actual != expected:
+                    raise WeightsError(
+                        f"{path}: tensors hash to {actual[:16]}, the file says {expected[:16]} "
+                        "(corrupted or edited); delete it"
+                    )
+                _VERIFIED[key] = expected
+    return state, meta
+
+
+def load_weights(path: str | Path, verify: bool = True) -> dict[str, torch.Tensor]:
+    """The state dict of a safetensors file, verified against its content digest
+    (:func:`read_weights`)."""
+    return read_weights(path, verify)[0]
+
+
+def weights_ok(path: str | Path, digest: str | None = None) -> bool:
+    """True when ``path`` is a readable weights file matching its own digest and, if given,
+    ``digest`` (what a cache record says it holds). For cache look-ups: a False file is to be
+    removed and recomputed."""
+    try:
+        _, meta = read_weights(path)
+    except (FileNotFoundError, WeightsError):
+        return False
+    return digest is None or meta.get("digest") == digest
 
 
 def save_model(
@@ -104,7 +166,8 @@ def save_model(
 
 
 def load_into(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
-    """Load safetensors weights into ``model``; returns it in eval mode."""
+    """Load safetensors weights into ``model`` (verified against their digest,
+    :func:`read_weights`); returns it in eval mode."""
     model.load_state_dict(load_weights(path))
     return model.eval()
 

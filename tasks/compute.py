@@ -17,19 +17,41 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.logging import get_run_logger
 
+from pipeline_lib.io import weights_ok
 from pipeline_lib.modalities import get_modality
 
 CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json")
 
 
+def _intact(result: dict[str, Any], key: str) -> bool:
+    """A result's file is there and, for weights, matches its content digest (a truncated or
+    corrupted file counts as missing)."""
+    path = Path(result[key])
+    if path.suffix != ".safetensors":
+        return path.is_file()
+    return weights_ok(path, result.get("digest") if key == "path" else None)
+
+
 def with_files(task_fn, result_keys: tuple[str, ...], *args: Any) -> dict[str, Any]:
     """Call a cached task; if a cached result points at files that are gone (someone cleaned
-    the artifacts directory), run it again instead of failing later."""
+    the artifacts directory) or damaged (a weights file that does not hash to its digest), remove
+    the damaged ones and run the task again instead of failing later."""
     result = task_fn(*args)
-    if all(Path(result[k]).is_file() for k in result_keys):
+    bad = [k for k in result_keys if not _intact(result, k)]
+    if not bad:
         return result
-    get_run_logger().warning("%s: cached artifacts missing on disk, recomputing", task_fn.name)
-    return task_fn.with_options(refresh_cache=True)(*args)
+    for k in bad:
+        Path(result[k]).unlink(missing_ok=True)
+    get_run_logger().warning(
+        "%s: cached %s missing or corrupt on disk, recomputing",
+        task_fn.name,
+        ", ".join(result[k] for k in bad),
+    )
+    fresh = task_fn.with_options(refresh_cache=True)(*args)
+    bad = [fresh[k] for k in result_keys if not _intact(fresh, k)]
+    if bad:
+        raise RuntimeError(f"{task_fn.name}: recomputed, but {', '.join(bad)} is still not intact")
+    return fresh
 
 
 @task(name="train-model", **CACHED)

@@ -5,19 +5,28 @@ Datamodels (algorithms.md §2) and every oracle-based metric (KLoM, LiRA) need M
 unit of work is a *chunk* of consecutive model ids, trained in one process by the vectorised
 ensemble trainer (:mod:`pipeline_lib.training.ensemble`). Layout of a store directory::
 
-    manifest.json              config, target ids digest, one entry per finished chunk
+    manifest.json              spec, targets checksum, the chunks that hold models 0..M-1, and
+                               its own checksum
     targets.parquet            sample_id, split, label of the T target points, in output order
     chunks/00012/              one directory per chunk, written under a temporary name and
         masks.npy              (K, ceil(N/8)) uint8, bit-packed training masks (np.packbits)
         seeds.npy              (K,) int64 training seeds
         outputs.npy            (K, T, C) float16/float32 logits on the targets
         weights.safetensors    originals and oracles only: the K models' parameters, stacked
-        meta.json              model ids, sha256 of each file, seconds, node
+        meta.json              model ids, sha256 of each file, seconds, node, its own checksum
 
 Everything about model ``m`` is a pure function of (store seed, m): its mask and its seed. So
 a chunk re-run anywhere gives the same models, a finished chunk is skipped after its
 checksums verify, and :meth:`AttributionStore.check` proves no model id is missing or
 duplicated.
+
+The manifest follows the chunks on disk. A store grows (more models: the missing ids are
+trained as new chunks) and its ``chunk_size`` may change (chunks already there are kept; new
+ones use the new size), because :meth:`AttributionStore.pending_chunks` lays the chunks that
+verify end to end from model 0 and trains only the gaps; a chunk that fails its checksums,
+whose ``meta.json`` is damaged, or that overlaps one already laid is removed (a pure function
+of the seed, it is trained again). A store asked for fewer models than it holds reads the
+first M. The manifest records the last requested spec and the chunks that hold its models.
 """
 
 from __future__ import annotations
@@ -185,12 +194,34 @@ class StoreError(RuntimeError):
     """The store on disk contradicts its manifest (missing/duplicate ids, bad checksums)."""
 
 
+def _self_digest(record: dict[str, Any], field: str) -> str:
+    """sha256 of a JSON record without its own checksum ``field``."""
+    body = {k: v for k, v in record.items() if k != field}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _write_record(path: Path, record: dict[str, Any], field: str) -> None:
+    """Write ``record`` with its own checksum in ``field``, atomically."""
+    body = {k: v for k, v in record.items() if k != field}
+    write_json(path, {**body, field: _self_digest(body, field)})
+
+
 class AttributionStore:
     """A store directory (see module docstring). Cheap to open; reads chunks on demand."""
 
     def __init__(self, root: str | Path, spec: StoreSpec) -> None:
         self.root = Path(root)
         self.spec = spec
+        self._pending: set[tuple[int, int]] = set()
 
     # -- layout
     @property
@@ -200,30 +231,70 @@ class AttributionStore:
     def chunk_dir(self, start: int) -> Path:
         return self.root / "chunks" / f"{start:07d}"
 
+    @staticmethod
+    def _valid_manifest(root: Path) -> dict[str, Any] | None:
+        """The manifest if it parses and matches its checksum (manifests written before the
+        checksum existed are accepted once: the next training run rewrites them)."""
+        manifest = _read_json(root / "manifest.json")
+        if manifest is None or not isinstance(manifest.get("chunks"), dict):
+            return None
+        if "sha256" in manifest and manifest["sha256"] != _self_digest(manifest, "sha256"):
+            return None
+        try:
+            StoreSpec(**manifest["spec"])
+        except (KeyError, TypeError, ValueError):
+            return None
+        return manifest
+
     @classmethod
     def open(cls, root: str | Path) -> AttributionStore:
         root = Path(root)
         if not (root / "manifest.json").is_file():
             raise FileNotFoundError(f"{root}: no attribution store (manifest.json missing)")
-        manifest = json.loads((root / "manifest.json").read_text())
+        manifest = cls._valid_manifest(root)
+        if manifest is None:
+            raise StoreError(
+                f"{root}/manifest.json is damaged (unreadable or checksum mismatch); re-run the "
+                "command that trains this store to rebuild it from the chunks"
+            )
         return cls(root, StoreSpec(**manifest["spec"]))
+
+    def _targets_sha256(self) -> str | None:
+        path = self.root / "targets.parquet"
+        return sha256_file(path) if path.is_file() else None
+
+    def _write_manifest(self, chunks: dict[str, Any]) -> None:
+        record = {
+            "spec": asdict(self.spec),
+            "chunks": dict(sorted(chunks.items())),
+            "targets_sha256": self._targets_sha256(),
+        }
+        _write_record(self.manifest_path, record, "sha256")
 
     def initialise(
         self, target_ids: np.ndarray, target_split: np.ndarray, target_labels: np.ndarray
     ) -> None:
-        """Create the directory and write targets + manifest (idempotent for the same spec)."""
-        if self.manifest_path.is_file():
-            existing = json.loads(self.manifest_path.read_text())
-            if StoreSpec(**existing["spec"]).digest != self.spec.digest:
+        """Create the directory and write targets + manifest (idempotent for the same spec).
+        A damaged manifest or targets file is rewritten (the chunks are found again by
+        :meth:`pending_chunks`)."""
+        manifest = self._valid_manifest(self.root)
+        if manifest is not None:
+            if StoreSpec(**manifest["spec"]).digest != self.spec.digest:
                 raise StoreError(f"{self.root} holds a store with another specification")
-            return
+            recorded = manifest.get("targets_sha256")
+            current = self._targets_sha256()
+            if current is not None and recorded in (None, current):
+                return
+            log.warning("%s: targets.parquet missing or damaged; rewriting it", self.root)
+        elif self.manifest_path.exists():
+            log.warning("%s: manifest.json damaged; rebuilding it from the chunks", self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.root / "targets.parquet") as tmp:
             pq.write_table(
                 pa.table({"sample_id": target_ids, "split": target_split, "label": target_labels}),
                 tmp,
             )
-        write_json(self.manifest_path, {"spec": asdict(self.spec), "chunks": {}})
+        self._write_manifest(manifest["chunks"] if manifest is not None else {})
 
     # -- chunks
     def write_chunk(
@@ -232,7 +303,7 @@ class AttributionStore:
         """Write one chunk atomically (directory renamed into place), then record it in the
         manifest. Returns the chunk's meta."""
         start, stop = int(result["start"]), int(result["stop"])
-        if (start, stop) not in self.spec.chunks():
+        if (start, stop) not in self._pending and (start, stop) not in self.spec.chunks():
             raise StoreError(f"chunk [{start}, {stop}) is not a chunk of this store")
         arrays = {
             "masks": np.packbits(result["masks"], axis=1),
@@ -243,6 +314,7 @@ class AttributionStore:
             "start": start,
             "stop": stop,
             "train_seconds": result["train_seconds"],
+            "spec_digest": self.spec.digest,
         }
         meta.update(extra or {})
         target = self.chunk_dir(start)
@@ -257,67 +329,143 @@ class AttributionStore:
                     raise StoreError(f"a {self.spec.kind} chunk must carry the models' weights")
                 save_file(result["weights"], str(tmp / _FILES["weights"]))
                 meta["sha256"]["weights"] = sha256_file(tmp / _FILES["weights"])
+            meta["meta_sha256"] = _self_digest(meta, "meta_sha256")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         self._record(start, meta)
         return meta
 
     def _record(self, start: int, meta: dict[str, Any]) -> None:
-        manifest = json.loads(self.manifest_path.read_text())
-        manifest["chunks"][f"{start:07d}"] = meta
-        write_json(self.manifest_path, manifest)
+        manifest = self._valid_manifest(self.root)
+        chunks = manifest["chunks"] if manifest is not None else {}
+        chunks[f"{start:07d}"] = meta
+        self._write_manifest(chunks)
 
-    def verify_chunk(self, start: int) -> bool:
-        """True when the chunk directory exists and every file matches its checksum."""
+    def chunk_meta(self, start: int) -> dict[str, Any] | None:
+        """The chunk's meta when the chunk verifies, else None: its ``meta.json`` parses and
+        matches its own checksum, names this start, this store's spec and a non-empty id range,
+        every file matches its sha256, and the seeds are those of its model ids."""
         d = self.chunk_dir(start)
-        if not (d / "meta.json").is_file():
-            return False
-        meta = json.loads((d / "meta.json").read_text())
+        meta = _read_json(d / "meta.json")
+        if meta is None:
+            return None
+        if "meta_sha256" in meta and meta["meta_sha256"] != _self_digest(meta, "meta_sha256"):
+            return None
+        stop = meta.get("stop")
+        if meta.get("start") != start or not isinstance(stop, int) or stop <= start:
+            return None
+        if meta.get("spec_digest", self.spec.digest) != self.spec.digest:
+            return None
         expected = {"masks", "seeds", "outputs"} | (
             {"weights"} if self.spec.kind in WEIGHT_KINDS else set()
         )
-        digests = meta.get("sha256", {})
-        return set(digests) == expected and all(
+        digests = meta.get("sha256")
+        if not isinstance(digests, dict) or set(digests) != expected:
+            return None
+        if not all(
             (d / _FILES[name]).is_file() and sha256_file(d / _FILES[name]) == digest
             for name, digest in digests.items()
-        )
+        ):
+            return None
+        seeds = np.load(d / _FILES["seeds"], allow_pickle=False)
+        if seeds.tolist() != [model_seed(self.spec.seed, m) for m in range(start, stop)]:
+            return None
+        return meta
+
+    def verify_chunk(self, start: int) -> bool:
+        """True when the chunk directory exists and verifies (:meth:`chunk_meta`)."""
+        return self.chunk_meta(start) is not None
+
+    def _split(self, a: int, b: int) -> list[tuple[int, int]]:
+        size = self.spec.chunk_size
+        return [(s, min(s + size, b)) for s in range(a, b, size)]
 
     def pending_chunks(self) -> list[tuple[int, int]]:
-        """Chunks still to train. A chunk that exists but fails its checksums is removed (and
-        listed) so it is recomputed; a verified chunk missing from the manifest is recorded."""
-        manifest = json.loads(self.manifest_path.read_text())
-        pending = []
-        for start, stop in self.spec.chunks():
-            d = self.chunk_dir(start)
-            if self.verify_chunk(start):
-                if f"{start:07d}" not in manifest["chunks"]:
-                    self._record(start, json.loads((d / "meta.json").read_text()))
+        """Chunks still to train for models 0..n_models-1, and the manifest brought in line with
+        the chunks on disk.
+
+        The chunks that verify are laid in order from model 0; a chunk that fails verification
+        or overlaps one already laid is removed; every gap (a grown store, a removed chunk) is
+        cut into new chunks of ``chunk_size``. Chunks beyond n_models stay on disk, out of the
+        manifest, for a store grown again."""
+        found: dict[int, dict[str, Any]] = {}
+        chunks_dir = self.root / "chunks"
+        for d in sorted(chunks_dir.iterdir()) if chunks_dir.is_dir() else []:
+            if not (d.is_dir() and d.name.isdigit()):
                 continue
-            if d.exists():
+            meta = self.chunk_meta(int(d.name))
+            if meta is None:
                 log.warning("chunk %s failed verification; recomputing", d)
                 shutil.rmtree(d)
-            pending.append((start, stop))
+                continue
+            found[int(d.name)] = meta
+        n = self.spec.n_models
+        laid: dict[str, Any] = {}
+        pending: list[tuple[int, int]] = []
+        pos = 0
+        for start in sorted(found):
+            if start >= n:
+                break
+            if start < pos:
+                log.warning("chunk %s overlaps the chunks before it; removing it", start)
+                shutil.rmtree(self.chunk_dir(start))
+                continue
+            pending += self._split(pos, start)
+            laid[f"{start:07d}"] = found[start]
+            pos = found[start]["stop"]
+        pending += self._split(pos, n)
+        self._write_manifest(laid)
+        self._pending = set(pending)
         return pending
+
+    def layout(self) -> list[tuple[int, int]]:
+        """The [start, stop) chunks that hold models 0..n_models-1, from the manifest (the last
+        chunk may reach past n_models: only its first rows are read)."""
+        manifest = self._valid_manifest(self.root)
+        if manifest is None:
+            raise StoreError(
+                f"{self.root}/manifest.json is missing or damaged; re-run the command that "
+                "trains this store"
+            )
+        chunks, out, pos = manifest["chunks"], [], 0
+        while pos < self.spec.n_models:
+            meta = chunks.get(f"{pos:07d}")
+            if meta is None:
+                raise StoreError(
+                    f"chunk {pos} missing or corrupt in {self.root} (models {pos}.. not "
+                    "trained); train its missing chunks first"
+                )
+            out.append((pos, int(meta["stop"])))
+            pos = int(meta["stop"])
+        return out
+
+    def _rows(self, start: int, stop: int) -> int:
+        """How many of the chunk's models are among the first n_models."""
+        return min(stop, self.spec.n_models) - start
 
     def check(self) -> None:
         """Every model id 0..M-1 present exactly once, every checksum valid."""
+        manifest = self._valid_manifest(self.root)
+        recorded = manifest.get("targets_sha256") if manifest is not None else None
+        if recorded is not None and recorded != self._targets_sha256():
+            raise StoreError(f"{self.root}/targets.parquet is missing or damaged")
         seen = np.zeros(self.spec.n_models, dtype=np.int64)
-        for start, _stop in self.spec.chunks():
-            if not self.verify_chunk(start):
+        for start, stop in self.layout():
+            meta = self.chunk_meta(start)
+            if meta is None or meta["stop"] != stop:
                 raise StoreError(f"chunk {start} missing or corrupt in {self.root}")
-            meta = json.loads((self.chunk_dir(start) / "meta.json").read_text())
-            seen[meta["start"] : meta["stop"]] += 1
+            seen[start : min(stop, self.spec.n_models)] += 1
         if not np.all(seen == 1):
             bad = np.flatnonzero(seen != 1)
             raise StoreError(f"model ids missing or duplicated, e.g. {bad[:5].tolist()}")
 
     def iter_chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(masks (K, N) bool, seeds (K,), outputs (K, T, C)) per chunk, in model-id order."""
-        for start, _ in self.spec.chunks():
-            d = self.chunk_dir(start)
-            masks = np.unpackbits(np.load(d / "masks.npy"), axis=1, count=self.spec.n_train).astype(
-                bool
-            )
-            yield masks, np.load(d / "seeds.npy"), np.load(d / "outputs.npy")
+        for start, stop in self.layout():
+            d, k = self.chunk_dir(start), self._rows(start, stop)
+            masks = np.unpackbits(
+                np.load(d / "masks.npy")[:k], axis=1, count=self.spec.n_train
+            ).astype(bool)
+            yield masks, np.load(d / "seeds.npy")[:k], np.load(d / "outputs.npy")[:k]
 
     def load(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """All (masks (M, N) bool, seeds (M,), outputs (M, T, C)); verifies completeness."""
@@ -334,18 +482,16 @@ class AttributionStore:
         completeness of the manifest."""
         if verify:
             self.check()
-        elif len(json.loads(self.manifest_path.read_text())["chunks"]) != len(self.spec.chunks()):
-            raise StoreError(f"{self.root} is incomplete; train its missing chunks first")
         cols = np.asarray(columns, dtype=np.intp)
         masks, outs = [], []
-        for start, _ in self.spec.chunks():
-            d = self.chunk_dir(start)
+        for start, stop in self.layout():  # an incomplete store raises here
+            d, k = self.chunk_dir(start), self._rows(start, stop)
             masks.append(
-                np.unpackbits(np.load(d / "masks.npy"), axis=1, count=self.spec.n_train).astype(
+                np.unpackbits(np.load(d / "masks.npy")[:k], axis=1, count=self.spec.n_train).astype(
                     bool
                 )
             )
-            outs.append(np.asarray(np.load(d / "outputs.npy", mmap_mode="r")[:, cols]))
+            outs.append(np.asarray(np.load(d / "outputs.npy", mmap_mode="r")[:k, cols]))
         return np.concatenate(masks), np.concatenate(outs)
 
     def columns_of(self, sample_ids: np.ndarray) -> np.ndarray:
@@ -368,9 +514,9 @@ class AttributionStore:
         if self.spec.kind not in WEIGHT_KINDS:
             raise StoreError(f"a {self.spec.kind} store keeps no weights")
         self.check()
-        for start, stop in self.spec.chunks():
+        for start, stop in self.layout():
             stacked = load_file(str(self.chunk_dir(start) / _FILES["weights"]))
-            for k in range(stop - start):
+            for k in range(self._rows(start, stop)):
                 yield start + k, {name: t[k].clone() for name, t in stacked.items()}
 
     def targets(self) -> pa.Table:
@@ -397,6 +543,10 @@ class AttributionStore:
     def masks_digest(self) -> str:
         """sha256 over all packed masks in model-id order (lineage: which subsets)."""
         h = hashlib.sha256()
-        for start, _ in self.spec.chunks():
-            h.update((self.chunk_dir(start) / "masks.npy").read_bytes())
+        for start, stop in self.layout():
+            path, k = self.chunk_dir(start) / "masks.npy", self._rows(start, stop)
+            if k == stop - start:
+                h.update(path.read_bytes())
+            else:  # only the first k models of this chunk are the store's
+                h.update(np.ascontiguousarray(np.load(path)[:k]).tobytes())
         return h.hexdigest()
