@@ -267,9 +267,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.purge:
         from tasks.retention import summary_lines
 
-        _, params, ledger = _service(args, overrides)
+        modality, params, ledger = _service(args, overrides)
         try:
-            print("\n".join(summary_lines(_purge(params, ledger, None, False))))
+            print("\n".join(summary_lines(_purge(modality, params, ledger, None, False))))
         finally:
             ledger.close()
     return 1 if any(r["status"] == "failed" for r in result["processed"]) else 0
@@ -505,11 +505,18 @@ def _print_model_lineage(out: dict[str, Any]) -> None:
         )
 
 
-def _purge(params: Any, ledger: Any, older_than: float | None, dry_run: bool) -> dict[str, Any]:
+def _purge(
+    modality: Any, params: Any, ledger: Any, older_than: float | None, dry_run: bool
+) -> dict[str, Any]:
     from tasks.retention import purge, results_dir_from_env
 
     tr = params.tracking
     days = params.service.retention_days if older_than is None else older_than
+    stores = [params.resolve(modality.prepared_out(params))] + [
+        params.resolve(getattr(params, s).out_dir)
+        for s in ("stats", "attribution")
+        if hasattr(params, s)
+    ]
     return purge(
         tr.mlflow_uri,
         ledger,
@@ -519,22 +526,26 @@ def _purge(params: Any, ledger: Any, older_than: float | None, dry_run: bool) ->
         Path(tr.dvc_root).resolve(),
         results_dir_from_env(),
         dry_run=dry_run,
+        modality=modality,
+        params=params,
+        data_stores=stores,
     )
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    """Delete model artifacts (and stale DVC cache entries) that hold ids forgotten more
-    than the retention window ago; every deletion is recorded in the ledger."""
+    """Delete model artifacts and every stored row of ids forgotten more than the retention
+    window ago (the data is re-versioned without them first); every deletion is recorded in
+    the ledger."""
     import json
 
     from tasks.retention import summary_lines
 
     if args.older_than is not None and args.older_than < 0:
         raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
-    _, params, ledger = _service(args)
+    modality, params, ledger = _service(args)
     _setup_env()
     try:
-        out = _purge(params, ledger, args.older_than, args.dry_run)
+        out = _purge(modality, params, ledger, args.older_than, args.dry_run)
     finally:
         ledger.close()
     if args.json:

@@ -1,7 +1,8 @@
 """Entry points of the DVC stages: ``prepare`` and ``extract``, for either modality.
 
-``python -m pipeline_lib.stages prepare --params params.yaml [--out DIR]`` writes the prepared
-data (``data.out_dir``, or ``--out``).
+``python -m pipeline_lib.stages prepare --params params.yaml [--out DIR] [--exclude IDS.parquet]``
+writes the prepared data (``data.out_dir``, or ``--out``); ``--exclude`` names a purge list
+(a Parquet table with a ``sample_id`` column): those rows (documents) are left out.
 
 ``python -m pipeline_lib.stages extract --params params.yaml`` resolves ``request.file``
 against it and writes the id manifests to ``request.out_dir`` (the root ``dvc.yaml``, for a
@@ -43,9 +44,16 @@ log = logging.getLogger(__name__)
 Extractor = Callable[[Any, str], tuple[np.ndarray, np.ndarray, dict]]
 
 
-def run_prepare(params_path: str, out: str | None = None) -> dict:
+def run_prepare(params_path: str, out: str | None = None, exclude: str | None = None) -> dict:
     params = load_params(params_path)
-    return prepare_dataset(params.data, out)
+    return prepare_dataset(params.data, out, read_purged_ids(exclude) if exclude else None)
+
+
+def read_purged_ids(path: str | Path) -> list[str]:
+    """The ``sample_id`` column of a purge list (ids whose rows ``prepare --exclude`` drops)."""
+    import pyarrow.parquet as pq
+
+    return [str(s) for s in pq.read_table(path, columns=["sample_id"]).column(0).to_pylist()]
 
 
 def extract_images(request: Any, prepared_dir: str) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -105,7 +113,7 @@ def _add_to_summary(out_dir: str, extra: dict) -> dict:
 def stage_main(
     prog: str,
     default_params: str,
-    prepare: Callable[[str, str | None], dict],
+    prepare: Callable[..., dict],
     extract_params: Callable[[str], dict],
     extract: Extractor,
     argv: list[str] | None = None,
@@ -118,11 +126,16 @@ def stage_main(
     parser.add_argument("--out", help="output directory (default: from the params file)")
     parser.add_argument("--prepared", help="extract: the prepared data directory")
     parser.add_argument("--request", help="extract: the request file")
-    parser.add_argument("--exclude", help="extract: a tombstone set (Parquet) to leave out")
+    parser.add_argument(
+        "--exclude",
+        help="extract: a tombstone set (Parquet) to leave out; prepare: a purge list of ids",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.stage == "prepare":
+        if args.stage == "prepare" and args.exclude:
+            prepare(args.params, args.out, args.exclude)
+        elif args.stage == "prepare":
             prepare(args.params, args.out)
         elif args.request:
             if not (args.prepared and args.out):

@@ -21,12 +21,13 @@ from pipeline_lib.data.text import (
     load_corpus,
     prepare_corpus,
 )
-from pipeline_lib.stages import extract_to, stage_main
+from pipeline_lib.stages import extract_to, read_purged_ids, stage_main
 
 
-def run_prepare(params_path: str, out: str | None = None) -> dict:
+def run_prepare(params_path: str, out: str | None = None, exclude: str | None = None) -> dict:
     params = load_lm_params(params_path)
-    return prepare_corpus(params.text, out or PREPARED_DIR)
+    drop = read_purged_ids(exclude) if exclude else None
+    return prepare_corpus(params.text, out or PREPARED_DIR, drop)
 
 
 def extract_docs(request, prepared_dir: str) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -12,17 +12,27 @@ What holds a forgotten id ``x`` (see :mod:`tasks.lineage` for the rule per versi
 - the oracle and unlearned weights of request runs that were trained on, or derived from,
   weights holding ``x`` without forgetting it;
 - Prefect result records (``.prefect-results``) naming those weight files;
-- prepared-data versions in the DVC cache that are no longer the live data version.
+- the rows themselves, wherever the pipeline stored them: the prepared data (``data.out_dir``
+  and the variants under ``runs/<modality>/data-<key>/``), the Parquet shards of the
+  statistics and attribution stores under ``tracking.artifacts_dir``, and every DVC cache
+  file that holds one of them (with the ``.dir`` entries that list such a file).
+
+Before the rows are deleted the data is **re-versioned**: the ids join the purge list
+(``runs/<modality>/purged_ids.parquet``, ids only) and the current data settings are prepared
+again through a stage that depends on that list and leaves its ids out
+(:func:`tasks.versioning.stage_prepare`). From then on every run, request and exact retrain
+uses that version; the purge records its path and md5. A hand-run ``dvc repro prepare`` of
+the root stage would read the source again, rows included: the pipeline never runs it once
+the purge list exists.
 
 What is deliberately kept:
 
 - the *production* version, even when it still holds ``x`` (keep-parent after failed gates):
   the purge reports it, and ``unlearn retrain-production`` is the fix;
 - versions that *unlearned* ``x`` (approximate removal): they are the deletion's result;
-- the **live prepared data** (the DVC output named by the current ``dvc.lock`` and its cache
-  entry): every training excludes the tombstoned ids through the manifests, but the rows
-  themselves stay in the prepared data, since it is derived from the raw source. Deleting
-  them means changing the source data and preparing again.
+- the data *source* (the ``sklearn`` package's digits, the Fashion-MNIST IDX files, the
+  user's Parquet table at ``data.path``): it is outside the pipeline's stores; deleting the
+  rows there is the data owner's step.
 """
 
 from __future__ import annotations
@@ -30,19 +40,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
+import pyarrow as pa
+import pyarrow.parquet as pq
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from safetensors import safe_open
 
+from pipeline_lib.io import atomic_path
 from pipeline_lib.service.evidence import retention_due
-from tasks import lineage, registry
+from tasks import lineage, registry, versioning
 from tasks.ledger import Forgotten, Ledger
 
 log = logging.getLogger(__name__)
@@ -125,32 +138,91 @@ def _holding_digests(
     return digests, purge_versions, notes
 
 
-def _live_prepared_md5s(root: Path) -> set[str]:
-    """The prepared-data md5s that the workspace's lock files name (live data versions)."""
-    live: set[str] = set()
-    for lock in [*root.glob("dvc.lock"), *root.glob("*/dvc.lock"), *root.glob("runs/*/*/dvc.lock")]:
-        try:
-            stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
-        except (OSError, yaml.YAMLError):
+#: (id column, content column) of the Parquet tables that hold data rows: prepared images
+#: and statistics shards (``features``), prepared corpora (``text``). Manifests, tombstones
+#: and the purge list hold ids only.
+ROW_TABLES = (("sample_id", "features"), ("doc_id", "text"))
+
+
+def _rows_held(path: Path, ids: set[str]) -> int:
+    """How many of ``ids`` the Parquet data table at ``path`` holds rows of (0 for anything
+    else: not Parquet, unreadable, a table of ids only)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"PAR1":
+                return 0
+        names = set(pq.read_schema(path).names)
+        col = next((i for i, c in ROW_TABLES if i in names and c in names), None)
+        if col is None:
+            return 0
+        held = pq.read_table(path, columns=[col]).column(0).to_pylist()
+    except (OSError, pa.ArrowException):
+        return 0
+    return sum(1 for s in held if s in ids)
+
+
+def update_purge_list(
+    root: Path, modality: Any, due: list[Forgotten], now: datetime, dry_run: bool
+) -> tuple[set[str], int]:
+    """Add the due ids to the modality's purge list (ids only, atomically); returns (every id
+    on the list, how many were new)."""
+    path = root / versioning.purged_ids_path(modality)
+    old = pq.read_table(path) if path.is_file() else None
+    listed = set(old.column("sample_id").to_pylist()) if old is not None else set()
+    new = sorted(
+        {f.sample_id: f for f in due if f.sample_id not in listed}.values(),
+        key=lambda f: f.sample_id,
+    )
+    if new and not dry_run:
+        rows = pa.table(
+            {
+                "sample_id": pa.array([f.sample_id for f in new], pa.string()),
+                "request_id": pa.array([f.request_id for f in new], pa.string()),
+                "model_name": pa.array([f.model_name for f in new], pa.string()),
+                "purged_at": pa.array([now.isoformat()] * len(new), pa.string()),
+            }
+        )
+        table = pa.concat_tables([old, rows]) if old is not None else rows
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
+    return listed | {f.sample_id for f in new}, len(new)
+
+
+def _row_copies(stores: Iterable[Path], ids: set[str]) -> list[tuple[Path, int]]:
+    """Workspace copies of the rows: every ``*.parquet`` data table under ``stores`` holding
+    one of ``ids``, as (what to delete, rows held): a prepared or shard directory (it has
+    ``meta.json`` / ``shards.json``) goes whole, so no half directory passes for complete."""
+    found: dict[Path, int] = {}
+    for store in stores:
+        if not store.is_dir():
             continue
-        for name, stage in stages.items():
-            if name != "prepare":
+        for path in sorted(store.rglob("*.parquet")):
+            n = _rows_held(path, ids)
+            if n:
+                d = path.parent
+                target = d if (d / "meta.json").is_file() or (d / "shards.json").is_file() else path
+                found[target] = found.get(target, 0) + n
+    return sorted(found.items())
+
+
+def _cache_copies(root: Path, ids: set[str]) -> tuple[list[tuple[Path, int]], list[Path]]:
+    """DVC cache files holding rows of ``ids``, and the ``.dir`` entries that list one."""
+    cache = root / ".dvc" / "cache" / "files" / "md5"
+    if not cache.is_dir():
+        return [], []
+    files = [p for p in sorted(cache.glob("*/*")) if p.is_file()]
+    held = [(p, n) for p in files if not p.name.endswith(".dir") for n in [_rows_held(p, ids)] if n]
+    gone = {p.parent.name + p.name for p, _ in held}
+    dirs = []
+    for p in files:
+        if p.name.endswith(".dir"):
+            try:
+                members = {e["md5"] for e in json.loads(p.read_text())}
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
-            for out in stage.get("outs", []):
-                if out.get("md5"):
-                    live.add(out["md5"])
-    return live
-
-
-def _cache_file(root: Path, md5: str) -> Path:
-    return root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
-
-
-def _dir_members(root: Path, md5: str) -> set[str]:
-    path = _cache_file(root, md5)
-    if not md5.endswith(".dir") or not path.is_file():
-        return set()
-    return {e["md5"] for e in json.loads(path.read_text())}
+            if members & gone:
+                dirs.append(p)
+    return held, dirs
 
 
 def purge(
@@ -163,9 +235,17 @@ def purge(
     results_dir: str | Path | None = None,
     now: datetime | None = None,
     dry_run: bool = False,
+    modality: Any = None,
+    params: Any = None,
+    data_stores: Iterable[str | Path] = (),
 ) -> dict[str, Any]:
     """Delete what holds ids of ``model`` tombstoned more than ``older_than_days`` ago (see
-    the module docstring); returns what was (or, with ``dry_run``, would be) deleted."""
+    the module docstring); returns what was (or, with ``dry_run``, would be) deleted.
+
+    ``modality`` and ``params`` (the service's): re-version its prepared data without the
+    rows first. ``data_stores``: more directories the pipeline writes data rows to (the
+    prepared data, the statistics and attribution stores), searched with ``runs/`` and
+    ``artifacts_dir``."""
     now = now or datetime.now(UTC)
     due = [f for f in ledger.forgotten(model) if retention_due(f.at, older_than_days, now)]
     out: dict[str, Any] = {
@@ -262,32 +342,43 @@ def purge(
                     path.unlink()
                 record("prefect-result", str(path), f"names purged weights ({hit[:16]})")
 
-    # 4. prepared-data versions in the DVC cache other than the live ones
+    # 4. the rows: a new data version without them, then every stored copy of them
     root = Path(dvc_root)
-    live = _live_prepared_md5s(root)
-    keep = set(live)
-    for md5 in live:
-        keep |= _dir_members(root, md5)
-    used = {r.data.tags["dvc.prepared_md5"] for r in runs if r.data.tags.get("dvc.prepared_md5")}
-    for md5 in sorted(used - live):
-        for member in sorted(_dir_members(root, md5) - keep):
-            path = _cache_file(root, member)
-            if path.is_file():
-                if not dry_run:
-                    path.unlink()
-                record("dvc-cache", str(path), f"member of stale prepared data {md5}")
-        path = _cache_file(root, md5)
-        if path.is_file():
-            if not dry_run:
-                path.unlink()
-            record("dvc-cache", str(path), "stale prepared data version (holds forgotten rows)")
-    for md5 in sorted(live):
-        if _cache_file(root, md5).is_file():
-            out["kept"].append(
-                f"live prepared data {md5} (the current data version) still holds the "
-                "forgotten rows; every training excludes them, but deleting them means "
-                "changing the source data and preparing again"
-            )
+    ids = {f.sample_id for f in due}
+    if modality is not None:
+        listed, added = update_purge_list(root, modality, due, now, dry_run)
+        ids |= listed
+        if added:
+            rel = versioning.purged_ids_path(modality)
+            if dry_run:
+                record("prepared-data", f"{rel} (+{added} id(s))", "would prepare the data again")
+            else:
+                prepared, md5 = versioning.stage_prepare(modality, params, root, versioning.repro)
+                record(
+                    "prepared-data",
+                    f"{prepared} ({md5})",
+                    f"new data version without the {len(listed)} id(s) of {rel} ({added} new)",
+                )
+                out["prepared"] = {"path": prepared, "md5": md5, "purged_ids": len(listed)}
+    stores = [root / versioning.RUNS_DIR, Path(artifacts_dir), *map(Path, data_stores)]
+    for path, n in _row_copies(stores, ids):
+        if not dry_run:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        record("data-copy", str(path), f"holds {n} row(s) of forgotten ids")
+    held, dirs = _cache_copies(root, ids)
+    for path, n in held:
+        if not dry_run:
+            path.unlink()
+        record("dvc-cache", str(path), f"holds {n} row(s) of forgotten ids")
+    for path in dirs:
+        if not dry_run:
+            path.unlink()
+        record("dvc-cache", str(path), "data version listing a deleted file")
+    if modality is None:
+        out["kept"].append(
+            "the prepared data was not re-versioned (no modality given); the next run "
+            "prepares it again from the source"
+        )
     out["deleted"] = deleted
     return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -58,25 +59,12 @@ def ensure_dvc_repo(dvc_root: Path) -> None:
         raise StageFailed(f"{dvc_root}: dvc.yaml not found")
 
 
-@task(
-    name="dvc-repro",
-    # never served from a cache: the md5s must be what the lock files say now
-    cache_policy=NO_CACHE,
-    retries=2,
-    retry_delay_seconds=2,
-    retry_condition_fn=lambda task, run, state: (
-        not isinstance(state.result(raise_on_failure=False), StageFailed)
-    ),
-)
-def dvc_repro(dvc_root: str, stage: str, lock: str = "dvc.lock") -> dict[str, Any]:
-    """Run ``dvc repro <stage>`` in ``dvc_root``; return the md5 of every stage out, read
-    from ``lock`` (``lm/dvc.lock`` for the stages of ``lm/dvc.yaml``).
-
-    Bad inputs (exit code 2 from a stage: invalid request, missing data) are not retried;
-    anything else (a lock held by another process, an I/O hiccup) is, twice."""
+def repro(dvc_root: str, stage: str, lock: str = "dvc.lock", logger: Any = None) -> dict[str, Any]:
+    """``dvc repro <stage>`` in ``dvc_root`` outside a Prefect run (``unlearn purge``); see
+    :func:`dvc_repro`."""
     root = Path(dvc_root)
     ensure_dvc_repo(root)
-    logger = get_run_logger()
+    logger = logger or logging.getLogger(__name__)
     proc = subprocess.run(
         [sys.executable, "-m", "dvc", "repro", stage],
         cwd=root,
@@ -94,6 +82,25 @@ def dvc_repro(dvc_root: str, stage: str, lock: str = "dvc.lock") -> dict[str, An
         exc_type = StageFailed if errors else RuntimeError
         raise exc_type(f"dvc repro {stage} failed: {detail}")
     return read_lock_md5s(root, lock)
+
+
+@task(
+    name="dvc-repro",
+    # never served from a cache: the md5s must be what the lock files say now
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=lambda task, run, state: (
+        not isinstance(state.result(raise_on_failure=False), StageFailed)
+    ),
+)
+def dvc_repro(dvc_root: str, stage: str, lock: str = "dvc.lock") -> dict[str, Any]:
+    """Run ``dvc repro <stage>`` in ``dvc_root``; return the md5 of every stage out, read
+    from ``lock`` (``lm/dvc.lock`` for the stages of ``lm/dvc.yaml``).
+
+    Bad inputs (exit code 2 from a stage: invalid request, missing data) are not retried;
+    anything else (a lock held by another process, an I/O hiccup) is, twice."""
+    return repro(dvc_root, stage, lock, get_run_logger())
 
 
 def read_lock_md5s(dvc_root: Path, lock_file: str = "dvc.lock") -> dict[str, Any]:
@@ -154,19 +161,30 @@ def _code_deps(modality: Any) -> list[str]:
     return sorted({module, "pipeline_lib/stages.py", "pipeline_lib/data", "pipeline_lib/io.py"})
 
 
-def stage_prepare(modality: Any, params: Any, root: Path) -> tuple[str, str]:
-    """Prepare the data of this run; returns (prepared dir relative to ``root``, its md5)."""
+def purged_ids_path(modality: Any) -> str:
+    """The purge list of a modality (DVC-root relative): ids whose rows ``unlearn purge``
+    removed from the prepared data. Once it exists every run prepares its data through a
+    variant stage that depends on it (``prepare --exclude``), so no run prepares them again."""
+    return f"{RUNS_DIR}/{modality.name}/purged_ids.parquet"
 
+
+def stage_prepare(modality: Any, params: Any, root: Path, runner: Any = None) -> tuple[str, str]:
+    """Prepare the data of this run; returns (prepared dir relative to ``root``, its md5).
+    ``runner``: how ``dvc repro`` is run (default the :func:`dvc_repro` task; ``unlearn
+    purge`` passes :func:`repro`, outside any Prefect run)."""
+    run = runner or dvc_repro
     effective = to_dict(params)
     file = root / modality.params_file
     on_file = modality.load_params(file) if file.is_file() else None
     same = on_file is not None and all(
         to_dict(on_file)[s] == effective[s] for s in modality.data_sections
     )
-    if same:
+    purged = purged_ids_path(modality)
+    exclude = (root / purged).is_file()
+    if same and not exclude:
         prefix = "" if modality.dvc_file == "dvc.yaml" else f"{modality.dvc_file}:"
         out = modality.prepared_out(params)
-        md5s = dvc_repro(str(root), f"{prefix}prepare", modality.lock_file)
+        md5s = run(str(root), f"{prefix}prepare", modality.lock_file)
         return out, stage_md5(md5s, "prepare", out)
     data = {s: effective[s] for s in modality.data_sections}
     key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
@@ -176,18 +194,29 @@ def stage_prepare(modality: Any, params: Any, root: Path) -> tuple[str, str]:
     if "data" in variant:
         variant["data"] = {**variant["data"], "out_dir": out}
     _write_if_changed(root / rel / "params.yaml", yaml.safe_dump(variant, sort_keys=False))
+    cmd = f"python -m {modality.stage_module} prepare --params {rel}/params.yaml --out {out}"
+    deps = [*_code_deps(modality), "pipeline_lib/config"]
+    if exclude:  # the purge list is a dependency: a longer list prepares the data again
+        cmd += f" --exclude {purged}"
+        deps.append(purged)
     stage = _stage_file(
-        rel,
-        "prepare",
-        f"python -m {modality.stage_module} prepare --params {rel}/params.yaml --out {out}",
-        [*_code_deps(modality), "pipeline_lib/config"],
-        [out],
-        [{f"{rel}/params.yaml": list(modality.data_sections)}],
+        rel, "prepare", cmd, deps, [out], [{f"{rel}/params.yaml": list(modality.data_sections)}]
     )
     _write_if_changed(root / rel / "dvc.yaml", stage)
-    md5s = dvc_repro(str(root), f"{rel}/dvc.yaml:prepare", f"{rel}/dvc.lock")
-    get_run_logger().info("data variant %s (data settings differ from %s)", rel, file.name)
+    md5s = run(str(root), f"{rel}/dvc.yaml:prepare", f"{rel}/dvc.lock")
+    why = f"data settings differ from {file.name}" if not same else f"rows purged ({purged})"
+    _logger().info("data variant %s (%s)", rel, why)
     return out, stage_md5(md5s, "prepare", out)
+
+
+def _logger() -> Any:
+    """The Prefect run logger inside a run, the module's logger outside one."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def stage_extract(

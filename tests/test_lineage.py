@@ -231,66 +231,93 @@ def test_exact_version_after_tombstones_is_trained_without(service):
 
 
 def _stores(service) -> list[Path]:
-    """Every store the pipeline writes: local weights, the MLflow artifact root, the DVC
-    cache, Prefect results, reports, the run directories (manifests) and the prepared data."""
+    """Every store the pipeline writes: the whole project (data/, artifacts/, runs/, reports/,
+    .dvc/cache, the MLflow and ledger databases, mlartifacts/), the MLflow artifact roots
+    and Prefect's result storage. The data source (the digits in the sklearn package) is
+    outside them."""
     import os
 
     from mlflow import MlflowClient
 
-    root = service["root"]
     client = MlflowClient(service["uri"])
     roots = {
         Path(e.artifact_location.removeprefix("file://"))
         for e in client.search_experiments()
-        if e.name != "Default"
+        if e.artifact_location.startswith(("file://", "/"))
     }
-    return [
-        root / "artifacts",
-        *roots,
-        root / ".dvc" / "cache",
-        Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"]),
-        root / "reports",
-        root / "runs",
-        root / "data",
+    return [service["root"], *roots, Path(os.environ["PREFECT_RESULTS_LOCAL_STORAGE_PATH"])]
+
+
+def _patterns(row) -> list[bytes]:
+    """How a feature vector may be stored: float32 and float64 bytes, JSON text."""
+    import json as _json
+
+    import numpy as np
+
+    values = row.tolist()
+    out = [
+        np.asarray(row, "<f4").tobytes(),
+        np.asarray(row, "<f8").tobytes(),
+        _json.dumps(values).encode(),
+        _json.dumps(values, separators=(",", ":")).encode(),
     ]
+    if all(float(v).is_integer() for v in values):
+        out.append(_json.dumps([int(v) for v in values]).encode())
+    return out
 
 
 def _files_holding_rows(stores: list[Path], rows: set[bytes]) -> set[Path]:
     """Files that contain one of ``rows`` (float32 feature vectors as bytes): Parquet files
-    (the DVC cache stores them without extension) decoded row by row, anything else searched
-    byte for byte."""
+    (the DVC cache stores them without extension) decoded column by column (every list
+    column of the rows' width), anything else searched byte for byte in the forms of
+    :func:`_patterns`."""
     import numpy as np
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    width = len(next(iter(rows))) // 4
+    patterns = [p for r in rows for p in _patterns(np.frombuffer(r, "<f4"))]
     found = set()
+    seen = set()
     for store in stores:
         for path in (p for p in store.rglob("*") if p.is_file()):
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
             data = path.read_bytes()
             if data[:4] == b"PAR1":
                 table = pq.read_table(path)
-                if "features" not in table.column_names:
-                    continue
-                feats = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
-                if any(r.tobytes() in rows for r in feats):
-                    found.add(path)
-            elif any(r in data for r in rows):
+                for name in table.column_names:
+                    col = table.column(name)
+                    if not pa.types.is_list(col.type) and not pa.types.is_fixed_size_list(col.type):
+                        continue
+                    values = col.to_pylist()
+                    if not values or len(values[0] or []) != width:
+                        continue
+                    feats = np.asarray(values, dtype=np.float32)
+                    if any(r.tobytes() in rows for r in feats):
+                        found.add(path)
+            elif any(p in data for p in patterns):
                 found.add(path)
     return found
 
 
-def test_purge_leaves_forgotten_rows_only_in_the_live_data(service, capsys):
-    """After the retention window, nothing trained with a forgotten id remains except the
-    production version's ancestors that unlearned it; the rows themselves remain only in the
-    live prepared data (its workspace copy and cache entry). A stale prepared version in the
-    DVC cache (the data was prepared again since) is deleted."""
+def test_purge_leaves_no_forgotten_row_anywhere(service, capsys):
+    """After the retention window: the data is re-versioned without the forgotten rows, and
+    no store the pipeline writes holds one of them (prepared data, variants, DVC cache,
+    artifacts, MLflow artifacts, Prefect results, reports, runs/); nothing trained with a
+    forgotten id remains except the versions that unlearned it. A request after the purge
+    runs on the new data version and brings no row back."""
     import subprocess
     import sys
 
     import numpy as np
     import pyarrow.parquet as pq
+    from mlflow import MlflowClient
 
     from flows.cli import main
     from tasks.lineage import sample_lineage
+    from tasks.retention import _weights_digest
     from tasks.versioning import _dvc_env
 
     root, params_path = service["root"], service["params"]
@@ -300,10 +327,12 @@ def test_purge_leaves_forgotten_rows_only_in_the_live_data(service, capsys):
     table = pq.read_table(root / "data" / "prepared" / "samples.parquet")
     feats = np.asarray(table.column("features").to_pylist(), dtype=np.float32)
     sid = table.column("sample_id").to_pylist()
-    rows = {feats[i].tobytes() for i, s in enumerate(sid) if s in ids}
-    assert len(rows) == len(ids)
+    kept_rows = {feats[i].tobytes() for i, s in enumerate(sid) if s not in ids}
+    rows = {feats[i].tobytes() for i, s in enumerate(sid) if s in ids} - kept_rows
+    assert len(rows) >= len(ids) - 2  # digits has (almost) no duplicate images
 
-    # the data is prepared again (fewer test rows): the version the runs used goes stale
+    # the data is prepared again (fewer test rows): the version the runs used goes stale,
+    # and a variant of other settings holds the rows as well
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["max_test"] = 100
     (root / "params.yaml").write_text(yaml.safe_dump(params))
@@ -320,16 +349,29 @@ def test_purge_leaves_forgotten_rows_only_in_the_live_data(service, capsys):
     # nothing is due inside the window
     assert main(["purge", "--params", params_path, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == []
+    assert main(["purge", "--older-than", "0", "--dry-run", "--params", params_path]) == 0
+    assert "would delete prepared-data" in capsys.readouterr().out
+    assert _files_holding_rows(_stores(service), rows) == before  # a dry run deletes nothing
 
     assert main(["purge", "--older-than", "0", "--params", params_path, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     kinds = {d["kind"] for d in out["deleted"]}
-    assert {"registry-version", "mlflow-artifact", "local-weights", "dvc-cache"} <= kinds
+    assert {
+        "registry-version",
+        "mlflow-artifact",
+        "local-weights",
+        "prepared-data",
+        "data-copy",
+        "dvc-cache",
+    } <= kinds
     purged = sorted(
         d["target"].split()[1] for d in out["deleted"] if d["kind"] == "registry-version"
     )
     assert purged == ["v1", "v2", "v3"]  # v4 is production; it unlearned every request
-    assert any("live prepared data" in k for k in out["kept"])
+    new_data = out["prepared"]
+    assert new_data["purged_ids"] == len(ids) and new_data["path"].startswith("runs/image/data-")
+    meta = json.loads((root / new_data["path"] / "meta.json").read_text())
+    assert meta["n_purged"] == len(ids) and meta["n_test"] == 100
 
     # lineage: no artifact still holds a forgotten id; each purge is recorded
     for f in forgotten[:: max(1, len(forgotten) // 5)]:
@@ -338,33 +380,36 @@ def test_purge_leaves_forgotten_rows_only_in_the_live_data(service, capsys):
     assert len(purges) == len(out["deleted"]) and all(
         "retention 0 days" in p.reason for p in purges
     )
+    assert any(p.kind == "prepared-data" and new_data["md5"] in p.target for p in purges)
     assert main(["lineage", "model", f"{MODEL}@production", "--params", params_path]) == 0
     assert capsys.readouterr().out.count("[weights purged") == 3  # v3, v2, v1 of the chain
 
-    # the rows remain only in the live prepared data (workspace and its DVC cache entry),
-    # which the purge reports and keeps
-    after = _files_holding_rows(_stores(service), rows)
-    lock = yaml.safe_load((root / "dvc.lock").read_text())
-    live_md5 = lock["stages"]["prepare"]["outs"][0]["md5"]
-    live_members = {
-        e["md5"]
-        for e in json.loads(
-            (root / ".dvc/cache/files/md5" / live_md5[:2] / live_md5[2:]).read_text()
-        )
-    }
-    live_cache = {root / ".dvc/cache/files/md5" / m[:2] / m[2:] for m in live_members}
-    assert after <= {live_ws, *live_cache}, after
-    assert before - after  # the stale prepared version was deleted from the cache
-    # no weights of the purged versions remain anywhere
-    from mlflow import MlflowClient
-
-    from tasks.retention import _weights_digest
-
+    # no forgotten row in any store, and no weights of the purged versions
+    assert _files_holding_rows(_stores(service), rows) == set()
     client = MlflowClient(service["uri"], registry_uri=service["uri"])
     gone = {client.get_model_version(MODEL, v).tags["state_digest"] for v in ("1", "2", "3")}
     for store in _stores(service):
         for path in store.rglob("*.safetensors"):
             assert _weights_digest(path) not in gone, path
+
+    # a later request runs on the purged data version and brings no row back
+    req = {
+        "request_id": "req-lin-4",
+        "reason": "after the purge",
+        "forget": {"fraction": 0.04, "seed": 4},
+    }
+    (root / "requests" / "req-lin-4.yaml").write_text(yaml.safe_dump(req))
+    assert main(["submit", str(root / "requests" / "req-lin-4.yaml"), "--params", params_path]) == 0
+    assert main(["sweep", "--params", params_path]) == 0
+    assert "req-lin-4: done (v4 -> v5)" in capsys.readouterr().out
+    run = client.get_run(ledger.get("req-lin-4").mlflow_run_id)
+    assert run.data.tags["dvc.prepared_md5"] == new_data["md5"]
+    assert _files_holding_rows(_stores(service), rows) == set()
+    # its ids are purged in turn: the purge list grows, the data is prepared again
+    assert main(["purge", "--older-than", "0", "--params", params_path, "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["prepared"]["purged_ids"] == len(ledger.forgotten(MODEL)) > len(ids)
+    assert again["prepared"]["path"] == new_data["path"]
 
 
 def test_ui_url_opens_the_model_training_view():

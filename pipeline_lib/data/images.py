@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -429,8 +429,14 @@ def content_hash(ids: np.ndarray, split: np.ndarray, X: np.ndarray, y: np.ndarra
     return h.hexdigest()
 
 
-def prepare_dataset(cfg: DataConfig, out_dir: str | Path | None = None) -> dict:
+def prepare_dataset(
+    cfg: DataConfig, out_dir: str | Path | None = None, exclude: Iterable[str] | None = None
+) -> dict:
     """Load ``cfg.name``, split, subsample, and write the prepared directory atomically.
+
+    ``exclude``: sample ids whose rows are left out (ids purged after their deletion); they
+    are dropped after the subsampling, so every other row is the one the same settings give
+    without them. ``meta.json`` then counts them (``n_purged``).
 
     Returns the metadata written to ``meta.json``.
     """
@@ -445,6 +451,11 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path | None = None) -> dict:
         ]
     )
     keep.sort()
+    n_purged = 0
+    if exclude is not None:
+        present = np.isin(raw.ids[keep], np.asarray(sorted(set(exclude)), dtype=str))
+        n_purged = int(present.sum())
+        keep = keep[~present]
     ids, X, y, split = raw.ids[keep], raw.X[keep], raw.y[keep], split[keep]
     if (split == "train").sum() == 0 or (split == "test").sum() == 0:
         raise ValueError(f"dataset {cfg.name!r}: train and test splits must both be non-empty")
@@ -466,6 +477,8 @@ def prepare_dataset(cfg: DataConfig, out_dir: str | Path | None = None) -> dict:
         "n_test": int((split == "test").sum()),
         "content_hash": content_hash(ids, split, X, y),
     }
+    if exclude is not None:
+        meta["n_purged"] = n_purged
     out = Path(out_dir or cfg.out_dir)
     with atomic_path(out) as tmp:
         tmp.mkdir(parents=True)

@@ -25,7 +25,7 @@ import importlib.util
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
@@ -283,17 +283,28 @@ def corpus_hash(ids: np.ndarray, groups: np.ndarray, split: np.ndarray, texts: l
     return h.hexdigest()
 
 
-def prepare_corpus(cfg: TextConfig, out_dir: str | Path = PREPARED_DIR) -> dict:
-    """Load ``cfg.name``, truncate to ``max_doc_chars``, split, write atomically; return meta."""
+def prepare_corpus(
+    cfg: TextConfig, out_dir: str | Path = PREPARED_DIR, exclude: Iterable[str] | None = None
+) -> dict:
+    """Load ``cfg.name``, truncate to ``max_doc_chars``, split, write atomically; return meta.
+    ``exclude``: document ids left out (purged after their deletion), after the split, so
+    every other document keeps its split; ``meta.json`` counts them (``n_purged``)."""
     raw = CORPORA.lookup(cfg.name)(cfg)
     texts = [t[: cfg.max_doc_chars] if cfg.max_doc_chars else t for t in raw.texts]
     split = assign_text_split(raw, cfg)
+    ids, groups = raw.ids, raw.groups
+    n_purged = 0
+    if exclude is not None:
+        keep = ~np.isin(ids, np.asarray(sorted(set(exclude)), dtype=str))
+        n_purged = int((~keep).sum())
+        ids, groups, split = ids[keep], groups[keep], split[keep]
+        texts = [t for t, k in zip(texts, keep, strict=True) if k]
     if (split == "train").sum() == 0 or (split == "test").sum() == 0:
         raise ValueError(f"corpus {cfg.name!r}: train and test splits must both be non-empty")
     table = pa.table(
         {
-            "doc_id": pa.array(raw.ids, pa.string()),
-            "group": pa.array(raw.groups, pa.string()),
+            "doc_id": pa.array(ids, pa.string()),
+            "group": pa.array(groups, pa.string()),
             "split": pa.array(split, pa.string()),
             "text": pa.array(texts, pa.string()),
         }
@@ -304,10 +315,12 @@ def prepare_corpus(cfg: TextConfig, out_dir: str | Path = PREPARED_DIR) -> dict:
         "unit": cfg.unit,
         "n_train": int((split == "train").sum()),
         "n_test": int((split == "test").sum()),
-        "n_groups": len(set(raw.groups.tolist())),
+        "n_groups": len(set(groups.tolist())),
         "n_chars": int(sum(len(t) for t in texts)),
-        "content_hash": corpus_hash(raw.ids, raw.groups, split, texts),
+        "content_hash": corpus_hash(ids, groups, split, texts),
     }
+    if exclude is not None:
+        meta["n_purged"] = n_purged
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         pq.write_table(table, tmp / "documents.parquet")
