@@ -3,8 +3,9 @@
 prepare + extract (DVC) → N originals and N oracles through the many-model engine on Ray
 (stores of kind ``originals`` and ``oracles``, reused when present) → the subset-model store
 for ``dmm`` and a separate oracle store for ``oracle_matching`` when those methods are asked
-for → every original unlearned by every method (one Ray task per pair) → KLoM, accuracies,
-MIA, Avg. Gap and cost per method → comparison.md / comparison.csv / klom.png → one MLflow
+for → every original unlearned by every method (one Ray task per pair) → KLoM (ours or EasyDUB's
+binning), accuracies, seeded MIA draws (mean ± std), Avg. Gap with its spread, U-LiRA and
+LiRA against the original, and cost per method → comparison.md / comparison.csv / klom.png → one MLflow
 parent run with a child run per method.
 """
 
@@ -187,7 +188,7 @@ def evaluate_flow(
         orig_out, orac_out = orig_out.astype(np.float32), orac_out.astype(np.float32)
         oracle_margins = margins_of(orac_out, labels)
         ev = params.evaluate
-        mia = (ev.mia_svc_c, ev.mia_folds, ev.seed)
+        mia = (ev.mia_svc_c, ev.mia_folds, ev.seed, ev.mia_seeds)
         oracle_metrics = [metrics_of_logits(torch.from_numpy(z), problem, *mia) for z in orac_out]
         results: dict[str, list[dict[str, Any]]] = {
             NONE_ROW: [
@@ -247,17 +248,34 @@ def evaluate_flow(
             # the N retrain jobs ran in the same queue, under the same load as every other
             # method: the fairest denominator (the reference runs are kept in the JSON)
             retrain_s = float(np.mean([r["seconds"] for r in results["retrain"]]))
-        rows, floor, scores = summarise(results, oracle_margins, oracle_metrics, problem, retrain_s)
+        rows, floor, scores = summarise(
+            results,
+            oracle_margins,
+            oracle_metrics,
+            problem,
+            retrain_s,
+            original_margins=np.stack([r["margins"] for r in results[NONE_ROW]]),
+            binning=ev.klom_binning,
+            ulira_fixed_variance=ev.ulira_fixed_variance,
+        )
         out_dir = params.resolve(params.evaluate.report_dir) / request.request_id / "comparison"
         title = f"{request.request_id}: |F| = {len(problem.forget)}, N = {n}"
         files = write_tables(rows, out_dir, title)
-        plot_klom(scores, floor_scores(oracle_margins), problem, out_dir / "klom.png", title)
+        plot_klom(
+            scores,
+            floor_scores(oracle_margins, binning=ev.klom_binning),
+            problem,
+            out_dir / "klom.png",
+            title,
+        )
         files["klom.png"] = str(out_dir / "klom.png")
         summary = {
             "request_id": request.request_id,
             "n_models": n,
             "retrain_seconds": retrain_s,
             "reference_retrain_seconds": reference,
+            "klom_binning": ev.klom_binning,
+            "mia_seeds": ev.mia_seeds,
             "noise_floor": floor,
             "rows": rows,
             "stores": {k: v[0] for k, v in stores.items()},

@@ -145,7 +145,7 @@ def config_payload(params: Any) -> dict[str, Any]:
         "train": to_dict(params.train),
         "unlearn": to_dict(params.unlearn),
         "fisher": to_dict(params.fisher),
-        "mia": [ev.mia_svc_c, ev.mia_folds, ev.seed],
+        "mia": [ev.mia_svc_c, ev.mia_folds, ev.seed, ev.mia_seeds],
     }
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pipeline_lib.schema import Field, Float, Hint, Int, Str, section
+from pipeline_lib.schema import Bool, Field, Float, Hint, Int, Str, section
 
 
 @section("request")
@@ -54,6 +54,16 @@ class EvaluateConfig:
     #: from attribution.seed / oracle_matching.seed, so no two roles share model seeds.
     originals_seed: Int = 100
     oracles_seed: Int = 200
+    #: Seeded draws of each MIA (SVC member subsample; loss-MIA subsample and folds): seeds
+    #: ``seed`` … ``seed + mia_seeds − 1``; reported as mean ± std. 1: the old single draw.
+    mia_seeds: Int = Field(5, ge=1)
+    #: KLoM binning: ``unlearnflow`` (np.histogram bins, both sides floored and renormalised)
+    #: or ``easydub`` (EasyDUB's published formula, which drops the pooled maximum; for
+    #: figures set beside published ones). :mod:`pipeline_lib.evaluation.klom`.
+    klom_binning: Literal["unlearnflow", "easydub"] = "unlearnflow"
+    #: U-LiRA / LiRA (:mod:`pipeline_lib.evaluation.ulira`): one variance per population
+    #: pooled over the forget points instead of one per point (LiRA's choice for few models).
+    ulira_fixed_variance: Bool = False
 
 
 @section("tracking")

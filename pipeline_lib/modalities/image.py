@@ -375,6 +375,7 @@ def evaluate_step(
             ev.mia_svc_c,
             ev.mia_folds,
             ev.seed,
+            ev.mia_seeds,
         )
         for name, path in weights.items()
     }
