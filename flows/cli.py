@@ -64,7 +64,13 @@ def _parse_set(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=10")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        if not key.strip():
+            raise ConfigError(f"--set {item!r}: the key is empty; expected KEY=VALUE")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            why = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({why})") from None
     return out
 
 
@@ -88,7 +94,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     params = modality.load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
     )  # fails fast
-    load_request(params.resolve(params.request.file))  # schema check before work
+    request = _request_pair(params)
+    _check(modality, params, [request])  # every input, before any work
+    _check_request_id_in_mlflow(params, *request)
     _setup_env()
     from flows.pipeline import unlearning_pipeline  # prefect import after env setup
 
@@ -101,8 +109,53 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _service(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
-    """The modality, params and ledger of ``--params`` (checked before any work)."""
+def _check(modality: Any, params: Any, requests: list | tuple = (), **kwargs: Any) -> dict:
+    """Every input (params, data source, requests, counts) checked before any work:
+    :func:`pipeline_lib.validation.check_inputs`; an error exits 2 naming the key or file."""
+    from pipeline_lib.validation import check_inputs
+
+    return check_inputs(modality, params, requests, **kwargs)
+
+
+def _request_pair(params: Any) -> tuple[str, Any]:
+    """(file, request) of ``request.file`` (``--request``), schema-checked; the params are
+    checked first (the file is found under ``tracking.dvc_root``)."""
+    from pipeline_lib.validation import check_params
+
+    check_params(params)
+    file = str(params.resolve(params.request.file))
+    return file, load_request(file)
+
+
+def _check_request_id_in_mlflow(params: Any, source: str, request: Any) -> None:
+    """A request id MLflow already holds for other content is refused up front (the flow
+    would refuse it after the Prefect API started). A store that does not exist yet holds
+    none, and is not created by looking."""
+    uri = params.tracking.mlflow_uri
+    if uri.startswith("sqlite:///"):
+        if not Path(uri[len("sqlite:///") :].split("?", 1)[0]).is_file():
+            return
+    elif "://" not in uri or uri.startswith("file:"):
+        if not Path(uri.removeprefix("file://").removeprefix("file:")).is_dir():
+            return
+    from tasks.tracking import DuplicateRequest, check_request_id
+
+    try:
+        check_request_id(uri, params.tracking.experiment, request.request_id, request.digest)
+    except DuplicateRequest as exc:
+        raise RequestError(f"{source}: {exc}") from None
+
+
+def _service(
+    args: argparse.Namespace,
+    overrides: dict[str, Any] | None = None,
+    *,
+    check: str | None = None,
+    requests: list | tuple = (),
+):
+    """The modality, params and ledger of ``--params``. ``check``: ``"data"`` checks every
+    input, the data source and ``requests`` included, ``"params"`` the params alone; both
+    before the ledger is opened (opening it may create its tables)."""
     from pipeline_lib.modalities import modality_for_params
     from tasks.ledger import Ledger, ledger_url
 
@@ -110,6 +163,8 @@ def _service(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
     params = modality.load_params(
         args.params, {**environment_overrides(os.environ), **(overrides or {})}
     )
+    if check:
+        _check(modality, params, requests, data=check == "data")
     try:
         url = ledger_url(params.tracking.mlflow_uri, params.service.ledger_url)
     except ValueError as exc:
@@ -117,21 +172,17 @@ def _service(args: argparse.Namespace, overrides: dict[str, Any] | None = None):
     return modality, params, Ledger(url)
 
 
-def _check_against_data(modality, params, requests: list) -> None:
-    """Resolve requests against the prepared data when it is there (a request whose ids are
-    not in the data is refused at submit, not an hour later in the sweep)."""
-    prepared = params.resolve(modality.prepared_out(params))
-    if (prepared / "meta.json").is_file():
-        for _, req in requests:
-            modality.check_request(req, str(prepared))
-
-
-def _submit(modality, params, ledger, files: list[str]) -> list[tuple[str, str, bool]]:
-    from tasks.ledger import LedgerConflict
-
+def _load_requests(files: list[str]) -> list[tuple[str, Any]]:
     requests = [(f, load_request(f)) for f in files]
     check_unique_ids(requests)
-    _check_against_data(modality, params, requests)
+    return requests
+
+
+def _submit(ledger, params, requests: list[tuple[str, Any]]) -> list[tuple[str, str, bool]]:
+    """Record requests already checked (:func:`_service` with ``requests``: a request whose
+    ids are not in the data is refused at submit, not an hour later in the sweep)."""
+    from tasks.ledger import LedgerConflict
+
     out = []
     for source, req in requests:
         try:
@@ -144,9 +195,10 @@ def _submit(modality, params, ledger, files: list[str]) -> list[tuple[str, str, 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     """Validate request files and record them in the ledger as ``pending``."""
-    modality, params, ledger = _service(args)
+    requests = _load_requests(args.files)
+    _, params, ledger = _service(args, check="data", requests=requests)
     try:
-        for rid, status, created in _submit(modality, params, ledger, args.files):
+        for rid, status, created in _submit(ledger, params, requests):
             note = "submitted" if created else "already submitted"
             print(f"{rid}: {status} ({note})")
     finally:
@@ -257,8 +309,10 @@ def _print_sweep(result: dict[str, Any]) -> None:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Process every pending request now (what the scheduled deployment runs)."""
+    if args.max is not None and args.max < 1:
+        raise ConfigError(f"--max: must be >= 1, got {args.max}")
     overrides = _parse_set(args.set or [])
-    _service(args, overrides)[2].close()  # params and ledger checked before any work
+    _service(args, overrides, check="data")[2].close()  # every input checked before any work
     _setup_env()
     from flows.service import sweep_flow
 
@@ -277,7 +331,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     overrides = _parse_set(args.set or [])
-    _service(args, overrides)[2].close()
+    _service(args, overrides, check="data")[2].close()  # every input checked before any work
     _setup_env()
     from flows.service import retrain_production_flow
 
@@ -293,10 +347,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     the pending requests (training the first production version if there is none), print
     the request's summary table."""
     overrides = _overrides(args)
-    modality, params, ledger = _service(args, overrides)
-    request_file = str(params.resolve(params.request.file))
+    from pipeline_lib.modalities import modality_for_params
+
+    env = environment_overrides(os.environ)
+    params = modality_for_params(args.params).load_params(args.params, {**env, **overrides})
+    requests = [_request_pair(params)]
+    modality, params, ledger = _service(args, overrides, check="data", requests=requests)
     try:
-        ((rid, status, created),) = _submit(modality, params, ledger, [request_file])
+        ((rid, status, created),) = _submit(ledger, params, requests)
     finally:
         ledger.close()
     print(f"{rid}: {status} ({'submitted' if created else 'already submitted'})")
@@ -542,7 +600,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     if args.older_than is not None and args.older_than < 0:
         raise ConfigError(f"--older-than must be >= 0 days, got {args.older_than}")
-    modality, params, ledger = _service(args)
+    modality, params, ledger = _service(args, check="params")  # output paths inside the project
     _setup_env()
     try:
         out = _purge(modality, params, ledger, args.older_than, args.dry_run)
@@ -556,11 +614,19 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 
 def _run_attribution(args: argparse.Namespace, kind: str, overrides: dict[str, Any]) -> int:
+    from pipeline_lib.modalities import modality_for_params
+
+    modality = modality_for_params(args.params)
     params = load_params(
         args.params, {**environment_overrides(os.environ), **overrides}
     )  # fails fast
-    if kind == "oracles":
-        load_request(params.resolve(params.request.file))
+    requests = [_request_pair(params)] if kind == "oracles" else []
+    count = (
+        ("attribution.n_models (--models)", params.attribution.n_models, True)
+        if kind == "subsets"
+        else ("attribution.oracles (--count)", params.attribution.oracles, False)
+    )
+    _check(modality, params, requests, store=count)  # every input, the store's size included
     _setup_env()
     from flows.attribution import attribution_flow
 
@@ -601,12 +667,30 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.models is not None:
         overrides["evaluate.n_models"] = args.models
     params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
-    load_request(params.resolve(params.request.file))
+    from pipeline_lib.methods import get_method
+    from pipeline_lib.modalities import modality_for_params
+
+    methods = None
+    if args.methods is not None:  # '' is no method, not every method
+        methods = [m.strip() for m in args.methods.split(",")]
+        if not all(methods):
+            raise ConfigError(f"--methods: an empty method name in {args.methods!r}")
+        for m in methods:
+            get_method(m)  # an unknown name lists the valid ones
+    n = params.evaluate.n_models
+    request = _request_pair(params)
+    _check(
+        modality_for_params(args.params),
+        params,
+        [request],
+        store=("evaluate.n_models (--models)", 2 * n, False),
+    )
+    _check_request_id_in_mlflow(params, *request)
 
     _setup_env()
     from flows.evaluate import check_methods, default_methods, evaluate_flow
 
-    methods = [m.strip() for m in args.methods.split(",")] if args.methods else default_methods()
+    methods = methods if methods is not None else default_methods()
 
     check_methods(methods, params)  # fails before any work
     from pipeline_lib.comparison import markdown_table
@@ -692,7 +776,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.workers is not None:
         overrides["stats.workers"] = args.workers
     params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
-    load_request(params.resolve(params.request.file))
+    from pipeline_lib.modalities import modality_for_params
+
+    _check(modality_for_params(args.params), params, [_request_pair(params)])
     _setup_env()
     from flows.stats import statistics_flow
 
@@ -736,12 +822,17 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints its usage first): exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from pipeline_lib.methods import METHODS
 
-    parser = argparse.ArgumentParser(
-        prog="unlearn", description="unlearnflow: audited machine unlearning pipeline"
-    )
+    parser = _Parser(prog="unlearn", description="unlearnflow: audited machine unlearning pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
@@ -906,9 +997,15 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "matplotlib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        if getattr(args, "params", None):
+            from pipeline_lib.validation import check_params_file
+
+            check_params_file(args.params)  # UTF-8 text, size limit (before any parsing)
         return args.func(args)
     except (ConfigError, RequestError, DataError, FileNotFoundError) as exc:
-        print(f"unlearn: error: {exc}", file=sys.stderr)
+        # one line, whatever the message (a YAML parser's points at the column below)
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"unlearn: error: {message}", file=sys.stderr)
         return 2
 
 

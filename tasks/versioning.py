@@ -16,8 +16,6 @@ them to version it); DVC keeps their outputs out of git.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import subprocess
@@ -33,8 +31,8 @@ from prefect.logging import get_run_logger
 from pipeline_lib.config import to_dict
 from pipeline_lib.io import atomic_path
 
-#: where the per-request and per-variant stage files live, under the DVC root.
-RUNS_DIR = "runs"
+# RUNS_DIR: where the per-request and per-variant stage files live, under the DVC root.
+from pipeline_lib.validation import RUNS_DIR, data_variant_dir
 
 
 class StageFailed(RuntimeError):
@@ -186,9 +184,7 @@ def stage_prepare(modality: Any, params: Any, root: Path, runner: Any = None) ->
         out = modality.prepared_out(params)
         md5s = run(str(root), f"{prefix}prepare", modality.lock_file)
         return out, stage_md5(md5s, "prepare", out)
-    data = {s: effective[s] for s in modality.data_sections}
-    key = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
-    rel = f"{RUNS_DIR}/{modality.name}/data-{key}"
+    rel = data_variant_dir(modality, params)  # the CLI's up-front checks look there too
     out = f"{rel}/prepared"
     variant = {**effective, **({"pipeline": modality.tag} if modality.tag != "image" else {})}
     if "data" in variant:

@@ -29,8 +29,9 @@ class ModelConfig:
     """Architecture from the model registry."""
 
     name: Annotated[Str, AfterValidator(MODELS.check)] = "mlp"
-    hidden: tuple[Int, ...] = (128, 128)
-    channels: tuple[Int, ...] = (16, 32)
+    #: Layer widths: each a positive integer (an empty list: no hidden layer / no conv block).
+    hidden: tuple[Annotated[Int, Field(gt=0)], ...] = (128, 128)
+    channels: tuple[Annotated[Int, Field(gt=0)], ...] = (16, 32)
     #: vit (transformers ViTForImageClassification from a config): patch side, width,
     #: blocks, heads, MLP width.
     vit_patch: Int = Field(7, gt=0)
