@@ -31,7 +31,6 @@ from typing import Any
 
 import yaml
 
-from pipeline_lib.config import ConfigError, environment_overrides, load_params
 from pipeline_lib.data.images import DataError
 from pipeline_lib.data.requests import (
     RequestError,
@@ -39,6 +38,22 @@ from pipeline_lib.data.requests import (
     extract_forget_set,
     load_request,
 )
+from pipeline_lib.schema import ConfigError
+
+
+def load_params(path: str, overrides: dict[str, Any] | None = None) -> Any:
+    """:func:`pipeline_lib.config.load_params`, imported when a command needs the whole
+    params (composing them imports every method and model, and so torch: seconds that
+    ``unlearn lineage`` does without)."""
+    from pipeline_lib.config import load_params as _load_params
+
+    return _load_params(path, overrides)
+
+
+def environment_overrides(environ: Any) -> dict[str, Any]:
+    from pipeline_lib.config import environment_overrides as _environment_overrides
+
+    return _environment_overrides(environ)
 
 
 def _setup_env() -> None:
@@ -399,15 +414,12 @@ def cmd_lineage(args: argparse.Namespace) -> int:
     store, the registry and the ledger record (tasks/lineage.py); ``--json`` for machines."""
     import json
 
-    from tasks.lineage import LineageError, model_lineage, request_lineage, sample_lineage
-
-    modality, params, ledger = _service(args)
-    uri = params.tracking.mlflow_uri
     if args.lineage_command == "reindex":
         from pipeline_lib.service.tombstones import read_tombstones
         from tasks.lineage import reindex_forgotten
         from tasks.service import tombstones_path
 
+        modality, params, ledger = _service(args)
         path = Path(params.tracking.dvc_root).resolve() / tombstones_path(modality, params)
         try:
             added = reindex_forgotten(ledger, params.service.model_name, read_tombstones(path))
@@ -415,15 +427,27 @@ def cmd_lineage(args: argparse.Namespace) -> int:
             ledger.close()
         print(f"{params.service.model_name}: {added} forgotten id(s) indexed from {path}")
         return 0
+    # the queries read only the tracking URI and the service section: no Params, no torch,
+    # no Prefect (a fresh `unlearn lineage` process answers in about a second)
+    from pipeline_lib.service.settings import read_service_settings
+    from tasks.ledger import Ledger, ledger_url
+    from tasks.lineage import LineageError, model_lineage, request_lineage, sample_lineage
+
+    settings = read_service_settings(args.params, os.environ)
+    uri, model = settings.mlflow_uri, settings.service.model_name
+    try:
+        ledger = Ledger(ledger_url(uri, settings.service.ledger_url))
+    except ValueError as exc:
+        raise ConfigError(f"service.ledger_url: {exc}") from exc
     try:
         if args.lineage_command == "request":
             out = request_lineage(uri, ledger, args.id)
         elif args.lineage_command == "sample":
-            out = sample_lineage(uri, ledger, args.model or params.service.model_name, args.id)
+            out = sample_lineage(uri, ledger, args.model or model, args.id)
         else:
             name, _, version = (args.id or "production").partition("@")
             if not version:
-                name, version = params.service.model_name, name or "production"
+                name, version = model, name or "production"
             out = model_lineage(uri, ledger, name, version)
     except LineageError as exc:
         raise RequestError(str(exc)) from exc
@@ -829,18 +853,36 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from pipeline_lib.methods import METHODS
+#: placeholders for the registered method names in help texts, filled in by _MethodsHelp
+_METHODS, _METHODS_SORTED = "<methods>", "<sorted methods>"
 
+
+class _MethodsHelp(argparse.HelpFormatter):
+    """Fills the method names into help texts when help is printed: importing the methods
+    (torch) to build the parser would cost every command, ``lineage`` included, seconds."""
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        text = super()._expand_help(action)
+        if _METHODS in text or _METHODS_SORTED in text:
+            from pipeline_lib.methods import METHODS
+
+            text = text.replace(_METHODS_SORTED, ", ".join(sorted(METHODS)))
+            text = text.replace(_METHODS, ",".join(METHODS))
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="unlearn", description="unlearnflow: audited machine unlearning pipeline")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run",
         help="submit a deletion request and process the pending ones against the production model",
+        formatter_class=_MethodsHelp,
     )
     exp = sub.add_parser(
         "experiment",
         help="one request as a one-off experiment: fresh original, oracle, method, comparison",
+        formatter_class=_MethodsHelp,
     )
     for p in (run, exp):
         p.add_argument(
@@ -849,7 +891,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--request", help="deletion request YAML (overrides request.file)")
         p.add_argument(
             "--method",
-            help=f"unlearning method (overrides unlearn.method): {', '.join(sorted(METHODS))}",
+            help=f"unlearning method (overrides unlearn.method): {_METHODS_SORTED}",
         )
         p.add_argument(
             "--set",
@@ -901,11 +943,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "evaluate",
         help="compare unlearning methods on a request: N originals vs N oracles (KLoM, accuracy, MIA, cost)",
+        formatter_class=_MethodsHelp,
     )
     ev.add_argument("--request", help="deletion request YAML (overrides request.file)")
     ev.add_argument(
         "--methods",
-        help=f"comma-separated methods (default: all): {','.join(METHODS)}",
+        help=f"comma-separated methods (default: all): {_METHODS}",
     )
     ev.add_argument(
         "--models", type=int, help="N originals and N oracles (default: evaluate.n_models)"

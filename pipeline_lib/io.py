@@ -11,11 +11,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: `unlearn lineage` needs none
+    import torch
 
 
 @contextlib.contextmanager
@@ -61,6 +62,8 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
 
 def state_dict_digest(state: dict[str, torch.Tensor]) -> str:
     """Order-independent sha256 over names, dtypes, shapes and bytes of a state dict."""
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -77,6 +80,8 @@ def save_weights(
     state: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
 ) -> str:
     """Write a state dict as safetensors (atomically); return its content digest."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     digest = state_dict_digest(tensors)
     meta = {"digest": digest, **(metadata or {})}

@@ -420,3 +420,57 @@ def test_ui_url_opens_the_model_training_view():
         == "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     )
     assert ui_url("sqlite:///mlflow.db", "3") is None
+
+
+def test_light_settings_match_the_full_params(tmp_path):
+    """`unlearn lineage` reads the tracking URI and the service section without composing
+    Params: the same values as load_params, the same refusals."""
+    from pipeline_lib.config import ConfigError, environment_overrides, load_params
+    from pipeline_lib.service.settings import read_service_settings
+    from tests.conftest import REPO
+
+    for env in ({}, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5999"}):
+        for text in ((REPO / "params.yaml").read_text(), "data: {name: digits}\n"):
+            path = tmp_path / "p.yaml"
+            path.write_text(text)
+            full = load_params(path, environment_overrides(env))
+            light = read_service_settings(path, env)
+            assert light.mlflow_uri == full.tracking.mlflow_uri
+            assert light.service == full.service
+    path.write_text("service: {model_name: m, no_such_key: 1}\n")
+    with pytest.raises(ConfigError, match="service.no_such_key"):
+        read_service_settings(path, {})
+
+
+def test_lineage_cli_imports_neither_torch_nor_prefect(tmp_path):
+    """A fresh `unlearn lineage` process loads the MLflow client and SQLAlchemy only."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    params = tmp_path / "params.yaml"
+    params.write_text(
+        yaml.safe_dump(
+            {
+                "tracking": {"mlflow_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                "service": {"model_name": "no-such-model"},
+            }
+        )
+    )
+    code = (
+        "import sys\nfrom flows.cli import main\n"
+        f"rc = main(['lineage', 'sample', 'x', '--params', {str(params)!r}])\n"
+        "print(rc, 'torch' in sys.modules, 'prefect' in sys.modules, 'mlflow' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=300,
+    )
+    # no such registered model: refused with exit 2, after the stores were opened
+    assert proc.stdout.split()[-4:] == ["2", "False", "False", "True"], proc.stderr[-2000:]
+    assert "no-such-model" in proc.stderr
