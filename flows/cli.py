@@ -67,6 +67,9 @@ def _setup_env() -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve())
     )
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
+    # What Prefect persists outside the cached tasks' own options (a failed flow's exception)
+    # is JSON, never a pickle; cached records are read as JSON only (tasks/results.py).
+    os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Offline, MLflow's telemetry thread can race a request (KeyError on its session id).

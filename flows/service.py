@@ -22,11 +22,13 @@ import os
 from typing import Any
 
 from prefect import flow, task
+from prefect.cache_policies import CacheKeyFnPolicy
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import environment_overrides
 from pipeline_lib.modalities import Modality, modality_for_params
 from tasks.ledger import Ledger, default_owner, ledger_url
+from tasks.results import persisted
 from tasks.service import is_input_error, process_request, train_exact
 
 
@@ -53,9 +55,7 @@ def _request_key(context: Any, parameters: dict[str, Any]) -> str:
 
 @task(
     name="process-request",
-    cache_key_fn=_request_key,
-    persist_result=True,
-    result_serializer="json",
+    **persisted(CacheKeyFnPolicy(cache_key_fn=_request_key)),
 )
 def process_request_task(modality_name: str, params: Any, row: Any, ledger_db: str) -> dict:
     """One claimed request, end to end (:func:`tasks.service.process_request`). Cached by

@@ -2,10 +2,11 @@
 
 Each task names its modality (``image`` | ``text``) and calls that modality's plain
 functions (:mod:`pipeline_lib.modalities`). Training and unlearning are cached across runs
-(``INPUTS + TASK_SOURCE`` with persisted JSON results): their inputs carry content digests of
-the data, the manifests, the weights and of pipeline_lib's code, so a second run with
-unchanged inputs skips them and any change re-runs exactly what depends on it. Results are
-small dicts of paths and numbers; the tensors live in content-addressed safetensors files.
+(``INPUTS + TASK_SOURCE`` with persisted results, JSON only: :mod:`tasks.results`): their
+inputs carry content digests of the data, the manifests, the weights and of pipeline_lib's
+code, so a second run with unchanged inputs skips them and any change re-runs exactly what
+depends on it. Results are small dicts of paths and numbers; the tensors live in
+content-addressed safetensors files.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from prefect.logging import get_run_logger
 
 from pipeline_lib.io import weights_ok
 from pipeline_lib.modalities import get_modality
+from tasks.results import persisted
 
-CACHED = dict(cache_policy=INPUTS + TASK_SOURCE, persist_result=True, result_serializer="json")
+#: Cached across runs; results persisted as JSON only and read back only if JSON (tasks.results).
+CACHED = persisted(INPUTS + TASK_SOURCE)
 
 
 def _intact(result: dict[str, Any], key: str) -> bool:

@@ -22,6 +22,7 @@ os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "pipeline_lib"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
+os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"  # as flows/cli.py: no pickles
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
