@@ -1042,17 +1042,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "matplotlib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tasks.interruption import Interrupted, exit_code, interruptible
+
     try:
         if getattr(args, "params", None):
             from pipeline_lib.validation import check_params_file
 
             check_params_file(args.params)  # UTF-8 text, size limit (before any parsing)
-        return args.func(args)
+        with interruptible():  # SIGTERM/SIGINT: runs closed as KILLED, Prefect server stopped
+            return args.func(args)
     except (ConfigError, RequestError, DataError, FileNotFoundError) as exc:
         # one line, whatever the message (a YAML parser's points at the column below)
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"unlearn: error: {message}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:
+        print(f"unlearn: {str(exc) or 'interrupted by SIGINT'}; stopped", file=sys.stderr)
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -6,12 +6,23 @@ the DVC md5 and the full content hash); tags with the request digest, code versi
 commit; the original, oracle and unlearned weights (safetensors), every metric, the report
 and the plot. ``search_runs(filter_string="tags.request_id = '...'")`` answers "which data
 version and model did this come from" after the fact.
+
+Every run we create carries the host, pid and start time of the process that created it
+(``unlearnflow.host``/``.pid``/``.process_started``). A process that is stopped by SIGTERM or
+SIGINT closes its open runs as KILLED (:func:`end_run`, :func:`close_active_runs`); one that
+dies without a chance to (SIGKILL, a crash, a lost machine) leaves them RUNNING, and the next
+process of this host that starts a run closes those as FAILED with an ``unlearnflow.note``
+(:func:`close_stale_runs`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,6 +37,22 @@ from prefect import task
 from pipeline_lib.data.requests import load_manifests
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
+
+log = logging.getLogger(__name__)
+
+HOST_TAG, PID_TAG, STARTED_TAG = (
+    "unlearnflow.host",
+    "unlearnflow.pid",
+    "unlearnflow.process_started",
+)
+NOTE_TAG = "unlearnflow.note"
+
+#: Runs this process started and has not ended: run id -> tracking URI.
+_ACTIVE: dict[str, str] = {}
+#: Tracking URIs whose stale runs this process has already closed.
+_SWEPT: set[str] = set()
+#: Set (to the signal's name) once this process was asked to stop by SIGTERM or SIGINT.
+_INTERRUPTED: list[str] = []
 
 
 class DuplicateRequest(ValueError):
@@ -97,6 +124,104 @@ def _git_commit(cwd: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _process_started(pid: int) -> float | None:
+    """The start time of process ``pid`` (seconds since the epoch), or None when no such
+    process is running (a zombie counts as gone)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.AccessDenied:  # another user's live process
+        return float("nan")
+
+
+def process_tags() -> dict[str, str]:
+    """Host, pid and process start time of this process, as run tags."""
+    started = _process_started(os.getpid())
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+        STARTED_TAG: f"{started:.3f}" if started is not None else "",
+    }
+
+
+def _owner_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that created a run (by its tags) still runs. A pid now used by a
+    process started at another time is a different process: the owner is gone."""
+    try:
+        pid = int(tags[PID_TAG])
+    except (KeyError, ValueError):
+        return True  # not ours to judge
+    started = _process_started(pid)
+    if started is None:
+        return False
+    recorded = tags.get(STARTED_TAG, "")
+    if not recorded or started != started:  # no start time recorded, or not readable
+        return True
+    return abs(float(recorded) - started) < 1.0
+
+
+def close_stale_runs(uri: str) -> list[str]:
+    """Close as FAILED, with a note, every RUNNING run (any experiment) created on this host by
+    a process that is no longer running (killed by SIGKILL, crashed, or its machine was
+    reset). Runs from other hosts, and runs without our host/pid tags, are left alone.
+    Returns the ids of the runs closed."""
+    client = client_for(uri)
+    host = socket.gethostname()
+    exps = [e.experiment_id for e in client.search_experiments()]
+    closed = []
+    for i in range(0, len(exps), 100):
+        runs = client.search_runs(
+            exps[i : i + 100],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host}'",
+            max_results=1000,
+        )
+        for run in runs:
+            tags = run.data.tags
+            if run.info.run_id in _ACTIVE or _owner_alive(tags):
+                continue
+            note = (
+                f"closed as FAILED by pid {os.getpid()} on {host} at "
+                f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}: the process that ran it "
+                f"(pid {tags.get(PID_TAG)}) ended without closing it (killed or crashed)"
+            )
+            client.set_tag(run.info.run_id, NOTE_TAG, note)
+            client.set_terminated(run.info.run_id, status="FAILED")
+            log.warning("MLflow run %s: %s", run.info.run_id, note)
+            closed.append(run.info.run_id)
+    return closed
+
+
+def _sweep_stale(uri: str) -> None:
+    """:func:`close_stale_runs` once per tracking URI and process, before its first run;
+    a failure to clean up never stops the work."""
+    if uri in _SWEPT:
+        return
+    _SWEPT.add(uri)
+    try:
+        close_stale_runs(uri)
+    except Exception as exc:  # noqa: BLE001 - housekeeping only
+        log.warning("could not close stale MLflow runs in %s: %s", uri, exc)
+
+
+def create_run(
+    client: MlflowClient, experiment_id: str, run_name: str, tags: dict[str, str]
+) -> str:
+    """Create a run (status RUNNING) tagged with this process (:func:`process_tags`) and
+    remember it as open until :func:`end_run`. First closes the runs that dead processes left
+    RUNNING on this host. Returns the run id."""
+    uri = client.tracking_uri
+    _sweep_stale(uri)
+    run = client.create_run(experiment_id, run_name=run_name, tags={**tags, **process_tags()})
+    _ACTIVE[run.info.run_id] = uri
+    return run.info.run_id
+
+
 def check_request_id(uri: str, experiment: str, request_id: str, request_digest: str) -> None:
     """Refuse a request id already used in this experiment for different request content."""
     client = client_for(uri)
@@ -121,17 +246,17 @@ def start_run(
     """Create the parent run (status RUNNING) and return its id."""
     client = client_for(uri)
     commit = _git_commit(Path(dvc_root))
-    run = client.create_run(
+    return create_run(
+        client,
         _experiment_id(client, experiment),
-        run_name=request_id,
-        tags={
+        request_id,
+        {
             **prefect_tags(),
             **tags,
             "request_id": request_id,
             **({"mlflow.source.git.commit": commit} if commit else {}),
         },
     )
-    return run.info.run_id
 
 
 EVIDENCE_DIR = "evidence"
@@ -369,8 +494,45 @@ def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
     client_for(uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in sorted(tags.items())])
 
 
+def mark_interrupted(signal_name: str) -> None:
+    """Record that this process was asked to stop (by the CLI's SIGTERM/SIGINT handler): a
+    run that ends FAILED from now on ends KILLED."""
+    if not _INTERRUPTED:
+        _INTERRUPTED.append(signal_name)
+
+
+def _interrupted() -> bool:
+    """Whether the run is ending because the process is being stopped: after
+    :func:`mark_interrupted`, or while a KeyboardInterrupt (SIGINT) or Prefect's
+    TerminationSignal (SIGTERM during a flow run) is being handled."""
+    from prefect.exceptions import TerminationSignal
+
+    return bool(_INTERRUPTED) or isinstance(
+        sys.exc_info()[1], KeyboardInterrupt | TerminationSignal
+    )
+
+
 def end_run(uri: str, run_id: str, status: str) -> None:
+    """Close a run. A run that would end FAILED because the process was interrupted ends
+    KILLED instead (the work was stopped, it did not fail)."""
+    if status == "FAILED" and _interrupted():
+        status = "KILLED"
     client_for(uri).set_terminated(run_id, status=status)
+    _ACTIVE.pop(run_id, None)
+
+
+def close_active_runs(status: str = "KILLED") -> list[str]:
+    """Close every run this process started and has not ended (the CLI calls this when it is
+    interrupted, for runs whose flow had no chance to). Returns their ids."""
+    closed = []
+    for run_id, uri in list(_ACTIVE.items()):
+        try:
+            client_for(uri).set_terminated(run_id, status=status)
+            closed.append(run_id)
+        except Exception as exc:  # noqa: BLE001 - best effort while stopping
+            log.warning("could not close MLflow run %s as %s: %s", run_id, status, exc)
+        _ACTIVE.pop(run_id, None)
+    return closed
 
 
 @task(name="mlflow-log-comparison", **RETRY)
@@ -393,10 +555,11 @@ def log_comparison(
     children = {}
     for row in rows:
         name = row["method"]
-        run = client.create_run(
+        child_id = create_run(
+            client,
             exp_id,
-            run_name=f"{tags.get('request_id', 'evaluation')}/{name}",
-            tags={
+            f"{tags.get('request_id', 'evaluation')}/{name}",
+            {
                 **tags,
                 "mlflow.parentRunId": parent_id,
                 "kind": "evaluation-method",
@@ -405,12 +568,12 @@ def log_comparison(
         )
         params = method_params.get(name, {})
         client.log_batch(
-            run.info.run_id,
+            child_id,
             metrics=[Metric(k, v, now, 0) for k, v in sorted(_numeric(row, "").items())],
             params=[Param(k, str(v)[:6000]) for k, v in sorted(params.items())],
         )
-        client.set_terminated(run.info.run_id, "FINISHED")
-        children[name] = run.info.run_id
+        end_run(uri, child_id, "FINISHED")
+        children[name] = child_id
     floor_metrics = {
         f"noise_floor.{split}.{stat}": v for split, d in floor.items() for stat, v in d.items()
     }
@@ -432,10 +595,11 @@ def log_statistics(
     ``statistics.json`` artifact pointing at the file (the tensors are not copied)."""
     client = client_for(uri)
     identity = result["identity"]
-    run = client.create_run(
+    run_id = create_run(
+        client,
         _experiment_id(client, experiment),
-        run_name=f"stats-{result['statistic']}-{result['split']}-{request_id}",
-        tags={
+        f"stats-{result['statistic']}-{result['split']}-{request_id}",
+        {
             "kind": "statistics",
             "stats.request_id": request_id,
             "stats.statistic": result["statistic"],
@@ -450,7 +614,6 @@ def log_statistics(
             "dvc.manifests_md5": data["manifests_md5"],
         },
     )
-    run_id = run.info.run_id
     now = int(time.time() * 1000)
     params = {f"identity.{k}": v for k, v in identity.items() if not k.endswith(("digest", "hash"))}
     metrics = {
@@ -465,5 +628,5 @@ def log_statistics(
     )
     pointer = {k: result[k] for k in ("path", "digest", "n", "reused") if k in result}
     client.log_dict(run_id, {**pointer, "identity": identity}, "statistics.json")
-    client.set_terminated(run_id, "FINISHED")
+    end_run(uri, run_id, "FINISHED")
     return run_id
