@@ -11,7 +11,8 @@
     unlearn experiment [--params params.yaml] [--request FILE] [--method NAME] [--set ...]
     unlearn attribute --models M [--alpha 0.5] [--params params.yaml] [--set KEY=VALUE ...]
     unlearn oracles --request FILE [--count N] [--params params.yaml] [--set KEY=VALUE ...]
-    unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--params ...] [--set ...]
+    unlearn evaluate --request FILE [--methods a,b,...] [--models N] [--preset NAME] [--params ...] [--set ...]
+    unlearn tune --method M --request FILE [--trials T] [--models K] [--objective O] [--name NAME] [--overwrite]
     unlearn requests validate FILE [FILE ...] [--params params.yaml]
     unlearn stats fisher|activations --split retain|forget [--request FILE] [--shards N] [--workers W] [--force]
     unlearn methods
@@ -67,9 +68,6 @@ def _setup_env() -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve())
     )
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
-    # What Prefect persists outside the cached tasks' own options (a failed flow's exception)
-    # is JSON, never a pickle; cached records are read as JSON only (tasks/results.py).
-    os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Offline, MLflow's telemetry thread can race a request (KeyError on its session id).
@@ -98,7 +96,26 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides["request.file"] = str(Path(args.request).resolve())
     if args.method:
         overrides["unlearn.method"] = args.method
+    if getattr(args, "preset", None):
+        overrides["unlearn.preset"] = args.preset
     return overrides
+
+
+def _check_preset_method(args: argparse.Namespace, overrides: dict[str, Any]) -> None:
+    """A run with a preset (``--preset`` or unlearn.preset): the selected method must be one
+    the preset tuned, or the run would silently use the params' setting."""
+    from pipeline_lib.config.presets import preset_dir, preset_methods
+    from pipeline_lib.modalities import modality_for_params
+
+    if modality_for_params(args.params).name != "image":
+        return
+    params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
+    name, method, root = params.unlearn.preset, params.unlearn.method, params.tracking.dvc_root
+    if name and method not in preset_methods(root, name):
+        raise ConfigError(
+            f"unlearn.preset: {preset_dir(root, name)} has no {method}.yaml "
+            f"(tuned there: {', '.join(preset_methods(root, name))})"
+        )
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
@@ -365,6 +382,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     the pending requests (training the first production version if there is none), print
     the request's summary table."""
     overrides = _overrides(args)
+    _check_preset_method(args, overrides)
     from pipeline_lib.modalities import modality_for_params
 
     env = environment_overrides(os.environ)
@@ -730,6 +748,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    """Ray Tune search of one method's hyper-parameters on a validation request; the best
+    setting becomes a named preset (presets/<dataset>-<model>/<method>.yaml)."""
+    overrides = _overrides(args)
+    for key, value in (
+        ("tune.trials", args.trials),
+        ("tune.models", args.models),
+        ("tune.objective", args.objective),
+    ):
+        if value is not None:
+            overrides[key] = value
+    params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
+    load_request(params.resolve(params.request.file))
+    _setup_env()
+    from flows.tune import check_tune, tune_flow
+
+    check_tune(args.tune_method, params, args.name, args.overwrite)  # fails before any work
+
+    result = tune_flow(
+        params_path=args.params,
+        overrides=overrides,
+        method=args.tune_method,
+        name=args.name,
+        overwrite=args.overwrite,
+    )
+    objective = params.tune.objective
+    keys = sorted({k for t in result["trials"] for k in t["config"]})
+    print()
+    print("| trial | " + " | ".join(keys) + f" | {objective} | KLoM forget P95 | Avg. Gap |")
+    print("|---|" + "---|" * (len(keys) + 3))
+    for i, t in enumerate(result["trials"]):
+        values = [t["config"].get(k) for k in keys]
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in values]
+        m = t["metrics"]
+        cells += [
+            f"{m[x]:.3f}" if x in m else "failed" for x in (objective, "klom_forget_p95", "avg_gap")
+        ]
+        mark = " (best)" if i == result["best_index"] else (" (start)" if i == 0 else "")
+        print(f"| {i}{mark} | " + " | ".join(cells) + " |")
+    tuning = result["preset"]["tuning"]
+    print(
+        f"\nbest {objective} {tuning['score']:.4f} (start setting: {tuning['start_score']}) on "
+        f"{tuning['request_id']}; preset written: {result['preset_file']}"
+    )
+    print(f"use it: unlearn run --preset {result['preset']['preset']} --method {args.tune_method}")
+    print(f"MLflow parent run {result['run_id']} ({params.tracking.mlflow_uri})")
+    return 0
+
+
 def _validate_text(args: argparse.Namespace, requests: list) -> int:
     """Text requests (``--params`` an LM params file): resolve each against the corpus the
     params describe: the prepared one under the DVC root when it is there, else the corpus
@@ -908,6 +975,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="always",
         help="compare against a retrained oracle (default here: always; service.oracle for sweeps)",
     )
+    for p in (run, exp):
+        p.add_argument(
+            "--preset",
+            help="tuned preset (presets/NAME/<method>.yaml, `unlearn tune`); sets unlearn.preset",
+        )
     run.set_defaults(func=cmd_run)
     exp.set_defaults(func=cmd_experiment)
     sm = sub.add_parser("submit", help="validate deletion requests and queue them in the ledger")
@@ -958,7 +1030,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--params", default="params.yaml")
     ev.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
+    ev.add_argument(
+        "--preset", help="tuned preset: every method it holds runs with its tuned setting"
+    )
     ev.set_defaults(func=cmd_evaluate, method=None)
+    tu = sub.add_parser(
+        "tune",
+        help="tune a method's hyper-parameters with Ray Tune on a validation request; "
+        "the best setting becomes a preset",
+    )
+    tu.add_argument(
+        "--method", dest="tune_method", metavar="M", required=True, help="the method to tune"
+    )
+    tu.add_argument("--request", help="validation request YAML (overrides request.file)")
+    tu.add_argument("--trials", type=int, help="Ray Tune trials (default: tune.trials)")
+    tu.add_argument("--models", type=int, help="originals per trial (default: tune.models)")
+    tu.add_argument(
+        "--objective", choices=("klom_forget_mean", "avg_gap"), help="default: tune.objective"
+    )
+    tu.add_argument("--name", help="preset name (default: <dataset>-<model>)")
+    tu.add_argument(
+        "--overwrite", action="store_true", help="replace the method's existing preset file"
+    )
+    tu.add_argument("--params", default="params.yaml")
+    tu.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any parameter")
+    tu.set_defaults(func=cmd_tune, method=None, preset=None)
     req = sub.add_parser("requests", help="deletion requests")
     req_sub = req.add_subparsers(dest="requests_command", required=True)
     val = req_sub.add_parser(
@@ -1042,23 +1138,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "matplotlib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from tasks.interruption import Interrupted, exit_code, interruptible
-
     try:
         if getattr(args, "params", None):
             from pipeline_lib.validation import check_params_file
 
             check_params_file(args.params)  # UTF-8 text, size limit (before any parsing)
-        with interruptible():  # SIGTERM/SIGINT: runs closed as KILLED, Prefect server stopped
-            return args.func(args)
+        return args.func(args)
     except (ConfigError, RequestError, DataError, FileNotFoundError) as exc:
         # one line, whatever the message (a YAML parser's points at the column below)
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"unlearn: error: {message}", file=sys.stderr)
         return 2
-    except (Interrupted, KeyboardInterrupt) as exc:
-        print(f"unlearn: {str(exc) or 'interrupted by SIGINT'}; stopped", file=sys.stderr)
-        return exit_code(exc)
 
 
 if __name__ == "__main__":

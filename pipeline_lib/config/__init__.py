@@ -24,7 +24,7 @@ from typing import Annotated, Any
 import yaml
 from pydantic import AfterValidator
 
-from pipeline_lib.config.presets import check_name, preset_overrides
+from pipeline_lib.config.presets import TuneConfig, check_name, preset_overrides
 from pipeline_lib.config.sections import (
     AttributionConfig,
     EvaluateConfig,
@@ -65,6 +65,7 @@ __all__ = [
     "StatsConfig",
     "TrackingConfig",
     "TrainConfig",
+    "TuneConfig",
     "UnlearnConfig",
     "apply_overrides",
     "build_params",
@@ -156,6 +157,7 @@ class Params:
     ray: RayConfig = dataclasses.field(default_factory=RayConfig)
     stats: StatsConfig = dataclasses.field(default_factory=StatsConfig)
     service: ServiceConfig = dataclasses.field(default_factory=ServiceConfig)
+    tune: TuneConfig = dataclasses.field(default_factory=TuneConfig)
 
     def resolve(self, path: str) -> Path:
         """``path`` if absolute, else relative to ``tracking.dvc_root`` (where the DVC stages

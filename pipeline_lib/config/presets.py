@@ -24,14 +24,38 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from pipeline_lib.io import atomic_path
-from pipeline_lib.schema import ConfigError
+from pipeline_lib.schema import ConfigError, Field, Int, Str, section
 
 PRESETS_DIR = "presets"
+
+
+@section("tune")
+class TuneConfig:
+    """``unlearn tune``: a Ray Tune random search over a method's declared space, scored
+    against the evaluation's oracle ensemble on a validation request."""
+
+    #: Tune trials; the first evaluates the params' current setting, the rest are samples.
+    trials: Int = Field(12, gt=0)
+    #: Originals each trial unlearns: the first of the evaluation's originals store (of
+    #: ``evaluate.n_models``); at most ``evaluate.n_models``.
+    models: Int = Field(10, gt=0)
+    #: What the search minimises: forget-KLoM mean, or Avg. Gap to the oracles' mean metrics.
+    objective: Literal["klom_forget_mean", "avg_gap"] = "klom_forget_mean"
+    #: Seed of the random search (the sampled settings).
+    seed: Int = 0
+    #: CPUs (and torch threads) per trial.
+    cpus_per_trial: Int = Field(1, gt=0)
+    #: Trials running at once (null: as many as the CPUs allow).
+    max_concurrent: Int | None = Field(None, gt=0)
+    #: Ray Tune's experiment folders (relative to tracking.dvc_root).
+    out_dir: Str = "artifacts/tune"
+
+
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
