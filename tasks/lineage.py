@@ -101,6 +101,56 @@ def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | Non
     return _ui_url(uri, experiment_id, run_id)
 
 
+KLOM_SPLITS = ("forget", "retain", "validation")
+
+
+def klom_evidence(client: MlflowClient, run: Any) -> dict[str, Any] | None:
+    """KLoM of the request's method against an oracle ensemble, when ``unlearn evaluate`` was
+    run for the request: its newest per-method child run (tags ``request_id``, ``kind =
+    evaluation-method``, ``method``) with the noise floor of its parent. ``None`` without one."""
+    tags = run.data.tags
+    rid = tags.get("request_id")
+    method = tags.get("method") or run.data.params.get("unlearn.method")
+    if not rid or not method or "'" in rid + method:
+        return None
+    found = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=(
+            f"tags.request_id = '{rid}' and tags.kind = 'evaluation-method' "
+            f"and tags.method = '{method}'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        return None
+    child = found[0]
+    m = child.data.metrics
+    splits = {
+        s: {"p95": m[f"klom_{s}_p95"], "mean": m.get(f"klom_{s}_mean")}
+        for s in KLOM_SPLITS
+        if f"klom_{s}_p95" in m
+    }
+    if not splits:
+        return None
+    parent_id = child.data.tags.get("mlflow.parentRunId")
+    parent = client.get_run(parent_id) if parent_id else None
+    pm = parent.data.metrics if parent else {}
+    theirs = parent.data.tags.get("dvc.manifests_md5") if parent else None
+    ours = tags.get("dvc.manifests_md5")
+    return {
+        "method": method,
+        "run_id": parent_id or child.info.run_id,
+        "n_models": int(m["n_models"]) if "n_models" in m else None,
+        "splits": splits,
+        "noise_floor": {
+            s: {"p95": pm.get(f"noise_floor.{s}.p95"), "mean": pm.get(f"noise_floor.{s}.mean")}
+            for s in splits
+        },
+        "manifests_match": (theirs == ours) if theirs and ours else None,
+    }
+
+
 def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str, Any]) -> Path:
     """The request's certificate (one self-contained HTML page, plot embedded) from what its
     MLflow run holds and the report in ``report_dir``; written to
@@ -151,6 +201,7 @@ def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str,
         else None,
         "report": report,
         "oracle_evaluated": "oracle" in report.get("models", {}),
+        "klom": klom_evidence(client, run),
         "mlflow": {
             k: v
             for k, v in (

@@ -119,6 +119,58 @@ def test_runs_carry_durable_evidence(service):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
+def test_certificate_shows_mia_spread_and_klom_of_an_oracle_ensemble(service):
+    """The certificate gives each MIA as mean ± std over its seeded draws, and, once
+    `unlearn evaluate` compared the method against an oracle ensemble on the request, the
+    KLoM per split beside the oracle-vs-oracle noise floor (found on MLflow by request and
+    method). The comparison here is logged the way flows/evaluate.py logs one, from KLoM
+    computed on margins drawn at random."""
+    import numpy as np
+    from mlflow import MlflowClient
+
+    from pipeline_lib.evaluation.klom import klom_report, noise_floor
+    from tasks.lineage import write_certificate
+    from tasks.tracking import _experiment_id, create_run, end_run, log_comparison
+
+    second = service["result"]["processed"][1]
+    client = MlflowClient(service["uri"])
+    run = client.get_run(second["run_id"])
+    report = json.loads((Path(second["report_dir"]) / "report.json").read_text())
+    mia = report["models"]["unlearned"]
+    assert len(mia["MIA_efficacy_draws"]) > 1
+    page = Path(run.data.tags["certificate.path"]).read_text()
+    assert f"{mia['MIA_efficacy']:.4g} ± {mia['MIA_efficacy_std']:.4g}" in page
+    assert f"mean ± std, {len(mia['MIA_efficacy_draws'])} seeds" in page
+    assert "KLoM" not in page  # no ensemble yet
+
+    rng = np.random.default_rng(0)
+    n, t = 8, 60
+    oracle = rng.normal(size=(n, t))
+    unlearned = oracle + rng.normal(0.5, 1.0, size=(n, t))
+    splits = {"forget": np.arange(20), "retain": np.arange(20, 40), "validation": np.arange(40, t)}
+    klom = klom_report(unlearned, oracle, splits)
+    floor = noise_floor(oracle, splits)
+    tags = run.data.tags
+    uri, exp = service["uri"], client.get_experiment(run.info.experiment_id).name
+    parent = create_run(
+        client,
+        _experiment_id(client, exp),
+        f"evaluate-{tags['request_id']}",
+        {"kind": "evaluation", "dvc.manifests_md5": tags["dvc.manifests_md5"]},
+    )
+    row = {"method": tags["method"], "n_models": n}
+    row.update({f"klom_{s}_{k}": v for s, d in klom.items() for k, v in d.items()})
+    log_comparison.fn(uri, exp, parent, [row], {}, floor, [], {"request_id": tags["request_id"]})
+    end_run(uri, parent, "FINISHED")
+
+    out = write_certificate(uri, second["run_id"], second["report_dir"], {"status": "done"})
+    page = out.read_text()
+    assert "KLoM against the oracle ensemble" in page
+    for split in splits:
+        assert f"{klom[split]['p95']:.4g}" in page and f"{floor[split]['p95']:.4g}" in page
+    assert f"MLflow run {parent}" in page and "this request&#x27;s" in page
+
+
 def test_lineage_request(service, capsys):
     out = _cli_json(capsys, "lineage", "request", "req-lin-2", "--params", service["params"])
     assert out["status"] == "done"

@@ -53,19 +53,75 @@ def _table(rows: Iterable[tuple[str, Any]]) -> str:
 
 
 def _metrics_table(models: Mapping[str, Mapping[str, Any]]) -> str:
+    """One row per model; a metric measured over seeded draws (``<k>_std`` beside ``<k>``,
+    the draws in ``<k>_draws``: the MIAs) as ``mean ± std``, its column header naming the
+    number of draws."""
     columns: list[str] = []
     for m in models.values():
         for k, v in m.items():
             if isinstance(v, int | float) and not isinstance(v, bool) and k not in columns:
                 columns.append(k)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    spread = {c[: -len("_std")] for c in columns if c.endswith("_std")} & set(columns)
+    columns = [c for c in columns if not (c.endswith("_std") and c[: -len("_std")] in spread)]
+
+    def header(c: str) -> str:
+        if c not in spread:
+            return html.escape(c)
+        n = max((len(m.get(f"{c}_draws") or []) for m in models.values()), default=0)
+        return f"{html.escape(c)}<br><small>mean ± std, {n} seed{'s' if n != 1 else ''}</small>"
+
+    def cell(m: Mapping[str, Any], c: str) -> str:
+        if c in spread and isinstance(m.get(f"{c}_std"), int | float) and c in m:
+            return f"{_fmt(m[c])} ± {_fmt(m[f'{c}_std'])}"
+        return _fmt(m.get(c, ""))
+
+    head = "".join(f"<th>{header(c)}</th>" for c in columns)
     rows = "".join(
         f"<tr><th>{html.escape(name)}</th>"
-        + "".join(f"<td>{html.escape(_fmt(m.get(c, '')))}</td>" for c in columns)
+        + "".join(f"<td>{html.escape(cell(m, c))}</td>" for c in columns)
         + "</tr>"
         for name, m in models.items()
     )
     return f"<table class='grid'><tr><th>model</th>{head}</tr>{rows}</table>"
+
+
+def _klom_section(klom: Mapping[str, Any]) -> list[str]:
+    """KLoM of the request's method against an oracle ensemble (``unlearn evaluate``), with
+    the oracle-vs-oracle noise floor beside each figure."""
+    splits = klom.get("splits") or {}
+    floor = klom.get("noise_floor") or {}
+    rows = "".join(
+        f"<tr><th>{html.escape(split)}</th>"
+        + "".join(
+            f"<td>{html.escape(_fmt((d or {}).get(stat, '')))}</td>"
+            for d in (stats, floor.get(split))
+            for stat in ("p95", "mean")
+        )
+        + "</tr>"
+        for split, stats in splits.items()
+    )
+    match = klom.get("manifests_match")
+    note = (
+        f"{klom.get('method', '')} applied to {klom.get('n_models', '?')} originals against "
+        f"{klom.get('n_models', '?')} oracles retrained without the forgotten ids (`unlearn "
+        f"evaluate`, MLflow run {klom.get('run_id', '?')}): the method's KLoM on this "
+        "request, not that of the "
+        "production model alone (one model gives no distribution of margins). "
+        + (
+            "Its forget and retain sets are this request's."
+            if match
+            else "Its forget/retain manifests differ from this request's (other tombstones "
+            "or data version): read it as an estimate."
+            if match is not None
+            else ""
+        )
+    )
+    return [
+        "<h2>KLoM against the oracle ensemble</h2>",
+        "<table class='grid'><tr><th>split</th><th>KLoM P95</th><th>KLoM mean</th>"
+        f"<th>noise floor P95</th><th>noise floor mean</th></tr>{rows}</table>",
+        f"<p class='note'>{html.escape(note)}</p>",
+    ]
 
 
 _STYLE = """
@@ -86,8 +142,10 @@ def render_certificate(facts: Mapping[str, Any], plot_png: Path | bytes | None =
     ``ids`` (forget count and digest, retain count and digest), ``versions`` (model, parent,
     produced, data version, tombstone version), ``method`` and ``method_params``, ``gates``
     (summary, passed), ``report`` (the evaluation report: ``models`` and ``cost``),
-    ``oracle_evaluated``, ``mlflow`` (tracking URI, run id), ``prefect`` (flow run id, URL),
-    ``issued_at``.
+    ``oracle_evaluated``, ``klom`` (KLoM of the method against an oracle ensemble: ``splits``
+    and ``noise_floor`` ({split: {p95, mean}}), ``n_models``, ``method``, ``run_id``,
+    ``manifests_match``), ``mlflow`` (tracking URI, run id), ``prefect`` (flow
+    run id, URL), ``issued_at``.
     """
     req = facts.get("request", {})
     title = f"Deletion certificate: {req.get('request_id', '?')}"
@@ -127,6 +185,14 @@ def render_certificate(facts: Mapping[str, Any], plot_png: Path | bytes | None =
                 "<p class='note'>No oracle (a model retrained without the forgotten ids) was "
                 "trained for this request (service.oracle).</p>"
             )
+        if any(k.endswith("_draws") for m in report["models"].values() for k in m):
+            parts.append(
+                "<p class='note'>Membership-inference figures are random (the attack's "
+                "subsample and folds depend on a seed): each is the mean ± standard deviation "
+                "of seeded draws (evaluate.seed, seed + 1, …; evaluate.mia_seeds).</p>"
+            )
+    if facts.get("klom"):
+        parts += _klom_section(facts["klom"])
     if report.get("cost"):
         parts += ["<h2>Cost</h2>", _table(report["cost"].items())]
     if plot_png is not None:
