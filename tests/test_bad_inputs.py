@@ -339,7 +339,7 @@ except ImportError:  # pragma: no cover
 Case = tuple[str, list[str], tuple[str, ...], dict, dict]
 
 
-def _set(*items: str) -> list[str]:
+def _run_set(*items: str) -> list[str]:
     out = ["run"]
     for item in items:
         out += ["--set", item]
@@ -351,76 +351,78 @@ def _case(id_, argv, expected, files=None, env=None) -> Case:
 
 
 SET_CASES: list[Case] = [
-    _case("lr-inf", _set("train.lr=inf"), ("train.lr", "finite")),
-    _case("lr-nan", _set("train.lr=.nan"), ("train.lr", "nan")),
-    _case("lr-1e400", _set("train.lr=1e400"), ("train.lr", "finite")),
-    _case("lr-negative", _set("train.lr=-1"), ("train.lr", "> 0")),
-    _case("lr-string", _set("train.lr=fast"), ("train.lr",)),
-    _case("epochs-zero", _set("train.epochs=0"), ("train.epochs",)),
-    _case("epochs-float", _set("train.epochs=2.5"), ("train.epochs", "integer")),
-    _case("epochs-bool", _set("train.epochs=true"), ("train.epochs",)),
-    _case("batch-size-zero", _set("train.batch_size=0"), ("train.batch_size",)),
-    _case("optimizer", _set("train.optimizer=adamw"), ("train.optimizer", "adamw")),
-    _case("device-tpu", _set("train.device=tpu"), ("train.device", "tpu")),
-    _case("train-seed-negative", _set("train.seed=-1"), ("train.seed", "seed")),
-    _case("train-seed-2-32", _set("train.seed=4294967296"), ("train.seed", "2**32")),
-    _case("oracle-seed", _set("train.oracle_seed=-3"), ("train.oracle_seed",)),
-    _case("data-seed", _set("data.seed=-1"), ("data.seed", "seed")),
-    _case("unlearn-seed", _set("unlearn.seed=-1"), ("unlearn.seed",)),
-    _case("originals-seed", _set("evaluate.originals_seed=-5"), ("evaluate.originals_seed",)),
-    _case("hidden-negative", _set("model.hidden=[-5]"), ("model.hidden[0]", "> 0")),
-    _case("hidden-zero", _set("model.hidden=[64, 0]"), ("model.hidden[1]",)),
-    _case("hidden-string", _set("model.hidden=wide"), ("model.hidden",)),
-    _case("channels-negative", _set("model.channels=[16, -1]"), ("model.channels[1]",)),
-    _case("model-name", _set("model.name=resnet"), ("resnet",)),
-    _case("data-name", _set("data.name=imagenet"), ("data.name", "imagenet")),
-    _case("parquet-without-path", _set("data.name=parquet"), ("data.path",)),
-    _case("parquet-nope", _set("data.name=parquet", "data.path=/nope"), ("data.path", "/nope")),
+    _case("lr-inf", _run_set("train.lr=inf"), ("train.lr", "finite")),
+    _case("lr-nan", _run_set("train.lr=.nan"), ("train.lr", "nan")),
+    _case("lr-1e400", _run_set("train.lr=1e400"), ("train.lr", "finite")),
+    _case("lr-negative", _run_set("train.lr=-1"), ("train.lr", "> 0")),
+    _case("lr-string", _run_set("train.lr=fast"), ("train.lr",)),
+    _case("epochs-zero", _run_set("train.epochs=0"), ("train.epochs",)),
+    _case("epochs-float", _run_set("train.epochs=2.5"), ("train.epochs", "integer")),
+    _case("epochs-bool", _run_set("train.epochs=true"), ("train.epochs",)),
+    _case("batch-size-zero", _run_set("train.batch_size=0"), ("train.batch_size",)),
+    _case("optimizer", _run_set("train.optimizer=adamw"), ("train.optimizer", "adamw")),
+    _case("device-tpu", _run_set("train.device=tpu"), ("train.device", "tpu")),
+    _case("train-seed-negative", _run_set("train.seed=-1"), ("train.seed", "seed")),
+    _case("train-seed-2-32", _run_set("train.seed=4294967296"), ("train.seed", "2**32")),
+    _case("oracle-seed", _run_set("train.oracle_seed=-3"), ("train.oracle_seed",)),
+    _case("data-seed", _run_set("data.seed=-1"), ("data.seed", "seed")),
+    _case("unlearn-seed", _run_set("unlearn.seed=-1"), ("unlearn.seed",)),
+    _case("originals-seed", _run_set("evaluate.originals_seed=-5"), ("evaluate.originals_seed",)),
+    _case("hidden-negative", _run_set("model.hidden=[-5]"), ("model.hidden[0]", "> 0")),
+    _case("hidden-zero", _run_set("model.hidden=[64, 0]"), ("model.hidden[1]",)),
+    _case("hidden-string", _run_set("model.hidden=wide"), ("model.hidden",)),
+    _case("channels-negative", _run_set("model.channels=[16, -1]"), ("model.channels[1]",)),
+    _case("model-name", _run_set("model.name=resnet"), ("resnet",)),
+    _case("data-name", _run_set("data.name=imagenet"), ("data.name", "imagenet")),
+    _case("parquet-without-path", _run_set("data.name=parquet"), ("data.path",)),
+    _case("parquet-nope", _run_set("data.name=parquet", "data.path=/nope"), ("data.path", "/nope")),
     _case(
         "fashion-mnist-nope",
-        _set("data.name=fashion-mnist", "data.path=/nope/fmnist"),
+        _run_set("data.name=fashion-mnist", "data.path=/nope/fmnist"),
         ("data.path", "/nope/fmnist", "does not exist"),
     ),
-    _case("test-fraction-1.5", _set("data.test_fraction=1.5"), ("data.test_fraction",)),
-    _case("test-fraction-0", _set("data.test_fraction=0"), ("data.test_fraction",)),
-    _case("max-train-0", _set("data.max_train=0"), ("data.max_train",)),
-    _case("data-path-number", _set("data.path=42"), ("data.path",)),
-    _case("out-dir-up", _set("data.out_dir=../x"), ("data.out_dir", "outside the project")),
-    _case("out-dir-abs", _set("data.out_dir=/tmp/elsewhere"), ("data.out_dir", "outside")),
-    _case("manifests-up", _set("request.out_dir=../../f"), ("request.out_dir", "outside")),
-    _case("report-dir-abs", _set("evaluate.report_dir=/etc/r"), ("evaluate.report_dir",)),
-    _case("artifacts-up", _set("tracking.artifacts_dir=.."), ("tracking.artifacts_dir",)),
-    _case("attribution-dir", _set("attribution.out_dir=../a"), ("attribution.out_dir",)),
-    _case("stats-dir", _set("stats.out_dir=../../s"), ("stats.out_dir", "outside")),
-    _case("uri-scheme", _set("tracking.mlflow_uri=bogus://x"), ("tracking.mlflow_uri", "bogus")),
-    _case("uri-colon", _set("tracking.mlflow_uri=mailto:me"), ("tracking.mlflow_uri",)),
+    _case("test-fraction-1.5", _run_set("data.test_fraction=1.5"), ("data.test_fraction",)),
+    _case("test-fraction-0", _run_set("data.test_fraction=0"), ("data.test_fraction",)),
+    _case("max-train-0", _run_set("data.max_train=0"), ("data.max_train",)),
+    _case("data-path-number", _run_set("data.path=42"), ("data.path",)),
+    _case("out-dir-up", _run_set("data.out_dir=../x"), ("data.out_dir", "outside the project")),
+    _case("out-dir-abs", _run_set("data.out_dir=/tmp/elsewhere"), ("data.out_dir", "outside")),
+    _case("manifests-up", _run_set("request.out_dir=../../f"), ("request.out_dir", "outside")),
+    _case("report-dir-abs", _run_set("evaluate.report_dir=/etc/r"), ("evaluate.report_dir",)),
+    _case("artifacts-up", _run_set("tracking.artifacts_dir=.."), ("tracking.artifacts_dir",)),
+    _case("attribution-dir", _run_set("attribution.out_dir=../a"), ("attribution.out_dir",)),
+    _case("stats-dir", _run_set("stats.out_dir=../../s"), ("stats.out_dir", "outside")),
+    _case(
+        "uri-scheme", _run_set("tracking.mlflow_uri=bogus://x"), ("tracking.mlflow_uri", "bogus")
+    ),
+    _case("uri-colon", _run_set("tracking.mlflow_uri=mailto:me"), ("tracking.mlflow_uri",)),
     _case(
         "uri-sqlite-dir",
-        _set("tracking.mlflow_uri=sqlite:////no/such/dir/m.db"),
+        _run_set("tracking.mlflow_uri=sqlite:////no/such/dir/m.db"),
         ("tracking.mlflow_uri", "/no/such/dir", "does not exist"),
     ),
-    _case("dvc-root-missing", _set("tracking.dvc_root=/no/such/root"), ("tracking.dvc_root",)),
-    _case("dvc-root-not-dvc", _set("tracking.dvc_root={tmp}"), ("tracking.dvc_root", "DVC")),
-    _case("unknown-key", _set("train.lrr=0.1"), ("train.lrr", "unknown key")),
-    _case("unknown-section", _set("foo.bar=1"), ("foo",)),
-    _case("set-without-equals", _set("train.lr"), ("--set", "KEY=VALUE")),
-    _case("set-empty-key", _set("=3"), ("--set", "key is empty")),
-    _case("set-bad-yaml", _set("train.lr=[1"), ("--set", "not valid YAML")),
-    _case("method-name", _set("unlearn.method=nope"), ("nope", "valid")),
+    _case("dvc-root-missing", _run_set("tracking.dvc_root=/no/such/root"), ("tracking.dvc_root",)),
+    _case("dvc-root-not-dvc", _run_set("tracking.dvc_root={tmp}"), ("tracking.dvc_root", "DVC")),
+    _case("unknown-key", _run_set("train.lrr=0.1"), ("train.lrr", "unknown key")),
+    _case("unknown-section", _run_set("foo.bar=1"), ("foo",)),
+    _case("set-without-equals", _run_set("train.lr"), ("--set", "KEY=VALUE")),
+    _case("set-empty-key", _run_set("=3"), ("--set", "key is empty")),
+    _case("set-bad-yaml", _run_set("train.lr=[1"), ("--set", "not valid YAML")),
+    _case("method-name", _run_set("unlearn.method=nope"), ("nope", "valid")),
     _case("method-flag", ["run", "--method", "nope"], ("nope", "valid")),
-    _case("top-fraction", _set("unlearn.fisher_diagonal.top_fraction=2"), ("top_fraction",)),
-    _case("fisher-kind", _set("fisher.kind=bogus"), ("fisher.kind", "bogus")),
-    _case("ssd-alpha-inf", _set("unlearn.ssd.alpha=inf"), ("unlearn.ssd.alpha", "finite")),
+    _case("top-fraction", _run_set("unlearn.fisher_diagonal.top_fraction=2"), ("top_fraction",)),
+    _case("fisher-kind", _run_set("fisher.kind=bogus"), ("fisher.kind", "bogus")),
+    _case("ssd-alpha-inf", _run_set("unlearn.ssd.alpha=inf"), ("unlearn.ssd.alpha", "finite")),
     _case(
         "gate-band-inf",
-        _set("service.gates.mia_auc_band=[0.2, .inf]"),
+        _run_set("service.gates.mia_auc_band=[0.2, .inf]"),
         ("service.gates.mia_auc_band[1]", "inf"),
     ),
-    _case("service-oracle", _set("service.oracle=sometimes"), ("service.oracle",)),
-    _case("oracle-rate", _set("service.oracle_sample_rate=2"), ("service.oracle_sample_rate",)),
-    _case("ledger-url", _set("service.ledger_url=bogus"), ("ledger URL",)),
-    _case("mia-folds", _set("evaluate.mia_folds=1"), ("evaluate.mia_folds",)),
-    _case("attribution-alpha", _set("attribution.alpha=1.0"), ("attribution.alpha",)),
+    _case("service-oracle", _run_set("service.oracle=sometimes"), ("service.oracle",)),
+    _case("oracle-rate", _run_set("service.oracle_sample_rate=2"), ("service.oracle_sample_rate",)),
+    _case("ledger-url", _run_set("service.ledger_url=bogus"), ("ledger URL",)),
+    _case("mia-folds", _run_set("evaluate.mia_folds=1"), ("evaluate.mia_folds",)),
+    _case("attribution-alpha", _run_set("attribution.alpha=1.0"), ("attribution.alpha",)),
     _case(
         "env-tracking-uri",
         ["run"],
@@ -429,7 +431,7 @@ SET_CASES: list[Case] = [
     ),
 ]
 if not CUDA:
-    SET_CASES.append(_case("device-cuda", _set("train.device=cuda"), ("train.device", "CUDA")))
+    SET_CASES.append(_case("device-cuda", _run_set("train.device=cuda"), ("train.device", "CUDA")))
 
 PARAMS_CASES: list[Case] = [
     _case("params-missing", ["run", "--params", "{tmp}/none.yaml"], ("params file not found",)),
@@ -616,7 +618,7 @@ COUNT_CASES: list[Case] = [
 TABLE_CLI_CASES: list[Case] = [
     _case(
         f"table-{name}",
-        _set("data.name=parquet", "data.path={tmp}/t.parquet"),
+        _run_set("data.name=parquet", "data.path={tmp}/t.parquet"),
         ("t.parquet", *expected),
         {"t.parquet": _table_bytes(edit)},
     )
@@ -689,3 +691,24 @@ class _no_raise:
 
     def __exit__(self, *exc: object) -> bool:
         return False
+
+
+def test_the_console_script_prints_one_line(project, tmp_path) -> None:
+    """In-process, pytest holds the log handlers: through the real `unlearn` script, stderr
+    (logging included) is the one error line for a refusal found in the data (a temporary
+    preparation ran) and for one found in a count."""
+    import subprocess
+    import sys
+
+    root = project["root"]
+    _write_table(tmp_path / "t.parquet", _set("label", 5, None))
+    before = _snapshot(root)
+    exe = str(Path(sys.executable).parent / "unlearn")
+    for argv, part in (
+        (["run", "--set", "data.name=parquet", "--set", f"data.path={tmp_path}/t.parquet"], "null"),
+        (["attribute", "--models", "100000000"], "memory"),
+    ):
+        proc = subprocess.run([exe, *argv], cwd=root, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1 and part in proc.stderr, proc.stderr
+    assert _snapshot(root) == before
