@@ -2,9 +2,10 @@
 
 prepare + extract (the same DVC stages as the unlearning pipeline) → the original model (the
 same cached training task, so a pipeline run's model is reused) → the split written as
-Parquet shards → one ``ray.remote`` task per shard (partial sums) → reduce in shard order →
-a safetensors file with the statistics, their config and content hash, written atomically
-under ``stats.out_dir``.
+temporary Parquet shards → one ``ray.remote`` task per shard (partial sums) → reduce in shard
+order → a safetensors file with the statistics, their config and content hash, written
+atomically under ``stats.out_dir``. The shards are deleted once the statistic is reduced, also
+when it fails: no copy of the split's rows (forgotten ones included) stays behind.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pipeline_lib.io import code_version
 from pipeline_lib.modalities import get_modality
 from tasks import compute, tracking, versioning
 from tasks.compute import with_files
-from tasks.statistics import STATISTICS, identity_for, lookup, shard_split, sharded_statistics
+from tasks.statistics import STATISTICS, identity_for, lookup, sharded_statistics, split_shards
 
 
 @flow(name="statistics")
@@ -58,8 +59,8 @@ def statistics_flow(
     identity = identity_for(params, statistic, split, original["digest"], content_hash)
     result = None if force else lookup(params, identity)
     if result is None:
-        shards = shard_split(params, statistic, split)
-        result = sharded_statistics(params, statistic, split, shards, original)
+        with split_shards(params, statistic, split) as shards:
+            result = sharded_statistics(params, statistic, split, shards, original)
     if result["reused"]:
         get_run_logger().info(
             "%s statistics of %s (%d samples) found, not recomputed: %s",

@@ -21,6 +21,7 @@ import ray
 
 from pipeline_lib.attribution.store import AttributionStore, StoreSpec, train_chunk
 from pipeline_lib.config import RayConfig
+from tasks.ray_local import init_local
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def connect(cfg: RayConfig) -> str:
         if address:
             ray.init(address=address, log_to_driver=False)
         else:
-            ray.init(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+            # on 127.0.0.1 only, token file 0600 (tasks/ray_local.py)
+            init_local(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
     return f"{len(nodes)} node(s), {cpus:g} CPU"

@@ -5,15 +5,22 @@ store it under that identity. The ``statistics`` flow and the unlearning pipelin
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import os
+import re
+import secrets
+import shutil
+import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.logging import get_run_logger
+from prefect.logging import get_logger, get_run_logger
 
 from pipeline_lib.config import FisherConfig, Params, to_dict
 from pipeline_lib.data.images import Prepared, load_prepared
@@ -35,6 +42,7 @@ from pipeline_lib.stats.store import (
 from tasks import stats as ray_stats
 
 STATISTICS = ("fisher", "activations")
+log = get_logger("unlearnflow.statistics")
 
 
 def split_ids(params: Params, statistic: str, split: str) -> np.ndarray:
@@ -48,21 +56,70 @@ def split_ids(params: Params, statistic: str, split: str) -> np.ndarray:
     return man.forget_ids if split == "forget" else man.retain_ids
 
 
-@task(name="write-shards")
-def shard_split(params: Params, statistic: str, split: str) -> list[str]:
-    """Write the split's Parquet shards (named by a hash of the data, the ids and the shard
-    count) unless they exist: the directory is written atomically, so it is complete if its
-    ``shards.json`` is there. Returns the shard paths in order."""
+_SHARD_DIR = re.compile(r"^\.?(?P<name>[a-z]+)-(?P<host>[^-]+)-(?P<pid>\d+)-[0-9a-f]{8}")
+
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_")
+
+
+def _alive(host: str, pid: int) -> bool:
+    """Whether the process that wrote a shard directory may still be using it (another host's
+    processes cannot be checked: assumed alive)."""
+    if host != _host():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_shards(root: Path) -> list[Path]:
+    """Remove shard directories under ``root`` whose writer is gone (killed before its clean-up)
+    and those of older versions, which kept shards named by their data; returns them."""
+    removed = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _SHARD_DIR.match(entry.name)
+        if m and _alive(m["host"], int(m["pid"])):
+            continue
+        shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink()
+        removed.append(entry)
+    if removed:
+        log.warning("removed %d stale shard directories under %s", len(removed), root)
+    return removed
+
+
+@contextlib.contextmanager
+def temporary_shards(
+    params: Params, name: str, ids: np.ndarray, X: np.ndarray, y: np.ndarray
+) -> Iterator[list[str]]:
+    """Parquet shards of (ids, X, y) for one computation, deleted when it ends, whether it
+    succeeds or fails: no copy of a split's rows (forgotten ones included) outlives it. They
+    live under ``stats.out_dir/shards/<name>-<host>-<pid>-<random>`` (so Ray workers on other
+    nodes read them from shared storage); a directory left by a killed run is removed by the
+    next one (:func:`sweep_shards`)."""
+    root = params.resolve(params.stats.out_dir) / "shards"
+    sweep_shards(root)
+    out = root / f"{name}-{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        yield [str(p) for p in write_shards(ids, X, y, out, params.stats.n_shards)]
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            root.rmdir()  # only when no other run has shards there
+
+
+@contextlib.contextmanager
+def split_shards(params: Params, statistic: str, split: str) -> Iterator[list[str]]:
+    """The split's rows as temporary Parquet shards (:func:`temporary_shards`)."""
     data = load_prepared(params.resolve(params.data.out_dir))
     ids = split_ids(params, statistic, split)
     X, y = data.subset(ids)
-    key = hashlib.sha256(
-        (data.content_hash + "|" + "\n".join(ids) + f"|{params.stats.n_shards}").encode()
-    ).hexdigest()[:16]
-    out = params.resolve(params.stats.out_dir) / "shards" / f"{split}-{key}"
-    if (out / "shards.json").is_file():
-        return [str(p) for p in sorted(out.glob("shard-*.parquet"))]
-    return [str(p) for p in write_shards(ids, X, y, out, params.stats.n_shards)]
+    with temporary_shards(params, split, ids, X, y) as shards:
+        yield shards
 
 
 def identity_for(
@@ -268,26 +325,19 @@ def full_fisher_sums(
         raise ValueError(f"full-data Fisher sums need a per-sample fisher.kind, not {f.kind!r}")
     if params.stats.fisher_backend == "ray":
         X, y = data.subset(ids)
-        key = hashlib.sha256(
-            (data.content_hash + "|" + "\n".join(ids) + f"|{params.stats.n_shards}").encode()
-        ).hexdigest()[:16]
-        out = params.resolve(params.stats.out_dir) / "shards" / f"full-{key}"
-        if (out / "shards.json").is_file():
-            shards = [str(p) for p in sorted(out.glob("shard-*.parquet"))]
-        else:
-            shards = [str(p) for p in write_shards(ids, X, y, out, params.stats.n_shards)]
-        t0 = time.perf_counter()
-        run = ray_stats.run_shards(
-            "fisher",
-            load_weights(weights["path"]),
-            to_dict(params.model),
-            data.shape,
-            data.n_classes,
-            shards,
-            {"kind": f.kind, "batch_size": f.batch_size, "seed": f.seed},
-            params.ray,
-            params.stats.workers,
-        )
+        with temporary_shards(params, "full", ids, X, y) as shards:
+            t0 = time.perf_counter()
+            run = ray_stats.run_shards(
+                "fisher",
+                load_weights(weights["path"]),
+                to_dict(params.model),
+                data.shape,
+                data.n_classes,
+                shards,
+                {"kind": f.kind, "batch_size": f.batch_size, "seed": f.seed},
+                params.ray,
+                params.stats.workers,
+            )
         # shard sums are float32; their reduce is float64
         parts = [({k: v.double() for k, v in s_.items()}, n) for s_, n in run["parts"]]
         sums, n = reduce_sums(parts)
@@ -458,8 +508,8 @@ def fisher_statistics(params: Params, weights: dict[str, Any]) -> dict[str, Any]
         res = lookup(params, identity)
         if res is None:
             if params.stats.fisher_backend == "ray":
-                shards = shard_split.fn(params, "fisher", split)
-                res = sharded_statistics.fn(params, "fisher", split, shards, weights)
+                with split_shards(params, "fisher", split) as shards:
+                    res = sharded_statistics.fn(params, "fisher", split, shards, weights)
             else:
                 res = local_fisher(params, split, weights, data)
         logger.info(
