@@ -160,6 +160,7 @@ def test_run_search_with_ray_tune_scores_the_start_and_samples(tmp_path: Path) -
     from pipeline_lib.comparison import Problem, metrics_of_logits
     from pipeline_lib.models.image import build_model
     from pipeline_lib.training.fit import FitSettings, fit, predict_logits
+    from tasks.attribution import connect
     from tasks.evaluation import config_payload
     from tasks.tune import best_trial, run_search, score_setting
 
@@ -186,7 +187,7 @@ def test_run_search_with_ray_tune_scores_the_start_and_samples(tmp_path: Path) -
         oracle_margins=np.stack([margins_of(z.numpy(), y.numpy()) for z in oracle_logits]),
         oracle_metrics=[metrics_of_logits(z, problem, *cfg["mia"]) for z in oracle_logits],
     )
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    connect(build_params(_raw(), {"ray.num_cpus": 2}).ray)  # the flows' local Ray
     try:
         trials = run_search(
             "finetune",

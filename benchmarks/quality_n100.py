@@ -1,0 +1,364 @@
+"""Unlearning quality at N = 100 on digits (issue 16): tuned methods on held-out requests.
+
+    python -m benchmarks.quality_n100 --models 100 --subset-models 1000 \
+        --tune dmm,finetune --trials 12 --tune-models 10 --workdir /tmp/bench-n100
+
+In a scratch DVC project (Prefect, DVC, MLflow, local Ray, as the other benchmarks):
+
+1. **Tuning** with the real ``unlearn tune`` flow on a *validation* request (random 10%,
+   seed 11): each method in ``--tune`` gets ``--trials`` Ray Tune trials, each unlearning the
+   first ``--tune-models`` originals against all N oracles of that request, objective
+   forget-KLoM mean; the best setting is written as preset ``digits-mlp`` (``--overwrite``).
+2. **Evaluation** on two *held-out* requests (random 10%, seed 22; random 1%, seed 33), with
+   the preset selected (``unlearn.preset: digits-mlp``, so tuned methods run their tuned
+   setting, the others their params.yaml defaults): N originals and N oracles through the
+   many-model engine (the same stores as ``unlearn evaluate``); every approximate method
+   unlearns the first ``--unlearn-models`` originals (default: all N) as Ray jobs
+   (:func:`tasks.evaluation.run_jobs`); ``retrain`` is N further models retrained on R
+   *through the ensemble engine* (an oracle store with its own seed; the same recipe as the
+   oracles, so this row is the retrain-vs-oracle floor at N), not N single-model jobs.
+3. Rows from :func:`pipeline_lib.comparison.summarise`: forget-KLoM mean / P95, Avg. Gap
+   (mean ± std over models × MIA seeds), U-LiRA AUC, and the goals checked.
+
+Prints the tables and the wall time of every phase. ``--unlearn-models`` below N, or a
+shorter ``--methods`` list, are how the run is sized to the time available; the printout
+says what was used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from benchmarks.method_comparison import scratch_project
+
+REPO = Path(__file__).resolve().parents[1]
+PRESET = "digits-mlp"
+REQUESTS = {
+    "val-10": (0.1, 11),
+    "heldout-10": (0.1, 22),
+    "heldout-1": (0.01, 33),
+}
+RETRAIN_SEED_OFFSET = 5000  # retrain store seed = evaluate.oracles_seed + this
+
+
+def _request(root: Path, rid: str) -> Path:
+    fraction, seed = REQUESTS[rid]
+    path = root / "requests" / f"{rid}.yaml"
+    path.write_text(
+        f"request_id: {rid}\nreason: benchmark\nforget:\n  fraction: {fraction}\n  seed: {seed}\n"
+    )
+    return path
+
+
+def evaluate_request(
+    root: Path, request_file: Path, methods: list[str], k: int, preset: str | None
+) -> dict[str, Any]:
+    """Every method on one held-out request (see the module docstring); returns rows, floor,
+    problem size and phase times."""
+    import torch
+
+    from pipeline_lib.attribution.datamodels import margins as margins_of
+    from pipeline_lib.attribution.store import AttributionStore
+    from pipeline_lib.comparison import metrics_of_logits, summarise
+    from pipeline_lib.config import RayConfig, load_params, parse_section, to_dict
+    from pipeline_lib.data.images import load_prepared
+    from pipeline_lib.data.requests import load_manifests, load_request
+    from pipeline_lib.methods import get_method
+    from pipeline_lib.modalities import get_modality
+    from tasks import attribution as ray_attr
+    from tasks import evaluation as ray_eval
+    from tasks import versioning
+    from tasks.stores import ensure_store
+
+    times: dict[str, float] = {}
+    t0 = time.perf_counter()
+    overrides = {"request.file": str(request_file)}
+    if preset:
+        overrides["unlearn.preset"] = preset
+    params = load_params(root / "params.yaml", overrides)
+    request = load_request(request_file)
+    params, _ = versioning.stage_data(get_modality("image"), params, request)
+    prepared_dir = str(params.resolve(params.data.out_dir))
+    manifests_dir = str(params.resolve(params.request.out_dir))
+    data = load_prepared(prepared_dir)
+    man = load_manifests(manifests_dir)
+    train_ids = np.sort(data.split_ids("train"))
+    retain_mask = np.isin(train_ids, man.retain_ids)
+    ray_cfg = parse_section(RayConfig, to_dict(params.ray), "ray")
+    ray_attr.connect(ray_cfg)
+    n, ev = params.evaluate.n_models, params.evaluate
+    times["stage"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stores = {
+        "originals": ensure_store(params, data, "originals", n, None, ev.originals_seed),
+        "oracles": ensure_store(params, data, "oracles", n, retain_mask, ev.oracles_seed),
+        "retrain": ensure_store(
+            params, data, "oracles", n, retain_mask, ev.oracles_seed + RETRAIN_SEED_OFFSET
+        ),
+    }
+    if "dmm" in methods:
+        stores["subsets"] = ensure_store(params, data, "subsets", params.attribution.n_models)
+    if "oracle_matching" in methods:
+        om = params.unlearn.oracle_matching
+        stores["om"] = ensure_store(params, data, "oracles", om.n_oracles, retain_mask, om.seed)
+    times["stores"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    originals = AttributionStore.open(stores["originals"][0])
+    problem = ray_eval.build_problem(originals, prepared_dir, manifests_dir)
+    labels = problem.y.numpy()
+    outs = {
+        name: AttributionStore.open(stores[name][0]).load()[2].astype(np.float32)
+        for name in ("originals", "oracles", "retrain")
+    }
+    cfg = ray_eval.config_payload(params)
+    mia = tuple(cfg["mia"])
+    oracle_margins = margins_of(outs["oracles"], labels)
+    oracle_metrics = [
+        metrics_of_logits(torch.from_numpy(z), problem, *mia) for z in outs["oracles"]
+    ]
+
+    def stored_rows(z: np.ndarray) -> list[dict[str, Any]]:
+        return [
+            {
+                "model_id": i,
+                "seconds": 0.0,
+                "margins": margins_of(zi, labels).astype(np.float32),
+                "metrics": metrics_of_logits(torch.from_numpy(zi), problem, *mia),
+            }
+            for i, zi in enumerate(z)
+        ]
+
+    results: dict[str, list[dict[str, Any]]] = {
+        "none (original)": stored_rows(outs["originals"][:k]),
+    }
+    times["metrics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    match = {}
+    for m in methods:
+        source = get_method(m).needs_targets
+        if source:
+            mp = params.unlearn.method_params(m)
+            match[m] = ray_eval.matching_targets_for(
+                source,
+                stores["subsets" if source == "datamodels" else "om"][0],
+                problem,
+                outs["originals"][:k],
+                train_ids,
+                man.forget_ids,
+                mp.retain_multiple,
+                params.unlearn.seed,
+                params.attribution.lam,
+                params.attribution.estimator,
+            )
+    weights = dict(originals.model_weights())
+    jobs = [
+        {
+            "method": m,
+            "model_id": i,
+            "state": weights[i],
+            "seed": params.unlearn.seed + i,
+            "match": match[m][i] if m in match else None,
+        }
+        for m in methods
+        for i in range(k)
+    ]
+    out = ray_eval.run_jobs(jobs, problem, cfg, ray_cfg)
+    for m in methods:
+        results[m] = [r for r in out if r["method"] == m]
+    times["unlearn"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # the retrain floor at the same counts as the methods (k unlearned vs N oracles), and at N
+    results["retrain"] = stored_rows(outs["retrain"][:k])
+    if k < n:
+        results[f"retrain (all {n})"] = stored_rows(outs["retrain"])
+    rows, floor, _ = summarise(
+        results,
+        oracle_margins,
+        oracle_metrics,
+        problem,
+        1.0,
+        original_margins=margins_of(outs["originals"][:k], labels),
+    )
+    times["summary"] = time.perf_counter() - t0
+    return {
+        "rows": rows,
+        "floor": floor,
+        "forget": len(problem.forget),
+        "times": times,
+        "settings": {m: to_dict(params.unlearn.method_params(m)) for m in methods},
+    }
+
+
+COLUMNS = (
+    ("method", "method", "{}"),
+    ("N", "n_models", "{}"),
+    ("KLoM forget mean", "klom_forget_mean", "{:.3f}"),
+    ("KLoM forget P95", "klom_forget_p95", "{:.3f}"),
+    ("KLoM retain P95", "klom_retain_p95", "{:.3f}"),
+    ("UA", "UA", "{:.2f}"),
+    ("TA", "TA", "{:.2f}"),
+    ("MIA-eff", "MIA_efficacy", "{:.2f}"),
+    ("Avg. Gap", "avg_gap", "{:.2f}"),
+    ("± std", "avg_gap_std", "{:.2f}"),
+    ("U-LiRA AUC", "ulira_auc", "{:.3f}"),
+)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    def cell(r: dict[str, Any], key: str, fmt: str) -> str:
+        v = r.get(key)
+        return "n/a" if v is None else fmt.format(v)
+
+    head = "| " + " | ".join(c for c, _, _ in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    body = ["| " + " | ".join(cell(r, k, f) for _, k, f in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def goals(rows: list[dict[str, Any]], tuned: list[str]) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    approx = [
+        m
+        for m in by
+        if m not in ("none (original)", "oracle (retrain)", "oracle_matching")
+        and not m.startswith("retrain")
+    ]
+    out = []
+    if "dmm" in by and "retrain" in by:
+        best = min(approx, key=lambda m: by[m]["klom_forget_mean"])
+        floor = by["retrain"]["klom_forget_p95"]
+        p95 = by["dmm"]["klom_forget_p95"]
+        out.append(
+            f"lowest forget-KLoM mean of the approximate methods (excl. OM): {best} "
+            f"({by[best]['klom_forget_mean']:.3f}; dmm {by['dmm']['klom_forget_mean']:.3f}) -> "
+            f"{'met' if best == 'dmm' else 'NOT met'}"
+        )
+        out.append(
+            f"dmm forget-KLoM P95 {p95:.3f} vs retrain floor {floor:.3f}: {p95 / floor:.2f}x "
+            f"(goal <= 1.5x) -> {'met' if p95 <= 1.5 * floor else 'NOT met'}"
+        )
+    with_om = approx + (["oracle_matching"] if "oracle_matching" in by else [])
+    best_gap = min(with_om, key=lambda m: by[m]["avg_gap"])
+    best_gap_ex = min(approx, key=lambda m: by[m]["avg_gap"])
+    out.append(
+        f"best approximate Avg. Gap: {best_gap} {by[best_gap]['avg_gap']:.2f} (excl. OM: "
+        f"{best_gap_ex} {by[best_gap_ex]['avg_gap']:.2f}); goal <= 1.0 -> "
+        f"{'met' if by[best_gap]['avg_gap'] <= 1.0 else 'NOT met'}"
+        + ("" if by[best_gap_ex]["avg_gap"] <= 1.0 else " (not met without OM)")
+    )
+    if "retrain" in by and "ulira_auc" in by["retrain"]:
+        r = by["retrain"]["ulira_auc"]
+        for m in dict.fromkeys([best_gap, best_gap_ex]):
+            a = by[m].get("ulira_auc", float("nan"))
+            out.append(
+                f"U-LiRA AUC {m} {a:.3f} vs retrain {r:.3f}: |diff| {abs(a - r):.3f} (goal <= 0.05) "
+                f"-> {'met' if abs(a - r) <= 0.05 else 'NOT met'}"
+            )
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", type=int, default=100, help="N originals and N oracles")
+    ap.add_argument(
+        "--unlearn-models",
+        type=int,
+        default=None,
+        help="originals each method unlearns (default N)",
+    )
+    ap.add_argument("--subset-models", type=int, default=1000, help="M subset models for DMM")
+    ap.add_argument(
+        "--methods", default=None, help="comma-separated (default: every approximate method)"
+    )
+    ap.add_argument("--tune", default="dmm,finetune", help="methods to tune ('' for none)")
+    ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument("--tune-models", type=int, default=10)
+    ap.add_argument("--workdir", default="/tmp/unlearnflow-quality-n100")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    args = ap.parse_args()
+
+    for key, value in (
+        ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
+        ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"),
+        ("DVC_NO_ANALYTICS", "1"),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("PREFECT_LOGGING_LEVEL", "WARNING"),
+    ):
+        os.environ.setdefault(key, value)
+    root = Path(args.workdir).resolve()
+    os.environ.setdefault("PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(root / ".prefect-results"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["attribution"].update(n_models=args.subset_models, chunk_size=50, lds_heldout=0)
+    params["evaluate"]["n_models"] = args.models
+    params["tune"].update(trials=args.trials, models=args.tune_models)
+    params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
+    params["request"]["file"] = "requests/val-10.yaml"
+    for item in args.set:
+        key, value = item.split("=", 1)
+        *path, last = key.split(".")
+        node = params
+        for part in path:
+            node = node[part]
+        node[last] = yaml.safe_load(value)
+    scratch_project(root, params)
+    files = {rid: _request(root, rid) for rid in REQUESTS}
+
+    from flows.evaluate import default_methods
+    from flows.tune import tune_flow
+
+    methods = (
+        args.methods.split(",")
+        if args.methods
+        else [m for m in default_methods() if m != "retrain"]
+    )
+    k = args.unlearn_models or args.models
+    tuned = [m for m in args.tune.split(",") if m]
+    wall0 = time.perf_counter()
+    print(
+        f"N = {args.models} originals / oracles, M = {args.subset_models}, methods unlearn {k} originals each: {','.join(methods)}"
+    )
+    for m in tuned:
+        t0 = time.perf_counter()
+        r = tune_flow(
+            params_path=str(root / "params.yaml"),
+            overrides={"request.file": str(files["val-10"])},
+            method=m,
+            overwrite=True,
+        )
+        tn = r["preset"]["tuning"]
+        print(
+            f"\n### tune {m} on val-10 ({time.perf_counter() - t0:.0f}s): best forget-KLoM mean "
+            f"{tn['score']:.3f} (params.yaml setting {tn['start_score']:.3f}), trial {r['best_index']} "
+            f"of {len(r['trials'])}: {r['best']['config']}"
+        )
+        for i, t in enumerate(r["trials"]):
+            print(f"  trial {i}: {t['config']} -> {t['metrics'] or t['error']}")
+    t_tune = time.perf_counter() - wall0
+    for rid in ("heldout-10", "heldout-1"):
+        t0 = time.perf_counter()
+        res = evaluate_request(root, files[rid], methods, k, PRESET if tuned else None)
+        wall = time.perf_counter() - t0
+        print(
+            f"\n### {rid}: random {REQUESTS[rid][0]:.0%} forget set ({res['forget']} points), "
+            f"N = {args.models} oracles, {k} unlearned per method, retrain = {args.models} "
+            f"models through the engine; {wall:.0f}s ({', '.join(f'{a} {b:.0f}s' for a, b in res['times'].items())})\n"
+        )
+        print(table(res["rows"]))
+        for m in tuned:
+            print(f"tuned {m}: {res['settings'].get(m)}")
+        for line in goals(res["rows"], tuned):
+            print("- " + line)
+    print(f"\ntotal {time.perf_counter() - wall0:.0f}s (tuning {t_tune:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
