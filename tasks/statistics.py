@@ -158,8 +158,13 @@ def sharded_statistics(
 ) -> dict[str, Any]:
     """One Ray task per shard, reduce in shard order, save under the statistic's identity.
     Fisher: the means I_S; activations: ``<layer>.U`` and ``<layer>.S`` of every layer's
-    Gram matrix."""
+    Gram matrix. The activations of the retain split come from the model's full-data Gram
+    sums instead (G_R = G_D − G_F, no shards) when :func:`activation_retain_source` says so."""
     data = load_prepared(params.resolve(params.data.out_dir))
+    if statistic == "activations" and split == "retain":
+        mode = activation_retain_source(params, weights["digest"], data.content_hash)
+        if mode == "full_minus_forget":
+            return activations_from_full(params, weights, data)
     state = load_weights(weights["path"])
     if statistic == "fisher":
         f: FisherConfig = params.fisher
@@ -524,3 +529,131 @@ def fisher_statistics(params: Params, weights: dict[str, Any]) -> dict[str, Any]
     out.update(retain_from="direct", amortised_seconds=0.0)
     out["direct_retain_seconds"] = out["retain_seconds"]
     return out
+
+
+# --------------------------------------------------------------------------- activation Grams
+
+
+def full_activation_identity(
+    weights_digest: str, content_hash: str, ids: np.ndarray
+) -> dict[str, Any]:
+    """Identity of a model version's full-data activation Gram *sums* G_D over ``ids``
+    (sorted): Σ AᵀA per projected layer, float64, the model computing in float32."""
+    options = {"dtype": "float32", "reduction": "sum", "sum_dtype": "float64"}
+    return stats_identity("activations", "full", weights_digest, content_hash, list(ids), options)
+
+
+def _local_grams(
+    params: Params, weights: dict[str, Any], data: Prepared, ids: np.ndarray
+) -> tuple[dict[str, torch.Tensor], int, float]:
+    """Float64 Gram sums over ``ids`` in this process (one forward pass): (grams, n, seconds)."""
+    from pipeline_lib.stats.activations import activation_grams
+
+    model = load_model(weights["path"], params.model, data)
+    X, _ = data.subset(ids)
+    t0 = time.perf_counter()
+    grams, n = activation_grams(
+        model, torch.from_numpy(X), params.stats.batch_size, dtype=torch.float64
+    )
+    return grams, n, time.perf_counter() - t0
+
+
+def full_activation_grams(
+    params: Params, weights: dict[str, Any], ids: np.ndarray | None = None
+) -> dict[str, Any]:
+    """G_D and N of the model ``weights`` over ``ids`` (default: the request's D,
+    :func:`full_split_ids`), found in the statistics store or computed in this process (one
+    forward pass over D; the Gram sums are float64) and stored under
+    :func:`full_activation_identity`. ``seconds``: what computing them cost."""
+    data = load_prepared(params.resolve(params.data.out_dir))
+    ids = np.sort(np.asarray(full_split_ids(params) if ids is None else ids, dtype=str))
+    identity = full_activation_identity(weights["digest"], data.content_hash, ids)
+    found = lookup(params, identity)
+    if found is not None:
+        return found
+    grams, n, seconds = _local_grams(params, weights, data, ids)
+    config = {
+        "statistic": "activations",
+        "split": "full",
+        "n": n,
+        "reduction": "sum",
+        "weights_digest": weights["digest"],
+        "data_content_hash": data.content_hash,
+        "backend": "local",
+        "seconds": seconds,
+        "identity": identity,
+    }
+    path = stats_path(params.resolve(params.stats.out_dir), identity)
+    digest = save_stats(grams, path, config)
+    return {
+        "path": str(path),
+        "digest": digest,
+        "n": n,
+        "seconds": seconds,
+        "reused": False,
+        "identity": identity,
+    }
+
+
+def activation_retain_source(params: Params, weights_digest: str, content_hash: str) -> str:
+    """``direct`` (shards over R) or ``full_minus_forget`` (G_R = G_D − G_F) for the retain
+    activations of this request (``stats.retain_from``; null: full_minus_forget when the
+    model's full-data Gram sums are stored)."""
+    chosen = params.stats.retain_from
+    if chosen is not None:
+        return chosen
+    stored = stats_path(
+        params.resolve(params.stats.out_dir),
+        full_activation_identity(weights_digest, content_hash, full_split_ids(params)),
+    ).is_file()
+    return "full_minus_forget" if stored else "direct"
+
+
+def activations_from_full(
+    params: Params, weights: dict[str, Any], data: Prepared
+) -> dict[str, Any]:
+    """The retain split's activation basis (``<layer>.U``, ``<layer>.S``) from G_R = G_D − G_F:
+    G_D found or computed (:func:`full_activation_grams`), G_F computed (|F| samples), saved
+    under the same identity as the sharded result over R (:func:`identity_for`: the same
+    statistic, exact for sums), its config naming the derivation. ``seconds``: the request's
+    own cost (G_F, the subtraction and the decomposition); ``amortised_seconds``: G_D's."""
+    from pipeline_lib.stats.activations import decompose_grams, retain_grams_from_full
+
+    man = load_manifests(params.resolve(params.request.out_dir))
+    full = full_activation_grams(params, weights)
+    g_f, n_f, forget_seconds = _local_grams(params, weights, data, man.forget_ids)
+    t0 = time.perf_counter()
+    g_d, _ = load_stats(full["path"])
+    g_r, n_r = retain_grams_from_full(g_d, full["n"], g_f, n_f)
+    tensors = decompose_grams(g_r)
+    seconds = forget_seconds + time.perf_counter() - t0
+    identity = identity_for(params, "activations", "retain", weights["digest"], data.content_hash)
+    if identity["n"] != n_r:
+        raise RuntimeError(
+            f"activations of retain: G_D − G_F holds {n_r}, expected {identity['n']}"
+        )
+    extra = {
+        "weights_digest": weights["digest"],
+        "data_content_hash": data.content_hash,
+        "backend": "full_minus_forget",
+        "full_path": full["path"],
+        "full_digest": full["digest"],
+        "seconds": seconds,
+    }
+    path, digest = _save(params, "activations", "retain", identity, tensors, extra)
+    return {
+        "path": path,
+        "digest": digest,
+        "n": n_r,
+        "shards": 0,
+        "seconds": seconds,
+        "wall_seconds": seconds,
+        "samples_per_second": n_f / seconds if seconds > 0 else float("nan"),
+        "workers": 1,
+        "nodes": 1,
+        "reused": False,
+        "identity": identity,
+        "retain_from": "full_minus_forget",
+        "full_reused": full["reused"],
+        "amortised_seconds": full["seconds"],
+    }

@@ -129,6 +129,34 @@ def stacked_activations(model: nn.Module, X: torch.Tensor) -> dict[str, torch.Te
     return {n: torch.cat(r) for n, r in rows.items()}
 
 
+def retain_grams_from_full(
+    full_grams: dict[str, torch.Tensor],
+    n_full: int,
+    forget_grams: dict[str, torch.Tensor],
+    n_forget: int,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """(G_R, |R|) with G_R = G_D − G_F per layer, in float64, from a model version's
+    full-data Gram sums (D: N samples) and the forget set's (F ⊂ D, |F| samples).
+
+    Exact for sums: a sample's activation rows do not depend on which other samples are in
+    the batch (eval mode), so Σ_{x∈D} AᵀA − Σ_{x∈F} AᵀA = Σ_{x∈R} AᵀA up to floating-point
+    reassociation. The result is symmetrised ((G + Gᵀ)/2) so that rounding cannot make it
+    asymmetric before :func:`decompose_gram`; negative eigenvalues from cancellation are
+    clamped there."""
+    n_r = int(n_full) - int(n_forget)
+    if n_r <= 0:
+        raise ValueError(
+            f"retain_grams_from_full: {n_forget} forget samples of {n_full}: no retain set"
+        )
+    if full_grams.keys() != forget_grams.keys():
+        raise ValueError("retain_grams_from_full: full and forget Grams cover different layers")
+    out = {}
+    for k, g in full_grams.items():
+        d = g.double() - forget_grams[k].double()
+        out[k] = (d + d.T) / 2
+    return out, n_r
+
+
 def decompose_gram(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(U (d, d), S (d,)) with G = U diag(S²) Uᵀ, S descending, S = sqrt(max(eigenvalue, 0)):
     the left factor and singular values of any A with AᵀA = G."""
