@@ -7,6 +7,9 @@
 #   MLFLOW_PORT=5500 infra/mlflow-server.sh &    # then: kill %1
 #   export MLFLOW_TRACKING_URI=http://127.0.0.1:5500   # what `unlearn run` then logs to
 #
+#   MLFLOW_AUTH=basic infra/mlflow-server.sh     # with MLflow's basic-auth app (user `admin`,
+#                                                # password in $MLFLOW_DATA_DIR/admin_password)
+#
 #   infra/mlflow-server.sh postgres              # backend store in PostgreSQL (team set-up):
 #                                                # starts infra/postgres.sh (PG_PORT, PG_DATA_DIR,
 #                                                # default $MLFLOW_DATA_DIR/postgres) first; the
@@ -17,8 +20,22 @@
 #                                                # Needs the driver: pip install -e ".[team]"
 #
 # Settings (environment):
-#   MLFLOW_HOST                   bind address (default 127.0.0.1: this machine only; 0.0.0.0
-#                                 to serve a team, together with MLFLOW_ALLOWED_HOSTS)
+#   MLFLOW_HOST                   bind address (default 127.0.0.1: this machine only). Any other
+#                                 address is refused unless MLFLOW_AUTH=basic; for a team, keep
+#                                 127.0.0.1 behind a TLS reverse proxy (infra/README.md)
+#   MLFLOW_AUTH                   `basic`: MLflow's basic-auth app (`--app-name basic-auth`):
+#                                 every request needs a user and password (clients set
+#                                 MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD). Its user
+#                                 store is $MLFLOW_DATA_DIR/basic_auth.db, its config
+#                                 $MLFLOW_DATA_DIR/basic_auth.ini (written at each start). Needs
+#                                 Flask-WTF: pip install -e ".[team]"
+#   MLFLOW_AUTH_ADMIN_PASSWORD    the admin user's password on the first start with auth
+#                                 (default: a random one, kept in $MLFLOW_DATA_DIR/admin_password,
+#                                 mode 600; user `admin`); ignored once the user store exists
+#   MLFLOW_AUTH_DEFAULT_PERMISSION  what a signed-in user may do on others' experiments and
+#                                 models (default READ; NO_PERMISSIONS, EDIT, MANAGE)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  the auth app's CSRF key (default: a random one, kept in
+#                                 $MLFLOW_DATA_DIR/flask_secret_key, mode 600)
 #   MLFLOW_PORT                   port (default 5000)
 #   MLFLOW_DATA_DIR               where the default stores live (default ./mlflow-server)
 #   MLFLOW_BACKEND_STORE_URI      SQLAlchemy URL (default sqlite:///$MLFLOW_DATA_DIR/mlflow.db),
@@ -43,6 +60,16 @@ PORT="${MLFLOW_PORT:-5000}"
 DATA_DIR="${MLFLOW_DATA_DIR:-$PWD/mlflow-server}"
 WORKERS="${MLFLOW_WORKERS:-2}"
 
+AUTH="${MLFLOW_AUTH:-}"
+case "$AUTH" in
+    "" | basic) ;;
+    *) echo "mlflow-server.sh: MLFLOW_AUTH=$AUTH unknown; valid: basic (or unset)" >&2; exit 2 ;;
+esac
+case "$HOST" in
+    127.0.0.1 | localhost | ::1) ;;
+    *) [ "$AUTH" = basic ] || { echo "mlflow-server.sh: MLFLOW_HOST=$HOST serves other machines: set MLFLOW_AUTH=basic (and put TLS in front, infra/README.md), or keep 127.0.0.1" >&2; exit 2; } ;;
+esac
+
 command -v mlflow >/dev/null || { echo "mlflow-server.sh: mlflow not on PATH (activate the virtual environment)" >&2; exit 1; }
 
 mkdir -p "$DATA_DIR"
@@ -64,8 +91,41 @@ case "$ARTIFACTS" in *://*) ;; *) mkdir -p "$ARTIFACTS" ;; esac
 
 extra=()
 [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ] && extra+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
+if [ "$AUTH" = basic ]; then
+    PY="$(dirname "$(command -v mlflow)")/python"
+    [ -x "$PY" ] || PY=python3
+    "$PY" -c "import flask_wtf" 2>/dev/null \
+        || { echo "mlflow-server.sh: MLflow's basic-auth app needs Flask-WTF next to mlflow: pip install -e \".[team]\"" >&2; exit 1; }
+    PERMISSION="${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}"
+    case "$PERMISSION" in
+        READ | EDIT | MANAGE | NO_PERMISSIONS) ;;
+        *) echo "mlflow-server.sh: MLFLOW_AUTH_DEFAULT_PERMISSION=$PERMISSION unknown; valid: READ, EDIT, MANAGE, NO_PERMISSIONS" >&2; exit 2 ;;
+    esac
+    umask 077  # the auth config, the password file and the user store: this user only
+    if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
+        [ -s "$DATA_DIR/admin_password" ] \
+            || "$PY" -c 'import secrets; print(secrets.token_urlsafe(24), end="")' >"$DATA_DIR/admin_password"
+        MLFLOW_AUTH_ADMIN_PASSWORD="$(cat "$DATA_DIR/admin_password")"
+        echo "mlflow-server.sh: basic auth on; user admin, password in $DATA_DIR/admin_password" >&2
+    fi
+    cat >"$DATA_DIR/basic_auth.ini" <<EOF
+[mlflow]
+default_permission = $PERMISSION
+database_uri = sqlite:///$DATA_DIR/basic_auth.db
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
+    # the CSRF key of the app's forms: random, kept so restarts and workers share it
+    [ -s "$DATA_DIR/flask_secret_key" ] \
+        || "$PY" -c 'import secrets; print(secrets.token_hex(32), end="")' >"$DATA_DIR/flask_secret_key"
+    MLFLOW_FLASK_SERVER_SECRET_KEY="${MLFLOW_FLASK_SERVER_SECRET_KEY:-$(cat "$DATA_DIR/flask_secret_key")}"
+    # the password and key go through the environment, not a config file or the command line
+    export MLFLOW_AUTH_CONFIG_PATH="$DATA_DIR/basic_auth.ini" MLFLOW_AUTH_ADMIN_PASSWORD \
+        MLFLOW_FLASK_SERVER_SECRET_KEY
+    extra+=(--app-name basic-auth)
+fi
 
-echo "mlflow server on http://$HOST:$PORT (backend ${BACKEND%%://*}://..., artifacts $ARTIFACTS)" >&2
+echo "mlflow server on http://$HOST:$PORT${AUTH:+ (auth: $AUTH)} (backend ${BACKEND%%://*}://..., artifacts $ARTIFACTS)" >&2
 # exec: the server replaces this shell, so the PID of `infra/mlflow-server.sh &` is the
 # server's, and one `kill` stops it (uvicorn takes its worker processes with it).
 # The backend URL goes through the environment (`mlflow server` reads

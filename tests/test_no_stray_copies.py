@@ -131,3 +131,111 @@ def test_sharded_fisher_on_ray_leaves_no_shard_behind(params, tmp_path):
             assert stat.S_IMODE(token.stat().st_mode) == 0o600
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- MLflow server
+
+
+def _server_env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '')}",
+        MLFLOW_DATA_DIR=str(data_dir),
+        MLFLOW_WORKERS="1",
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        **extra,
+    )
+    return env
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.7", "::"])
+def test_the_mlflow_script_refuses_other_interfaces_without_auth(tmp_path, host):
+    script = REPO / "infra" / "mlflow-server.sh"
+    out = subprocess.run(
+        ["bash", str(script)],
+        env=_server_env(tmp_path / "mlflow", MLFLOW_HOST=host),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2
+    assert "MLFLOW_AUTH=basic" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mlflow").exists()  # refused before anything was written
+
+
+@pytest.mark.cluster
+def test_the_mlflow_server_with_basic_auth_needs_a_password(tmp_path):
+    """``MLFLOW_AUTH=basic infra/mlflow-server.sh`` on 127.0.0.1: 401 without credentials or
+    with a wrong password, 200 with the admin password it generated (a file only its user can
+    read); the MLflow client logs a run with MLFLOW_TRACKING_USERNAME/PASSWORD."""
+    import base64
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.conftest import free_port
+
+    pytest.importorskip("flask_wtf")
+    data_dir, port = tmp_path / "mlflow", free_port()
+    env = _server_env(data_dir, MLFLOW_AUTH="basic", MLFLOW_PORT=str(port))
+    proc = subprocess.Popen(
+        ["bash", str(REPO / "infra" / "mlflow-server.sh")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "server.log").open("w"),
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def status(path: str, password: str | None = None) -> int:
+        req = urllib.request.Request(base + path)
+        if password is not None:
+            token = base64.b64encode(f"admin:{password}".encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if status("/health") == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(1)
+        password_file = data_dir / "admin_password"
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        password = password_file.read_text()
+        api = "/api/2.0/mlflow/experiments/search?max_results=5"
+        assert status(api) == 401
+        assert status(api, "not-the-password") == 401
+        assert status(api, password) == 200
+        code = (
+            "import mlflow\n"
+            "with mlflow.start_run(experiment_id=mlflow.create_experiment('auth')) as r:\n"
+            "    mlflow.log_metric('m', 1.0)\n"
+            "print(mlflow.get_run(r.info.run_id).data.metrics['m'])"
+        )
+        client_env = {
+            **env,
+            "MLFLOW_TRACKING_URI": base,
+            "MLFLOW_TRACKING_USERNAME": "admin",
+            "MLFLOW_TRACKING_PASSWORD": password,
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env=client_env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "1.0", out.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
