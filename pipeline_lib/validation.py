@@ -286,8 +286,9 @@ def _image_data(modality: Any, params: Any) -> Iterator[Path]:
         raise ConfigError("data.path: the parquet source needs the path of the table")
     if path:
         resolved = params.resolve(path)
+        shown = repr(path) + ("" if str(resolved) == path else f" ({resolved})")
         if cfg.name == "parquet" and not resolved.is_file():
-            raise DataError(f"data.path: {path!r} ({resolved}) is not a file")
+            raise DataError(f"data.path: {shown} is not a file")
         if cfg.name == "fashion-mnist" and not resolved.is_dir():
             raise DataError(f"data.path: Fashion-MNIST directory {resolved} does not exist")
         cfg = replace(cfg, path=str(resolved))
@@ -352,10 +353,16 @@ def _check_request_id(modality: Any, root: Path, source: str, request: DeletionR
 def _check_text_requests(modality: Any, params: Any, requests: list) -> None:
     from pipeline_lib.data.text import PREPARED_DIR, prepare_corpus
 
+    def check(prepared: Path) -> None:
+        for source, req in requests:
+            try:
+                modality.check_request(req, str(prepared))
+            except RequestError as exc:
+                raise RequestError(f"{source}: {exc}") from None
+
     prepared = params.resolve(PREPARED_DIR)
     if (prepared / "meta.json").is_file():
-        for _, req in requests:
-            modality.check_request(req, str(prepared))
+        check(prepared)
         return
     with tempfile.TemporaryDirectory(prefix="unlearn-check-") as tmp:
         try:
@@ -363,8 +370,7 @@ def _check_text_requests(modality: Any, params: Any, requests: list) -> None:
                 prepare_corpus(params.text, Path(tmp) / "prepared")
         except (ValueError, OSError) as exc:
             raise DataError(f"text ({params.text.name}): {exc}") from None
-        for _, req in requests:
-            modality.check_request(req, str(Path(tmp) / "prepared"))
+        check(Path(tmp) / "prepared")
 
 
 # --------------------------------------------------------------------------- counts

@@ -280,6 +280,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> dict:
     )
     for name in ("example.yaml", "forget-play.yaml"):
         (root / "requests" / name).write_bytes((REPO / "requests" / name).read_bytes())
+    (root / "params-lm.yaml").write_bytes((REPO / "params-lm.yaml").read_bytes())
+    (root / "lm").mkdir()
+    (root / "lm" / "dvc.yaml").write_bytes((REPO / "lm" / "dvc.yaml").read_bytes())
     subprocess.run(
         [sys.executable, "-m", "dvc", "repro", "-q", "prepare"],
         cwd=root,
@@ -625,7 +628,33 @@ TABLE_CLI_CASES: list[Case] = [
     for name, edit, expected in TABLE_CASES
 ]
 
-BATTERY = SET_CASES + PARAMS_CASES + REQUEST_FILE_CASES + COUNT_CASES + TABLE_CLI_CASES
+LM = ["run", "--params", "params-lm.yaml"]
+LM_CASES: list[Case] = [  # the language-model pipeline: the corpus prepared in a temporary folder
+    _case(
+        "lm-unknown-group",
+        [*LM, "--request", "{tmp}/r.yaml"],
+        ("r.yaml", "unknown group", "nosuchplay"),
+        {"r.yaml": _req(forget="groups: [nosuchplay]")},
+    ),
+    _case(
+        "lm-unknown-document",
+        [*LM, "--request", "{tmp}/r.yaml"],
+        ("r.yaml", "unknown document id", "nosuch/1.1"),
+        {"r.yaml": _req(forget="sample_ids: [nosuch/1.1]")},
+    ),
+    _case(
+        "lm-id-of-tracked-file",
+        [*LM, "--request", "{tmp}/r.yaml"],
+        ("r.yaml", "requests/forget-play.yaml"),
+        {"r.yaml": _req("req-lm-macbeth-0001", "groups: [hamlet]")},
+    ),
+    _case("lm-lr-inf", [*LM, "--set", "train.lr=inf"], ("train.lr", "finite")),
+    _case("lm-heads", [*LM, "--set", "lm.n_head=3"], ("lm.n_embd", "multiple of lm.n_head")),
+    _case("lm-corpus-name", [*LM, "--set", "text.name=nope"], ("text.name", "nope")),
+    _case("lm-report-outside", [*LM, "--set", "evaluate.report_dir=../r"], ("outside",)),
+]
+
+BATTERY = SET_CASES + PARAMS_CASES + REQUEST_FILE_CASES + COUNT_CASES + TABLE_CLI_CASES + LM_CASES
 
 
 def test_the_battery_has_over_100_distinct_cases() -> None:
