@@ -25,6 +25,7 @@ What is checked beyond the typed sections themselves (:mod:`pipeline_lib.schema`
   whole forget set) and against the project: its id must not name another request (a
   request file under ``requests/`` or an earlier run directory ``runs/<modality>/<id>``
   with other content, or a directory that is not a request's);
+- the model section against the data (the model is built once on its sample shape);
 - the number of models a store would hold against the memory it would need.
 """
 
@@ -62,6 +63,7 @@ __all__ = [
     "check_inputs",
     "check_params",
     "check_params_file",
+    "check_model",
     "check_store_size",
     "data_variant_dir",
     "current_prepared",
@@ -416,6 +418,14 @@ def check_store_size(
     return need
 
 
+def check_model(model_cfg: Any, meta: dict) -> None:
+    """The model section fits the data: the model is built once on the data's sample shape
+    and class count (``model.vit_patch`` must divide the image side, a CNN needs images)."""
+    from pipeline_lib.models.image import build_model
+
+    build_model(model_cfg, tuple(meta["shape"]), int(meta["n_classes"]), seed=0)
+
+
 # --------------------------------------------------------------------------- all
 
 
@@ -454,4 +464,5 @@ def check_inputs(
                 raise RequestError(f"{source}: {exc}") from None
         if store is not None:
             check_store_size(store[0], store[1], index.meta, kernel=store[2])
+        check_model(params.model, index.meta)
         return {"prepared": index.meta}

@@ -376,6 +376,22 @@ SET_CASES: list[Case] = [
     _case("hidden-string", _run_set("model.hidden=wide"), ("model.hidden",)),
     _case("channels-negative", _run_set("model.channels=[16, -1]"), ("model.channels[1]",)),
     _case("model-name", _run_set("model.name=resnet"), ("resnet",)),
+    _case(
+        "vit-patch-on-8x8",
+        _run_set("model.name=vit", "model.vit_patch=3"),
+        ("model.vit_patch", "(1, 8, 8)"),
+    ),
+    _case(
+        "vit-heads",
+        _run_set("model.name=vit", "model.vit_patch=4", "model.vit_heads=3"),
+        ("model.vit_heads", "vit_dim=64"),
+    ),
+    _case(
+        "cnn-on-a-feature-table",
+        _run_set("model.name=cnn", "data.name=parquet", "data.path={tmp}/t.parquet"),
+        ("model.name", "cnn needs image inputs", "(3,)"),
+        {"t.parquet": _table_bytes(lambda cols: None)},
+    ),
     _case("data-name", _run_set("data.name=imagenet"), ("data.name", "imagenet")),
     _case("parquet-without-path", _run_set("data.name=parquet"), ("data.path",)),
     _case("parquet-nope", _run_set("data.name=parquet", "data.path=/nope"), ("data.path", "/nope")),
