@@ -537,7 +537,12 @@ def _print_request_lineage(out: dict[str, Any]) -> None:
                 else None,
             ),
             ("mlflow run", ml.get("run_id")),
-            ("mlflow ui", ml.get("ui_url")),
+            (
+                "mlflow ui",
+                f"{ml.get('ui_url')}  (served by `{ml['ui_command']}`)"
+                if ml.get("ui_command")
+                else ml.get("ui_url"),
+            ),
             (
                 "prefect flow run",
                 " ".join(v for v in (prefect.get("flow_run_id"), prefect.get("flow_run_url")) if v),

@@ -93,12 +93,31 @@ def reindex_forgotten(ledger: Ledger, model_name: str, tombs: pa.Table) -> int:
     )
 
 
-def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """:func:`tasks.tracking.ui_url`, imported when needed (tasks.tracking loads Prefect,
-    which ``unlearn lineage`` does not need otherwise)."""
-    from tasks.tracking import ui_url as _ui_url
+#: How MLflow 3.17's UI is told to open the model-training view. Read from its bundle
+#: (mlflow/server/js/build/static/js/main.*.js): the experiment kind that picks the view is
+#: derived from the global ``workflowType`` behind a feature flag hard-wired on, so the
+#: experiment tag ``mlflow.experimentKind`` (:data:`tasks.tracking.EXPERIMENT_KIND`) is not
+#: read for it; ``workflowType`` is the URL parameter (``genai`` | ``machine_learning``) or,
+#: without one, the browser's stored ``mlflow.workflowType`` (default ``genai``).
+UI_VIEW = "workflowType=machine_learning"
+#: Where ``mlflow ui`` serves a database or file store by default.
+LOCAL_UI = "http://127.0.0.1:5000"
 
-    return _ui_url(uri, experiment_id, run_id)
+
+def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page of an experiment (or one of its runs) in the model-training view:
+    on the tracking server of an ``http(s)://`` URI, else where ``mlflow ui`` serves the
+    store (:func:`ui_command`)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{base}/#/{page}?{UI_VIEW}"
+
+
+def ui_command(uri: str) -> str | None:
+    """The command that serves a UI for a database or file store (``None`` for a server)."""
+    return (
+        None if uri.startswith(("http://", "https://")) else f"mlflow ui --backend-store-uri {uri}"
+    )
 
 
 KLOM_SPLITS = ("forget", "retain", "validation")
@@ -208,6 +227,7 @@ def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str,
                 ("tracking URI", uri),
                 ("MLflow run", run_id),
                 ("MLflow UI", ui_url(uri, run.info.experiment_id, run_id)),
+                ("MLflow UI served by", ui_command(uri)),
             )
             if v
         },
@@ -281,6 +301,7 @@ def request_lineage(uri: str, ledger: Ledger, request_id: str) -> dict[str, Any]
                 "status": run.info.status,
                 "uri": uri,
                 "ui_url": ui_url(uri, run.info.experiment_id, run.info.run_id),
+                "ui_command": ui_command(uri),
             },
             "data_version": {
                 "prepared_md5": tags.get("dvc.prepared_md5"),

@@ -63,21 +63,11 @@ def client_for(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-#: Experiment tag that marks an experiment as model training for MLflow 3's UI. In MLflow
-#: 3.17 the UI's global "GenAI / Model training" switch (browser storage, default GenAI)
-#: decides the view when it is shown; the URL parameter ``workflowType=machine_learning``
-#: (see :func:`ui_url`) opens the model-training view whatever the browser remembers.
+#: Experiment tag that names an experiment's kind (model training) for MLflow 3. The UI of
+#: MLflow 3.17 does not choose its view from it: the view follows the URL parameter
+#: ``workflowType`` or, without one, the browser's stored choice (default GenAI). Links with
+#: ``workflowType=machine_learning``: :func:`tasks.lineage.ui_url`.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-
-
-def ui_url(uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
-    """The MLflow UI page of an experiment (or one run of it) in the model-training view,
-    for a tracking server (``http(s)://``); ``None`` for a database or file store, which has
-    no UI of its own (``mlflow ui --backend-store-uri <uri>`` serves one at localhost:5000)."""
-    if not uri.startswith(("http://", "https://")):
-        return None
-    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
-    return f"{uri.rstrip('/')}/#/{page}?workflowType=machine_learning"
 
 
 def _experiment_id(client: MlflowClient, name: str) -> str:

@@ -465,13 +465,34 @@ def test_purge_leaves_no_forgotten_row_anywhere(service, capsys):
 
 
 def test_ui_url_opens_the_model_training_view():
-    from tasks.tracking import ui_url
+    """MLflow 3.17's UI picks its view from the URL parameter workflowType (or the browser's
+    stored choice), not from the experiment tag: every link carries the parameter."""
+    import glob
+    import re
+
+    import mlflow
+
+    from tasks.lineage import UI_VIEW, ui_command, ui_url
 
     assert (
         ui_url("http://mlflow:5000/", "3", "abc")
         == "http://mlflow:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     )
-    assert ui_url("sqlite:///mlflow.db", "3") is None
+    assert ui_url("sqlite:///mlflow.db", "3") == (
+        "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning"
+    )
+    assert ui_command("sqlite:///mlflow.db") == "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    assert ui_command("https://mlflow.example") is None
+    # the installed UI reads the parameter by that name and knows that value
+    bundle = glob.glob(
+        str(
+            Path(mlflow.__file__).parent / "server" / "js" / "build" / "static" / "js" / "main.*.js"
+        )
+    )
+    if bundle:
+        text = Path(bundle[0]).read_text(errors="ignore")
+        name, value = UI_VIEW.split("=")
+        assert f'get("{name}")' in text and re.search(rf'"{value}"', text)
 
 
 def test_light_settings_match_the_full_params(tmp_path):
