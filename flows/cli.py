@@ -1143,17 +1143,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("httpx", "matplotlib", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from tasks import interruption
+
     try:
         if getattr(args, "params", None):
             from pipeline_lib.validation import check_params_file
 
             check_params_file(args.params)  # UTF-8 text, size limit (before any parsing)
-        return args.func(args)
+        with interruption.interruptible():  # SIGTERM/SIGINT: runs KILLED, Prefect API stopped
+            return args.func(args)
     except (ConfigError, RequestError, DataError, FileNotFoundError) as exc:
         # one line, whatever the message (a YAML parser's points at the column below)
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"unlearn: error: {message}", file=sys.stderr)
         return 2
+    except BaseException as exc:
+        if not interruption.is_interruption(exc):
+            raise
+        print(f"unlearn: {interruption.describe(exc)}; stopped", file=sys.stderr)
+        return interruption.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import ray
 
 from pipeline_lib.attribution.store import AttributionStore, StoreSpec, train_chunk
 from pipeline_lib.config import RayConfig
+from tasks import interruption
 from tasks.ray_local import init_local
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ def connect(cfg: RayConfig) -> str:
         else:
             # on 127.0.0.1 only, token file 0600 (tasks/ray_local.py)
             init_local(num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)
+        # ray.init replaced the SIGTERM handler (sys.exit): the CLI's closes runs as KILLED
+        interruption.reinstall()
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = sum(n.get("Resources", {}).get("CPU", 0) for n in nodes)
     return f"{len(nodes)} node(s), {cpus:g} CPU"

@@ -5,18 +5,24 @@ so the temporary Prefect API server that Prefect starts in a subprocess (when no
 ``PREFECT_API_URL`` is set) keeps listening, orphaned, and the open MLflow run is left as it
 was. With :func:`interruptible`:
 
-- SIGTERM raises :class:`Interrupted` and SIGINT ``KeyboardInterrupt`` in the main thread, so
-  the command unwinds like any failure: the flows close their MLflow runs (as KILLED, see
-  ``tasks.tracking.end_run``), Prefect marks the flow run crashed, and the interpreter exits
-  normally, which runs Prefect's own ``atexit`` handler that stops its temporary server, and
-  Ray's that stops a local Ray.
+- SIGTERM raises :class:`Interrupted` (a ``KeyboardInterrupt``) and SIGINT
+  ``KeyboardInterrupt`` in the main thread, so the command unwinds like any failure: the flows
+  close their MLflow runs (as KILLED, see ``tasks.tracking.end_run``), Prefect marks the flow
+  run crashed, and the interpreter exits normally, which runs Prefect's own ``atexit``
+  handler that stops its temporary server, and Ray's that stops a local Ray.
 - Runs this process started and nobody closed are closed as KILLED on the way out.
 - A second signal while that is under way stops the temporary server and exits at once.
 
+The signal is recorded before anything is raised, and that record (:func:`received`), not the
+exception's type, says the command was interrupted: ``ray.get``/``ray.wait`` re-raise a
+handler's exception as a plain ``KeyboardInterrupt`` (any other type as ``SystemError``),
+which is also why :class:`Interrupted` is a ``KeyboardInterrupt``.
+
 During a Prefect flow run Prefect installs its own SIGTERM handler (raising
 ``TerminationSignal``) and, after handling that, re-sends the signal to the handler it
-replaced, ours. ``ray.init`` replaces the SIGTERM handler with one that calls ``sys.exit``;
-``tasks.attribution.connect`` puts the previous one back.
+replaced, ours. ``ray.init`` replaces the SIGTERM handler with one that calls ``sys.exit``
+(and a ``TerminationSignal`` would not survive ``ray.get``): ``tasks.attribution.connect``
+calls :func:`reinstall` after it.
 
 Nothing here imports Prefect, Ray or MLflow: a command that never used them pays nothing.
 """
@@ -38,25 +44,48 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _received: list[int] = []
 
 
-class Interrupted(BaseException):
-    """The command was asked to stop (SIGTERM). A BaseException, like KeyboardInterrupt, so
-    that ``except Exception`` handlers do not swallow it."""
+class Interrupted(KeyboardInterrupt):
+    """The command was asked to stop (SIGTERM). A KeyboardInterrupt: ``except Exception``
+    handlers do not swallow it, and Ray and Prefect treat it as the interruption it is."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"interrupted by {signal.Signals(signum).name}")
         self.signum = signum
 
-    @property
-    def exit_code(self) -> int:
-        return 128 + self.signum
+
+def received() -> int | None:
+    """The first SIGTERM/SIGINT this process received under :func:`interruptible`, if any."""
+    return _received[0] if _received else None
 
 
-def exit_code(exc: BaseException) -> int:
+def is_interruption(exc: BaseException) -> bool:
+    """Whether ``exc`` ends the command because it was asked to stop: a signal was received
+    (whatever exception it turned into on its way up), or ``exc`` is a KeyboardInterrupt or
+    Prefect's TerminationSignal."""
+    return (
+        bool(_received)
+        or isinstance(exc, KeyboardInterrupt)
+        or (type(exc).__name__ == "TerminationSignal")
+    )
+
+
+def _signum(exc: BaseException | None) -> int:
+    if _received:
+        return _received[0]
+    if type(exc).__name__ == "TerminationSignal":
+        return signal.SIGTERM
+    return signal.SIGINT
+
+
+def exit_code(exc: BaseException | None = None) -> int:
     """The shell's exit code for an interruption: 128 + the signal number (SIGTERM 143,
     SIGINT 130)."""
-    if isinstance(exc, Interrupted):
-        return exc.exit_code
-    return 128 + (_received[0] if _received else signal.SIGINT)
+    return 128 + _signum(exc)
+
+
+def describe(exc: BaseException | None = None) -> str:
+    """``interrupted by SIGTERM`` (or the signal received)."""
+    return f"interrupted by {signal.Signals(_signum(exc)).name}"
 
 
 def stop_temporary_api() -> int:
@@ -96,6 +125,19 @@ def _handler(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+_installed: list[bool] = []
+
+
+def reinstall() -> None:
+    """Put this module's handlers back after a library replaced them (``ray.init`` does);
+    a no-op outside :func:`interruptible` or off the main thread."""
+    if not _installed:
+        return
+    with contextlib.suppress(ValueError):
+        for sig in SIGNALS:
+            signal.signal(sig, _handler)
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """Run a command with the handlers above (main thread only; elsewhere a no-op). An
@@ -109,12 +151,12 @@ def interruptible() -> Iterator[None]:
     except ValueError:  # not the main thread
         yield
         return
+    _installed.append(True)
     try:
         yield
-    except (Interrupted, KeyboardInterrupt):
-        if not _received:  # a KeyboardInterrupt raised by Python's own means
-            _received.append(signal.SIGINT)
-        closed = close_open_runs()
-        if closed:
-            log.warning("closed MLflow run(s) %s as KILLED", ", ".join(closed))
+    except BaseException as exc:
+        if is_interruption(exc):
+            closed = close_open_runs()
+            if closed:
+                log.warning("closed MLflow run(s) %s as KILLED", ", ".join(closed))
         raise
