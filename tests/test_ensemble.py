@@ -162,3 +162,65 @@ def test_train_step_flops_counts_linear_and_conv_layers():
     # CNN (4, 8) on 1×8×8: conv 1→4 at 8×8, pool, conv 4→8 at 4×4, pool, avgpool 2, Linear 32→10
     macs = 4 * 8 * 8 * (1 * 9) + 8 * 4 * 4 * (4 * 9) + 32 * 10
     assert train_step_flops(CNN, SHAPE, C, 5) == 2 * 3 * 5 * macs
+
+
+def test_returned_tensors_own_their_storage(tmp_path):
+    """The MLP path keeps all parameters in one flat buffer; what it returns must not alias
+    it (or each other): safetensors refuses shared storage, and callers may modify them."""
+    from safetensors.torch import load_file, save_file
+
+    X, y, masks = _data(torch.float32)
+    stacked = train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, ADAM)
+    ptrs = {t.untyped_storage().data_ptr() for t in stacked.values()}
+    assert len(ptrs) == len(stacked)
+    save_file(stacked, str(tmp_path / "w.safetensors"))
+    back = load_file(str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(back[n], stacked[n]) for n in stacked)
+
+
+# --------------------------------------------------------------------------- CUDA (marked gpu)
+# Tolerances on CUDA, parameters after 3 epochs (12 steps) against each model trained alone
+# by fit on the CPU: float64 1e-10 (the device path computes the same thing); float32 with
+# TF32 off 1e-4 (kernel rounding, amplified a little by Adam); TF32 on 5e-2 (10-bit
+# mantissa products: Adam's normalised steps can flip where a gradient is near zero).
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _tf32(on: bool) -> None:
+    torch.backends.cuda.matmul.allow_tf32 = on
+    torch.backends.cudnn.allow_tf32 = on
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+@pytest.mark.parametrize(
+    "dtype,tf32,atol",
+    [(torch.float64, False, 1e-10), (torch.float32, False, 1e-4), (torch.float32, True, 5e-2)],
+    ids=["float64", "float32", "tf32"],
+)
+def test_cuda_ensemble_matches_models_trained_alone_on_cpu(cfg, dtype, tf32, atol):
+    X, y, masks = _data(dtype)
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    _tf32(tf32)
+    try:
+        stacked = train_ensemble(
+            cfg, SHAPE, C, X, y, masks, SEEDS, ADAM, device=torch.device("cuda")
+        )
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    assert all(t.device.type == "cpu" for t in stacked.values())
+    _assert_matches_alone(stacked, _alone(cfg, X, y, masks, ADAM), atol=atol)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_compiled_generic_path_matches_eager():
+    X, y, masks = _data(torch.float32)
+    _tf32(False)
+    dev = torch.device("cuda")
+    eager = train_ensemble(CNN, SHAPE, C, X, y, masks, SEEDS, ADAM, device=dev)
+    compiled = train_ensemble(CNN, SHAPE, C, X, y, masks, SEEDS, ADAM, device=dev, compile=True)
+    for name in eager:
+        torch.testing.assert_close(compiled[name], eager[name], atol=1e-4, rtol=0)

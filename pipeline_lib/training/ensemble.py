@@ -4,9 +4,16 @@ Subset-model methods (datamodels, KLoM oracles, SISA-style shards) train many sm
 the same architecture on different subsets of one dataset. Training them one after another
 leaves a small model's step dominated by Python and kernel-launch overhead; here the K models'
 parameters are stacked along a leading model axis, (K, *param_shape), and one step runs all
-of them with batched kernels: the registry MLP by hand-batched ``baddbmm`` layers (the fast
-path, :func:`_mlp_forward`), any other architecture (the CNN) by ``torch.func.vmap`` over
-``torch.func.functional_call``.
+of them with batched kernels: the registry MLP by batched matrix products with a
+hand-written backward pass over one flat parameter tensor (the fast path, :class:`_MLPStep`,
+:class:`_FlatParams`), any other architecture (the CNN) by ``torch.func.vmap`` over
+``torch.func.functional_call`` and autograd (optionally ``torch.compile``-d).
+
+Devices: CPU or CUDA (``device``). On CUDA, float32 matrix products follow torch's global
+precision settings: with TF32 allowed (``torch.backends.cuda.matmul.allow_tf32``, cuDNN's
+``allow_tf32``; the Ray tasks set both from ``ray.tf32``) results differ from float32 by
+~1e-3 relative; with both off they agree with the CPU to float32 rounding. The test suite
+states both tolerances (tests/test_ensemble.py, the ``gpu`` tests).
 
 Equivalence (the contract): model k trained here equals, to float rounding,
 
@@ -22,11 +29,15 @@ because every ingredient of :func:`pipeline_lib.training.fit.fit` is reproduced 
 - loss: cross-entropy *mean over the model's own batch*. The ensemble minimises
   Σ_k mean_k, whose gradient with respect to model k's parameters is exactly that model's
   own gradient (the models share no parameters);
+- gradients: the MLP path computes by hand exactly the products autograd runs
+  (``(softmax − onehot)/b`` for the loss, ``g hᵀ``, ``Σ_b g`` and ``Wᵀ g`` per layer, the
+  ReLU mask), so model k's gradient is its own to rounding;
 - optimizer: the same ``torch.optim`` Adam/SGD with the hyper-parameters of
   :func:`pipeline_lib.training.fit._optimizer` (momentum, weight decay), here over the stacked
-  (K, ...) leaves. Both update rules are elementwise and their step counters advance
-  together for all models, so one optimizer over stacked leaves is K independent optimizers
-  (the fused kernel is used; it matches the unfused one to rounding).
+  (K, ...) leaves (the MLP: one flat leaf holding all of them). Both update rules are
+  elementwise and their step counters advance together for all models, so one optimizer
+  over stacked leaves is K independent optimizers (the fused kernel is used; it matches the
+  unfused one to rounding).
 
 :func:`train_ensemble_reference` is the slow, obviously-correct path (a Python loop of
 ``fit``) and :func:`ensemble_logits_reference` that of :func:`ensemble_logits`
@@ -39,7 +50,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from torch import nn
@@ -123,26 +135,105 @@ def _mlp_plan(base: nn.Module) -> list[tuple[str, str, bool]] | None:
     return [(w, b, relu) for w, b, relu in plan]
 
 
-def _mlp_forward(plan: list[tuple[str, str, bool]]) -> _Forward:
-    """Hand-batched MLP: f(params {name: (K, ...)}, x (K, B, *shape)) -> logits (K, C, B).
+class _FlatParams:
+    """The K models' parameters in ONE flat tensor, their gradients in another, and a
+    (K, *param_shape) view of each per parameter name.
 
-    Activations are kept feature-major, (K, features, B), so each layer is one
-    ``baddbmm(bias, W (K, out, in), h (K, in, B))``: the weight gradient g @ hᵀ then comes
-    out (K, out, in)-contiguous like the parameter and autograd accumulates it without a
-    copy (the batch-major x @ Wᵀ form, which is what vmap over ``nn.Linear`` runs, yields a
-    transposed gradient that costs a full copy of every weight per step), and the bias add
-    happens inside the same call (beta = 1).
+    One optimizer over the single flat leaf runs one fused kernel per step over every
+    parameter of every model (Adam and SGD are elementwise, so this is the same update as
+    per-parameter optimizers), and gradients are written straight into their views.
     """
 
-    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        h = x.flatten(2).transpose(1, 2)  # (K, D, B)
-        for w, b, relu in plan:
-            h = torch.baddbmm(params[b].unsqueeze(-1), params[w], h)
-            if relu:
-                h = h.relu_()  # in place: baddbmm's backward does not need its output
-        return h
+    def __init__(self, stacked: dict[str, torch.Tensor]) -> None:
+        first = next(iter(stacked.values()))
+        total = sum(t.numel() for t in stacked.values())
+        self.data = torch.empty(total, dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros_like(self.data)
+        self.data.grad = self.grad
+        self.views: dict[str, torch.Tensor] = {}
+        self.grads: dict[str, torch.Tensor] = {}
+        offset = 0
+        for name, t in stacked.items():
+            n = t.numel()
+            self.views[name] = self.data[offset : offset + n].view(t.shape)
+            self.views[name].copy_(t.detach())
+            self.grads[name] = self.grad[offset : offset + n].view(t.shape)
+            offset += n
 
-    return forward
+    def state(self) -> dict[str, torch.Tensor]:
+        """Name -> (K, ...) copies on CPU (own storage: safe to save or modify)."""
+        return {name: v.detach().to("cpu", copy=True) for name, v in self.views.items()}
+
+
+class _MLPStep:
+    """One training step of K registry MLPs with a hand-written backward pass (no autograd).
+
+    Activations are kept feature-major, (K, features, B), so each layer is one
+    ``baddbmm(bias, W (K, out, in), h (K, in, B))`` with the bias add inside the call, and
+    the backward pass is, per layer from the last: the ReLU mask
+    (``threshold_backward``, in place: autograd's own ReLU backward), the weight gradient
+    ``g @ hᵀ`` written by ``bmm(out=)`` straight into the flat gradient buffer in the
+    parameter's (K, out, in) layout, the bias gradient ``g.sum(-1, out=)``, and the input
+    gradient ``Wᵀ @ g`` (skipped for the first layer). The loss gradient is
+    ``(softmax − onehot) / b``, autograd's log-softmax/NLL backward for a per-model mean.
+    The same operations autograd runs, minus its bookkeeping, its temporaries and its
+    separate passes (gradient accumulation, transposed copies): per layer three batched
+    matrix products and three cheap element-wise passes. Activation and gradient buffers
+    are allocated once per batch size and reused.
+    """
+
+    def __init__(self, plan: list[tuple[str, str, bool]], flat: _FlatParams) -> None:
+        self.layers = [
+            (flat.views[w], flat.views[b].unsqueeze(-1), flat.grads[w], flat.grads[b], relu)
+            for w, b, relu in plan
+        ]
+        first = self.layers[0][0]
+        self.k, self.in_dim = first.shape[0], first.shape[2]
+        self.dtype, self.device = first.dtype, first.device
+        self._buffers: dict[int, tuple] = {}
+
+    def _buffers_for(self, b: int) -> tuple:
+        if b not in self._buffers:
+            opts = dict(dtype=self.dtype, device=self.device)
+            x = torch.empty(self.k * b, self.in_dim, **opts)
+            acts = [torch.empty(self.k, w.shape[1], b, **opts) for w, *_ in self.layers]
+            grads = [torch.empty_like(a) for a in acts[:-1]]
+            minus_one = torch.full((self.k, 1, b), -1.0, **opts)
+            self._buffers[b] = (x, acts, grads, minus_one)
+        return self._buffers[b]
+
+    def __call__(self, X2: torch.Tensor, y: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of every model on its batch; gradients land in the flat
+        buffer. ``X2`` (N, D) inputs, ``y`` (N,) labels, ``rows`` (K, b) each model's batch
+        rows. Returns the summed (not averaged) loss over the K·b samples, a 0-dim tensor."""
+        k, b = rows.shape
+        x, acts, grads, minus_one = self._buffers_for(b)
+        flat_rows = rows.reshape(-1)
+        torch.index_select(X2, 0, flat_rows, out=x)
+        x = x.view(k, b, self.in_dim)
+        yb = y.index_select(0, flat_rows).view(k, 1, b)
+        h = x.transpose(1, 2)  # (K, D, b): a view; batched GEMMs read it transposed
+        inputs = []
+        for (w, bias, _, _, relu), out in zip(self.layers, acts, strict=True):
+            inputs.append(h)
+            torch.baddbmm(bias, w, h, out=out)
+            if relu:
+                out.relu_()
+            h = out
+        logp = h.log_softmax(1)  # (K, C, b)
+        loss = logp.gather(1, yb).sum().neg()
+        g = logp.exp_()
+        g.scatter_add_(1, yb, minus_one)
+        g.mul_(1.0 / b)
+        for i in range(len(self.layers) - 1, -1, -1):
+            w, _, gw, gb, relu = self.layers[i]
+            if relu:  # gradient w.r.t. the pre-activation: zero where the ReLU was off
+                torch.ops.aten.threshold_backward.grad_input(g, acts[i], 0, grad_input=g)
+            torch.bmm(g, inputs[i].transpose(1, 2), out=gw)
+            torch.sum(g, dim=-1, out=gb)
+            if i > 0:
+                g = torch.bmm(w.transpose(1, 2), g, out=grads[i - 1])
+        return loss
 
 
 def _vmap_forward(base: nn.Module) -> _Forward:
@@ -164,6 +255,41 @@ def _epoch_orders(gens: list[torch.Generator], n: int) -> torch.Tensor:
     return torch.stack([torch.randperm(n, generator=g) for g in gens])
 
 
+def _epoch_rows(
+    masks: torch.Tensor, seeds: Sequence[int], n: int, epochs: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """Each epoch's (K, n) rows of X on ``device``: model k's subset in the order of its
+    epoch permutation, drawn on the CPU from its own generator exactly as :func:`fit` does.
+
+    On an accelerator the next epoch's permutations are drawn by a helper thread (torch
+    releases the GIL) while the device trains on the current one, and travel as int32
+    through pinned memory; on the CPU they are drawn in line (a thread would only take a
+    core from the training).
+    """
+    k = masks.shape[0]
+    # masks.nonzero() is row-major, so row k's columns come out ascending: the same order as
+    # X[masks[k]] in the reference, which each epoch's permutation then indexes into.
+    subset = masks.cpu().nonzero()[:, 1].view(k, n)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if device.type == "cpu":
+        for _ in range(epochs):
+            yield subset.gather(1, _epoch_orders(gens, n))
+        return
+    small = subset.to(torch.int32) if masks.shape[1] < 2**31 else subset
+
+    def draw() -> torch.Tensor:
+        rows = small.gather(1, _epoch_orders(gens, n))
+        return rows.pin_memory() if torch.cuda.is_available() else rows
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(draw)
+        for epoch in range(epochs):
+            rows = pending.result()
+            if epoch + 1 < epochs:
+                pending = pool.submit(draw)
+            yield rows.to(device, non_blocking=True).long()
+
+
 # --------------------------------------------------------------------------- fast path
 
 
@@ -177,6 +303,7 @@ def train_ensemble(
     seeds: Sequence[int],
     settings: FitSettings,
     device: torch.device | None = None,
+    compile: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Train K models at once; model k sees only ``X[masks[k]]``.
 
@@ -188,6 +315,9 @@ def train_ensemble(
             by ``torch.Generator().manual_seed(seeds[k])``, exactly as :func:`fit` does.
         settings: epochs, batch size, optimizer; shared by all models.
         device: where to train (default CPU).
+        compile: ``torch.compile`` the forward and loss of the generic (non-MLP) path, so
+            its element-wise work is fused (same results to float rounding). Meant for
+            accelerators: compiling takes minutes on a small CPU. The MLP path ignores it.
 
     Returns:
         Stacked state dict on CPU: parameter name -> (K, *param_shape); ``unstack(sd, k)``
@@ -210,34 +340,51 @@ def train_ensemble(
     base = copy.deepcopy(models[0]).to("meta")
     del models
     plan = _mlp_plan(base)
-    forward = _mlp_forward(plan) if plan is not None else _vmap_forward(base)
-    opt = _stacked_optimizer(list(params.values()), settings)
-
     Xd = X.to(device, dtype)
     yd = y.to(device)
-    # masks.nonzero() is row-major, so row k's columns come out ascending: the same order as
-    # X[masks[k]] in the reference, which each epoch's permutation then indexes into.
-    subset = masks.cpu().nonzero()[:, 1].view(k, n)  # (K, n), on CPU like the permutations
-    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    if plan is not None:  # registry MLP: hand-written backward over one flat parameter tensor
+        flat = _FlatParams(params)
+        del params
+        opt = _stacked_optimizer([flat.data], settings)
+        mlp_step = _MLPStep(plan, flat)
+        X2 = Xd.reshape(len(Xd), -1)
+
+        def step(rows: torch.Tensor) -> torch.Tensor:
+            return mlp_step(X2, yd, rows)
+
+        state = flat.state
+    else:  # any other architecture: vmap over functional_call, autograd
+        forward = _vmap_forward(base)
+        opt = _stacked_optimizer(list(params.values()), settings)
+
+        def summed_loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+            return nn.functional.cross_entropy(forward(p, xb), yb, reduction="sum")
+
+        loss_of = torch.compile(summed_loss) if compile else summed_loss
+
+        def step(rows: torch.Tensor) -> torch.Tensor:
+            b = rows.shape[1]
+            # one gather of all K batches; index_select is ~4x faster than Xd[rows] on CPU
+            flat_rows = rows.reshape(-1)
+            xb = Xd.index_select(0, flat_rows).view(k, b, *Xd.shape[1:])  # (K, b, *shape)
+            yb = yd.index_select(0, flat_rows).view(k, b)  # (K, b)
+            opt.zero_grad(set_to_none=True)
+            # Σ_k mean_k: the gradient for model k is its own mean-loss gradient
+            loss = loss_of(params, xb, yb)
+            (loss / b).backward()
+            return loss.detach()
+
+        def state() -> dict[str, torch.Tensor]:
+            return {name: p.detach().cpu() for name, p in params.items()}
+
     bs = settings.batch_size
     t0 = time.perf_counter()
-    for epoch in range(settings.epochs):
-        idx = subset.gather(1, _epoch_orders(gens, n)).to(device)  # (K, n) rows of X
+    for epoch, idx in enumerate(_epoch_rows(masks, seeds, n, settings.epochs, device)):
         total = torch.zeros((), dtype=dtype, device=device)
         for start in range(0, n, bs):
-            ib = idx[:, start : start + bs]  # (K, b); b < bs for the last partial batch
-            b = ib.shape[1]
-            # one gather of all K batches; index_select is ~4x faster than Xd[ib] on CPU
-            flat = ib.reshape(-1)
-            xb = Xd.index_select(0, flat).view(k, b, *Xd.shape[1:])  # (K, b, *shape)
-            yb = yd.index_select(0, flat).view(k, b)  # (K, b)
-            opt.zero_grad(set_to_none=True)
-            logits = forward(params, xb)  # (K, C, b)
-            # Σ_k mean_k: the gradient for model k is its own mean-loss gradient
-            loss = nn.functional.cross_entropy(logits, yb, reduction="sum") / b
-            loss.backward()
+            # (K, b) rows of X; b < bs for the last partial batch
+            total += step(idx[:, start : start + bs])
             opt.step()
-            total += loss.detach() * b
         log.info(
             "epoch %d/%d mean loss over %d models %.4f (%.1fs)",
             epoch + 1,
@@ -246,7 +393,7 @@ def train_ensemble(
             float(total) / (n * k),
             time.perf_counter() - t0,
         )
-    return {name: p.detach().cpu() for name, p in params.items()}
+    return state()
 
 
 @torch.no_grad()
@@ -257,11 +404,14 @@ def ensemble_logits(
     stacked: dict[str, torch.Tensor],
     X: torch.Tensor,
     batch_size: int = 1024,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Logits (K, T, n_classes) on CPU of every model for X (T, *shape); eval mode, no grad.
 
-    Runs on the device of ``stacked``; X is cast to its dtype.
+    Runs on ``device`` (default: the device of ``stacked``); X is cast to its dtype.
     """
+    if device is not None:
+        stacked = {name: t.to(device) for name, t in stacked.items()}
     first = next(iter(stacked.values()))
     k, device, dtype = first.shape[0], first.device, first.dtype
     base = build_model(model_cfg, shape, n_classes, 0).to("meta", dtype).eval()
