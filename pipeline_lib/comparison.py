@@ -115,15 +115,18 @@ def unlearn_one(
     seed: int,
     match: MatchTargets | None = None,
     mia: tuple[float, int, int] = (3.0, 5, 0),
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
     """Unlearn one original (``state``) with ``method_name``; return its margins on all T
     targets (float32), metrics, seconds (method + Fisher statistics + target computation)
-    and the method's info. ``match`` carries precomputed targets for output matching."""
+    and the method's info. ``match`` carries precomputed targets for output matching.
+    ``device``: where the method and its statistics compute (default CPU)."""
+    device = device or torch.device("cpu")
     method = get_method(method_name)
     shape = tuple(problem.X.shape[1:])
     model = build_model(model_cfg, shape, problem.n_classes, seed=0)
     model.load_state_dict(dict(state))
-    model.eval()
+    model.to(device).eval()
     f, r = torch.from_numpy(problem.forget), torch.from_numpy(problem.retain)
     t0 = time.perf_counter()
     fisher_f = fisher_r = None
@@ -150,6 +153,7 @@ def unlearn_one(
         train=train_cfg,
         fisher_forget=fisher_f,
         fisher_retain=fisher_r,
+        device=device,
         match=match,
     )
     params = unlearn_cfg.method_params(method_name)

@@ -23,6 +23,7 @@ from pipeline_lib.attribution.store import AttributionStore, StoreSpec, train_ch
 from pipeline_lib.config import RayConfig
 from tasks import interruption
 from tasks.ray_local import init_local
+from tasks.ray_resources import check_gpus, task_device, task_options, task_slots
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,26 @@ def connect(cfg: RayConfig) -> str:
 
 @ray.remote
 def _train_chunk_remote(
-    spec: dict[str, Any], start: int, stop: int, X, y, targets_X, base_mask, threads: int
+    spec: dict[str, Any],
+    start: int,
+    stop: int,
+    X,
+    y,
+    targets_X,
+    base_mask,
+    threads: int,
+    gpus: float = 0.0,
+    tf32: bool = False,
 ):
     import torch
 
     torch.set_num_threads(threads)
+    device = task_device(gpus, tf32)
     t0 = time.perf_counter()
-    out = train_chunk(StoreSpec(**spec), start, stop, X, y, targets_X, base_mask)
+    out = train_chunk(StoreSpec(**spec), start, stop, X, y, targets_X, base_mask, device=device)
     out["task_seconds"] = time.perf_counter() - t0
     out["node_id"] = ray.get_runtime_context().get_node_id()
+    out["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return out
 
 
@@ -78,10 +90,12 @@ def run_store(
         on_chunk(done, total, {})
     if not pending:
         return {"wall_seconds": 0.0, "models_trained": 0, "chunks": [], "overhead_fraction": 0.0}
+    check_gpus(cfg)
     spec = asdict(store.spec)
     refs = [ray.put(a) for a in (X, y, targets_X, base_mask)]
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
-    remote = _train_chunk_remote.options(num_cpus=cfg.cpus_per_task)
+    slots = task_slots(cfg)
+    remote = _train_chunk_remote.options(**task_options(cfg))
+    extra = (cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32)
     queue = list(pending)
     in_flight: dict[Any, tuple[int, int]] = {}
     chunks = []
@@ -89,13 +103,18 @@ def run_store(
     while queue or in_flight:
         while queue and len(in_flight) < 2 * slots:  # keep every slot busy, bound memory
             start, stop = queue.pop(0)
-            in_flight[remote.remote(spec, start, stop, *refs, cfg.cpus_per_task)] = (start, stop)
+            in_flight[remote.remote(spec, start, stop, *refs, *extra)] = (start, stop)
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             in_flight.pop(ref)
             result = ray.get(ref)
             meta = store.write_chunk(
-                result, {"node_id": result["node_id"], "task_seconds": result["task_seconds"]}
+                result,
+                {
+                    "node_id": result["node_id"],
+                    "task_seconds": result["task_seconds"],
+                    "device": result["device"],
+                },
             )
             chunks.append(meta)
             done += result["stop"] - result["start"]

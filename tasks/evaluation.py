@@ -33,13 +33,22 @@ from pipeline_lib.config import (
 )
 from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import load_manifests
+from tasks.ray_resources import check_gpus, task_device, task_options, task_slots
 
 
 @ray.remote
-def _unlearn_remote(job: dict[str, Any], problem: Problem, cfg: dict[str, Any], threads: int):
+def _unlearn_remote(
+    job: dict[str, Any],
+    problem: Problem,
+    cfg: dict[str, Any],
+    threads: int,
+    gpus: float = 0.0,
+    tf32: bool = False,
+):
     import torch
 
     torch.set_num_threads(threads)
+    device = task_device(gpus, tf32)
     out = unlearn_one(
         job["method"],
         job["state"],
@@ -51,6 +60,7 @@ def _unlearn_remote(job: dict[str, Any], problem: Problem, cfg: dict[str, Any], 
         job["seed"],
         job.get("match"),
         tuple(cfg["mia"]),
+        device=device,
     )
     out["model_id"] = job["model_id"]
     return out
@@ -58,7 +68,12 @@ def _unlearn_remote(job: dict[str, Any], problem: Problem, cfg: dict[str, Any], 
 
 @ray.remote
 def _retrain_seconds_remote(
-    problem: Problem, cfg: dict[str, Any], seed: int, threads: int
+    problem: Problem,
+    cfg: dict[str, Any],
+    seed: int,
+    threads: int,
+    gpus: float = 0.0,
+    tf32: bool = False,
 ) -> float:
     """Seconds to train one model from scratch on R with the single-model trainer — the
     denominator of every 'time ÷ retrain' ratio (what a user would otherwise run)."""
@@ -68,6 +83,7 @@ def _retrain_seconds_remote(
     from pipeline_lib.training.fit import FitSettings, fit
 
     torch.set_num_threads(threads)
+    device = task_device(gpus, tf32)
     t = parse_section(TrainConfig, cfg["train"], "train")
     model = build_model(
         parse_section(ModelConfig, cfg["model"], "model"),
@@ -83,7 +99,14 @@ def _retrain_seconds_remote(
         problem.n_classes,
         seed,
     )
-    fit(warm, problem.X[r[:128]], problem.y[r[:128]], FitSettings(1, t.batch_size, t.lr), seed)
+    fit(
+        warm,
+        problem.X[r[:128]],
+        problem.y[r[:128]],
+        FitSettings(1, t.batch_size, t.lr),
+        seed,
+        device=device,
+    )
     t0 = time.perf_counter()
     fit(
         model,
@@ -91,7 +114,10 @@ def _retrain_seconds_remote(
         problem.y[r],
         FitSettings(t.epochs, t.batch_size, t.lr, t.optimizer, t.weight_decay, t.momentum),
         seed,
+        device=device,
     )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -105,8 +131,10 @@ def run_jobs(
     """Run every job (method, model_id, state, seed, match) on Ray; results in job order."""
     problem_ref = ray.put(problem)
     cfg_ref = ray.put(cfg)
-    remote = _unlearn_remote.options(num_cpus=ray_cfg.cpus_per_task)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // ray_cfg.cpus_per_task))
+    check_gpus(ray_cfg)
+    remote = _unlearn_remote.options(**task_options(ray_cfg))
+    slots = task_slots(ray_cfg)
+    extra = (ray_cfg.cpus_per_task, ray_cfg.gpus_per_task, ray_cfg.tf32)
     queue = list(enumerate(jobs))
     in_flight: dict[Any, int] = {}
     results: list[dict[str, Any] | None] = [None] * len(jobs)
@@ -114,7 +142,7 @@ def run_jobs(
     while queue or in_flight:
         while queue and len(in_flight) < 2 * slots:
             i, job = queue.pop(0)
-            in_flight[remote.remote(job, problem_ref, cfg_ref, ray_cfg.cpus_per_task)] = i
+            in_flight[remote.remote(job, problem_ref, cfg_ref, *extra)] = i
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         for ref in ready:
             results[in_flight.pop(ref)] = ray.get(ref)
@@ -129,9 +157,11 @@ def retrain_seconds(
 ) -> list[float]:
     """Time single-model retrainings on R, one per CPU slot, all at once: the same
     conditions as the unlearning tasks, which also fill every slot."""
-    remote = _retrain_seconds_remote.options(num_cpus=ray_cfg.cpus_per_task)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // ray_cfg.cpus_per_task))
-    refs = [remote.remote(problem, cfg, seed + i, ray_cfg.cpus_per_task) for i in range(slots)]
+    check_gpus(ray_cfg)
+    remote = _retrain_seconds_remote.options(**task_options(ray_cfg))
+    slots = task_slots(ray_cfg)
+    extra = (ray_cfg.cpus_per_task, ray_cfg.gpus_per_task, ray_cfg.tf32)
+    refs = [remote.remote(problem, cfg, seed + i, *extra) for i in range(slots)]
     return [float(s) for s in ray.get(refs)]
 
 

@@ -4,7 +4,8 @@ driver reduces them in shard order.
 
 Connection as for the attribution store (:func:`tasks.attribution.connect`: a local Ray, or
 ``ray.address`` / ``RAY_ADDRESS``). Each task runs torch with as many threads as the CPUs it
-declares (``ray.cpus_per_task``). Shards are read by path, so on a multi-node cluster the
+declares (``ray.cpus_per_task``), on CUDA when it asks for GPUs (``ray.gpus_per_task``,
+:mod:`tasks.ray_resources`). Shards are read by path, so on a multi-node cluster the
 stats directory must be on storage every node sees.
 """
 
@@ -21,6 +22,7 @@ import torch
 from pipeline_lib.config import ModelConfig, RayConfig, parse_section
 from pipeline_lib.models.image import build_model
 from tasks.attribution import connect
+from tasks.ray_resources import check_gpus, task_device, task_options, task_slots
 
 __all__ = ["connect", "run_shards"]
 
@@ -37,13 +39,17 @@ def _shard_remote(
     shard: str,
     options: dict[str, Any],
     threads: int,
+    gpus: float = 0.0,
+    tf32: bool = False,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
+    device = task_device(gpus, tf32)
     t0 = time.perf_counter()
     dtype = DTYPES[options.get("dtype", "float32")]
     # cast before loading so float64 weights stay float64
     model = build_model(parse_section(ModelConfig, model_cfg), shape, n_classes, seed=0).to(dtype)
     model.load_state_dict(state)
+    model.to(device)
     model.eval()
     if kind == "fisher":
         from pipeline_lib.stats.store import fisher_shard_sums
@@ -58,7 +64,7 @@ def _shard_remote(
     else:
         raise ValueError(f"unknown statistic {kind!r}; valid: fisher, activations")
     return {
-        "sums": sums,
+        "sums": {k: v.cpu() for k, v in sums.items()},
         "n": n,
         "seconds": time.perf_counter() - t0,
         "node_id": ray.get_runtime_context().get_node_id(),
@@ -79,10 +85,11 @@ def run_shards(
     """Run one task per shard with at most ``workers`` in flight (default: every CPU slot);
     returns ``parts`` (list of (sums, n) in shard order) and timing."""
     connect(cfg)
-    slots = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.cpus_per_task))
+    check_gpus(cfg)
+    slots = task_slots(cfg)
     limit = workers or slots
     state_ref = ray.put({k: v.detach().cpu() for k, v in state.items()})
-    remote = _shard_remote.options(num_cpus=cfg.cpus_per_task)
+    remote = _shard_remote.options(**task_options(cfg))
     queue = list(enumerate(shards))
     in_flight: dict[Any, int] = {}
     results: dict[int, dict[str, Any]] = {}
@@ -99,6 +106,8 @@ def run_shards(
                 str(shard),
                 options,
                 cfg.cpus_per_task,
+                cfg.gpus_per_task,
+                cfg.tf32,
             )
             in_flight[ref] = i
         ready, _ = ray.wait(list(in_flight), num_returns=1)

@@ -154,9 +154,11 @@ def train_chunk(
     y: np.ndarray,
     targets_X: np.ndarray,
     base_mask: np.ndarray | None = None,
+    device: torch.device | None = None,
 ) -> dict[str, Any]:
-    """Train models [start, stop) with the ensemble trainer; return their masks (bool),
-    seeds, outputs on the targets (K, T, C) and the seconds spent inside the trainer."""
+    """Train models [start, stop) with the ensemble trainer on ``device`` (default CPU);
+    return their masks (bool), seeds, outputs on the targets (K, T, C) and the seconds
+    spent inside the trainer."""
     from pipeline_lib.training.ensemble import ensemble_logits, train_ensemble
 
     masks = chunk_masks(spec, start, stop, base_mask)
@@ -171,10 +173,15 @@ def train_chunk(
     # Arrays from Ray's object store are read-only: copy before torch may write.
     Xt, yt = torch.from_numpy(np.array(X)), torch.from_numpy(np.array(y))
     stacked = train_ensemble(
-        model_cfg, shape, n_classes, Xt, yt, torch.from_numpy(masks), seeds, settings
+        model_cfg, shape, n_classes, Xt, yt, torch.from_numpy(masks), seeds, settings, device
     )
     outputs = ensemble_logits(
-        model_cfg, shape, n_classes, stacked, torch.from_numpy(np.array(targets_X))
+        model_cfg,
+        shape,
+        n_classes,
+        stacked,
+        torch.from_numpy(np.array(targets_X)),
+        device=device,
     )
     seconds = time.perf_counter() - t0
     out = {

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pipeline_lib.schema import Bool, Field, Float, Hint, Int, Str, section
+from pydantic import model_validator
+
+from pipeline_lib.schema import Bool, ConfigError, Field, Float, Hint, Int, Str, section
 
 
 @section("request")
@@ -108,6 +110,24 @@ class RayConfig:
     num_cpus: Int | None = Field(None, gt=0)
     #: CPUs per chunk task; torch in the task uses that many threads.
     cpus_per_task: Int = Field(1, gt=0)
+    #: GPUs per task of the attribution, oracle and originals stores, the sharded statistics
+    #: and the comparison's unlearning jobs; > 0 runs them on CUDA. A fraction packs several
+    #: tasks on one card (0.25: four); above 1 it must be a whole number. 0: CPU only.
+    gpus_per_task: Float = Field(0.0, ge=0)
+    #: GPU tasks may let float32 matrix products and convolutions use TF32 tensor cores
+    #: (faster; results then differ from float32 by ~1e-3 relative). false: full float32,
+    #: cuDNN's TF32 default included.
+    tf32: Bool = False
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self) -> RayConfig:
+        g = self.gpus_per_task
+        if g > 1 and g != int(g):
+            raise ConfigError(
+                f"must be a fraction of one GPU or a whole number of GPUs, got {g:g}",
+                key="gpus_per_task",
+            )
+        return self
 
 
 @section("stats")
