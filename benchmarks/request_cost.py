@@ -65,9 +65,12 @@ def load(name: str, max_train: int | None, seed: int):
 
 
 def timed(fn, *a, **k):
-    t0 = time.perf_counter()
+    """(result, (wall seconds, CPU seconds of this process)). The CPU seconds are what the 2
+    shared cores distort least: other jobs inflate the wall time of both sides of a ratio
+    unevenly; with one torch thread (``--threads 1``) the CPU time is the work done."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*a, **k)
-    return out, time.perf_counter() - t0
+    return out, np.array([time.perf_counter() - t0, time.process_time() - c0])
 
 
 def one_seed(s, args, params, settings, model_cfg, add, extra):
@@ -83,18 +86,14 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
     shape = raw.X.shape[1:]
     factory = lambda seed: build_model(model_cfg, shape, raw.n_classes, seed)  # noqa: E731
     original = fit(factory(s), dX, dy, settings, s)
-    oracle, retrain_s = timed(fit, factory(s + 100), rX, ry, settings, s + 100)
+    oracle, retrain = timed(fit, factory(s + 100), rX, ry, settings, s + 100)
     splits = EvalSplits(fX, fy, rX, ry, teX, tey)
-    add("original", original, 0.0, retrain_s, splits, s)
-    add("retrain (oracle)", oracle, retrain_s, retrain_s, splits, s)
+    add("original", original, None, retrain, splits, s)
+    add("retrain (oracle)", oracle, retrain, retrain, splits, s)
     opts = {"kind": fk.kind, "batch_size": fk.batch_size, "seed": fk.seed}
 
-    # today: I_F and I_R over R, per request
-    IF, f_s = timed(fisher_diagonal, original, fX, fy, **opts, sample_ids=ids(f_idx))
-    IR, r_s = timed(fisher_diagonal, original, rX, ry, **opts, sample_ids=ids(r_idx))
-    today_s = f_s + r_s
-    # amortised: Σ_D once; per request Σ_F and one subtraction
-    (full, n), full_s = timed(
+    # amortised: Σ_D once (not per request); per request Σ_F and one subtraction
+    (full, n), full_t = timed(
         fisher_diagonal_sum,
         original,
         dX,
@@ -103,35 +102,45 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
         sample_ids=ids(tr),
         sum_dtype=torch.float64,
     )
-    t0 = time.perf_counter()
-    sf, nf = fisher_diagonal_sum(
-        original, fX, fy, **opts, sample_ids=ids(f_idx), sum_dtype=torch.float64
-    )
-    IF_a = {k: (v / nf).float() for k, v in sf.items()}
-    IR_a = {k: v.float() for k, v in retain_from_full(full, n, sf, nf).items()}
-    amort_req_s = time.perf_counter() - t0
-    err = max(float(((IR_a[k] - IR[k]).abs() / (IR[k].abs().max() + 1e-30)).max()) for k in IR)
-    # batch_squared, per request (SSD's importance)
-    bopts = {**opts, "kind": "batch_squared"}
-    (IF_b, IR_b), b_s = timed(
-        lambda: (
-            fisher_diagonal(original, fX, fy, **bopts),
-            fisher_diagonal(original, rX, ry, **bopts),
-        )
-    )
-    extra.setdefault("retrain_s", []).append(retrain_s)
-    extra.setdefault("today_stats_s", []).append(today_s)
-    extra.setdefault("full_sums_s", []).append(full_s)
-    extra.setdefault("amortised_request_stats_s", []).append(amort_req_s)
-    extra.setdefault("batch_squared_stats_s", []).append(b_s)
-    extra.setdefault("derived_IR_max_rel_err", []).append(err)
-    extra.setdefault("break_even_requests", []).append(full_s / (today_s - amort_req_s))
 
-    stats = {
-        "today": (IF, IR, today_s),
-        "amortised": (IF_a, IR_a, amort_req_s),
-        "batch_squared": (IF_b, IR_b, b_s),
-    }
+    def request_stats():
+        sf, nf = fisher_diagonal_sum(
+            original, fX, fy, **opts, sample_ids=ids(f_idx), sum_dtype=torch.float64
+        )
+        i_f = {k: (v / nf).float() for k, v in sf.items()}
+        return i_f, {k: v.float() for k, v in retain_from_full(full, n, sf, nf).items()}
+
+    (IF_a, IR_a), amort_t = timed(request_stats)
+    stats = {"amortised": (IF_a, IR_a, amort_t)}
+    if not args.skip_today:
+        # today: I_F and I_R over R, per request
+        (IF, IR), today_t = timed(
+            lambda: (
+                fisher_diagonal(original, fX, fy, **opts, sample_ids=ids(f_idx)),
+                fisher_diagonal(original, rX, ry, **opts, sample_ids=ids(r_idx)),
+            )
+        )
+        err = max(float(((IR_a[k] - IR[k]).abs() / (IR[k].abs().max() + 1e-30)).max()) for k in IR)
+        stats["today"] = (IF, IR, today_t)
+        extra.setdefault("today_stats_s", []).append(today_t[0])
+        extra.setdefault("derived_IR_max_rel_err", []).append(err)
+        extra.setdefault("break_even_requests", []).append(full_t[0] / (today_t[0] - amort_t[0]))
+        # batch_squared, per request (SSD's importance)
+        bopts = {**opts, "kind": "batch_squared"}
+        (IF_b, IR_b), b_t = timed(
+            lambda: (
+                fisher_diagonal(original, fX, fy, **bopts),
+                fisher_diagonal(original, rX, ry, **bopts),
+            )
+        )
+        stats["batch_squared"] = (IF_b, IR_b, b_t)
+        extra.setdefault("batch_squared_stats_s", []).append(b_t[0])
+    extra.setdefault("retrain_s", []).append(retrain[0])
+    extra.setdefault("retrain_cpu_s", []).append(retrain[1])
+    extra.setdefault("full_sums_s", []).append(full_t[0])
+    extra.setdefault("full_sums_cpu_s", []).append(full_t[1])
+    extra.setdefault("amortised_request_stats_s", []).append(amort_t[0])
+
     fd = u.fisher_diagonal
     variants = [
         ("ssd", u.ssd, "today"),
@@ -139,23 +148,84 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
         ("ssd", u.ssd, "batch_squared"),
         ("fisher_forgetting", u.fisher_forgetting, "today"),
         ("fisher_forgetting", u.fisher_forgetting, "amortised"),
-        ("fisher_diagonal", fd, "today"),
-        ("fisher_diagonal", fd, "amortised"),
-        ("fisher_diagonal", replace(fd, retain_sample_multiple=3.0), "amortised"),
+        ("fisher_diagonal", replace(fd, retain_sample_multiple=None), "today"),
+        ("fisher_diagonal", replace(fd, retain_sample_multiple=None), "amortised"),
     ]
+    for spec in args.fd_variant:
+        changes = {}
+        for kv in spec.split(","):
+            key, value = kv.split("=")
+            changes[key] = type(getattr(fd, key) or 1.0)(value)
+        variants.append(("fisher_diagonal", replace(fd, **changes), "amortised"))
     for name, mparams, source in variants:
-        i_f, i_r, stats_s = stats[source]
+        if source not in stats:
+            continue
+        i_f, i_r, stats_t = stats[source]
         inputs = UnlearnInputs(fX, fy, rX, ry, factory, t, i_f, i_r)
         method = get_method(name)
-        (model, _), m_s = timed(method.fn, copy.deepcopy(original), inputs, mparams, s)
-        k = getattr(mparams, "retain_sample_multiple", None)
+        (model, _), m_t = timed(method.fn, copy.deepcopy(original), inputs, mparams, s)
         label = f"{name} [{source}"
-        label += f", k={k:g}]" if k else "]"
-        add(label, model, stats_s + m_s, retrain_s, splits, s)
+        if name == "fisher_diagonal":
+            label += "".join(
+                f", {k}={getattr(mparams, k)}"
+                for k in ("retain_sample_multiple", "epochs", "lr", "batch_size")
+                if getattr(mparams, k) != getattr(fd, k) or k == "retain_sample_multiple"
+            )
+        add(label + "]", model, stats_t + m_t, retrain, splits, s)
+
+    # dmm's per-request step: the targets Σ_F β from the store's precomputed ridge factor
+    # (timed on a store of the real shape: M models over D, P = (1 + k)|F| points; the values
+    # of masks and outputs do not change the cost), then the matching fine-tuning (the same
+    # code and cost as oracle_matching, whose targets here are the oracle's logits: the
+    # quality shown is oracle matching's, not dmm's)
+    from pipeline_lib.attribution.datamodels import forget_shift_direct, ridge_factor
+    from pipeline_lib.attribution.matching import MatchTargets, matching_retain_rows
+
+    dm = u.dmm
+    rows = matching_retain_rows(len(f_idx), len(r_idx), dm.retain_multiple, s)
+    mX = torch.cat([fX, rX[rows]])
+    gen = np.random.default_rng(s)
+    masks = gen.random((args.store_models, len(tr))) < params.attribution.alpha
+    outs = gen.standard_normal((args.store_models, len(mX), raw.n_classes)).astype(np.float32)
+    factor = ridge_factor(masks, params.attribution.lam)  # once per store
+    pos = np.searchsorted(tr, f_idx)
+    _, target_t = timed(
+        forget_shift_direct, masks, outs, pos, params.attribution.lam, factor=factor
+    )
+    with torch.no_grad():
+        logits = oracle.eval()(mX)
+    match = MatchTargets(mX, logits.float(), len(f_idx), "oracles")
+    inputs = UnlearnInputs(fX, fy, rX, ry, factory, t, match=match)
+    om = replace(
+        u.oracle_matching,
+        **{
+            k: getattr(dm, k)
+            for k in ("epochs", "lr", "batch_size", "lr_decay", "retain_multiple", "weight_reg")
+        },
+    )
+    (model, _), m_t = timed(
+        get_method("oracle_matching").fn, copy.deepcopy(original), inputs, om, s
+    )
+    add("dmm [request step; quality: oracle targets]", model, target_t + m_t, retrain, splits, s)
+
+    # svd_projection on a class request (class 0: all its samples in D), per-class samples
+    # (its retain activations are 100 per class, not R: nothing to amortise); ratio against
+    # this seed's retraining time scaled by |R_class| / |R| (retraining is linear in |R|)
+    c_f = tr[raw.y[tr] == 0]
+    c_r = np.setdiff1d(tr, c_f)
+    (cfX, cfy), (crX, cry) = T(c_f), T(c_r)
+    inputs = UnlearnInputs(cfX, cfy, crX, cry, factory, t, forget_classes=(0,))
+    (model, _), svd_t = timed(
+        get_method("svd_projection").fn, copy.deepcopy(original), inputs, u.svd_projection, s
+    )
+    scaled = retrain * len(c_r) / len(r_idx)
+    c_splits = EvalSplits(cfX, cfy, crX, cry, teX, tey)
+    add("svd_projection [class 0 request]", model, svd_t, scaled, c_splits, s)
     print(
-        f"seed {s}: retrain {retrain_s:.2f}s, today's stats {today_s:.2f}s, full sums "
-        f"{full_s:.2f}s, per-request stats {amort_req_s:.3f}s",
+        f"seed {s}: retrain {retrain[0]:.2f}s (cpu {retrain[1]:.2f}s), full sums "
+        f"{full_t[0]:.2f}s, per-request stats {amort_t[0]:.3f}s",
         file=sys.stderr,
+        flush=True,
     )
     return len(tr), len(f_idx)
 
@@ -168,8 +238,27 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: params)")
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument(
+        "--skip-today",
+        action="store_true",
+        help="leave out the per-request I_R over R (and batch_squared): at 60k its cost is Σ_D's",
+    )
+    ap.add_argument(
+        "--fd-variant",
+        action="append",
+        default=[],
+        help="extra fisher_diagonal row (amortised statistics), e.g. retain_sample_multiple=3,epochs=5",
+    )
+    ap.add_argument("--store-models", type=int, default=256, help="M of dmm's timed store")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads; 1 makes the CPU-time columns exact on a shared machine (with 2, "
+        "a thread that waits for a descheduled peer spins and its CPU time counts)",
+    )
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     params = Params()
     t = params.train
     epochs = args.epochs or t.epochs
@@ -178,27 +267,34 @@ def main() -> None:
     rows: dict[str, list[dict[str, float]]] = {}
     extra: dict[str, list[float]] = {}
 
-    def add(label: str, model, secs: float, retrain_s: float, splits, s: int) -> None:
+    def add(label: str, model, secs, retrain, splits, s: int) -> None:
         ev = params.evaluate
         m = evaluate_model(model, splits, ev.mia_svc_c, ev.mia_folds, s)
-        rows.setdefault(label, []).append({**m, "seconds": secs, "ratio": secs / retrain_s})
+        if secs is None:
+            secs = np.full(2, np.nan)
+        r = secs / retrain
+        row = {**m, "seconds": secs[0], "ratio": r[0], "cpu_s": secs[1], "cpu_ratio": r[1]}
+        rows.setdefault(label, []).append(row)
 
     for s in range(args.seeds):
         n_tr, n_f = one_seed(s, args, params, settings, model_cfg, add, extra)
+    flags = "".join(f" --fd-variant {v}" for v in args.fd_variant)
+    flags += " --skip-today" if args.skip_today else ""
+    flags += f" --threads {args.threads} --store-models {args.store_models}"
     print(
         f"python -m benchmarks.request_cost --dataset {args.dataset} --model {args.model} "
         f"--max-train {args.max_train} --fraction {args.fraction} --epochs {epochs} "
-        f"--seeds {args.seeds}  (|D|={n_tr}, |F|={n_f}, torch {torch.__version__}, "
+        f"--seeds {args.seeds}{flags}  (|D|={n_tr}, |F|={n_f}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f})"
     )
-    cols = ("forget_acc", "TA", "MIA_efficacy", "seconds", "ratio")
+    cols = ("forget_acc", "TA", "MIA_efficacy", "seconds", "ratio", "cpu_s", "cpu_ratio")
     print(f"| {'row':<44} | " + " | ".join(f"{c:>15}" for c in cols) + " |")
     print("|" + "---|" * (len(cols) + 1))
     for label, rs in rows.items():
         cells = []
         for c in cols:
             v = np.array([r[c] for r in rs])
-            d = 4 if c == "ratio" else 2
+            d = 4 if "ratio" in c else 2
             cells.append(f"{v.mean():.{d}f} ± {v.std():.{d}f}")
         print(f"| {label:<44} | " + " | ".join(f"{x:>15}" for x in cells) + " |")
     print()
