@@ -1,16 +1,20 @@
 """Ray scaling of the many-model engine: 1 worker vs 2 workers on this machine, and the
 orchestration overhead (CPU-slot time not spent inside the ensemble trainer).
 
-    python benchmarks/ray_scaling.py --models 512 --chunk-size 64 --epochs 30
+    python -m benchmarks.ray_scaling --models 512 --chunk-size 64 --epochs 30
+    python -m benchmarks.ray_scaling --gpus-per-task 0.5 --workers 1,2   # on a GPU machine
 
 Each configuration trains the same M digits-MLP subset models (alpha 0.5) into a fresh
 store through ``tasks.attribution.run_store`` on a local Ray with that many CPUs, one torch
-thread per task.
+thread per task; with ``--gpus-per-task g`` each chunk task also asks for g GPUs
+(``ray.gpus_per_task``) and trains on CUDA, so "workers" is then the number of chunk tasks
+sharing the card(s). The speed-up column divides by the first row.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -30,6 +34,7 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--workers", default="1,2")
+    ap.add_argument("--gpus-per-task", type=float, default=0.0)
     args = ap.parse_args()
     X, y, targets, target_y, target_ids, target_split = load_split("digits")
     rows = []
@@ -40,7 +45,8 @@ def main() -> None:
             store = AttributionStore(d, spec)
             store.initialise(target_ids, target_split, target_y)
             t0 = time.perf_counter()
-            stats = run_store(store, X, y, targets, RayConfig(num_cpus=workers, cpus_per_task=1))
+            cfg = RayConfig(num_cpus=workers, cpus_per_task=1, gpus_per_task=args.gpus_per_task)
+            stats = run_store(store, X, y, targets, cfg)
             wall = time.perf_counter() - t0
             store.check()
         ray.shutdown()
@@ -56,7 +62,9 @@ def main() -> None:
         print(f"{workers} worker(s): {wall:.1f}s", file=sys.stderr)
     print(
         f"python benchmarks/ray_scaling.py --models {args.models} --chunk-size {args.chunk_size} "
-        f"--epochs {args.epochs}   (torch {torch.__version__}, ray {ray.__version__})"
+        f"--epochs {args.epochs} --gpus-per-task {args.gpus_per_task:g}   (torch "
+        f"{torch.__version__}, ray {ray.__version__}, load average at end "
+        f"{os.getloadavg()[0]:.2f})"
     )
     print("| workers | wall s | models/s | speed-up vs 1 | overhead | trainer s (sum) |")
     print("|---|---|---|---|---|---|")
