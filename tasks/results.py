@@ -28,7 +28,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import CacheKeyFnPolicy, CachePolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.logging import get_logger
 from prefect.serializers import Serializer
@@ -153,6 +153,13 @@ class JSONRecordStorage(LocalFileSystem):
 
 STRICT_JSON = StrictJSONSerializer()
 RECORD_STORAGE = JSONRecordStorage()
+
+
+def keyed(cache_key_fn: Any) -> CachePolicy:
+    """A cache policy keyed by ``cache_key_fn`` whose records are read as above. For
+    ``task.with_options(cache_policy=keyed(fn))``: passing ``cache_key_fn=`` instead would make
+    Prefect build a policy of its own, without this record storage."""
+    return CacheKeyFnPolicy(cache_key_fn=cache_key_fn).configure(key_storage=RECORD_STORAGE)
 
 
 def persisted(policy: CachePolicy) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from tasks import compute, lineage, registry, tracking, versioning
 from tasks.compute import with_files
 from tasks.ledger import Ledger, LedgerRow
 from tasks.method_inputs import fisher_metrics, request_cost_block, unlearn_with_inputs
+from tasks.results import keyed
 from tasks.statistics import full_data_statistics
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
@@ -478,7 +479,8 @@ def oracle_task(root: Path, tomb_rel: str, request_data: dict[str, str]) -> Any:
         )
         return "oracle-" + hashlib.sha256(body.encode()).hexdigest()
 
-    return compute.train_model.with_options(cache_key_fn=key)
+    # cache_policy, not cache_key_fn=: the records stay JSON-only (tasks/results.py)
+    return compute.train_model.with_options(cache_policy=keyed(key))
 
 
 def is_input_error(exc: BaseException) -> bool:

@@ -194,3 +194,27 @@ def test_the_cli_sets_json_as_prefects_default_serializer():
         [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().splitlines()[-1] == "json"
+
+
+def test_every_persisted_task_reads_its_records_as_json_only(tmp_path):
+    """The tasks whose results are read back as a cache: strict JSON results, records under the
+    JSON-only key storage (a plain cache_key_fn= would give them Prefect's own storage)."""
+    import numpy as np
+
+    from flows.service import process_request_task
+    from pipeline_lib.data.requests import parse_request, write_manifests
+    from tasks import compute
+    from tasks.results import RECORD_STORAGE, STRICT_JSON
+    from tasks.service import oracle_task
+
+    req = parse_request({"request_id": "r1", "reason": "x", "forget": {"sample_ids": ["a"]}})
+    meta = {"content_hash": "h", "dataset": "d"}
+    write_manifests(tmp_path / "man", req, np.array(["a"]), np.array(["z"]), meta)
+    data = {"prepared_dir": "p", "prepared_md5": "m", "manifests_dir": str(tmp_path / "man")}
+    oracle = oracle_task(tmp_path, "tombstones.parquet", data)
+    tasks = [compute.train_model, compute.unlearn, process_request_task, oracle]
+    tasks.append(compute.train_model.with_options(refresh_cache=True))  # with_files' retry
+    for t in tasks:
+        assert t.persist_result is True, t.name
+        assert t.result_serializer is STRICT_JSON, t.name
+        assert t.cache_policy.key_storage is RECORD_STORAGE, t.name

@@ -697,7 +697,7 @@ def test_the_oracle_is_cached_per_tombstone_set(tmp_path: Path) -> None:
             "artifacts_dir": "art",
             "code": "c",
         }
-        return task.cache_key_fn(None, params)
+        return task.cache_policy.cache_key_fn(None, params)
 
     # {a} tombstoned: forgetting b, or a and b, leaves out the same set {a, b}
     assert key("r1", ["b"]) == key("r2", ["a", "b"])
