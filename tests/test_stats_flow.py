@@ -84,6 +84,8 @@ def test_class_request_pipeline_then_sharded_stats(prefect_api, project, capsys)
         ray.shutdown()
     path = Path(out.strip().splitlines()[-1].split(" (content hash")[0])
     assert path.is_file() and path.parent == project / "artifacts" / "stats"
+    # the forget split's shards were temporary: no Parquet copy of forgotten rows remains
+    assert not list((project / "artifacts" / "stats").rglob("*.parquet"))
     tensors, meta = load_stats(path)
     cfg = meta["config"]
     assert cfg["split"] == "forget" and cfg["n_shards"] == 3 and cfg["kind"] == "true_sampled"
@@ -213,4 +215,5 @@ def test_pipeline_reuses_the_stats_files(prefect_api, tmp_path: Path, capsys):
     assert run_b.data.tags["stats.fisher_forget.path"] != str(cli["forget"])
     _, meta_b = load_stats(run_b.data.tags["stats.fisher_forget.path"])
     assert meta_b["config"]["backend"] == "ray" and meta_b["config"]["n_shards"] == 3
+    assert not list((root / "artifacts" / "stats").rglob("*.parquet"))  # shards: temporary
     assert len(list((root / "artifacts" / "stats").glob("fisher-*.safetensors"))) == 4
