@@ -26,6 +26,7 @@ from benchmarks._common import load_split, spec_for
 from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.config import RayConfig
 from tasks.attribution import run_store
+from tasks.ray_local import init_local
 
 
 def main() -> None:
@@ -39,7 +40,7 @@ def main() -> None:
     X, y, targets, target_y, target_ids, target_split = load_split("digits")
     rows = []
     for workers in (int(w) for w in args.workers.split(",")):
-        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+        init_local(num_cpus=workers, include_dashboard=False, log_to_driver=False)
         spec = spec_for(len(X), args.models, args.chunk_size, args.epochs)
         with tempfile.TemporaryDirectory() as d:
             store = AttributionStore(d, spec)

@@ -75,10 +75,13 @@ def test_gpus_per_task_is_validated_by_the_section():
 
 @pytest.fixture(scope="module")
 def ray_with_declared_gpu():
-    """A local Ray with 2 CPUs and one GPU declared by hand (none needed on the machine)."""
+    """A local Ray (127.0.0.1 only) with 2 CPUs and one GPU declared by hand (none needed on
+    the machine)."""
     import ray
 
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    from tasks.ray_local import init_local
+
+    init_local(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -168,8 +171,9 @@ def test_gpu_chunks_train_on_cuda_and_agree_with_cpu_chunks(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     from tasks.attribution import run_store
+    from tasks.ray_local import init_local
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    init_local(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         X, y, targets = _data()
         spec = _spec(output_dtype="float32")
