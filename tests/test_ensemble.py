@@ -164,6 +164,23 @@ def test_train_step_flops_counts_linear_and_conv_layers():
     assert train_step_flops(CNN, SHAPE, C, 5) == 2 * 3 * 5 * macs
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_stacked_init_equals_build_model_bit_for_bit(cfg, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 2: the seeds are drawn by two threads
+    try:
+        seeds = [3, 99, 7, 12345, 0]
+        stacked = ensemble._init_stacked(build_model(cfg, SHAPE, C, 1), seeds)
+    finally:
+        torch.set_num_threads(before)
+    assert stacked is not None
+    for k, seed in enumerate(seeds):
+        ref = dict(build_model(cfg, SHAPE, C, seed).named_parameters())
+        assert set(ref) == set(stacked)
+        assert all(torch.equal(stacked[n][k], ref[n]) for n in ref)
+
+
 def test_returned_tensors_own_their_storage(tmp_path):
     """The MLP path keeps all parameters in one flat buffer; what it returns must not alias
     it (or each other): safetensors refuses shared storage, and callers may modify them."""
