@@ -2,8 +2,9 @@
 
 In a fresh project in a temporary folder (real Prefect temporary API, MLflow on SQLite with
 its registry, DVC): three requests submitted and swept through the ``unlearn`` command line,
-then ``unlearn lineage request | sample | model`` and ``unlearn purge --dry-run``, each run as
-a separate ``python -m flows.cli`` process whose output is printed (the README's "Lineage and
+then ``unlearn lineage request | sample | model``, ``unlearn purge --dry-run``, the purge itself
+(retention window 0) and ``lineage sample`` again, each run as a separate ``python -m
+flows.cli`` process whose output is printed (the README's "Lineage and
 evidence" section shows it). Finally the second request's certificate is opened in headless
 Chromium and a screenshot saved to the output folder.
 
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     _cli(root, "lineage", "sample", sample, log=log)
     _cli(root, "lineage", "model", f"{params['service']['model_name']}@production", log=log)
     _cli(root, "purge", "--older-than", "0", "--dry-run", log=log)
+    _cli(root, "purge", "--older-than", "0", log=log)
+    _cli(root, "lineage", "sample", sample, log=log)
     (out / "cli-output.txt").write_text("\n".join(log))
 
     cert = Path(run.data.tags["certificate.path"])

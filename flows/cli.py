@@ -555,12 +555,19 @@ def _print_request_lineage(out: dict[str, Any]) -> None:
     models = [m for m in ("original", "oracle", "unlearned") if f"{m}.TA" in metrics]
     if models:
         cols = sorted({k.split(".", 1)[1] for k in metrics if k.split(".", 1)[0] in models})
-        print("metrics:  " + "".join(f"{c:>15}" for c in cols))
+        # a metric over seeded draws (the MIAs, the gap) as mean±std in one column
+        spread = {c for c in cols if f"{c}_std" in cols}
+        cols = [c for c in cols if not (c.endswith("_std") and c[: -len("_std")] in spread)]
+
+        def cell(m: str, c: str) -> str:
+            v = metrics.get(f"{m}.{c}", float("nan"))
+            std = metrics.get(f"{m}.{c}_std") if c in spread else None
+            return f"{v:.4f}" if std is None else f"{v:.4f}±{std:.4f}"
+
+        width = {c: 2 + max(len(c), *(len(cell(m, c)) for m in models)) for c in cols}
+        print("metrics:   " + "".join(f"{c:>{width[c]}}" for c in cols))
         for m in models:
-            print(
-                f"  {m:<8}"
-                + "".join(f"{metrics.get(f'{m}.{c}', float('nan')):>15.4f}" for c in cols)
-            )
+            print(f"  {m:<9}" + "".join(f"{cell(m, c):>{width[c]}}" for c in cols))
     cost = {k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("cost.")}
     if cost:
         print("cost:     " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(cost.items())))

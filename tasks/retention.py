@@ -399,8 +399,10 @@ def summary_lines(out: dict[str, Any]) -> Iterable[str]:
         f"{out['model_name']}: {out['due_ids']} id(s) of {len(out['due_requests'])} request(s) "
         f"forgotten more than {out['older_than_days']:g} day(s) ago"
     )
+    wrote = "would write" if out["dry_run"] else "wrote"  # the new data version
     for d in out["deleted"]:
-        yield f"  {verb} {d['kind']:<17} {d['target']}  ({d['reason']})"
+        v = wrote if d["kind"] == "prepared-data" else verb
+        yield f"  {v} {d['kind']:<17} {d['target']}  ({d['reason']})"
     if not out["deleted"]:
         yield "  nothing to delete"
     for k in out["kept"]:

@@ -402,7 +402,7 @@ def test_purge_leaves_no_forgotten_row_anywhere(service, capsys):
     assert main(["purge", "--params", params_path, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deleted"] == []
     assert main(["purge", "--older-than", "0", "--dry-run", "--params", params_path]) == 0
-    assert "would delete prepared-data" in capsys.readouterr().out
+    assert "would write prepared-data" in capsys.readouterr().out
     assert _files_holding_rows(_stores(service), rows) == before  # a dry run deletes nothing
 
     assert main(["purge", "--older-than", "0", "--params", params_path, "--json"]) == 0

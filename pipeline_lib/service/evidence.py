@@ -64,10 +64,16 @@ def _metrics_table(models: Mapping[str, Mapping[str, Any]]) -> str:
     spread = {c[: -len("_std")] for c in columns if c.endswith("_std")} & set(columns)
     columns = [c for c in columns if not (c.endswith("_std") and c[: -len("_std")] in spread)]
 
+    # a spread without draws of its own (avg_gap: one gap per MIA draw) is over the same seeds
+    seeds = max(
+        (len(v) for m in models.values() for k, v in m.items() if k.endswith("_draws")),
+        default=0,
+    )
+
     def header(c: str) -> str:
         if c not in spread:
             return html.escape(c)
-        n = max((len(m.get(f"{c}_draws") or []) for m in models.values()), default=0)
+        n = max((len(m.get(f"{c}_draws") or []) for m in models.values()), default=0) or seeds
         return f"{html.escape(c)}<br><small>mean ± std, {n} seed{'s' if n != 1 else ''}</small>"
 
     def cell(m: Mapping[str, Any], c: str) -> str:
