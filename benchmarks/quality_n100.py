@@ -1,7 +1,10 @@
 """Unlearning quality at N = 100 on digits (issue 16): tuned methods on held-out requests.
 
-    python -m benchmarks.quality_n100 --models 100 --subset-models 1000 \
-        --tune dmm,finetune --trials 12 --tune-models 10 --workdir /tmp/bench-n100
+    python -m benchmarks.quality_n100 --models 100 --subset-models 400 --unlearn-models 20 \
+        --tune dmm,finetune --trials 8 --tune-models 8 --workdir /tmp/bench-n100
+
+(the run in BENCHMARKS.md: 36 min on the shared 2 cores at load 13-30; ``--subset-models
+1000 --unlearn-models 100`` is the full-size run, several times longer)
 
 In a scratch DVC project (Prefect, DVC, MLflow, local Ray, as the other benchmarks):
 
