@@ -772,7 +772,16 @@ def cmd_tune(args: argparse.Namespace) -> int:
         if value is not None:
             overrides[key] = value
     params = load_params(args.params, {**environment_overrides(os.environ), **overrides})
-    load_request(params.resolve(params.request.file))
+    from pipeline_lib.modalities import modality_for_params
+
+    request = _request_pair(params)
+    _check(
+        modality_for_params(args.params),
+        params,
+        [request],
+        store=("evaluate.n_models", 2 * params.evaluate.n_models, False),
+    )
+    _check_request_id_in_mlflow(params, *request)
     _setup_env()
     from flows.tune import check_tune, tune_flow
 

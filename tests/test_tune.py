@@ -135,6 +135,8 @@ def test_cli_refuses_before_any_work(tmp_path: Path, capsys) -> None:
         "request_id: val-1\nreason: test\nforget:\n  fraction: 0.05\n  seed: 3\n"
     )
     params = str(root / "params.yaml")
+    assert main(["tune", "--method", "dmm", "--request", "nope.yaml", "--params", params]) == 2
+    assert "nope.yaml" in capsys.readouterr().err
     assert main(["tune", "--method", "retrain", "--params", params]) == 2
     assert "declares no search space" in capsys.readouterr().err
     assert main(["tune", "--method", "dmm", "--models", "9", "--params", params]) == 2
