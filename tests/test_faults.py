@@ -170,6 +170,31 @@ def test_an_interrupted_run_ends_killed(mlflow_uri: str):
     ]
 
 
+def test_a_second_signal_while_unwinding_exits_at_once():
+    """The first SIGTERM raises (the command unwinds); a second one during the unwinding
+    exits at once with the first signal's code."""
+    script = """
+import os, signal, sys, time
+from tasks.interruption import Interrupted, interruptible
+try:
+    with interruptible():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
+except Interrupted:
+    print("unwinding", flush=True)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)
+print("not reached", flush=True)
+"""
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stdout == "unwinding\n" and "SIGINT again: stopping now" in proc.stderr
+    assert time.monotonic() - t0 < 25
+
+
 # -- processes --------------------------------------------------------------------------------
 
 
