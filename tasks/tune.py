@@ -10,6 +10,7 @@ The search spaces are plain data declared beside each method
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -206,11 +207,9 @@ def run_search(
 
 
 def _trial_index(trial_dir: str) -> int:
-    parts = trial_dir.split("_")
-    for p in parts[2:3]:
-        if p.isdigit():
-            return int(p)
-    return 0
+    """The trial's creation index from Tune's directory name (``_trial_<exp>_<00003>_3_...``)."""
+    m = re.search(r"_(\d{5})_", trial_dir)
+    return int(m.group(1)) if m else 0
 
 
 def best_trial(trials: Sequence[Mapping[str, Any]], objective: str) -> dict[str, Any]:
