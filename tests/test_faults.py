@@ -289,9 +289,12 @@ def _gone(p: psutil.Process) -> bool:
         return True
 
 
+# slow: a whole `unlearn` process start-up (imports, its Prefect API, DVC, the MLflow store),
+# 60 s or more on the shared 2-core machine
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "code"),
-    [(signal.SIGTERM, 143), pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow)],
+    [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
     ids=["SIGTERM", "SIGINT"],
 )
 def test_signal_of_unlearn_run_stops_the_prefect_server_and_kills_the_run(
@@ -357,6 +360,7 @@ def _assert_every_model_once(store_root: Path, n_models: int) -> None:
     assert chunks == [f"{s:07d}" for s, _ in store.spec.chunks()], chunks  # nothing else
 
 
+@pytest.mark.slow  # an `unlearn attribute` process, then the re-run: 60-80 s here
 def test_sigkill_of_attribute_mid_store_then_rerun_completes(project: Path, prefect_api):
     """SIGKILL after the first chunk is written; the re-run (the same flow, in this process)
     trains only the missing chunks, the store holds every model id once, and the dead
