@@ -4,7 +4,8 @@ API, MLflow on SQLite with its Model Registry and the ledger, a real DVC repo.
 Each registered version gets its full-data Fisher sums (task ``full-data-statistics``: the
 exact first version at bootstrap, each approximate version right after it is registered);
 each request then computes only its forget set and derives I_R = (Σ_D − Σ_F)/(N − |F|),
-which equals I_R computed over the retain set directly.
+which equals I_R computed over the retain set directly. The activation statistics of the
+retain set come from the version's full-data Gram sums the same way: G_R = G_D − G_F.
 """
 
 from __future__ import annotations
@@ -139,6 +140,31 @@ def test_service_amortises_full_data_statistics(prefect_api, tmp_path: Path):
             torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-9)
         assert np.isin(man.retain_ids, list(trained_on[parent])).all()
 
+        # the retain activations of the same request: G_R = G_D − G_F of the parent, stored
+        # under the identity of the sharded statistic over R, equal to the direct Grams
+        from pipeline_lib.config import replace
+        from pipeline_lib.stats.activations import activation_grams
+        from tasks.statistics import activations_from_full, full_activation_grams, identity_for
+
+        man_dir = root / "runs" / "image" / rid / "manifests"
+        pr = replace(p, request=replace(p.request, out_dir=str(man_dir)))
+        weights = {"path": str(path), "digest": versions[parent].tags["state_digest"]}
+        res = activations_from_full(pr, weights, data)
+        assert res["retain_from"] == "full_minus_forget" and not res["full_reused"], res
+        assert res["identity"] == identity_for(
+            pr, "activations", "retain", weights["digest"], data.content_hash
+        )
+        assert full_activation_grams(pr, weights)["reused"], man_dir  # stored once per version
+        basis, meta = load_stats(res["path"], verify=True)
+        assert meta["config"]["backend"] == "full_minus_forget"
+        direct, n_r = activation_grams(model, torch.from_numpy(X), dtype=torch.float64)
+        assert n_r == res["n"] == len(man.retain_ids)
+        for layer, g in direct.items():
+            u, s_ = basis[f"{layer}.U"], basis[f"{layer}.S"]
+            torch.testing.assert_close(
+                (u * s_.square()) @ u.T, g, rtol=0, atol=1e-9 * float(g.abs().max())
+            )
+
 
 def test_request_cost_break_even():
     from pipeline_lib.evaluation.metrics import build_report, request_cost
@@ -152,3 +178,43 @@ def test_request_cost_break_even():
     report = build_report({"original": {"forget_acc": 1.0}}, 1.51, 10.0, {"cost": c, "x": 1})
     assert report["cost"]["unlearn_over_retrain"] == pytest.approx(0.151)
     assert report["cost"]["break_even_requests"] == c["break_even_requests"] and report["x"] == 1
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "vit"])
+def test_retain_grams_from_full_equal_direct_float64(arch):
+    """G_R = G_D − G_F equals the Gram sums computed over R itself in float64 (whatever rows
+    F takes and in whatever order R comes), and so does its basis; refusals name the fault."""
+    from pipeline_lib.config import ModelConfig
+    from pipeline_lib.models.image import build_model
+    from pipeline_lib.stats.activations import (
+        activation_grams,
+        decompose_gram,
+        retain_grams_from_full,
+    )
+
+    cfgs = {
+        "mlp": ModelConfig(name="mlp", hidden=(16, 12)),
+        "cnn": ModelConfig(name="cnn", channels=(3, 5)),
+        "vit": ModelConfig(
+            name="vit", vit_patch=4, vit_dim=16, vit_depth=1, vit_heads=2, vit_mlp=24
+        ),
+    }
+    model = build_model(cfgs[arch], (1, 8, 8), 10, seed=0).double()
+    X = torch.rand((40, 1, 8, 8), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    forget = np.array([1, 4, 9, 30, 31, 38])
+    retain = np.setdiff1d(np.arange(len(X)), forget)[::-1].copy()
+    g_d, n = activation_grams(model, X, batch_size=7)
+    g_f, n_f = activation_grams(model, X[forget], batch_size=4)
+    got, n_r = retain_grams_from_full(g_d, n, g_f, n_f)
+    want, n_want = activation_grams(model, X[retain], batch_size=11)
+    assert n_r == n_want == len(retain)
+    for k in want:
+        assert got[k].dtype == torch.float64 and torch.equal(got[k], got[k].T)
+        scale = float(want[k].abs().max())
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12 * scale)
+        s, s_w = decompose_gram(got[k])[1], decompose_gram(want[k])[1]
+        torch.testing.assert_close(s.square(), s_w.square(), rtol=0, atol=1e-10 * scale)
+    with pytest.raises(ValueError, match="no retain set"):
+        retain_grams_from_full(g_d, n, g_d, n)
+    with pytest.raises(ValueError, match="different layers"):
+        retain_grams_from_full(g_d, n, {"x": torch.eye(2)}, 1)
