@@ -398,6 +398,7 @@ def test_sigkill_of_attribute_mid_store_then_rerun_completes(project: Path, pref
     assert f"pid {proc.pid}" in run.data.tags["unlearnflow.note"]
 
 
+@pytest.mark.slow  # a local Ray, the data prepared and the MLflow store created: ~60 s here
 def test_sigkill_of_a_ray_worker_is_retried(project: Path, prefect_api):
     """A Ray worker SIGKILLed while it trains a chunk: Ray reruns the chunk, the store is
     complete, every model id once."""
