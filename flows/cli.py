@@ -68,6 +68,9 @@ def _setup_env() -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH", str(Path(".prefect-results").resolve())
     )
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline_lib")
+    # What Prefect persists outside the cached tasks' own options (a failed flow's exception)
+    # is JSON, never a pickle; cached records are read as JSON only (tasks/results.py).
+    os.environ["PREFECT_RESULTS_DEFAULT_SERIALIZER"] = "json"
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Offline, MLflow's telemetry thread can race a request (KeyError on its session id).
@@ -937,13 +940,6 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (argparse prints its usage first): exit 2."""
-
-    def error(self, message: str) -> Any:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
 #: placeholders for the registered method names in help texts, filled in by _MethodsHelp
 _METHODS, _METHODS_SORTED = "<methods>", "<sorted methods>"
 
@@ -960,6 +956,13 @@ class _MethodsHelp(argparse.HelpFormatter):
             text = text.replace(_METHODS_SORTED, ", ".join(sorted(METHODS)))
             text = text.replace(_METHODS, ",".join(METHODS))
         return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (argparse prints its usage first): exit 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
