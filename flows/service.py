@@ -104,6 +104,16 @@ def sweep_flow(
             logger.info("%s: processing %s (arrival #%d)", model, row.request_id, row.seq)
             try:
                 result = process_request_task(modality.name, params, row, ledger.url)
+            except KeyboardInterrupt:  # SIGINT/SIGTERM (tasks/interruption.py): record, stop
+                current = ledger.get(row.request_id)
+                if current is not None and current.status == "processing":
+                    ledger.transition(
+                        row.request_id,
+                        "failed",
+                        "interrupted by a signal while processing; `unlearn requests retry`",
+                        error="interrupted",
+                    )
+                raise
             except Exception as exc:  # recorded in the ledger; the next request goes on
                 status = "rejected" if is_input_error(exc) else "failed"
                 reason = f"{type(exc).__name__}: {exc}"

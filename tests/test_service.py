@@ -522,6 +522,46 @@ def test_failing_requests_do_not_block_the_next(three: Sweep, monkeypatch) -> No
     assert sorted(p.versions(), key=int) == ["1", "2", "3", "4", "5"]
 
 
+def test_an_interrupted_request_is_recorded_failed_at_once(three: Sweep, monkeypatch) -> None:
+    """A signal (KeyboardInterrupt, as tasks/interruption.py raises it) while H is processed
+    ends the sweep, and H is failed right away with a retry hint, not left processing for
+    the next sweep's dead-owner check; no version, no tombstone; a retry completes it."""
+    import tasks.method_inputs as method_inputs
+
+    p = three.project
+    h = p.write_request("svc-int", {"fraction": 0.05, "seed": 23})
+    assert cli("submit", "--params", p.params, h)[0] == 0
+    real = method_inputs.method_extras
+
+    def method_extras(*args: Any, **kwargs: Any) -> Any:
+        if "/svc-int/" in args[5]["manifests_dir"]:
+            raise KeyboardInterrupt("SIGTERM (test)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(method_inputs, "method_extras", method_extras)
+    versions, tombstones = p.versions(), p.tombstones()
+    from flows.service import sweep_flow
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep_flow(params_path=p.params)
+    ledger = p.ledger()
+    row = ledger.get("svc-int")
+    ledger.close()
+    assert (row.status, row.error) == ("failed", "interrupted")
+    assert_events(
+        p,
+        "svc-int",
+        (None, "pending", "submitted"),
+        ("pending", "processing", "claimed by"),
+        ("processing", "failed", "interrupted by a signal"),
+    )
+    assert p.versions() == versions and p.tombstones() == tombstones
+    monkeypatch.setattr(method_inputs, "method_extras", real)
+    assert cli("requests", "retry", "--params", p.params, "svc-int")[0] == 0
+    rc, out, err = cli("sweep", "--params", p.params)
+    assert rc == 0 and out.startswith("svc-int: done"), out + err
+
+
 def test_gates_keep_the_parent_then_the_exact_retrain_finishes_the_request(
     three: Sweep, tmp_path: Path
 ) -> None:
