@@ -156,6 +156,14 @@ def check_params(params: Any) -> None:
             if _is_seed(key) and isinstance(v, int) and not isinstance(v, bool):
                 if not 0 <= v < SEED_LIMIT:
                     raise ConfigError(f"{key}: a seed must be in [0, 2**32), got {v}")
+    unlearn, train = getattr(params, "unlearn", None), getattr(params, "train", None)
+    if getattr(unlearn, "method", None) == "mnemonic_code" and not getattr(
+        train, "mnemonic_t_mix", 0.0
+    ):
+        raise ConfigError(
+            "unlearn.method: mnemonic_code reads the class codes of a model trained with them: "
+            "set train.mnemonic_t_mix > 0 (paper: 0.1 on MNIST-like data)"
+        )
     tracking = getattr(params, "tracking", None)
     if tracking is None:
         return

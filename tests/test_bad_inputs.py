@@ -371,6 +371,11 @@ SET_CASES: list[Case] = [
     _case("data-seed", _run_set("data.seed=-1"), ("data.seed", "seed")),
     _case("unlearn-seed", _run_set("unlearn.seed=-1"), ("unlearn.seed",)),
     _case("originals-seed", _run_set("evaluate.originals_seed=-5"), ("evaluate.originals_seed",)),
+    _case(
+        "mnemonic-without-codes",
+        _run_set("unlearn.method=mnemonic_code"),
+        ("unlearn.method", "train.mnemonic_t_mix"),
+    ),
     _case("hidden-negative", _run_set("model.hidden=[-5]"), ("model.hidden[0]", "> 0")),
     _case("hidden-zero", _run_set("model.hidden=[64, 0]"), ("model.hidden[1]",)),
     _case("hidden-string", _run_set("model.hidden=wide"), ("model.hidden",)),
