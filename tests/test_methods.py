@@ -323,6 +323,15 @@ def test_fisher_diagonal_retain_sample_multiple(trained: nn.Module, inputs: Unle
         _copy(trained), inputs, FisherDiagonalParams(**base, retain_sample_multiple=10.0), seed=3
     )
     assert big["n_finetune"] == 72
+    # a floor on the sample: max(retain_sample_min, k·|F|) rows, DMM's draw at that size
+    _, floor = fisher_diagonal_forgetting(
+        _copy(trained),
+        inputs,
+        FisherDiagonalParams(**base, retain_sample_multiple=1.0, retain_sample_min=40),
+        seed=3,
+    )
+    assert floor["n_finetune"] == 40 == len(matching_retain_rows(24, 72, 1.0, 3, minimum=40))
+    assert len(matching_retain_rows(24, 72, 1.0, 3, minimum=10)) == 24  # k·|F| above the floor
 
 
 def test_retrain_ignores_original_weights(trained: nn.Module, inputs: UnlearnInputs) -> None:

@@ -59,14 +59,17 @@ class MatchTargets:
             raise ValueError(f"target logits from {self.source} contain NaN or inf")
 
 
-def matching_retain_rows(n_forget: int, n_retain: int, multiple: float, seed: int) -> np.ndarray:
-    """Sorted rows of the retain set used as matching points: min(n_retain, round(multiple·|F|))
-    drawn without replacement with ``np.random.default_rng(seed)``."""
+def matching_retain_rows(
+    n_forget: int, n_retain: int, multiple: float, seed: int, minimum: int = 0
+) -> np.ndarray:
+    """Sorted rows of the retain set used as matching points:
+    min(n_retain, max(minimum, round(multiple·|F|))) drawn without replacement with
+    ``np.random.default_rng(seed)`` (``minimum`` 0: DMM's draw)."""
     if n_forget < 1:
         raise ValueError("the forget set is empty")
     if multiple < 0:
         raise ValueError(f"retain_multiple must be >= 0, got {multiple}")
-    k = min(n_retain, int(round(multiple * n_forget)))
+    k = min(n_retain, max(int(minimum), int(round(multiple * n_forget))))
     return np.sort(np.random.default_rng(seed).choice(n_retain, size=k, replace=False))
 
 

@@ -35,6 +35,9 @@ class FisherDiagonalParams:
     #: 3·|F| retain points), so the fine-tuning cost scales with the forget set; null: the
     #: whole retain set.
     retain_sample_multiple: Float | None = Field(None, gt=0)
+    #: With ``retain_sample_multiple``: at least this many retain points (a small request's
+    #: k·|F| can be too few to restore the reset weights; BENCHMARKS.md, Fashion-MNIST CNN).
+    retain_sample_min: Int = Field(0, ge=0)
 
 
 def select_by_ratio(
@@ -86,7 +89,8 @@ def fisher_diagonal_forgetting(
        initialisation drawn with ``seed``. On digits zero forgets more at equal test
        accuracy (BENCHMARKS.md).
     3. Fine-tune only those weights on R for ``epochs`` epochs, all others frozen; with
-       ``retain_sample_multiple`` k, on min(|R|, round(k·|F|)) retain points drawn with
+       ``retain_sample_multiple`` k, on min(|R|, max(``retain_sample_min``, round(k·|F|)))
+       retain points drawn with
        ``seed`` (:func:`pipeline_lib.attribution.matching.matching_retain_rows`, DMM's draw)
        instead of all of R.
     """
@@ -114,7 +118,13 @@ def fisher_diagonal_forgetting(
     rX, ry = inputs.retain_X, inputs.retain_y
     if params.retain_sample_multiple is not None:
         rows = torch.from_numpy(
-            matching_retain_rows(len(inputs.forget_y), len(ry), params.retain_sample_multiple, seed)
+            matching_retain_rows(
+                len(inputs.forget_y),
+                len(ry),
+                params.retain_sample_multiple,
+                seed,
+                minimum=params.retain_sample_min,
+            )
         )
         rX, ry = rX[rows], ry[rows]
     fit(
