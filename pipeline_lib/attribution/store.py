@@ -276,6 +276,11 @@ class AttributionStore:
             "chunks": dict(sorted(chunks.items())),
             "targets_sha256": self._targets_sha256(),
         }
+        current = self._valid_manifest(self.root)
+        if current is not None and {k: current.get(k) for k in record} == json.loads(
+            json.dumps(record)
+        ):
+            return  # unchanged: a reused store is not rewritten (its mtime says so)
         _write_record(self.manifest_path, record, "sha256")
 
     def initialise(
