@@ -44,7 +44,9 @@ NO_GATES = {
     "fallback": "keep-parent",
 }
 #: A gate no unlearned model here passes (it would have to get every forget sample wrong).
-IMPOSSIBLE = {"service.gates.max_forget_accuracy": 0.0}
+# gates no model passes: forget accuracy 0 alone is reachable (fisher_diagonal can forget a
+# small request entirely), a loss-MIA AUC of exactly 0 with it is not
+IMPOSSIBLE = {"service.gates.max_forget_accuracy": 0.0, "service.gates.mia_auc_band": [0.0, 0.0]}
 
 
 def service_params(root: Path, model: str = MODEL) -> dict[str, Any]:
