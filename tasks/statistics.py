@@ -312,6 +312,22 @@ def _local_sums(
     return sums, n, time.perf_counter() - t0
 
 
+def _store_full(
+    params: Params, identity: dict[str, Any], tensors, config: dict, n: int, seconds: float
+) -> dict[str, Any]:
+    """Store full-data sums under ``identity`` (atomic) and describe them as :func:`lookup`."""
+    path = stats_path(params.resolve(params.stats.out_dir), identity)
+    digest = save_stats(tensors, path, config)
+    return {
+        "path": str(path),
+        "digest": digest,
+        "n": n,
+        "seconds": seconds,
+        "reused": False,
+        "identity": identity,
+    }
+
+
 def full_fisher_sums(
     params: Params, weights: dict[str, Any], ids: np.ndarray | None = None
 ) -> dict[str, Any]:
@@ -361,16 +377,7 @@ def full_fisher_sums(
         seconds=seconds,
         identity=identity,
     )
-    path = stats_path(params.resolve(params.stats.out_dir), identity)
-    digest = save_stats(sums, path, config)
-    return {
-        "path": str(path),
-        "digest": digest,
-        "n": n,
-        "seconds": seconds,
-        "reused": False,
-        "identity": identity,
-    }
+    return _store_full(params, identity, sums, config, n, seconds)
 
 
 @task(name="full-data-statistics", cache_policy=NO_CACHE)
@@ -583,16 +590,7 @@ def full_activation_grams(
         "seconds": seconds,
         "identity": identity,
     }
-    path = stats_path(params.resolve(params.stats.out_dir), identity)
-    digest = save_stats(grams, path, config)
-    return {
-        "path": str(path),
-        "digest": digest,
-        "n": n,
-        "seconds": seconds,
-        "reused": False,
-        "identity": identity,
-    }
+    return _store_full(params, identity, grams, config, n, seconds)
 
 
 def activation_retain_source(params: Params, weights_digest: str, content_hash: str) -> str:
