@@ -38,14 +38,11 @@ from pipeline_lib.config import (
     to_dict,
 )
 from pipeline_lib.config.presets import preset_file, preset_name, write_preset
-from pipeline_lib.data.images import load_prepared
-from pipeline_lib.data.requests import load_manifests, load_request
 from pipeline_lib.methods import get_method
 from pipeline_lib.methods.space import describe
-from pipeline_lib.modalities import get_modality
 from tasks import attribution as ray_attr
 from tasks import evaluation as ray_eval
-from tasks import tracking, versioning
+from tasks import tracking
 from tasks import tune as ray_tune
 from tasks.stores import ensure_store
 
@@ -102,15 +99,10 @@ def tune_flow(
     params = load_params(params_path, {**environment_overrides(os.environ), **(overrides or {})})
     path = check_tune(method, params, name, overwrite)
     tr, tn, n = params.tracking, params.tune, params.evaluate.n_models
-    request = load_request(params.resolve(params.request.file))
-    tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
-    params, staged = versioning.stage_data(get_modality("image"), params, request)
-    prepared_dir = str(params.resolve(params.data.out_dir))
-    manifests_dir = str(params.resolve(params.request.out_dir))
-    data = load_prepared(prepared_dir)
-    man = load_manifests(manifests_dir)
-    train_ids = np.sort(data.split_ids("train"))
-    retain_mask = np.isin(train_ids, man.retain_ids)
+    st = ray_eval.stage_request(params)
+    params, request, staged, data, man = st.params, st.request, st.staged, st.data, st.manifests
+    prepared_dir, manifests_dir = st.prepared_dir, st.manifests_dir
+    train_ids, retain_mask = st.train_ids, st.retain_mask
     space = get_method(method).search_space
     start = to_dict(params.unlearn.method_params(method))
     run_id = tracking.start_run(

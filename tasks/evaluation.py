@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from pipeline_lib.config import (
     parse_section,
 )
 from pipeline_lib.data.images import load_prepared
-from pipeline_lib.data.requests import load_manifests
+from pipeline_lib.data.requests import load_manifests, load_request
 from tasks.ray_resources import check_gpus, task_device, task_options, task_slots
 
 
@@ -197,6 +198,51 @@ def build_problem(store: AttributionStore, prepared_dir: str, manifests_dir: str
         np.flatnonzero(split == "test"),
         data.n_classes,
         ids=np.asarray(ids, dtype=str),
+    )
+
+
+@dataclass(frozen=True)
+class StagedRequest:
+    """The request of a params file, its data and manifests staged by DVC
+    (:func:`stage_request`)."""
+
+    params: Any  # the params pointing at the staged data
+    request: Any
+    staged: dict[str, Any]  # stage_data's record (DVC md5s)
+    prepared_dir: str
+    manifests_dir: str
+    data: Any
+    manifests: Any
+    train_ids: np.ndarray  # sorted
+    retain_mask: np.ndarray  # over train_ids
+
+
+def stage_request(params: Any) -> StagedRequest:
+    """Load the request of ``params``, refuse an id MLflow holds for other content, stage
+    its data and manifests, and read them: the start shared by the evaluate and tune flows.
+    MLflow and DVC are imported here, not by the module the Ray workers load."""
+    from pipeline_lib.modalities import get_modality
+    from tasks import tracking, versioning
+
+    tr = params.tracking
+    request = load_request(params.resolve(params.request.file))
+    tracking.check_request_id(tr.mlflow_uri, tr.experiment, request.request_id, request.digest)
+    params, staged = versioning.stage_data(get_modality("image"), params, request)
+    prepared_dir = str(params.resolve(params.data.out_dir))
+    manifests_dir = str(params.resolve(params.request.out_dir))
+    data = load_prepared(prepared_dir)
+    man = load_manifests(manifests_dir)
+    train_ids = np.sort(data.split_ids("train"))
+    return StagedRequest(
+        params,
+        request,
+        staged,
+        prepared_dir,
+        manifests_dir,
+        data,
+        man,
+        train_ids,
+        np.isin(train_ids, man.retain_ids),
     )
 
 
