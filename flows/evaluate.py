@@ -26,7 +26,6 @@ from pipeline_lib.attribution.datamodels import margins as margins_of
 from pipeline_lib.attribution.matching import MatchTargets
 from pipeline_lib.attribution.store import AttributionStore
 from pipeline_lib.comparison import (
-    Problem,
     floor_scores,
     markdown_table,
     metrics_of_logits,
@@ -91,32 +90,8 @@ def connect(ray_cfg: dict) -> str:
     return ray_attr.connect(parse_section(RayConfig, ray_cfg, "ray"))
 
 
-@task(name="matching-targets")
-def matching_targets(
-    source: str,
-    store_root: str,
-    problem: Problem,
-    original_outputs: np.ndarray,
-    train_ids: np.ndarray,
-    forget_ids: np.ndarray,
-    multiple: float,
-    seed: int,
-    lam: float,
-    estimator: str,
-) -> list[MatchTargets]:
-    """Targets for each original (:func:`tasks.evaluation.matching_targets_for`)."""
-    return ray_eval.matching_targets_for(
-        source,
-        store_root,
-        problem,
-        original_outputs,
-        train_ids,
-        forget_ids,
-        multiple,
-        seed,
-        lam,
-        estimator,
-    )
+#: Targets for each original (:func:`tasks.evaluation.matching_targets_for`), as a task
+matching_targets = task(name="matching-targets")(ray_eval.matching_targets_for)
 
 
 @flow(name="evaluate-methods")
