@@ -3,6 +3,11 @@ statistics (issue 15), with forgetting quality side by side, in one process and 
 
     python -m benchmarks.request_cost --dataset digits --seeds 3
     python -m benchmarks.request_cost --dataset fashion-mnist --model cnn --max-train 10000
+    python -m benchmarks.request_cost --dataset fashion-mnist --model cnn --device cuda
+
+``--device cuda``: training, the statistics and the unlearning step run on the GPU (full
+float32: TF32 off for matmuls and cuDNN); the evaluation runs on the CPU. Times are wall
+seconds after a CUDA synchronise; the CPU-seconds columns then mean little.
 
 Per seed s: the pipeline's split of the dataset (``--max-train``: a seeded subsample of the
 training split), a random ``--fraction`` forget request, the original trained on D (seed s),
@@ -46,7 +51,7 @@ from pipeline_lib.stats.store import retain_from_full
 from pipeline_lib.training.fit import FitSettings, fit
 
 
-def load(name: str, max_train: int | None, seed: int):
+def load(name: str, max_train: int | None, seed: int, max_test: int | None = None):
     cfg = DataConfig(name=name, seed=seed)
     if name == "digits":
         raw = load_digits_source(cfg)
@@ -59,24 +64,36 @@ def load(name: str, max_train: int | None, seed: int):
     rng = np.random.default_rng(seed)
     if max_train is not None and max_train < len(tr):
         tr = np.sort(rng.choice(tr, max_train, replace=False))
-    if max_train is not None and len(te) > max_train // 4:
-        te = np.sort(rng.choice(te, max_train // 4, replace=False))
+    if max_test is None and max_train is not None:
+        max_test = max_train // 4
+    if max_test is not None and len(te) > max_test:
+        te = np.sort(rng.choice(te, max_test, replace=False))
     return raw, tr, te
+
+
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def timed(fn, *a, **k):
     """(result, (wall seconds, CPU seconds of this process)). The CPU seconds are what the 2
     shared cores distort least: other jobs inflate the wall time of both sides of a ratio
     unevenly; with one torch thread (``--threads 1``) the CPU time is the work done."""
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     out = fn(*a, **k)
+    sync()
     return out, np.array([time.perf_counter() - t0, time.process_time() - c0])
 
 
 def one_seed(s, args, params, settings, model_cfg, add, extra):
     """One request on seed ``s``; appends its rows through ``add``. Returns (|D|, |F|)."""
     t, fk, u = params.train, params.fisher, params.unlearn
-    raw, tr, te = load(args.dataset, args.max_train, s)
+    raw, tr, te = load(args.dataset, args.max_train, s, args.max_test)
     rng = np.random.default_rng(s)
     f_idx = np.sort(rng.choice(tr, int(round(args.fraction * len(tr))), replace=False))
     r_idx = np.setdiff1d(tr, f_idx)
@@ -85,8 +102,9 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
     ids = lambda idx: [str(i) for i in raw.ids[idx]]  # noqa: E731
     shape = raw.X.shape[1:]
     factory = lambda seed: build_model(model_cfg, shape, raw.n_classes, seed)  # noqa: E731
-    original = fit(factory(s), dX, dy, settings, s)
-    oracle, retrain = timed(fit, factory(s + 100), rX, ry, settings, s + 100)
+    dev = DEVICE
+    original = fit(factory(s), dX, dy, settings, s, device=dev)
+    oracle, retrain = timed(fit, factory(s + 100), rX, ry, settings, s + 100, device=dev)
     splits = EvalSplits(fX, fy, rX, ry, teX, tey)
     add("original", original, None, retrain, splits, s)
     add("retrain (oracle)", oracle, retrain, retrain, splits, s)
@@ -161,7 +179,7 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
         if source not in stats:
             continue
         i_f, i_r, stats_t = stats[source]
-        inputs = UnlearnInputs(fX, fy, rX, ry, factory, t, i_f, i_r)
+        inputs = UnlearnInputs(fX, fy, rX, ry, factory, t, i_f, i_r, device=dev)
         method = get_method(name)
         (model, _), m_t = timed(method.fn, copy.deepcopy(original), inputs, mparams, s)
         label = f"{name} [{source}"
@@ -193,9 +211,9 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
         forget_shift_direct, masks, outs, pos, params.attribution.lam, factor=factor
     )
     with torch.no_grad():
-        logits = oracle.eval()(mX)
+        logits = oracle.eval()(mX.to(dev)).cpu()
     match = MatchTargets(mX, logits.float(), len(f_idx), "oracles")
-    inputs = UnlearnInputs(fX, fy, rX, ry, factory, t, match=match)
+    inputs = UnlearnInputs(fX, fy, rX, ry, factory, t, match=match, device=dev)
     om = replace(
         u.oracle_matching,
         **{
@@ -214,7 +232,7 @@ def one_seed(s, args, params, settings, model_cfg, add, extra):
     c_f = tr[raw.y[tr] == 0]
     c_r = np.setdiff1d(tr, c_f)
     (cfX, cfy), (crX, cry) = T(c_f), T(c_r)
-    inputs = UnlearnInputs(cfX, cfy, crX, cry, factory, t, forget_classes=(0,))
+    inputs = UnlearnInputs(cfX, cfy, crX, cry, factory, t, forget_classes=(0,), device=dev)
     (model, _), svd_t = timed(
         get_method("svd_projection").fn, copy.deepcopy(original), inputs, u.svd_projection, s
     )
@@ -235,6 +253,12 @@ def main() -> None:
     ap.add_argument("--dataset", default="digits", choices=("digits", "fashion-mnist"))
     ap.add_argument("--model", default="mlp", choices=("mlp", "cnn"))
     ap.add_argument("--max-train", type=int, default=None)
+    ap.add_argument(
+        "--max-test",
+        type=int,
+        default=None,
+        help="seeded test subsample (default: --max-train / 4); the MIA's SVC grows with it",
+    )
     ap.add_argument("--fraction", type=float, default=0.1)
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: params)")
     ap.add_argument("--seeds", type=int, default=1)
@@ -257,8 +281,16 @@ def main() -> None:
         help="torch threads; 1 makes the CPU-time columns exact on a shared machine (with 2, "
         "a thread that waits for a descheduled peer spins and its CPU time counts)",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (see the docstring)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    if DEVICE.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("benchmarks.request_cost: --device cuda but torch sees no CUDA device")
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     params = Params()
     t = params.train
     epochs = args.epochs or t.epochs
@@ -269,7 +301,7 @@ def main() -> None:
 
     def add(label: str, model, secs, retrain, splits, s: int) -> None:
         ev = params.evaluate
-        m = evaluate_model(model, splits, ev.mia_svc_c, ev.mia_folds, s)
+        m = evaluate_model(copy.deepcopy(model).cpu(), splits, ev.mia_svc_c, ev.mia_folds, s)
         if secs is None:
             secs = np.full(2, np.nan)
         r = secs / retrain
@@ -281,9 +313,11 @@ def main() -> None:
     flags = "".join(f" --fd-variant {v}" for v in args.fd_variant)
     flags += " --skip-today" if args.skip_today else ""
     flags += f" --threads {args.threads} --store-models {args.store_models}"
+    if DEVICE.type == "cuda":
+        flags += f" --device cuda  ({torch.cuda.get_device_name(DEVICE)})"
     print(
         f"python -m benchmarks.request_cost --dataset {args.dataset} --model {args.model} "
-        f"--max-train {args.max_train} --fraction {args.fraction} --epochs {epochs} "
+        f"--max-train {args.max_train} --max-test {args.max_test} --fraction {args.fraction} --epochs {epochs} "
         f"--seeds {args.seeds}{flags}  (|D|={n_tr}, |F|={n_f}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f})"
     )

@@ -198,8 +198,11 @@ def test_returned_tensors_own_their_storage(tmp_path):
 # --------------------------------------------------------------------------- CUDA (marked gpu)
 # Tolerances on CUDA, parameters after 3 epochs (12 steps) against each model trained alone
 # by fit on the CPU: float64 1e-10 (the device path computes the same thing); float32 with
-# TF32 off 1e-4 (kernel rounding, amplified a little by Adam); TF32 on 5e-2 (10-bit
-# mantissa products: Adam's normalised steps can flip where a gradient is near zero).
+# TF32 off 1e-4 (kernel rounding, amplified a little by Adam); TF32 on 5e-2 for the MLP
+# (10-bit mantissa products: Adam's normalised steps can flip where a gradient is near zero).
+# The CNN with TF32 on is not claimed equal: on an H100 (2026-11-26, torch 2.11) model 2's
+# second conv weight differed from the CPU by more than 5e-2 after the 12 steps, so TF32
+# (``ray.tf32``) stays off by default and the tolerance is stated for the MLP only.
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -218,6 +221,8 @@ def _tf32(on: bool) -> None:
     ids=["float64", "float32", "tf32"],
 )
 def test_cuda_ensemble_matches_models_trained_alone_on_cpu(cfg, dtype, tf32, atol):
+    if tf32 and cfg is CNN:
+        pytest.skip("TF32 convolutions are not within 5e-2 of the CPU (comment above)")
     X, y, masks = _data(dtype)
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     _tf32(tf32)

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The one prepared GPU run of issues 15 and 17 (about 8 minutes on an H100), as given to a
+# lent device machine from the repository root:
+#
+#   bash benchmarks/gpu_session.sh            # output under $OUT (default /tmp/gpu-out)
+#
+# The device image has PyTorch but neither pydantic nor Ray nor Fashion-MNIST: carry
+# pydantic's wheels in .whl/ (see BENCHMARKS.md) and the four IDX files in .gpudata/. Ray's
+# wheel does not fit the device's 64 MiB transfer, so tests/test_ray_gpus.py is not run here.
+set -u
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+if [ -d .gpudata ] && [ ! -e /usr/share/datasets/fashion-mnist ]; then
+  mkdir -p /usr/share/datasets && ln -s "$PWD/.gpudata" /usr/share/datasets/fashion-mnist
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+python3 -c 'import torch, pydantic; print("torch", torch.__version__, "pydantic", pydantic.__version__)'
+step() { local secs=$1 name=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "=== $name rc ${PIPESTATUS[0]}"; }
+step 60 stats_agreement python3 -m benchmarks.gpu_stats_agreement
+step 230 request_cost python3 -m benchmarks.request_cost --dataset fashion-mnist --model cnn \
+  --device cuda --max-test 2000 --fraction 0.01 --fd-variant retain_sample_multiple=3.0
+step 110 pytest_gpu python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ensemble.py
+step 150 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 90
