@@ -4,28 +4,41 @@ Generates, in a temporary folder, an MLflow SQLite store with its registry and t
 ledger beside it (no training): ``--requests`` done requests, each forgetting ``--ids`` sample
 ids (ledger rows, events and the forgotten-id index inserted directly), and one registered
 version per request (an approximate version chained to its parent) with an exact retrain
-every ``--retrain-every`` requests. Then times ``lineage sample`` for a sample forgotten
-mid-way (the function, warm, best of ``--repeat``; and the whole CLI in a fresh process:
-interpreter start, imports, queries, printing).
+every ``--retrain-every`` requests. Then starts ``infra/mlflow-server.sh`` on 127.0.0.1 over
+that store (``--auth basic``: with MLflow's basic-auth app, as a team runs it) and times
+``lineage sample`` for a sample forgotten mid-way, side by side:
+
+- against the SQLite store (``sqlite:///``: the MLflow client) and against the server
+  (``http://``: MLflow's REST API read with the standard library, no ``import mlflow``);
+- the function, warm (best of ``--repeat``), and the whole CLI in a fresh process
+  (interpreter start, imports, queries, printing; best of ``--repeat``).
+
+The REST and client answers are checked equal before anything is timed.
 
     python -m benchmarks.lineage_query [--requests 1000] [--ids 10] [--retrain-every 100] \
-        [--compare-tree DIR]
+        [--auth none|basic] [--compare-tree DIR]
 
 ``--compare-tree DIR``: also time the CLI of another checkout (e.g. ``git archive <commit> |
-tar -x -C DIR``) on the same ledger, best of ``--repeat`` fresh processes each, and print
-the ratio.
+tar -x -C DIR``) on the same stores, best of ``--repeat`` fresh processes each, and print
+the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
+import secrets
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -116,18 +129,91 @@ def generate(uri: str, n_requests: int, n_ids: int, retrain_every: int) -> dict:
     }
 
 
+@contextlib.contextmanager
+def serve(
+    backend_uri: str, data_dir: Path, auth: bool = False, timeout: float = 180
+) -> Iterator[tuple[str, dict[str, str]]]:
+    """``infra/mlflow-server.sh`` over ``backend_uri`` on a free port of 127.0.0.1 (one
+    worker, no job runner); with ``auth``, MLflow's basic-auth app with a random admin
+    password. Yields the server URL and the client environment (credentials) to use; stops
+    the server (its whole process group) on exit."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+        MLFLOW_PORT=str(port),
+        MLFLOW_WORKERS="1",
+        MLFLOW_DATA_DIR=str(data_dir),
+        MLFLOW_BACKEND_STORE_URI=backend_uri,
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+        MLFLOW_DISABLE_TELEMETRY="true",
+    )
+    client_env: dict[str, str] = {}
+    if auth:
+        password = secrets.token_urlsafe(16)
+        env.update(MLFLOW_AUTH="basic", MLFLOW_AUTH_ADMIN_PASSWORD=password)
+        client_env = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+    log = data_dir / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["bash", str(REPO / "infra" / "mlflow-server.sh")],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited ({proc.returncode}): {log.read_text()}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.read().strip() == b"OK":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"mlflow server not healthy after {timeout:.0f}s: {log.read_text()}"
+                )
+            time.sleep(0.3)
+        yield url, client_env
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _cpu_children() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000)
     ap.add_argument("--ids", type=int, default=10, help="forgotten ids per request")
     ap.add_argument("--retrain-every", type=int, default=100)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument(
+        "--auth", choices=("none", "basic"), default="basic", help="the server's auth app"
+    )
     ap.add_argument("--compare-tree", help="another checkout whose CLI is timed alike")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from tasks.ledger import Ledger
     from tasks.lineage import sample_lineage
 
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     with tempfile.TemporaryDirectory(prefix="lineage-bench-") as tmp:
         root = Path(tmp)
         uri = f"sqlite:///{root / 'mlflow.db'}"
@@ -138,68 +224,135 @@ def main(argv: list[str] | None = None) -> int:
             f"{info['versions']} registered versions in {time.perf_counter() - t:.1f}s"
         )
         sample = f"digits-{(args.requests // 2) * args.ids + 3:06d}"
-        ledger = Ledger(uri)
-        times = []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            out = sample_lineage(uri, ledger, MODEL, sample)
-            times.append(time.perf_counter() - t)
-        ledger.close()
-        print(
-            f"lineage sample {sample}: forgotten by {out['forgotten_by'][0]['request_id']}; "
-            f"{len(out['trained_with'])} versions trained with it, {len(out['unlearned_in'])} "
-            f"unlearned it, {len(out['trained_without'])} without"
-        )
-        print(f"sample_lineage() warm: best {min(times):.3f}s, first {times[0]:.3f}s")
-
-        def fresh(tree: Path) -> tuple[float, float]:
-            """Best wall time and best CPU time (user + system, of the process and its
-            children: less sensitive to other load on the machine) of --repeat fresh CLI
-            processes run from ``tree`` (with the params file of that tree, pointed at the
-            generated stores)."""
-            params = yaml.safe_load((tree / "params.yaml").read_text())
-            params["tracking"]["mlflow_uri"] = uri
-            params["service"]["model_name"] = MODEL
-            path = root / f"params-{abs(hash(str(tree)))}.yaml"
-            path.write_text(yaml.safe_dump(params))
-            cli = [sys.executable, "-m", "flows.cli", "lineage", "sample", sample, "--json"]
-            cli += ["--params", str(path)]
-            walls, cpus = [], []
-            env = {**os.environ, "PYTHONPATH": str(tree)}
-            for _ in range(args.repeat):
-                before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                t = time.perf_counter()
-                proc = subprocess.run(cli, cwd=tree, capture_output=True, text=True, env=env)
-                walls.append(time.perf_counter() - t)
-                after = resource.getrusage(resource.RUSAGE_CHILDREN)
-                cpus.append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
-                if proc.returncode != 0:
-                    raise SystemExit(f"{tree}: {proc.stderr[-3000:]}")
-                assert json.loads(proc.stdout)["sample_id"] == sample
-            return min(walls), min(cpus)
-
-        wall, cpu = fresh(REPO)
-        floor_cmd = [sys.executable, "-c", "import flows.cli, tasks.lineage, mlflow"]
         t = time.perf_counter()
-        subprocess.run(floor_cmd, cwd=REPO, check=True, capture_output=True)
-        floor = time.perf_counter() - t
-        print(
-            f"unlearn lineage sample (CLI, fresh process, best of {args.repeat}): {wall:.2f}s "
-            f"wall, {cpu:.2f}s CPU"
-        )
-        print(
-            f"  of which interpreter start + imports (mlflow, sqlalchemy; no torch, no prefect): "
-            f"{floor:.2f}s; the rest (params, queries, printing): {wall - floor:.2f}s"
-        )
-        if args.compare_tree:
-            other, other_cpu = fresh(Path(args.compare_tree).resolve())
+        with serve(uri, root / "server", auth=args.auth == "basic") as (url, creds):
+            print(f"mlflow server ({args.auth} auth) up in {time.perf_counter() - t:.1f}s")
+            saved = {k: os.environ.get(k) for k in creds}
+            os.environ.update(creds)
+            ledger = Ledger(uri)
+            warm: dict[str, float] = {}
+            answers = {}
+            for name, where, via in (
+                ("sqlite", uri, "client"),
+                ("server-rest", url, "rest"),
+                ("server-client", url, "client"),
+            ):
+                times = []
+                for _ in range(args.repeat):
+                    t = time.perf_counter()
+                    answers[name] = sample_lineage(where, ledger, MODEL, sample, via=via)
+                    times.append(time.perf_counter() - t)
+                warm[name] = min(times)
+            ledger.close()
+            # one request's round trip (the basic-auth app checks the password on each)
+            t = time.perf_counter()
+            from tasks import mlflow_rest
+
+            server = mlflow_rest.Server.from_env(url, os.environ)
+            mlflow_rest.model_aliases(server, MODEL)
+            round_trip = time.perf_counter() - t
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            out = answers["sqlite"]
+            assert answers["server-rest"] == out == answers["server-client"], "answers differ"
             print(
-                f"the same command from {args.compare_tree}: {other:.2f}s wall, "
-                f"{other_cpu:.2f}s CPU (this tree / that one: wall {wall / other:.2f}, "
-                f"CPU {cpu / other_cpu:.2f})"
+                f"lineage sample {sample}: forgotten by {out['forgotten_by'][0]['request_id']}; "
+                f"{len(out['trained_with'])} versions trained with it, "
+                f"{len(out['unlearned_in'])} unlearned it, {len(out['trained_without'])} "
+                "without (the same answer over sqlite, REST and the client against the server)"
             )
-        goal = "met" if min(times) < 2.0 and wall < 2.0 else "NOT met"
-        print(f"goal < 2 s for the query over {args.requests} requests: {goal}")
+
+            def fresh(tree: Path, mlflow_uri: str) -> tuple[float, float]:
+                """Best wall time and best CPU time (user + system of the process: less
+                sensitive to other load on the machine; the server's time is not in it) of
+                --repeat fresh CLI processes run from ``tree`` (with the params file of that
+                tree, pointed at the generated stores)."""
+                params = yaml.safe_load((tree / "params.yaml").read_text())
+                params["tracking"]["mlflow_uri"] = mlflow_uri
+                params["service"]["model_name"] = MODEL
+                params["service"]["ledger_url"] = uri
+                path = root / f"params-{abs(hash((str(tree), mlflow_uri)))}.yaml"
+                path.write_text(yaml.safe_dump(params))
+                cli = [sys.executable, "-m", "flows.cli", "lineage", "sample", sample, "--json"]
+                cli += ["--params", str(path)]
+                walls, cpus = [], []
+                env = {**os.environ, **creds, "PYTHONPATH": str(tree)}
+                env.pop("MLFLOW_TRACKING_URI", None)
+                for _ in range(args.repeat):
+                    before = _cpu_children()
+                    t = time.perf_counter()
+                    proc = subprocess.run(cli, cwd=tree, capture_output=True, text=True, env=env)
+                    walls.append(time.perf_counter() - t)
+                    cpus.append(_cpu_children() - before)
+                    if proc.returncode != 0:
+                        raise SystemExit(f"{tree}: {proc.stderr[-3000:]}")
+                    assert json.loads(proc.stdout) == json.loads(json.dumps(out, default=str))
+                return min(walls), min(cpus)
+
+            def floor(modules: str) -> float:
+                best = float("inf")
+                for _ in range(args.repeat):
+                    t = time.perf_counter()
+                    subprocess.run(
+                        [sys.executable, "-c", f"import {modules}"], cwd=REPO, check=True
+                    )
+                    best = min(best, time.perf_counter() - t)
+                return best
+
+            rows = {
+                "sqlite": fresh(REPO, uri),
+                "server": fresh(REPO, url),
+            }
+            floors = {
+                "sqlite": floor("flows.cli, tasks.lineage, tasks.ledger, mlflow"),
+                "server": floor("flows.cli, tasks.lineage, tasks.ledger"),
+            }
+            other = None
+            if args.compare_tree:
+                tree = Path(args.compare_tree).resolve()
+                other = {"sqlite": fresh(tree, uri), "server": fresh(tree, url)}
+        print(
+            f"\n{'lineage sample over ' + str(args.requests) + ' requests':<44}"
+            f"{'sqlite (MLflow client)':>24}{'server (' + args.auth + ' auth)':>22}"
+        )
+        print(
+            f"{'sample_lineage(), warm, best of ' + str(args.repeat):<44}"
+            f"{warm['sqlite']:>23.3f}s{warm['server-rest']:>21.3f}s"
+            f"   (server through the MLflow client: {warm['server-client']:.3f}s)"
+        )
+        print(
+            f"{'unlearn lineage sample, fresh process, wall':<44}"
+            f"{rows['sqlite'][0]:>23.2f}s{rows['server'][0]:>21.2f}s"
+        )
+        print(
+            f"{'  its CPU time (user + system)':<44}"
+            f"{rows['sqlite'][1]:>23.2f}s{rows['server'][1]:>21.2f}s"
+        )
+        print(
+            f"{'  interpreter start + imports (no query)':<44}"
+            f"{floors['sqlite']:>23.2f}s{floors['server']:>21.2f}s"
+        )
+        print(
+            f"{'  one REST round trip to the server':<44}{'-':>24}{round_trip:>21.3f}s"
+            "   (2 per query)"
+        )
+        if other is not None:
+            print(
+                f"{'the same CLI from ' + args.compare_tree + ', wall':<44}"
+                f"{other['sqlite'][0]:>23.2f}s{other['server'][0]:>21.2f}s"
+            )
+            print(
+                f"{'  this tree / that one (wall)':<44}"
+                f"{rows['sqlite'][0] / other['sqlite'][0]:>24.2f}"
+                f"{rows['server'][0] / other['server'][0]:>22.2f}"
+            )
+        for name in ("sqlite", "server"):
+            goal = "met" if rows[name][0] < 2.0 else "NOT met"
+            print(f"goal: a fresh `unlearn lineage sample` under 2 s ({name}): {goal}")
+        print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
 

@@ -32,14 +32,10 @@ from typing import Any
 
 import yaml
 
-from pipeline_lib.data.images import DataError
-from pipeline_lib.data.requests import (
-    RequestError,
-    check_unique_ids,
-    extract_forget_set,
-    load_request,
-)
 from pipeline_lib.schema import ConfigError
+
+# pipeline_lib.data (numpy, pyarrow: a fifth of a second) is imported by the commands that
+# read requests or data, not at start-up: `unlearn lineage` has no use for it.
 
 
 def load_params(path: str, overrides: dict[str, Any] | None = None) -> Any:
@@ -158,6 +154,7 @@ def _check(modality: Any, params: Any, requests: list | tuple = (), **kwargs: An
 def _request_pair(params: Any) -> tuple[str, Any]:
     """(file, request) of ``request.file`` (``--request``), schema-checked; the params are
     checked first (the file is found under ``tracking.dvc_root``)."""
+    from pipeline_lib.data.requests import load_request
     from pipeline_lib.validation import check_params
 
     check_params(params)
@@ -176,6 +173,7 @@ def _check_request_id_in_mlflow(params: Any, source: str, request: Any) -> None:
     elif "://" not in uri or uri.startswith("file:"):
         if not Path(uri.removeprefix("file://").removeprefix("file:")).is_dir():
             return
+    from pipeline_lib.data.requests import RequestError
     from tasks.tracking import DuplicateRequest, check_request_id
 
     try:
@@ -211,6 +209,8 @@ def _service(
 
 
 def _load_requests(files: list[str]) -> list[tuple[str, Any]]:
+    from pipeline_lib.data.requests import check_unique_ids, load_request
+
     requests = [(f, load_request(f)) for f in files]
     check_unique_ids(requests)
     return requests
@@ -219,6 +219,7 @@ def _load_requests(files: list[str]) -> list[tuple[str, Any]]:
 def _submit(ledger, params, requests: list[tuple[str, Any]]) -> list[tuple[str, str, bool]]:
     """Record requests already checked (:func:`_service` with ``requests``: a request whose
     ids are not in the data is refused at submit, not an hour later in the sweep)."""
+    from pipeline_lib.data.requests import RequestError
     from tasks.ledger import LedgerConflict
 
     out = []
@@ -278,6 +279,8 @@ def cmd_requests_list(args: argparse.Namespace) -> int:
 def cmd_requests_show(args: argparse.Namespace) -> int:
     import json
 
+    from pipeline_lib.data.requests import RequestError
+
     _, _, ledger = _service(args)
     try:
         row = ledger.get(args.request_id)
@@ -303,6 +306,8 @@ def cmd_requests_show(args: argparse.Namespace) -> int:
 def cmd_requests_retry(args: argparse.Namespace) -> int:
     """Put a ``failed`` request back in the queue (``failed -> pending``); the next sweep
     processes it again, in its original place."""
+    from pipeline_lib.data.requests import RequestError
+
     _, _, ledger = _service(args)
     try:
         row = ledger.get(args.request_id)
@@ -452,7 +457,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
         print(f"{params.service.model_name}: {added} forgotten id(s) indexed from {path}")
         return 0
     # the queries read only the tracking URI and the service section: no Params, no torch,
-    # no Prefect (a fresh `unlearn lineage` process answers in about a second)
+    # no Prefect, no pipeline_lib.data; `lineage sample` against a tracking server reads the
+    # registry over REST without importing MLflow (tasks/mlflow_rest.py)
     from pipeline_lib.service.settings import read_service_settings
     from tasks.ledger import Ledger, ledger_url
     from tasks.lineage import LineageError, model_lineage, request_lineage, sample_lineage
@@ -474,6 +480,8 @@ def cmd_lineage(args: argparse.Namespace) -> int:
                 name, version = model, name or "production"
             out = model_lineage(uri, ledger, name, version)
     except LineageError as exc:
+        from pipeline_lib.data.requests import RequestError
+
         raise RequestError(str(exc)) from exc
     finally:
         ledger.close()
@@ -855,6 +863,7 @@ def _validate_text(args: argparse.Namespace, requests: list) -> int:
 def cmd_validate(args: argparse.Namespace) -> int:
     """Schema-check request files; check ids against prepared data when it exists (image
     params), or against the text corpus (LM params: ``pipeline: lm``)."""
+    from pipeline_lib.data.requests import check_unique_ids, extract_forget_set, load_request
     from pipeline_lib.modalities import modality_for_params
 
     requests = [(f, load_request(f)) for f in args.files]
@@ -1155,6 +1164,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What :func:`main` reports as one line with exit 2: bad parameters, requests or data.
+    The request and data errors are those of their modules if loaded (evaluated when an
+    error propagates: one whose module was never imported cannot have been raised)."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, name in (
+        ("pipeline_lib.data.images", "DataError"),
+        ("pipeline_lib.data.requests", "RequestError"),
+    ):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -1166,12 +1189,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if getattr(args, "params", None):
-            from pipeline_lib.validation import check_params_file
+            from pipeline_lib.params_file import check_params_file
 
             check_params_file(args.params)  # UTF-8 text, size limit (before any parsing)
         with interruption.interruptible():  # SIGTERM/SIGINT: runs KILLED, Prefect API stopped
             return args.func(args)
-    except (ConfigError, RequestError, DataError, FileNotFoundError) as exc:
+    except _user_errors() as exc:
         # one line, whatever the message (a YAML parser's points at the column below)
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"unlearn: error: {message}", file=sys.stderr)

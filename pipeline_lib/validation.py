@@ -54,10 +54,12 @@ from pipeline_lib.data.requests import (
     extract_forget_set,
     load_request,
 )
+from pipeline_lib.params_file import MAX_PARAMS_BYTES, check_params_file
 from pipeline_lib.schema import ConfigError, flatten, to_dict
 
 __all__ = [
     "ALLOW_OUTSIDE_ENV",
+    "MAX_PARAMS_BYTES",
     "RUNS_DIR",
     "TRACKING_SCHEMES",
     "check_inputs",
@@ -82,29 +84,6 @@ OUTPUT_DIR_KEYS = ("out_dir", "report_dir", "artifacts_dir")
 
 
 # --------------------------------------------------------------------------- params
-
-#: A params file larger than this is not a params file.
-MAX_PARAMS_BYTES = 1_000_000
-
-
-def check_params_file(path: str | Path) -> None:
-    """A params file that exists must be UTF-8 text of at most :data:`MAX_PARAMS_BYTES`
-    (YAML errors, a missing file and bad keys are reported when it is parsed)."""
-    path = Path(path)
-    if not path.is_file():
-        return
-    size = path.stat().st_size
-    if size > MAX_PARAMS_BYTES:
-        raise ConfigError(
-            f"{path}: params file is {size:,} bytes; the limit is {MAX_PARAMS_BYTES:,} bytes"
-        )
-    data = path.read_bytes()
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a text file (not UTF-8 at byte {exc.start})") from None
-    if b"\0" in data:
-        raise ConfigError(f"{path}: not a text file (NUL bytes)")
 
 
 def _is_seed(key: str) -> bool:

@@ -22,33 +22,40 @@ Which versions were trained with a sample ``x`` follows from the tags alone:
 from __future__ import annotations
 
 import json
+import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import pyarrow as pa
-from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
-from mlflow.exceptions import MlflowException
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline_lib.service.evidence import render_certificate
-from tasks import registry
-from tasks.ledger import Ledger
+from tasks import mlflow_rest
+from tasks.mlflow_rest import VersionRecord
+
+if TYPE_CHECKING:  # imported where used: a `lineage sample` against a server needs neither
+    import pyarrow as pa
+    from mlflow import MlflowClient
+
+    from tasks.ledger import Ledger
 
 #: What a version holds of a sample (see the module docstring).
 WITH, WITHOUT, UNLEARNED, UNRELATED = "with", "without", "unlearned", "unknown"
 PURGED_TAG = "purged_at"
 CERTIFICATE_DIR = "certificate"
 CERTIFICATE_FILE = "certificate.html"
+#: :data:`tasks.registry.PRODUCTION_ALIAS` (that module imports MLflow; a test checks both).
+PRODUCTION_ALIAS = "production"
 
 
 class LineageError(ValueError):
-    """A lineage question cannot be answered: unknown request, model or version."""
+    """A lineage question cannot be answered: unknown request, model or version, or a
+    tracking server that refused or could not be reached."""
 
 
 def _client(uri: str) -> MlflowClient:
+    from mlflow import MlflowClient
+
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -121,12 +128,30 @@ def ui_command(uri: str) -> str | None:
 
 
 KLOM_SPLITS = ("forget", "retain", "validation")
+#: The membership-inference figures of an ensemble row shown on the certificate, each a mean
+#: with its std over N models x S seeded draws (``<key>_std``).
+ENSEMBLE_MIA = ("MIA_efficacy", "loss_MIA_AUC", "avg_gap")
+#: The comparison row of the oracles themselves (pipeline_lib.comparison.summarise).
+ORACLE_ROW = "oracle (retrain)"
+
+
+def _ensemble_mia(metrics: Mapping[str, float]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        k: {"mean": metrics[k], "std": metrics.get(f"{k}_std")}
+        for k in ENSEMBLE_MIA
+        if k in metrics
+    }
+    if "mia_seeds" in metrics:
+        out["seeds"] = int(metrics["mia_seeds"])
+    return out
 
 
 def klom_evidence(client: MlflowClient, run: Any) -> dict[str, Any] | None:
     """KLoM of the request's method against an oracle ensemble, when ``unlearn evaluate`` was
     run for the request: its newest per-method child run (tags ``request_id``, ``kind =
-    evaluation-method``, ``method``) with the noise floor of its parent. ``None`` without one."""
+    evaluation-method``, ``method``) with the noise floor of its parent, and the ensemble's
+    membership inference (MIA efficacy, loss-MIA AUC, Avg. Gap: mean and std over N models x
+    S seeds) for the method and for the oracles (their sibling row). ``None`` without one."""
     tags = run.data.tags
     rid = tags.get("request_id")
     method = tags.get("method") or run.data.params.get("unlearn.method")
@@ -154,6 +179,20 @@ def klom_evidence(client: MlflowClient, run: Any) -> dict[str, Any] | None:
         return None
     parent_id = child.data.tags.get("mlflow.parentRunId")
     parent = client.get_run(parent_id) if parent_id else None
+    mia = {method: _ensemble_mia(m)}
+    if parent_id:
+        siblings = client.search_runs(
+            [child.info.experiment_id],
+            filter_string=(
+                f"tags.request_id = '{rid}' and tags.kind = 'evaluation-method' "
+                f"and tags.method = '{ORACLE_ROW}'"
+            ),
+            max_results=50,
+        )
+        for sib in siblings:
+            if sib.data.tags.get("mlflow.parentRunId") == parent_id:
+                mia[ORACLE_ROW] = _ensemble_mia(sib.data.metrics)
+                break
     pm = parent.data.metrics if parent else {}
     theirs = parent.data.tags.get("dvc.manifests_md5") if parent else None
     ours = tags.get("dvc.manifests_md5")
@@ -167,6 +206,7 @@ def klom_evidence(client: MlflowClient, run: Any) -> dict[str, Any] | None:
             for s in splits
         },
         "manifests_match": (theirs == ours) if theirs and ours else None,
+        "mia": {k: v for k, v in mia.items() if v},
     }
 
 
@@ -174,7 +214,9 @@ def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str,
     """The request's certificate (one self-contained HTML page, plot embedded) from what its
     MLflow run holds and the report in ``report_dir``; written to
     ``<report_dir>/certificate.html``, logged to the run under ``certificate/`` and named by
-    the run tag ``certificate.path``. ``outcome``: the request's status and reason."""
+    the run tag ``certificate.path``. ``outcome``: the request's status and reason (kept as
+    the run tags ``certificate.status`` and ``certificate.outcome`` for
+    :func:`refresh_certificate`)."""
     client = _client(uri)
     run = client.get_run(run_id)
     tags, params = run.data.tags, run.data.params
@@ -246,13 +288,71 @@ def write_certificate(uri: str, run_id: str, report_dir: str, outcome: dict[str,
     out.write_text(render_certificate(facts, plot if plot.is_file() else None))
     client.log_artifact(run_id, str(out), artifact_path=CERTIFICATE_DIR)
     client.set_tag(run_id, "certificate.path", str(out))
+    client.set_tag(run_id, "certificate.status", str(outcome.get("status", "")))
+    client.set_tag(run_id, "certificate.outcome", str(outcome.get("reason", "")))
     return out
+
+
+def refresh_certificate(uri: str, request_id: str, ledger: Ledger | None = None) -> Path | None:
+    """Render again the certificate of a request the deletion service processed (its newest
+    run with a ``certificate.path`` tag), e.g. after ``unlearn evaluate`` compared its method
+    against an oracle ensemble: the new page carries the ensemble's KLoM and MIA, is written
+    over the old one and logged to the run again. The status and outcome are those the first
+    rendering recorded (or, for a run rendered before they were, the ledger's). When the
+    report folder is gone from this machine, the report is downloaded from the run. ``None``:
+    no certificate of ``request_id`` on MLflow."""
+    if "'" in request_id:
+        return None
+    client = _client(uri)
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.request_id = '{request_id}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=200,
+    )
+    run = next(
+        (
+            r
+            for r in runs
+            if r.data.tags.get("certificate.path")
+            and not r.data.tags.get("kind", "").startswith("evaluation")
+        ),
+        None,
+    )
+    if run is None:
+        return None
+    tags = run.data.tags
+    outcome = {"status": tags.get("certificate.status"), "reason": tags.get("certificate.outcome")}
+    if outcome["status"] is None and ledger is not None:
+        row = ledger.get(request_id)
+        events = ledger.events(request_id) if row else []
+        outcome = {
+            "status": row.status if row else "",
+            "reason": events[-1].reason if events else "",
+        }
+    outcome = {k: v or "" for k, v in outcome.items()}
+    report_dir = Path(tags["certificate.path"]).parent
+    if not (report_dir / "report.json").is_file():
+        import mlflow.artifacts
+
+        report_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="unlearnflow-report-") as tmp:
+            got = Path(
+                mlflow.artifacts.download_artifacts(
+                    run_id=run.info.run_id, artifact_path="report", dst_path=tmp, tracking_uri=uri
+                )
+            )
+            for f in got.iterdir():
+                (report_dir / f.name).write_bytes(f.read_bytes())
+    return write_certificate(uri, run.info.run_id, str(report_dir), outcome)
 
 
 # ------------------------------------------------------------------------------- reading
 
 
 def _find_run(client: MlflowClient, request_id: str, run_id: str | None):
+    from mlflow.exceptions import MlflowException
+
     if run_id:
         try:
             return client.get_run(run_id)
@@ -347,19 +447,57 @@ def request_lineage(uri: str, ledger: Ledger, request_id: str) -> dict[str, Any]
     return out
 
 
-def _versions(client: MlflowClient, name: str) -> dict[str, ModelVersion]:
-    found: dict[str, ModelVersion] = {}
+def _versions(client: MlflowClient, name: str) -> dict[str, VersionRecord]:
+    found: dict[str, VersionRecord] = {}
     token = None
     while True:
         page = client.search_model_versions(f"name = '{name}'", max_results=10000, page_token=token)
-        found.update({str(mv.version): mv for mv in page})
+        for mv in page:
+            found[str(mv.version)] = VersionRecord(
+                version=str(mv.version),
+                tags=dict(mv.tags),
+                creation_timestamp=int(mv.creation_timestamp or 0),
+                run_id=mv.run_id or None,
+                source=mv.source or "",
+            )
         token = page.token
         if not token:
             return found
 
 
+def registry_view(
+    uri: str,
+    model_name: str,
+    via: Literal["auto", "rest", "client"] = "auto",
+    environ: Mapping[str, str] | None = None,
+) -> tuple[dict[str, VersionRecord], str | None]:
+    """Every version of ``model_name`` with its tags, and the version its production alias
+    points at. ``via="auto"``: over the REST API with the standard library for an
+    ``http(s)://`` tracking server (no ``import mlflow``: :mod:`tasks.mlflow_rest`), through
+    :class:`mlflow.MlflowClient` for any other URI (``sqlite:///...``). Both give the same
+    records (``tests/test_lineage_rest.py``)."""
+    environ = os.environ if environ is None else environ
+    if via == "rest" or (via == "auto" and mlflow_rest.use_rest(uri, environ)):
+        try:
+            server = mlflow_rest.Server.from_env(uri, environ)
+            # the model first: a missing one is "not found", not an empty list of versions
+            production = mlflow_rest.model_aliases(server, model_name).get(PRODUCTION_ALIAS)
+            return mlflow_rest.model_versions(server, model_name), production
+        except mlflow_rest.RestError as exc:
+            raise LineageError(f"registered model {model_name!r}: {exc}") from exc
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        versions = _versions(client, model_name)
+        production = client.get_registered_model(model_name).aliases.get(PRODUCTION_ALIAS)
+    except MlflowException as exc:
+        raise LineageError(f"registered model {model_name!r}: {exc.message}") from exc
+    return versions, None if production is None else str(production)
+
+
 def version_states(
-    versions: dict[str, ModelVersion], forgotten_index: int | None, forgotten_by: set[str]
+    versions: Mapping[str, Any], forgotten_index: int | None, forgotten_by: set[str]
 ) -> dict[str, str]:
     """What each version holds of one sample (``with``, ``without``, ``unlearned``,
     ``unknown`` for a broken chain); ``forgotten_index`` is the sample's first tombstone row
@@ -404,7 +542,13 @@ def version_states(
     return states
 
 
-def sample_lineage(uri: str, ledger: Ledger, model_name: str, sample_id: str) -> dict[str, Any]:
+def sample_lineage(
+    uri: str,
+    ledger: Ledger,
+    model_name: str,
+    sample_id: str,
+    via: Literal["auto", "rest", "client"] = "auto",
+) -> dict[str, Any]:
     """Which requests forgot ``sample_id`` and when; which versions of ``model_name`` were
     trained with it (or derive from weights that were), which unlearned it approximately and
     which were trained without it; which artifacts still hold it (weights of ``with``
@@ -412,12 +556,7 @@ def sample_lineage(uri: str, ledger: Ledger, model_name: str, sample_id: str) ->
     rows = ledger.forgotten(model_name, sample_id)
     first = min((r.tombstone_index for r in rows), default=None)
     by = {r.request_id for r in rows}
-    client = _client(uri)
-    try:
-        versions = _versions(client, model_name)
-        production = client.get_registered_model(model_name).aliases.get(registry.PRODUCTION_ALIAS)
-    except MlflowException as exc:
-        raise LineageError(f"registered model {model_name!r}: {exc.message}") from exc
+    versions, production = registry_view(uri, model_name, via)
     states = version_states(versions, first, by)
     listing = []
     for v in sorted(versions, key=int):
@@ -433,7 +572,7 @@ def sample_lineage(uri: str, ledger: Ledger, model_name: str, sample_id: str) ->
                     timespec="seconds"
                 ),
                 "purged_at": mv.tags.get(PURGED_TAG),
-                "production": str(production) == v,
+                "production": production == v,
             }
         )
     holding = [v["version"] for v in listing if v["state"] == WITH and not v["purged_at"]]
@@ -457,6 +596,10 @@ def model_lineage(uri: str, ledger: Ledger, name: str, version: str) -> dict[str
     """The chain from ``name@version`` (a number or ``production``) back to the last exact
     version: each step's kind, requests (with their ledger status), method, data version
     and tombstone set."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks import registry
+
     client = _client(uri)
     try:
         if not version.isdigit():

@@ -119,17 +119,22 @@ def test_runs_carry_durable_evidence(service):
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def test_certificate_shows_mia_spread_and_klom_of_an_oracle_ensemble(service):
+def test_certificate_shows_mia_spread_and_klom_of_an_oracle_ensemble(service, tmp_path):
     """The certificate gives each MIA as mean ± std over its seeded draws, and, once
-    `unlearn evaluate` compared the method against an oracle ensemble on the request, the
-    KLoM per split beside the oracle-vs-oracle noise floor (found on MLflow by request and
-    method). The comparison here is logged the way flows/evaluate.py logs one, from KLoM
-    computed on margins drawn at random."""
+    `unlearn evaluate` compared the method against an oracle ensemble on the request, is
+    rendered again (refresh_certificate, what flows/evaluate.py calls after logging its
+    comparison) with the KLoM per split beside the oracle-vs-oracle noise floor and the
+    ensemble's MIA mean ± std (found on MLflow by request and method), keeping the request's
+    outcome, and logged to MLflow again. The comparison here is logged the way
+    flows/evaluate.py logs one, from KLoM computed on margins drawn at random."""
+    import re
+
+    import mlflow.artifacts
     import numpy as np
     from mlflow import MlflowClient
 
     from pipeline_lib.evaluation.klom import klom_report, noise_floor
-    from tasks.lineage import write_certificate
+    from tasks.lineage import ORACLE_ROW, refresh_certificate
     from tasks.tracking import _experiment_id, create_run, end_run, log_comparison
 
     second = service["result"]["processed"][1]
@@ -158,17 +163,43 @@ def test_certificate_shows_mia_spread_and_klom_of_an_oracle_ensemble(service):
         f"evaluate-{tags['request_id']}",
         {"kind": "evaluation", "dvc.manifests_md5": tags["dvc.manifests_md5"]},
     )
-    row = {"method": tags["method"], "n_models": n}
+    row = {"method": tags["method"], "n_models": n, "mia_seeds": 3}
     row.update({f"klom_{s}_{k}": v for s, d in klom.items() for k, v in d.items()})
-    log_comparison.fn(uri, exp, parent, [row], {}, floor, [], {"request_id": tags["request_id"]})
+    oracle_row = {"method": ORACLE_ROW, "n_models": n, "mia_seeds": 3}
+    for r in (row, oracle_row):
+        for key in ("MIA_efficacy", "loss_MIA_AUC", "avg_gap"):
+            r[key], r[f"{key}_std"] = rng.uniform(0.1, 0.9), rng.uniform(0.01, 0.05)
+    rows = [row, oracle_row]
+    log_comparison.fn(uri, exp, parent, rows, {}, floor, [], {"request_id": tags["request_id"]})
     end_run(uri, parent, "FINISHED")
 
-    out = write_certificate(uri, second["run_id"], second["report_dir"], {"status": "done"})
+    def outcome(text: str) -> list[str]:
+        return re.findall(r"<tr><th>(?:status|outcome)</th><td>[^<]*</td></tr>", text)
+
+    before = outcome(page)
+    assert before and "done" in before[0]
+    out = refresh_certificate(uri, tags["request_id"])
+    assert out == Path(run.data.tags["certificate.path"])
     page = out.read_text()
     assert "KLoM against the oracle ensemble" in page
     for split in splits:
         assert f"{klom[split]['p95']:.4g}" in page and f"{floor[split]['p95']:.4g}" in page
     assert f"MLflow run {parent}" in page and "this request&#x27;s" in page
+    assert "Membership inference over the ensemble" in page
+    for r in rows:
+        for key in ("MIA_efficacy", "loss_MIA_AUC", "avg_gap"):
+            assert f"{r[key]:.4g} ± {r[f'{key}_std']:.4g}" in page
+    assert f"mean ± std over {n} models × 3 seeded draws" in page
+    assert outcome(page) == before  # the request's status and outcome are kept
+    # logged to the run again: the copy on MLflow is the new page
+    logged = mlflow.artifacts.download_artifacts(
+        run_id=second["run_id"],
+        artifact_path="certificate/certificate.html",
+        dst_path=str(tmp_path),
+        tracking_uri=uri,
+    )
+    assert Path(logged).read_text() == page
+    assert refresh_certificate(uri, "no-such-request") is None
 
 
 def test_lineage_request(service, capsys):

@@ -127,6 +127,46 @@ def _klom_section(klom: Mapping[str, Any]) -> list[str]:
         "<table class='grid'><tr><th>split</th><th>KLoM P95</th><th>KLoM mean</th>"
         f"<th>noise floor P95</th><th>noise floor mean</th></tr>{rows}</table>",
         f"<p class='note'>{html.escape(note)}</p>",
+        *_ensemble_mia_section(klom.get("mia") or {}, klom.get("n_models")),
+    ]
+
+
+#: Column titles of the ensemble's membership-inference table.
+_MIA_COLUMNS = {
+    "MIA_efficacy": "MIA efficacy",
+    "loss_MIA_AUC": "loss-MIA AUC",
+    "avg_gap": "Avg. Gap",
+}
+
+
+def _ensemble_mia_section(mia: Mapping[str, Mapping[str, Any]], n_models: Any) -> list[str]:
+    """Membership inference over the ensemble of ``unlearn evaluate`` (one row per model
+    kind: the method, the oracles), each figure ``mean ± std`` over N models x S seeds."""
+    columns = [c for c in _MIA_COLUMNS if any(c in row for row in mia.values())]
+    if not columns:
+        return []
+    seeds = max((int(r.get("seeds") or 0) for r in mia.values()), default=0)
+
+    def cell(row: Mapping[str, Any], c: str) -> str:
+        d = row.get(c)
+        if not d:
+            return ""
+        std = d.get("std")
+        return _fmt(d.get("mean")) + ("" if std is None else f" ± {_fmt(std)}")
+
+    head = "".join(f"<th>{html.escape(_MIA_COLUMNS[c])}</th>" for c in columns)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td>{html.escape(cell(row, c))}</td>" for c in columns)
+        + "</tr>"
+        for name, row in mia.items()
+    )
+    return [
+        "<h3>Membership inference over the ensemble</h3>",
+        f"<table class='grid'><tr><th>models</th>{head}</tr>{body}</table>",
+        f"<p class='note'>mean ± std over {html.escape(str(n_models or '?'))} models × "
+        f"{seeds or '?'} seeded draws each; the oracles' row is what exact unlearning gives "
+        "(Avg. Gap: the mean distance of UA, RA, TA and MIA efficacy to the oracles').</p>",
     ]
 
 
@@ -150,7 +190,8 @@ def render_certificate(facts: Mapping[str, Any], plot_png: Path | bytes | None =
     (summary, passed), ``report`` (the evaluation report: ``models`` and ``cost``),
     ``oracle_evaluated``, ``klom`` (KLoM of the method against an oracle ensemble: ``splits``
     and ``noise_floor`` ({split: {p95, mean}}), ``n_models``, ``method``, ``run_id``,
-    ``manifests_match``), ``mlflow`` (tracking URI, run id), ``prefect`` (flow
+    ``manifests_match``, ``mia``: {row: {metric: {mean, std}, seeds}}), ``mlflow`` (tracking
+    URI, run id), ``prefect`` (flow
     run id, URL), ``issued_at``.
     """
     req = facts.get("request", {})

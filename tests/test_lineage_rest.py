@@ -1,0 +1,175 @@
+"""`unlearn lineage sample` against a real MLflow tracking server: the registry read over
+MLflow's REST API with the standard library (tasks/mlflow_rest.py, no `import mlflow`) gives
+exactly what the MLflow client gives, against the server and against its SQLite store.
+
+One server for the module: ``infra/mlflow-server.sh`` with MLflow's basic-auth app on a
+free port of 127.0.0.1, over a history generated as benchmarks/lineage_query.py generates
+it (a small one); stopped at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.cluster
+
+REQUESTS, IDS, RETRAIN_EVERY = 24, 3, 8
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    from benchmarks.lineage_query import MODEL, generate, serve
+
+    root = tmp_path_factory.mktemp("lineage-rest")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    generate(uri, REQUESTS, IDS, RETRAIN_EVERY)
+    with serve(uri, root / "server", auth=True) as (url, creds):
+        params = root / "params.yaml"
+        params.write_text(
+            yaml.safe_dump(
+                {
+                    "tracking": {"mlflow_uri": url},
+                    "service": {"model_name": MODEL, "ledger_url": uri},
+                }
+            )
+        )
+        yield {"url": url, "sqlite": uri, "creds": creds, "params": str(params), "model": MODEL}
+
+
+@pytest.fixture
+def creds(server, monkeypatch):
+    for key in list(os.environ):
+        if key.startswith("MLFLOW_TRACKING_") and key != "MLFLOW_TRACKING_URI":
+            monkeypatch.delenv(key)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for key, value in server["creds"].items():
+        monkeypatch.setenv(key, value)
+    return server["creds"]
+
+
+# samples: forgotten before the first exact retrain, forgotten mid-way, forgotten by the
+# last request, never forgotten
+SAMPLES = [f"digits-{i:06d}" for i in (1, (REQUESTS // 2) * IDS + 2, REQUESTS * IDS - 1)] + [
+    "digits-999999"
+]
+
+
+def test_rest_and_client_answer_alike(server, creds):
+    from tasks.ledger import Ledger
+    from tasks.lineage import sample_lineage
+
+    ledger = Ledger(server["sqlite"])
+    answers = {}
+    try:
+        for n, sample in enumerate(SAMPLES):
+            # auto picks REST for an http URI (checked on one sample: each server query costs
+            # the basic-auth app's password check)
+            via = "auto" if n == 0 else "rest"
+            rest = sample_lineage(server["url"], ledger, server["model"], sample, via=via)
+            client = sample_lineage(server["url"], ledger, server["model"], sample, via="client")
+            store = sample_lineage(server["sqlite"], ledger, server["model"], sample)
+            assert rest == client == store, sample
+            assert len(rest["versions"]) == REQUESTS + 1 + (REQUESTS - 1) // RETRAIN_EVERY
+            assert [v["production"] for v in rest["versions"]].count(True) == 1
+            assert rest["versions"][-1]["production"]
+            answers[sample] = rest
+    finally:
+        ledger.close()
+    mid = answers[SAMPLES[1]]
+    # trained with it before its request, unlearned by it and after, without it once an exact
+    # retrain followed
+    assert mid["forgotten"] and mid["trained_with"] and mid["unlearned_in"]
+    assert mid["trained_without"] and mid["holding_artifacts"]
+    never = answers[SAMPLES[-1]]
+    assert not never["forgotten"] and len(never["trained_with"]) == len(never["versions"])
+
+
+def test_fresh_cli_against_the_server_does_not_import_mlflow(server, creds):
+    from tasks.ledger import Ledger
+    from tasks.lineage import sample_lineage
+
+    sample = SAMPLES[1]
+    code = (
+        "import json, sys\nfrom flows.cli import main\n"
+        f"rc = main(['lineage', 'sample', {sample!r}, '--json', '--params', "
+        f"{server['params']!r}])\n"
+        "print(json.dumps([rc, 'mlflow' in sys.modules, 'numpy' in sys.modules]))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    answer, _, flags = proc.stdout.rstrip().rpartition("\n")
+    assert json.loads(flags) == [0, False, False]
+    ledger = Ledger(server["sqlite"])
+    try:
+        expected = sample_lineage(server["sqlite"], ledger, server["model"], sample)
+    finally:
+        ledger.close()
+    assert json.loads(answer) == json.loads(json.dumps(expected, default=str))
+
+
+def _refusal(server, capsys, *extra: str) -> str:
+    from flows.cli import main
+
+    capsys.readouterr()
+    rc = main(["lineage", "sample", SAMPLES[0], "--params", server["params"], *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    return err
+
+
+def test_refusals_name_the_cause(server, creds, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD")
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+    assert "set MLFLOW_TRACKING_USERNAME" in _refusal(server, capsys)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-the-password")
+    err = _refusal(server, capsys)
+    assert "401" in err and "were refused" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", creds["MLFLOW_TRACKING_PASSWORD"])
+    err = _refusal(server, capsys, "--model", "no-such-model")
+    assert "'no-such-model'" in err and "not found" in err
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    assert "cannot reach the MLflow server" in _refusal(server, capsys)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(Path(server["params"])))
+    assert "cannot be used together" in _refusal(server, capsys)
+
+
+def test_token_and_tls_settings_are_read_like_the_mlflow_client():
+    import ssl
+
+    from tasks.mlflow_rest import RestError, Server
+
+    bearer = Server.from_env("https://h.example/mlflow/", {"MLFLOW_TRACKING_TOKEN": "t0k"})
+    assert bearer.headers["Authorization"] == "Bearer t0k"
+    assert bearer.uri == "https://h.example/mlflow" and bearer.context is not None
+    assert bearer.context.verify_mode == ssl.CERT_REQUIRED
+    insecure = Server.from_env("https://h", {"MLFLOW_TRACKING_INSECURE_TLS": "true"})
+    assert insecure.context is not None and insecure.context.verify_mode == ssl.CERT_NONE
+    with pytest.raises(RestError, match="MLFLOW_TRACKING_SERVER_CERT_PATH: cannot load"):
+        Server.from_env("https://h", {"MLFLOW_TRACKING_SERVER_CERT_PATH": "/no/such/ca.pem"})
+    with pytest.raises(RestError, match="MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        Server.from_env("http://h", {"MLFLOW_HTTP_REQUEST_TIMEOUT": "soon"})
+
+
+def test_production_alias_is_the_registry_s():
+    from tasks.lineage import PRODUCTION_ALIAS
+    from tasks.registry import PRODUCTION_ALIAS as REGISTRY_ALIAS
+
+    assert PRODUCTION_ALIAS == REGISTRY_ALIAS
