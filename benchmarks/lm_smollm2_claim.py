@@ -18,8 +18,10 @@ Set-up, all seeded:
 - Three fine-tunes of the pretrained model (AdamW, ``pipeline_lib.models.lm.train_lm``): the
   original on every training scene, the validation oracle without the validation scenes, the
   test oracle without the test scenes.
-- Search (Ray Tune, one trial at a time): ``unlearn.gradient_ascent.lr`` log-uniform, and the
-  parameter choice (``embedding`` / ``all`` / ``blocks`` = the last two blocks) as a grid;
+- Search (Ray Tune, one trial at a time) over the space declared beside the method
+  (``search_space`` of ``gradient_ascent`` in pipeline_lib/methods/text.py): ``lr``
+  log-uniform, and the parameter choice (``embedding`` / ``all`` / ``blocks`` = the last two
+  blocks) as a grid;
   the rest of the method is its params-lm.yaml default except ``batch_size`` (one scene per
   step, so one epoch is ``--forget`` steps). Objective, lower is better, ≤ 1 meets the claim:
   ``max(|ppl_f / ppl_f(oracle) − 1| / 0.10, |Δ held-out ppl| / 0.05)``.
@@ -47,13 +49,18 @@ import torch
 
 from pipeline_lib.data.text import TextConfig, load_shakespeare
 from pipeline_lib.io import load_into, save_model
-from pipeline_lib.methods.space import LogUniform
-from pipeline_lib.methods.text import GradientAscentParams, LMUnlearnInputs, gradient_ascent
+from pipeline_lib.methods.space import Choice
+from pipeline_lib.methods.text import (
+    GradientAscentParams,
+    LMUnlearnInputs,
+    get_lm_method,
+    gradient_ascent,
+)
 from pipeline_lib.models import lm
 
 #: The claim: forget perplexity within this of the oracle's, held-out change under this.
 FORGET_TOL, HELDOUT_TOL = 0.10, 0.05
-CHOICES = ("embedding", "all", "blocks")
+CHOICES = get_lm_method("gradient_ascent").search_space["parameters"].values
 
 
 def objective(ppl_f: float, ppl_f_oracle: float, held_change: float) -> float:
@@ -165,8 +172,13 @@ def search(args: argparse.Namespace, data: dict[str, Any], work: Path) -> tuple[
     from tasks.ray_local import init_local
     from tasks.tune import to_tune_space
 
-    space = to_tune_space({"lr": LogUniform(args.lr_low, args.lr_high)})
-    space["parameters"] = tune.grid_search(list(CHOICES))
+    # the space declared beside the method; its choices (the parameter choice) as a grid,
+    # so every choice gets ``trials_per_choice`` sampled step sizes
+    declared = get_lm_method("gradient_ascent").search_space
+    space = to_tune_space({k: d for k, d in declared.items() if not isinstance(d, Choice)})
+    space.update(
+        {k: tune.grid_search(list(d.values)) for k, d in declared.items() if isinstance(d, Choice)}
+    )
     init_local(
         num_cpus=args.threads,
         include_dashboard=False,
@@ -234,8 +246,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--ft-lr", type=float, default=2e-4, help="fine-tuning learning rate")
     ap.add_argument("--ft-batch", type=int, default=8)
     ap.add_argument("--trials-per-choice", type=int, default=4)
-    ap.add_argument("--lr-low", type=float, default=1e-4)
-    ap.add_argument("--lr-high", type=float, default=3.0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -356,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {i} | {c['parameters']} | {c['lr']:.3g} | {m['objective']:.3g} | "
             f"{m['ratio_to_oracle']:.3f} | {100 * m['heldout_change']:+.2f}% | {m['steps']} | "
-            f"{m['reached_target']} | {m['seconds']:.0f} |"
+            f"{m['reached_target']} | {m['seconds']:.1f} |"
         )
     print(f"search: {len(trials)} trials, {wall:.0f}s wall (Ray Tune, 1 trial at a time)")
     fv = ref["oracle_val"]["forget_val"]
@@ -386,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     )
     for name, r in rows:
-        print(line(name, r["ppl_forget"], r["ppl_heldout"], f"{r['seconds']:.0f}"))
+        print(line(name, r["ppl_forget"], r["ppl_heldout"], f"{r['seconds']:.1f}"))
     met = [name for name, r in rows if r["objective"] <= 1]
     print(
         f"\nclaim (forget ppl within ±10% of the oracle's, held-out change < 5%) on the test set: "

@@ -62,3 +62,23 @@ def test_quick_run_on_the_tiny_gpt2_searches_and_reports(tmp_path, capsys):
     assert len(res["test"]) == len(claim.CHOICES)
     assert "| oracle (fine-tuned without the forget scenes) |" in out
     assert "claim (forget ppl within" in out
+
+
+def test_gradient_ascent_declares_a_checked_search_space():
+    from pipeline_lib.methods.space import Choice, LogUniform
+    from pipeline_lib.methods.text import (
+        GradientAscentParams,
+        get_lm_method,
+        register_lm_method,
+    )
+
+    space = get_lm_method("gradient_ascent").search_space
+    assert isinstance(space["lr"], LogUniform) and isinstance(space["parameters"], Choice)
+    # every corner of the space is a valid section (blocks listed for parameters: blocks)
+    for lr in (space["lr"].low, space["lr"].high):
+        for which in space["parameters"].values:
+            p = GradientAscentParams(lr=lr, parameters=which, blocks=(0,))
+            assert p.lr == lr and p.parameters == which
+    with pytest.raises(ValueError, match="not a field of unlearn.bogus"):
+        register_lm_method("bogus", GradientAscentParams, "x", search_space={"nope": space["lr"]})
+    assert get_lm_method("neggrad_plus").search_space == {}

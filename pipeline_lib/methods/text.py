@@ -17,14 +17,15 @@ params-lm.yaml is composed from :data:`LM_METHODS` (:mod:`pipeline_lib.config.te
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import model_validator
 from torch import nn
 
+from pipeline_lib.methods.space import Choice, Dimension, LogUniform, check_space
 from pipeline_lib.models.lm import (
     LMTrainConfig,
     Windows,
@@ -69,6 +70,9 @@ class LMMethod:
     params_type: type
     needs_oracle: Callable[[Any], bool]
     summary: str
+    #: Hyper-parameter search space over fields of ``params_type``
+    #: (:mod:`pipeline_lib.methods.space`; searched by benchmarks/lm_smollm2_claim.py).
+    search_space: Mapping[str, Dimension] = field(default_factory=dict)
 
 
 #: The LM unlearning methods by ``unlearn.method`` name, in registration order.
@@ -81,14 +85,17 @@ def register_lm_method(
     summary: str,
     *,
     needs_oracle: Callable[[Any], bool] = lambda p: False,
+    search_space: Mapping[str, Dimension] | None = None,
 ) -> Callable[[LMMethodFn], LMMethodFn]:
     """Decorator: register the decorated function as LM method ``name`` with hyper-parameters
     ``params_type`` (``unlearn.<name>`` of params-lm.yaml). ``needs_oracle(params)``: whether
-    the pipeline must train the retrained oracle before running it."""
+    the pipeline must train the retrained oracle before running it. ``search_space``: fields
+    of ``params_type`` a search may vary, checked here (as for the image methods)."""
+    space = check_space(name, params_type, search_space or {})
 
     def deco(fn: LMMethodFn) -> LMMethodFn:
         params_type.__section_key__ = f"unlearn.{name}"  # type: ignore[attr-defined]
-        LM_METHODS.add(name, LMMethod(name, fn, params_type, needs_oracle, summary))
+        LM_METHODS.add(name, LMMethod(name, fn, params_type, needs_oracle, summary, space))
         return fn
 
     return deco
@@ -231,6 +238,11 @@ def calibration_target(model: nn.Module, inputs: LMUnlearnInputs, p: GradientAsc
     GradientAscentParams,
     "first-epoch gradient ascent on the forget documents, calibrated to a target loss (Zagardo 2024)",
     needs_oracle=lambda p: p.calibration != "none" and p.target == "oracle",
+    # the step size and which weights move (``blocks`` also needs ``blocks`` listed)
+    search_space={
+        "lr": LogUniform(1e-4, 3.0),
+        "parameters": Choice(("embedding", "all", "blocks")),
+    },
 )
 def gradient_ascent(
     model: nn.Module, inputs: LMUnlearnInputs, p: GradientAscentParams, seed: int
