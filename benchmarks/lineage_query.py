@@ -314,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_tree:
                 tree = Path(args.compare_tree).resolve()
                 other = {"sqlite": fresh(tree, uri), "server": fresh(tree, url)}
+        auth = "no" if args.auth == "none" else args.auth
         print(
             f"\n{'lineage sample over ' + str(args.requests) + ' requests':<44}"
-            f"{'sqlite (MLflow client)':>24}{'server (' + args.auth + ' auth)':>22}"
+            f"{'sqlite (MLflow client)':>24}{'server (' + auth + ' auth)':>22}"
         )
         print(
             f"{'sample_lineage(), warm, best of ' + str(args.repeat):<44}"
