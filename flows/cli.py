@@ -768,6 +768,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(markdown_table(result["rows"]))
     print(f"files: {', '.join(result['files'].values())}")
     print(f"MLflow parent run {result['run_id']} ({params.tracking.mlflow_uri})")
+    if result.get("certificate"):
+        print(f"the request's certificate, rendered again: {result['certificate']}")
     return 0
 
 

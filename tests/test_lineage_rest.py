@@ -63,33 +63,63 @@ SAMPLES = [f"digits-{i:06d}" for i in (1, (REQUESTS // 2) * IDS + 2, REQUESTS * 
 
 
 def test_rest_and_client_answer_alike(server, creds):
+    """The registry as REST reads it equals what the MLflow client reads from the server and
+    from its SQLite store (versions, tags, times, run ids, production alias); and whole
+    answers agree. Each server query costs the basic-auth app's password check, so the
+    samples are compared over SQLite and one of them end to end over the server."""
     from tasks.ledger import Ledger
-    from tasks.lineage import sample_lineage
+    from tasks.lineage import registry_view, sample_lineage
+
+    model = server["model"]
+    rest = registry_view(server["url"], model, via="rest")
+    assert rest == registry_view(server["url"], model, via="client")
+    assert rest == registry_view(server["sqlite"], model)
+    versions, production = rest
+    assert len(versions) == REQUESTS + 1 + (REQUESTS - 1) // RETRAIN_EVERY
+    assert production == str(len(versions))
+    kinds = {v.tags.get("kind") for v in versions.values()}
+    assert kinds == {"exact", "approximate"}
 
     ledger = Ledger(server["sqlite"])
-    answers = {}
     try:
-        for n, sample in enumerate(SAMPLES):
-            # auto picks REST for an http URI (checked on one sample: each server query costs
-            # the basic-auth app's password check)
-            via = "auto" if n == 0 else "rest"
-            rest = sample_lineage(server["url"], ledger, server["model"], sample, via=via)
-            client = sample_lineage(server["url"], ledger, server["model"], sample, via="client")
-            store = sample_lineage(server["sqlite"], ledger, server["model"], sample)
-            assert rest == client == store, sample
-            assert len(rest["versions"]) == REQUESTS + 1 + (REQUESTS - 1) // RETRAIN_EVERY
-            assert [v["production"] for v in rest["versions"]].count(True) == 1
-            assert rest["versions"][-1]["production"]
-            answers[sample] = rest
+        answers = {s: sample_lineage(server["sqlite"], ledger, model, s) for s in SAMPLES}
+        mid = SAMPLES[1]
+        # auto picks REST for an http URI
+        assert sample_lineage(server["url"], ledger, model, mid) == answers[mid]
+        assert sample_lineage(server["url"], ledger, model, mid, via="client") == answers[mid]
     finally:
         ledger.close()
-    mid = answers[SAMPLES[1]]
+    for answer in answers.values():
+        assert [v["production"] for v in answer["versions"]].count(True) == 1
+        assert answer["versions"][-1]["production"]
     # trained with it before its request, unlearned by it and after, without it once an exact
     # retrain followed
-    assert mid["forgotten"] and mid["trained_with"] and mid["unlearned_in"]
-    assert mid["trained_without"] and mid["holding_artifacts"]
+    m = answers[mid]
+    assert m["forgotten"] and m["trained_with"] and m["unlearned_in"]
+    assert m["trained_without"] and m["holding_artifacts"]
     never = answers[SAMPLES[-1]]
     assert not never["forgotten"] and len(never["trained_with"]) == len(never["versions"])
+
+
+def test_rest_pages_through_every_version(server, creds, monkeypatch):
+    """Small pages: the versions are read through ``next_page_token`` to the last page."""
+    from tasks import mlflow_rest
+
+    remote = mlflow_rest.Server.from_env(server["url"], os.environ)
+    whole = mlflow_rest.model_versions(remote, server["model"])
+    monkeypatch.setattr(mlflow_rest, "PAGE", 8)
+    pages = []
+    real_get = mlflow_rest.Server.get
+
+    def counted(self, endpoint, query):
+        pages.append(query.get("page_token"))
+        return real_get(self, endpoint, query)
+
+    monkeypatch.setattr(mlflow_rest.Server, "get", counted)
+    paged = mlflow_rest.model_versions(remote, server["model"])
+    assert paged == whole and len(whole) > 3 * 8
+    assert len(pages) == 4 and pages[0] is None and all(pages[1:])
+    assert sorted(map(int, whole)) == list(range(1, len(whole) + 1))
 
 
 def test_fresh_cli_against_the_server_does_not_import_mlflow(server, creds):
