@@ -18,7 +18,8 @@ Authentication and TLS follow the MLflow client's environment variables:
 check) or ``MLFLOW_TRACKING_SERVER_CERT_PATH`` (a CA bundle), and
 ``MLFLOW_TRACKING_CLIENT_CERT_PATH`` (a client certificate). ``MLFLOW_HTTP_REQUEST_TIMEOUT``
 (seconds, default 120) bounds each request. Auth plugins (``MLFLOW_TRACKING_AUTH``) are not
-supported here: with one set, :func:`use_rest` says no and callers use the MLflow client.
+supported here, nor is AWS SigV4 signing (``MLFLOW_TRACKING_AWS_SIGV4``): with either set,
+:func:`use_rest` says no and callers use the MLflow client.
 """
 
 from __future__ import annotations
@@ -69,9 +70,14 @@ class VersionRecord:
 
 
 def use_rest(uri: str, environ: Mapping[str, str]) -> bool:
-    """Whether ``uri`` is a tracking server this module can query: ``http(s)://`` and no
-    MLflow auth plugin configured."""
-    return uri.startswith(("http://", "https://")) and not environ.get("MLFLOW_TRACKING_AUTH")
+    """Whether ``uri`` is a tracking server this module can query: ``http(s)://``, and
+    neither an MLflow auth plugin nor AWS SigV4 signing configured."""
+    signed = environ.get("MLFLOW_TRACKING_AWS_SIGV4", "").strip().lower() in _TRUE
+    return (
+        uri.startswith(("http://", "https://"))
+        and not environ.get("MLFLOW_TRACKING_AUTH")
+        and not signed
+    )
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,7 @@ def test_certificate_shows_mia_spread_and_klom_of_an_oracle_ensemble(service, tm
     outcome, and logged to MLflow again. The comparison here is logged the way
     flows/evaluate.py logs one, from KLoM computed on margins drawn at random."""
     import re
+    import shutil
 
     import mlflow.artifacts
     import numpy as np
@@ -200,6 +201,19 @@ def test_certificate_shows_mia_spread_and_klom_of_an_oracle_ensemble(service, tm
     )
     assert Path(logged).read_text() == page
     assert refresh_certificate(uri, "no-such-request") is None
+
+    # on a machine without the report folder: the report is downloaded from the run
+    report_dir = Path(second["report_dir"])
+    away = report_dir.with_name(report_dir.name + ".away")
+    report_dir.rename(away)
+    try:
+        again = refresh_certificate(uri, tags["request_id"]).read_text()
+        assert (report_dir / "report.json").read_bytes() == (away / "report.json").read_bytes()
+        assert f"{mia['MIA_efficacy']:.4g} ± {mia['MIA_efficacy_std']:.4g}" in again
+        assert "KLoM against the oracle ensemble" in again and "data:image/png;base64" in again
+    finally:
+        shutil.rmtree(report_dir, ignore_errors=True)
+        away.rename(report_dir)
 
 
 def test_lineage_request(service, capsys):

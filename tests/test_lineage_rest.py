@@ -184,7 +184,12 @@ def test_refusals_name_the_cause(server, creds, monkeypatch, capsys):
 def test_token_and_tls_settings_are_read_like_the_mlflow_client():
     import ssl
 
-    from tasks.mlflow_rest import RestError, Server
+    from tasks.mlflow_rest import RestError, Server, use_rest
+
+    assert use_rest("https://h", {}) and use_rest("http://127.0.0.1:5000", {})
+    assert not use_rest("sqlite:///mlflow.db", {})
+    assert not use_rest("https://h", {"MLFLOW_TRACKING_AUTH": "my_plugin"})
+    assert not use_rest("https://h", {"MLFLOW_TRACKING_AWS_SIGV4": "true"})
 
     bearer = Server.from_env("https://h.example/mlflow/", {"MLFLOW_TRACKING_TOKEN": "t0k"})
     assert bearer.headers["Authorization"] == "Bearer t0k"
