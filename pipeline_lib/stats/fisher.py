@@ -220,14 +220,30 @@ def _layerwise_sums(
                 else:
                     pb = probs[start : start + batch_size].to(device)
                     plan = [(logp[:, c].sum(), pb[:, c]) for c in range(logp.shape[1])]
+                # each layer's input term, once per batch (not once per class)
+                inputs = {n: _layer_input(m, seen[n][0]) for n, m in layers.items()}
                 for i, (obj, w) in enumerate(plan):
                     deltas = torch.autograd.grad(obj, outs, retain_graph=i < len(plan) - 1)
                     for (name, m), d in zip(layers.items(), deltas, strict=True):
-                        _add_layer(sums, name, m, seen[name][0], d, w)
+                        _add_layer(sums, name, m, inputs[name], d, w)
     finally:
         for h in handles:
             h.remove()
     return sums
+
+
+def _layer_input(m: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """What :func:`_add_layer` needs of layer ``m``'s input ``a`` (B, …): the unfolded input
+    patches (B, C·k·k, L) of a Conv2d, a² of a Linear on (B, in), the (B, positions, in)
+    view of a Linear on tokens. It does not depend on the target, so it is formed once per
+    batch and shared by the per-class passes of ``true_expected``."""
+    if isinstance(m, nn.Conv2d):
+        return nn.functional.unfold(
+            a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
+        )
+    if a.dim() == 2:
+        return a.square()
+    return a.reshape(len(a), -1, a.shape[-1])
 
 
 def _add_layer(
@@ -239,27 +255,25 @@ def _add_layer(
     w: torch.Tensor | None,
 ) -> None:
     """Add Σ_i w_i (per-sample gradient of sample i)² of layer ``m`` to ``sums``; ``a``: its
-    input, ``d``: δ at its output, ``w``: per-sample weights (None: 1)."""
+    input as :func:`_layer_input` forms it, ``d``: δ at its output, ``w``: per-sample
+    weights (None: 1)."""
     b = len(d)
-    if isinstance(m, nn.Conv2d):
-        a = nn.functional.unfold(
-            a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride
-        )  # (B, C·k·k, L)
+    if isinstance(m, nn.Conv2d):  # a: unfolded patches (B, C·k·k, L)
         d = d.reshape(b, d.shape[1], -1)  # (B, out, L)
         gw = torch.bmm(d, a.transpose(1, 2))  # (B, out, C·k·k)
         gb = d.sum(2) if m.bias is not None else None
-    elif a.dim() == 2:
+    elif a.dim() == 2:  # a: the input squared, (B, in)
         gw = None  # δ aᵀ squared is δ² (a²)ᵀ: one matmul, no per-sample matrices
         gb = d if m.bias is not None else None
-    else:  # tokens: (B, …, in) → per-sample Σ over positions
-        a, d = a.reshape(b, -1, a.shape[-1]), d.reshape(b, -1, d.shape[-1])
+    else:  # tokens: a (B, positions, in) → per-sample Σ over positions
+        d = d.reshape(b, -1, d.shape[-1])
         gw = torch.bmm(d.transpose(1, 2), a)  # (B, out, in)
         gb = d.sum(1) if m.bias is not None else None
     prefix = f"{name}." if name else ""
     weight = m.weight
     if gw is None:
         dd = d.square() if w is None else d.square() * w.unsqueeze(1)
-        sq = dd.T @ a.square()
+        sq = dd.T @ a
     else:
         g2 = gw.square()
         sq = g2.sum(0) if w is None else torch.einsum("b,b...->...", w, g2)
