@@ -172,7 +172,7 @@ def child(args: argparse.Namespace) -> int:
     from flows.cli import main
 
     t0 = time.perf_counter()
-    rc = main(["run"])
+    rc = main(["run", *(f"--set={kv}" for kv in args.set or [])])
     Path(args.out).write_text(
         json.dumps(
             {
@@ -306,6 +306,7 @@ def one_run(args: argparse.Namespace, i: int) -> dict[str, float]:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child"]
         cmd += ["--out", str(out)] + (["--threads", str(args.threads)] if args.threads else [])
+        cmd += [f"--set={kv}" for kv in args.set or []]
         log = Path(tmp) / "run.log"
         with log.open("w") as fh:
             rc = subprocess.run(cmd, cwd=project, env=env, stdout=fh, stderr=subprocess.STDOUT)
@@ -326,15 +327,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--code", choices=("clone", "worktree"), default="clone")
+    ap.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="passed to unlearn run (e.g. unlearn.fisher_diagonal.epochs=3)",
+    )
     ap.add_argument("--save", help="copy each run's records (JSON) and log into this directory")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child(args)
-    print(f"uptime: {os.getloadavg()} (load 1/5/15 min); {os.cpu_count()} CPUs", flush=True)
+    print(
+        f"unlearn run {' '.join(f'--set {kv}' for kv in args.set or [])}; torch threads "
+        f"{args.threads or 'default'}; code: {args.code}; load {os.getloadavg()} "
+        f"(1/5/15 min); {os.cpu_count()} CPUs",
+        flush=True,
+    )
     rows = [one_run(args, i) for i in range(args.runs)]
-    print(f"uptime after: {os.getloadavg()}")
+    print(f"load after: {os.getloadavg()}")
     print(report(rows))
     return 0
 
