@@ -113,9 +113,7 @@ def fisher_diagonal_forgetting(
             named[name].copy_(torch.where(m.to(named[name].device), replacement, named[name]))
     n_reset = int(sum(int(m.sum()) for m in masks.values()))
     n_total = int(sum(m.numel() for m in masks.values()))
-    # debug: inside the timed unlearning a record costs about a training step under Prefect's
-    # handlers; the pipeline logs the returned info after the timing (unlearn_step)
-    log.debug("fisher_diagonal: reset %d of %d weights (γ=%.4g)", n_reset, n_total, gamma)
+    log.info("fisher_diagonal: reset %d of %d weights (γ=%.4g)", n_reset, n_total, gamma)
     settings = FitSettings(params.epochs, params.batch_size, params.lr, "adam")
     rX, ry = inputs.retain_X, inputs.retain_y
     if params.retain_sample_multiple is not None:

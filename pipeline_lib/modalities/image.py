@@ -352,12 +352,7 @@ def unlearn_step(
     path, digest = save_model(
         model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name}
     )
-    scalars = ", ".join(
-        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-        for k, v in info.items()
-        if isinstance(v, int | float)
-    )
-    log.info("unlearned with %s in %.2fs (%s) -> %s", method.name, seconds, scalars, path)
+    log.info("unlearned with %s in %.2fs -> %s", method.name, seconds, path)
     return {"path": path, "digest": digest, "seconds": seconds, "info": info, "method": method.name}
 
 
