@@ -5,9 +5,9 @@ unlearning ÷ retraining ratio beside the same ratio of the algorithm's own work
     python -m benchmarks.make_run_cost --runs 3
     python -m benchmarks.make_run_cost --runs 3 --threads 1
 
-Each run: ``git clone`` of this repository's HEAD into a temporary directory, then a new
-Python process there that wraps the pipeline's functions with timers (they run unchanged)
-and calls ``unlearn run`` (``flows.cli.main(["run"])``: the DVC stages, the first
+Each run: ``git clone`` of this repository's HEAD (``--rev``: another revision) into a
+temporary directory, then a new Python process there that wraps the pipeline's functions
+with timers (they run unchanged) and calls ``unlearn run`` (``flows.cli.main(["run"])``: the DVC stages, the first
 production version, the oracle, the request, the evaluation, MLflow). ``--code worktree``
 imports the code from this working tree instead of the clone (uncommitted changes).
 
@@ -306,6 +306,9 @@ def one_run(args: argparse.Namespace, i: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="make-run-cost-") as tmp:
         project = Path(tmp) / "p"
         subprocess.run(["git", "clone", "-q", str(REPO), str(project)], check=True)
+        if args.rev:
+            git = ["git", "-C", str(project), "-c", "advice.detachedHead=false"]
+            subprocess.run([*git, "checkout", "-q", args.rev], check=True)
         code = REPO if args.code == "worktree" else project
         env = {**os.environ, "PYTHONPATH": str(code)}
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
@@ -333,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--code", choices=("clone", "worktree"), default="clone")
+    ap.add_argument("--rev", help="check this revision out in the clone (default: HEAD)")
     ap.add_argument(
         "--set",
         action="append",
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return child(args)
     print(
         f"unlearn run {' '.join(f'--set {kv}' for kv in args.set or [])}; torch threads "
-        f"{args.threads or 'default'}; code: {args.code}; load {os.getloadavg()} "
+        f"{args.threads or 'default'}; code: {args.code} {args.rev or 'HEAD'}; load {os.getloadavg()} "
         f"(1/5/15 min); {os.cpu_count()} CPUs",
         flush=True,
     )
