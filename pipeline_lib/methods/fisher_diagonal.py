@@ -76,6 +76,9 @@ def select_by_ratio(
         "top_fraction": LogUniform(0.01, 0.5),
         "epochs": IntRange(1, 10),
         "lr": LogUniform(1e-4, 1e-2),
+        # k of the k·|F| retain subsample: 3 suits digits' 10% request, 10 a 1% request on
+        # Fashion-MNIST 60k (BENCHMARKS.md, issue 15)
+        "retain_sample_multiple": LogUniform(1.0, 30.0),
     },
 )
 def fisher_diagonal_forgetting(
