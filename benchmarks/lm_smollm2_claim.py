@@ -59,6 +59,9 @@ from pipeline_lib.methods.text import (
 )
 from pipeline_lib.models import lm
 
+#: Arguments that change the search only: a rerun with other values reuses the fine-tunes.
+SEARCH_ONLY = ("trials_per_choice", "search_seed", "threads", "work")
+
 #: The claim: forget perplexity within this of the oracle's, held-out change under this.
 FORGET_TOL, HELDOUT_TOL = 0.10, 0.05
 CHOICES = get_lm_method("gradient_ascent").search_space["parameters"].values
@@ -198,7 +201,7 @@ def search(args: argparse.Namespace, data: dict[str, Any], work: Path) -> tuple[
                 metric="objective",
                 mode="min",
                 num_samples=args.trials_per_choice,
-                search_alg=BasicVariantGenerator(random_state=args.seed, max_concurrent=1),
+                search_alg=BasicVariantGenerator(random_state=args.search_seed, max_concurrent=1),
             ),
             run_config=tune.RunConfig(
                 name=f"ga-claim-{int(time.time())}", storage_path=str(work / "tune"), verbose=0
@@ -254,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
         "an approximation: each set's exact oracle also saw the other set)",
     )
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="scene selection and the ascent's order")
+    ap.add_argument("--search-seed", type=int, help="the sampled step sizes (default: --seed)")
     args = ap.parse_args(argv)
     if args.quick:
         args.train_per_play, args.forget, args.epochs = 2, 2, 1
@@ -290,7 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         f" ({100 * frac['forget_test']:.2f}%)",
         flush=True,
     )
-    key = json.dumps([vars(args), str(cfg), str(tcfg)], sort_keys=True, default=str)
+    if args.search_seed is None:
+        args.search_seed = args.seed
+    # what the fine-tuned models depend on (not the search's own settings)
+    fine_tune_args = {k: v for k, v in vars(args).items() if k not in SEARCH_ONLY}
+    key = json.dumps([fine_tune_args, str(cfg), str(tcfg)], sort_keys=True, default=str)
     cache = work / "finetuned.json"
     if cache.is_file() and json.loads(cache.read_text())["key"] == key:
         models = json.loads(cache.read_text())["models"]
