@@ -58,7 +58,15 @@ from pipeline_lib.methods import Method, UnlearnInputs, get_method
 from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
 from pipeline_lib.models.image import build_model
 from pipeline_lib.stats.fisher import fisher_diagonal
-from pipeline_lib.training.fit import FitSettings, fit, predict_logits, resolve_device
+from pipeline_lib.training.ensemble import train_step_flops
+from pipeline_lib.training.fit import (
+    FitSettings,
+    fit,
+    predict_logits,
+    resolve_device,
+    threads_for,
+    torch_threads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +148,11 @@ def train_step(
     if train_cfg.mnemonic_t_mix > 0:
         codes = mnemonic_codes(data.shape, data.n_classes, train_cfg.mnemonic_seed)
         mixer = CodeMixer(codes, train_cfg.mnemonic_t_mix, seed)
-    t0 = time.perf_counter()
-    fit(model, X, y, settings, seed, device=device, batch_transform=mixer)
-    seconds = time.perf_counter() - t0
+    flops = train_step_flops(model_cfg, data.shape, data.n_classes, train_cfg.batch_size)
+    with torch_threads(threads_for(train_cfg, flops)):
+        t0 = time.perf_counter()
+        fit(model, X, y, settings, seed, device=device, batch_transform=mixer)
+        seconds = time.perf_counter() - t0
     path, digest = save_model(model.cpu(), out_dir, role, {"seed": str(seed)})
     log.info("trained %s on %d samples in %.2fs -> %s", role, len(X), seconds, path)
     return {"path": path, "digest": digest, "seconds": seconds, "n_train": len(X), "seed": seed}
@@ -344,11 +354,14 @@ def unlearn_step(
         match = dataclasses.replace(match, seconds=time.perf_counter() - t0)
     inputs = unlearn_inputs(splits, method, model_cfg, train_cfg, fisher, device)
     inputs = dataclasses.replace(inputs, match=match)
-    t0 = time.perf_counter()
-    model, info = method.fn(
-        copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed
-    )
-    seconds = time.perf_counter() - t0 + (match.seconds if match else 0.0)
+    data = splits.data
+    flops = train_step_flops(model_cfg, data.shape, data.n_classes, train_cfg.batch_size)
+    with torch_threads(threads_for(train_cfg, flops)):  # as train_step: the same trainer
+        t0 = time.perf_counter()
+        model, info = method.fn(
+            copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed
+        )
+        seconds = time.perf_counter() - t0 + (match.seconds if match else 0.0)
     path, digest = save_model(
         model.cpu(), out_dir, f"unlearned-{method.name}", {"method": method.name}
     )
