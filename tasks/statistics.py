@@ -26,7 +26,12 @@ from pipeline_lib.config import FisherConfig, Params, to_dict
 from pipeline_lib.data.images import Prepared, load_prepared
 from pipeline_lib.data.requests import load_manifests
 from pipeline_lib.io import load_weights
-from pipeline_lib.modalities.image import fisher_config, fisher_split_ids, load_model
+from pipeline_lib.modalities.image import (
+    fisher_config,
+    fisher_split_ids,
+    load_model,
+    model_threads,
+)
 from pipeline_lib.stats.fisher import PER_SAMPLE_KINDS, fisher_diagonal, fisher_diagonal_sum
 from pipeline_lib.stats.store import (
     find_stats,
@@ -230,17 +235,18 @@ def local_fisher(
     ids = split_ids(params, "fisher", split)
     X, y = data.subset(ids)
     f = params.fisher
-    t0 = time.perf_counter()
-    tensors = fisher_diagonal(
-        model,
-        torch.from_numpy(X),
-        torch.from_numpy(y),
-        kind=f.kind,
-        batch_size=f.batch_size,
-        seed=f.seed,
-        sample_ids=list(ids),
-    )
-    seconds = time.perf_counter() - t0
+    with model_threads(params.train, params.model, data):
+        t0 = time.perf_counter()
+        tensors = fisher_diagonal(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            kind=f.kind,
+            batch_size=f.batch_size,
+            seed=f.seed,
+            sample_ids=list(ids),
+        )
+        seconds = time.perf_counter() - t0
     identity = stats_identity(
         "fisher", split, weights["digest"], data.content_hash, ids, fisher_options(f)
     )
@@ -298,18 +304,19 @@ def _local_sums(
     f = params.fisher
     model = load_model(weights["path"], params.model, data)
     X, y = data.subset(ids)
-    t0 = time.perf_counter()
-    sums, n = fisher_diagonal_sum(
-        model,
-        torch.from_numpy(X),
-        torch.from_numpy(y),
-        kind=f.kind,
-        batch_size=f.batch_size,
-        seed=f.seed,
-        sample_ids=list(ids),
-        sum_dtype=torch.float64,
-    )
-    return sums, n, time.perf_counter() - t0
+    with model_threads(params.train, params.model, data):
+        t0 = time.perf_counter()
+        sums, n = fisher_diagonal_sum(
+            model,
+            torch.from_numpy(X),
+            torch.from_numpy(y),
+            kind=f.kind,
+            batch_size=f.batch_size,
+            seed=f.seed,
+            sample_ids=list(ids),
+            sum_dtype=torch.float64,
+        )
+        return sums, n, time.perf_counter() - t0
 
 
 def _store_full(

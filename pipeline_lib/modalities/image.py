@@ -114,6 +114,13 @@ def load_model(weights_path: str | Path, model_cfg: ModelConfig, data: Prepared)
     return load_into(build_model(model_cfg, data.shape, data.n_classes, seed=0), weights_path)
 
 
+def model_threads(train_cfg: TrainConfig, model_cfg: ModelConfig, data: Prepared):
+    """``train.threads`` resolved for this model on this data (auto: one thread for a tiny
+    step), as a context manager around training, unlearning and the request's statistics."""
+    flops = train_step_flops(model_cfg, data.shape, data.n_classes, train_cfg.batch_size)
+    return torch_threads(threads_for(train_cfg, flops))
+
+
 def train_step(
     prepared_dir: str | Path,
     manifests_dir: str | Path | None,
@@ -148,8 +155,7 @@ def train_step(
     if train_cfg.mnemonic_t_mix > 0:
         codes = mnemonic_codes(data.shape, data.n_classes, train_cfg.mnemonic_seed)
         mixer = CodeMixer(codes, train_cfg.mnemonic_t_mix, seed)
-    flops = train_step_flops(model_cfg, data.shape, data.n_classes, train_cfg.batch_size)
-    with torch_threads(threads_for(train_cfg, flops)):
+    with model_threads(train_cfg, model_cfg, data):
         t0 = time.perf_counter()
         fit(model, X, y, settings, seed, device=device, batch_transform=mixer)
         seconds = time.perf_counter() - t0
@@ -354,9 +360,7 @@ def unlearn_step(
         match = dataclasses.replace(match, seconds=time.perf_counter() - t0)
     inputs = unlearn_inputs(splits, method, model_cfg, train_cfg, fisher, device)
     inputs = dataclasses.replace(inputs, match=match)
-    data = splits.data
-    flops = train_step_flops(model_cfg, data.shape, data.n_classes, train_cfg.batch_size)
-    with torch_threads(threads_for(train_cfg, flops)):  # as train_step: the same trainer
+    with model_threads(train_cfg, model_cfg, splits.data):  # as train_step: the same trainer
         t0 = time.perf_counter()
         model, info = method.fn(
             copy.deepcopy(original), inputs, unlearn_cfg.method_params(), unlearn_cfg.seed
