@@ -12,7 +12,7 @@ import secrets
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -231,24 +231,10 @@ def local_fisher(
     """The Fisher diagonal of one split in this process (``stats.fisher_backend: local``),
     saved under the same identity as the sharded result (sampled labels are keyed by sample
     id, so the values are the same)."""
-    model = load_model(weights["path"], params.model, data)
     ids = split_ids(params, "fisher", split)
-    X, y = data.subset(ids)
-    f = params.fisher
-    with model_threads(params.train, params.model, data):
-        t0 = time.perf_counter()
-        tensors = fisher_diagonal(
-            model,
-            torch.from_numpy(X),
-            torch.from_numpy(y),
-            kind=f.kind,
-            batch_size=f.batch_size,
-            seed=f.seed,
-            sample_ids=list(ids),
-        )
-        seconds = time.perf_counter() - t0
+    tensors, seconds = _fisher_here(params, weights, data, ids, fisher_diagonal)
     identity = stats_identity(
-        "fisher", split, weights["digest"], data.content_hash, ids, fisher_options(f)
+        "fisher", split, weights["digest"], data.content_hash, ids, fisher_options(params.fisher)
     )
     extra = {
         "weights_digest": weights["digest"],
@@ -301,12 +287,28 @@ def _local_sums(
     params: Params, weights: dict[str, Any], data: Prepared, ids: np.ndarray
 ) -> tuple[dict[str, torch.Tensor], int, float]:
     """Float64 Fisher sums over ``ids`` in this process: (sums, n, seconds)."""
+    (sums, n), seconds = _fisher_here(
+        params, weights, data, ids, fisher_diagonal_sum, sum_dtype=torch.float64
+    )
+    return sums, n, seconds
+
+
+def _fisher_here(
+    params: Params,
+    weights: dict[str, Any],
+    data: Prepared,
+    ids: np.ndarray,
+    fn: Callable[..., Any],
+    **extra: Any,
+) -> tuple[Any, float]:
+    """``fn`` (a Fisher function of pipeline_lib.stats.fisher) of the version's model over
+    ``ids`` in this process, under ``train.threads``: (its result, seconds)."""
     f = params.fisher
     model = load_model(weights["path"], params.model, data)
     X, y = data.subset(ids)
     with model_threads(params.train, params.model, data):
         t0 = time.perf_counter()
-        sums, n = fisher_diagonal_sum(
+        out = fn(
             model,
             torch.from_numpy(X),
             torch.from_numpy(y),
@@ -314,9 +316,9 @@ def _local_sums(
             batch_size=f.batch_size,
             seed=f.seed,
             sample_ids=list(ids),
-            sum_dtype=torch.float64,
+            **extra,
         )
-        return sums, n, time.perf_counter() - t0
+        return out, time.perf_counter() - t0
 
 
 def _store_full(
