@@ -14,7 +14,7 @@ import base64
 import hashlib
 import html
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -81,14 +81,27 @@ def _metrics_table(models: Mapping[str, Mapping[str, Any]]) -> str:
             return f"{_fmt(m[c])} ± {_fmt(m[f'{c}_std'])}"
         return _fmt(m.get(c, ""))
 
-    head = "".join(f"<th>{header(c)}</th>" for c in columns)
-    rows = "".join(
-        f"<tr><th>{html.escape(name)}</th>"
-        + "".join(f"<td>{html.escape(cell(m, c))}</td>" for c in columns)
-        + "</tr>"
-        for name, m in models.items()
+    return _grid(
+        "model", [header(c) for c in columns], models, lambda m: [cell(m, c) for c in columns]
     )
-    return f"<table class='grid'><tr><th>model</th>{head}</tr>{rows}</table>"
+
+
+def _grid(
+    corner: str,
+    heads_html: list[str],
+    rows: Mapping[str, Mapping[str, Any]],
+    cells: Callable[[Mapping[str, Any]], list[str]],
+) -> str:
+    """An HTML grid: one row per ``rows`` entry (its name as the row header), the column
+    headers already HTML, the cells plain text (escaped here)."""
+    head = "".join(f"<th>{h}</th>" for h in heads_html)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td>{html.escape(c)}</td>" for c in cells(row))
+        + "</tr>"
+        for name, row in rows.items()
+    )
+    return f"<table class='grid'><tr><th>{corner}</th>{head}</tr>{body}</table>"
 
 
 def _klom_section(klom: Mapping[str, Any]) -> list[str]:
@@ -154,16 +167,10 @@ def _ensemble_mia_section(mia: Mapping[str, Mapping[str, Any]], n_models: Any) -
         std = d.get("std")
         return _fmt(d.get("mean")) + ("" if std is None else f" ± {_fmt(std)}")
 
-    head = "".join(f"<th>{html.escape(_MIA_COLUMNS[c])}</th>" for c in columns)
-    body = "".join(
-        f"<tr><th>{html.escape(name)}</th>"
-        + "".join(f"<td>{html.escape(cell(row, c))}</td>" for c in columns)
-        + "</tr>"
-        for name, row in mia.items()
-    )
+    heads = [html.escape(_MIA_COLUMNS[c]) for c in columns]
     return [
         "<h3>Membership inference over the ensemble</h3>",
-        f"<table class='grid'><tr><th>models</th>{head}</tr>{body}</table>",
+        _grid("models", heads, mia, lambda row: [cell(row, c) for c in columns]),
         f"<p class='note'>mean ± std over {html.escape(str(n_models or '?'))} models × "
         f"{seeds or '?'} seeded draws each; the oracles' row is what exact unlearning gives "
         "(Avg. Gap: the mean distance of UA, RA, TA and MIA efficacy to the oracles').</p>",
