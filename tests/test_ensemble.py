@@ -181,6 +181,25 @@ def test_stacked_init_equals_build_model_bit_for_bit(cfg, threads):
         assert all(torch.equal(stacked[n][k], ref[n]) for n in ref)
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_accelerator_epoch_rows_equal_the_cpu_draw(workers):
+    """The accelerator path draws each epoch's permutations in slices on a thread pool,
+    ahead of time; the host rows it ships must be the CPU path's, epoch by epoch."""
+    g = torch.Generator().manual_seed(5)
+    masks = torch.zeros(5, 40, dtype=torch.bool)
+    masks.scatter_(1, torch.rand(5, 40, generator=g).argsort(1)[:, :17], True)
+    seeds = [4, 8, 15, 16, 23]
+    want = list(ensemble._EpochRows(masks, seeds, 17, 3, torch.device("cpu")))
+    rows = ensemble._EpochRows(masks, seeds, 17, 3, torch.device("meta"), workers=workers)
+    got = [r.clone() for r in rows.host_epochs()]
+    assert rows.pool is None  # the draw threads are stopped at the end
+    assert len(got) == len(want) == 3
+    assert not torch.equal(want[0], want[1])  # a new permutation every epoch
+    for a, b in zip(got, want, strict=True):
+        assert a.dtype == torch.int32 and torch.equal(a.long(), b)
+    assert all(torch.equal(r.sort(1).values, masks.nonzero()[:, 1].view(5, 17)) for r in want)
+
+
 def test_returned_tensors_own_their_storage(tmp_path):
     """The MLP path keeps all parameters in one flat buffer; what it returns must not alias
     it (or each other): safetensors refuses shared storage, and callers may modify them."""
