@@ -32,6 +32,12 @@
 #   MLFLOW_AUTH_ADMIN_PASSWORD    the admin user's password on the first start with auth
 #                                 (default: a random one, kept in $MLFLOW_DATA_DIR/admin_password,
 #                                 mode 600; user `admin`); ignored once the user store exists
+#   MLFLOW_AUTH_FUNCTION          how the auth app checks a request's password: `once` (default:
+#                                 tasks/mlflow_auth.py, MLflow's own check run once per request
+#                                 instead of the three times MLflow's app runs it; nothing is
+#                                 kept between requests) or `mlflow` (MLflow's own function,
+#                                 which its UI needs to show its change-password dialog and
+#                                 log-out link)
 #   MLFLOW_AUTH_DEFAULT_PERMISSION  what a signed-in user may do on others' experiments and
 #                                 models (default READ; NO_PERMISSIONS, EDIT, MANAGE)
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  the auth app's CSRF key (default: a random one, kept in
@@ -101,6 +107,15 @@ if [ "$AUTH" = basic ]; then
         READ | EDIT | MANAGE | NO_PERMISSIONS) ;;
         *) echo "mlflow-server.sh: MLFLOW_AUTH_DEFAULT_PERMISSION=$PERMISSION unknown; valid: READ, EDIT, MANAGE, NO_PERMISSIONS" >&2; exit 2 ;;
     esac
+    case "${MLFLOW_AUTH_FUNCTION:-once}" in
+        once)
+            AUTH_FUNCTION=tasks.mlflow_auth:authenticate_once
+            # the server imports it from this checkout (also when the package is not installed)
+            export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+            ;;
+        mlflow) AUTH_FUNCTION=mlflow.server.auth:authenticate_request_basic_auth ;;
+        *) echo "mlflow-server.sh: MLFLOW_AUTH_FUNCTION=$MLFLOW_AUTH_FUNCTION unknown; valid: once, mlflow" >&2; exit 2 ;;
+    esac
     umask 077  # the auth config, the password file and the user store: this user only
     if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
         [ -s "$DATA_DIR/admin_password" ] \
@@ -113,7 +128,7 @@ if [ "$AUTH" = basic ]; then
 default_permission = $PERMISSION
 database_uri = sqlite:///$DATA_DIR/basic_auth.db
 admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+authorization_function = $AUTH_FUNCTION
 EOF
     # the CSRF key of the app's forms: random, kept so restarts and workers share it
     [ -s "$DATA_DIR/flask_secret_key" ] \
