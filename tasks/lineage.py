@@ -473,10 +473,18 @@ def registry_view(
 ) -> tuple[dict[str, VersionRecord], str | None]:
     """Every version of ``model_name`` with its tags, and the version its production alias
     points at. ``via="auto"``: over the REST API with the standard library for an
-    ``http(s)://`` tracking server (no ``import mlflow``: :mod:`tasks.mlflow_rest`), through
-    :class:`mlflow.MlflowClient` for any other URI (``sqlite:///...``). Both give the same
-    records (``tests/test_lineage_rest.py``)."""
+    ``http(s)://`` tracking server (no ``import mlflow``: :mod:`tasks.mlflow_rest`); from
+    MLflow's tables of a ``sqlite:///`` store with ``sqlite3``, read-only, where
+    :mod:`tasks.mlflow_sqlite` has verified the schema; through :class:`mlflow.MlflowClient`
+    for any other URI or store, and wherever that reader declines. All give the same records
+    (``tests/test_lineage_rest.py``, ``tests/test_lineage.py``)."""
     environ = os.environ if environ is None else environ
+    if via == "auto":
+        from tasks import mlflow_sqlite
+
+        read = mlflow_sqlite.read_registry(uri, model_name, PRODUCTION_ALIAS, environ)
+        if read is not None:
+            return read
     if via == "rest" or (via == "auto" and mlflow_rest.use_rest(uri, environ)):
         try:
             server = mlflow_rest.Server.from_env(uri, environ)

@@ -592,3 +592,152 @@ def test_lineage_cli_imports_neither_torch_nor_prefect(tmp_path):
     # no such registered model: refused with exit 2, after the stores were opened
     assert proc.stdout.split()[-4:] == ["2", "False", "False", "True"], proc.stderr[-2000:]
     assert "no-such-model" in proc.stderr
+
+
+# --------------------------------------------- the registry read from MLflow's SQLite tables
+
+SMALL = {"n_requests": 24, "n_ids": 3, "retrain_every": 8}
+
+
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> dict:
+    """A small generated history (benchmarks/lineage_query.py's generator: ledger rows, the
+    forgotten-id index, a chain of registered versions with exact retrains), written by
+    MLflow itself into a SQLite store; then one version deleted and a second alias set, so
+    the reader has to leave out what MLflow's search leaves out."""
+    from mlflow import MlflowClient
+
+    from benchmarks.lineage_query import MODEL, generate
+
+    root = tmp_path_factory.mktemp("lineage-sqlite")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    generate(uri, **SMALL)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.delete_model_version(MODEL, "5")
+    client.set_registered_model_alias(MODEL, "staging", "7")
+    client.set_model_version_tag(MODEL, "7", "note", "")
+    params = root / "params.yaml"
+    params.write_text(
+        yaml.safe_dump({"tracking": {"mlflow_uri": uri}, "service": {"model_name": MODEL}})
+    )
+    return {"root": root, "uri": uri, "model": MODEL, "params": str(params)}
+
+
+def _samples(n_requests: int, n_ids: int, **_) -> list[str]:
+    return [f"digits-{i:06d}" for i in (1, (n_requests // 2) * n_ids + 2, n_requests * n_ids - 1)]
+
+
+def test_sqlite_reader_answers_as_the_mlflow_client_without_writing(generated):
+    """tasks/mlflow_sqlite.py reads exactly the versions, tags, times, run ids, sources and
+    production alias the MLflow client returns, on a registry the installed MLflow wrote
+    (so an MLflow upgrade to an unverified schema revision fails here); whole sample answers
+    agree; the database file is not touched (same bytes, same mtime, no journal left)."""
+    import hashlib
+
+    from tasks import mlflow_sqlite
+    from tasks.ledger import Ledger
+    from tasks.lineage import PRODUCTION_ALIAS, registry_view, sample_lineage
+
+    uri, model = generated["uri"], generated["model"]
+    db = generated["root"] / "mlflow.db"
+    before = (hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns)
+    direct = mlflow_sqlite.read_registry(uri, model, PRODUCTION_ALIAS, {})
+    assert direct is not None, "the installed MLflow's schema revision is not verified"
+    client = registry_view(uri, model, via="client")
+    assert direct == client
+    versions, production = direct
+    n = SMALL["n_requests"] + 1 + (SMALL["n_requests"] - 1) // SMALL["retrain_every"]
+    assert "5" not in versions and len(versions) == n - 1
+    assert production == str(n) and versions["7"].tags["note"] == ""
+    assert mlflow_sqlite.read_registry(uri, model, "staging", {})[1] == "7"
+    assert (hashlib.sha256(db.read_bytes()).hexdigest(), db.stat().st_mtime_ns) == before
+    assert sorted(p.name for p in db.parent.iterdir() if p.name.startswith("mlflow.db")) == [
+        "mlflow.db"
+    ]
+    ledger = Ledger(uri)
+    try:
+        for sample in [*_samples(**SMALL), "digits-999999"]:
+            assert sample_lineage(uri, ledger, model, sample) == sample_lineage(
+                uri, ledger, model, sample, via="client"
+            )
+    finally:
+        ledger.close()
+
+
+def test_sqlite_reader_declines_what_it_has_not_verified(generated, tmp_path):
+    """Another schema revision, workspaces on, a model in another workspace, an unknown
+    model, a URI with options or in memory, a file that is not a database: ``None`` (the
+    caller asks the MLflow client), never a guess."""
+    import shutil
+    import sqlite3
+
+    from tasks import mlflow_sqlite
+
+    uri, model = generated["uri"], generated["model"]
+    read = mlflow_sqlite.read_registry
+    assert read(uri, model, "production", {"MLFLOW_ENABLE_WORKSPACES": "true"}) is None
+    assert read(uri, "no-such-model", "production", {}) is None
+    assert read(f"{uri}?timeout=5", model, "production", {}) is None
+    assert read("sqlite:///:memory:", model, "production", {}) is None
+    assert read(f"sqlite:///{tmp_path / 'absent.db'}", model, "production", {}) is None
+    assert not (tmp_path / "absent.db").exists()
+    (tmp_path / "junk.db").write_text("not a database")
+    assert read(f"sqlite:///{tmp_path / 'junk.db'}", model, "production", {}) is None
+
+    def altered(name: str, sql: str) -> str:
+        copy = tmp_path / name
+        shutil.copy(generated["root"] / "mlflow.db", copy)
+        with sqlite3.connect(copy) as conn:
+            conn.execute(sql)
+        conn.close()
+        return f"sqlite:///{copy}"
+
+    assert (
+        read(
+            altered("a.db", "UPDATE alembic_version SET version_num = 'ffffffffffff'"),
+            model,
+            "production",
+            {},
+        )
+        is None
+    )
+    other = altered("b.db", "INSERT INTO registered_models (name, workspace) VALUES ('m', 'ws')")
+    assert read(other, model, "production", {}) is None
+
+
+def test_fresh_lineage_sample_on_sqlite_does_not_import_mlflow(generated):
+    """A fresh `unlearn lineage sample` process on the SQLite store answers from MLflow's
+    tables without importing MLflow (nor torch, nor Prefect), with the client's answer."""
+    import subprocess
+    import sys
+
+    from tasks.ledger import Ledger
+    from tasks.lineage import sample_lineage
+    from tests.conftest import REPO
+
+    sample = _samples(**SMALL)[1]
+    code = (
+        "import sys\nfrom flows.cli import main\n"
+        f"rc = main(['lineage', 'sample', {sample!r}, '--json', '--params', "
+        f"{generated['params']!r}])\n"
+        "print(rc, 'torch' in sys.modules, 'prefect' in sys.modules, 'mlflow' in sys.modules,"
+        " file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=300,
+    )
+    assert proc.stderr.split()[-4:] == ["0", "False", "False", "False"], proc.stderr[-2000:]
+    ledger = Ledger(generated["uri"])
+    try:
+        expected = sample_lineage(
+            generated["uri"], ledger, generated["model"], sample, via="client"
+        )
+    finally:
+        ledger.close()
+    assert json.loads(proc.stdout) == json.loads(json.dumps(expected, default=str))
+    assert expected["forgotten_by"] and expected["trained_with"] and expected["unlearned_in"]
