@@ -17,14 +17,24 @@ model-epochs/s):
 
 Model-epochs/s counts the whole ``train_ensemble`` call (building the K seeded models
 included); "train" subtracts the build time (drawing the K seeded models and moving them
-to the device), measured separately. Then one short
-``torch.profiler`` pass over MLP K=1024 batch 64 prints the top CUDA kernels, for whoever
-continues the tuning. A row that fails prints its error and the run goes on.
+to the device), measured separately; "loop" also subtracts the return of the weights to the
+host (a page-locked copy of the same size, measured separately), leaving the epoch itself.
+Extra rows: ``--before FILE`` loads an earlier ``pipeline_lib/training/ensemble.py`` (e.g.
+``git show REV:pipeline_lib/training/ensemble.py``) and runs the MLP goal row with it in the
+same process, for a before/after ratio on the same card; the CNN with
+``torch.backends.cudnn.benchmark`` on (cuDNN times its algorithms for each new shape and
+keeps the fastest; the first call pays the search and is not timed).
+
+Then the MLP K=1024 batch 64 step in steady state (after warm-up, no build or copies): CUDA
+time per step of the forward/backward and of the optimizer, separately, float32 and TF32,
+and one ``torch.profiler`` table of its top CUDA kernels, for whoever continues the tuning.
+A row that fails prints its error and the run goes on.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import shlex
@@ -37,6 +47,7 @@ import torch
 
 from pipeline_lib.config import ModelConfig
 from pipeline_lib.models.image import build_model
+from pipeline_lib.training import ensemble
 from pipeline_lib.training.ensemble import _init_stacked, train_ensemble, train_step_flops
 from pipeline_lib.training.fit import FitSettings, fit
 
@@ -82,6 +93,74 @@ def subset_masks(k: int, n_total: int, n: int, seed: int) -> torch.Tensor:
     return masks
 
 
+def load_before(path: str):
+    """An earlier ensemble.py as a module (its imports resolve against this checkout)."""
+    spec = importlib.util.spec_from_file_location("ensemble_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def copy_back_seconds(cfg: ModelConfig, k: int, device: torch.device) -> float:
+    """Time of returning K models' parameters to the host the way the trainer does."""
+    n_params = sum(p.numel() for p in build_model(cfg, SHAPE, N_CLASSES, 0).parameters())
+    flat = torch.zeros(k * n_params, device=device)
+    ensemble._host_copy(flat)  # warm the page-locked allocator
+    return min(timed(lambda: ensemble._host_copy(flat), device) for _ in range(2))
+
+
+def steady_state(device: torch.device, k: int, batch: int, n_total: int, profile: bool) -> None:
+    """CUDA ms per step of the MLP fast path in steady state: forward+backward, optimizer."""
+    template = build_model(MLP, SHAPE, N_CLASSES, 0)
+    stacked = {n: t.to(device) for n, t in _init_stacked(template, list(range(k))).items()}
+    flat = ensemble._FlatParams(stacked)
+    del stacked
+    opt = ensemble._stacked_optimizer([flat.data], FitSettings(epochs=1, batch_size=batch, lr=1e-3))
+    step = ensemble._MLPStep(ensemble._mlp_plan(template), flat)
+    g = torch.Generator().manual_seed(3)
+    X2 = torch.rand(n_total, 28 * 28, generator=g).to(device)
+    y = torch.randint(0, N_CLASSES, (n_total,), generator=g).to(device)
+    rows = torch.randint(0, n_total, (40, k, batch), generator=g).to(device)
+
+    def run(i: int, part: str) -> None:
+        if part in ("fwd+bwd", "both"):
+            step(X2, y, rows[i % 40])
+        if part in ("optimizer", "both"):
+            opt.step()
+
+    for tf32 in (False, True):
+        set_tf32(tf32)
+        for i in range(10):
+            run(i, "both")
+        out = []
+        for part in ("fwd+bwd", "optimizer", "both"):
+
+            def fifty(part: str = part) -> None:
+                for i in range(50):
+                    run(i, part)
+
+            ms = timed(fifty, device) / 50 * 1e3
+            out.append(f"{part} {ms:.3f} ms")
+        print(
+            f"steady state, MLP K={k}, batch {batch}, {'TF32' if tf32 else 'float32'}: "
+            + ", ".join(out)
+            + f"  (an epoch of n={n_total // 2}: {-(-n_total // 2 // batch)} steps)"
+        )
+    set_tf32(False)
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as prof_ctx
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with prof_ctx(activities=acts) as prof:
+            for i in range(20):
+                run(i, "both")
+            sync(device)
+        print(f"\nprofile: steady state, MLP K={k}, batch {batch}, 20 steps, float32")
+        key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=18))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -89,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled CNN rows")
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds; later rows skipped")
+    ap.add_argument("--before", help="an earlier ensemble.py: adds the MLP goal row run with it")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -98,16 +178,21 @@ def main(argv: list[str] | None = None) -> None:
     n_total = 4_000 if args.quick else 60_000
     n = n_total // 2
     scale = 16 if args.quick else 1  # --quick: K ÷ 16
-    rows_spec = [  # (label, cfg, K, batch, tf32, compile)
-        ("mlp", MLP, 1024 // scale, 64, False, False),
-        ("mlp", MLP, 1024 // scale, 64, True, False),
-        ("mlp", MLP, 256 // scale, 256, False, False),
-        ("mlp", MLP, 256 // scale, 256, True, False),
-        ("cnn", CNN, 256 // scale, 64, False, False),
-        ("cnn", CNN, 256 // scale, 64, True, False),
+    rows_spec = [  # (label, cfg, K, batch, tf32, compile, variant)
+        ("mlp", MLP, 1024 // scale, 64, False, False, ""),
+        ("mlp", MLP, 1024 // scale, 64, True, False, ""),
+        ("mlp", MLP, 256 // scale, 256, False, False, ""),
+        ("mlp", MLP, 256 // scale, 256, True, False, ""),
+        ("cnn", CNN, 256 // scale, 64, False, False, ""),
+        ("cnn", CNN, 256 // scale, 64, True, False, ""),
+        ("cnn", CNN, 256 // scale, 64, True, False, "cudnn.benchmark"),
     ]
+    if args.before:
+        rows_spec.insert(0, ("mlp", MLP, 1024 // scale, 64, False, False, "before"))
     if not args.no_compile:
-        rows_spec.append(("cnn", CNN, 256 // scale, 64, True, True))
+        rows_spec.append(("cnn", CNN, 256 // scale, 64, True, True, ""))
+        rows_spec.append(("cnn", CNN, 256 // scale, 64, True, True, "cudnn.benchmark"))
+    before = load_before(args.before) if args.before else None
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print("$ " + shlex.join([sys.executable, "-m", "benchmarks.gpu_ensemble", *sys.argv[1:]]))
@@ -158,17 +243,22 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         "\n| model | K | batch | precision | model-epochs/s | speed-up vs one at a time "
-        "| train model-epochs/s | TFLOP/s (train) | of peak | build s | peak GPU mem GB |"
+        "| train model-epochs/s | loop model-epochs/s | TFLOP/s (loop) | of peak | build s "
+        "| copy-back s | peak GPU mem GB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    copy_cache: dict[tuple[str, int], float] = {}
     masks_cache: dict[int, torch.Tensor] = {}
-    for label, cfg, k, bs, tf32, comp in rows_spec:
+    for label, cfg, k, bs, tf32, comp, variant in rows_spec:
         if time.perf_counter() - t_start > args.budget:
             print(f"| {label} | {k} | {bs} | skipped: past the --budget of {args.budget:.0f}s |")
             continue
         precision = ("TF32" if tf32 else "float32") + (" + compile" if comp else "")
+        precision += f" ({variant})" if variant else ""
+        trainer = before.train_ensemble if variant == "before" else train_ensemble
         try:
             set_tf32(tf32)
+            torch.backends.cudnn.benchmark = variant == "cudnn.benchmark"
             if k not in masks_cache:
                 masks_cache[k] = subset_masks(k, n_total, n, seed=1)
             masks = masks_cache[k]
@@ -183,45 +273,39 @@ def main(argv: list[str] | None = None) -> None:
                 device,
             )
 
-            def run(cfg=cfg, k=k, masks=masks, settings=settings, comp=comp) -> None:
-                train_ensemble(
-                    cfg, SHAPE, N_CLASSES, X, y, masks, list(range(k)), settings, device, comp
-                )
+            def run(cfg=cfg, k=k, masks=masks, settings=settings, comp=comp, fn=trainer):
+                fn(cfg, SHAPE, N_CLASSES, X, y, masks, list(range(k)), settings, device, comp)
 
-            if comp:
-                run()  # the first call compiles; time the second
+            if comp or variant == "cudnn.benchmark":
+                run()  # the first call compiles / searches cuDNN's algorithms; time the second
             seconds = timed(run, device)
             mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
+            if (label, k) not in copy_cache:
+                copy_cache[label, k] = copy_back_seconds(cfg, k, device)
+            copy_s = copy_cache[label, k]
             flops = train_step_flops(cfg, SHAPE, N_CLASSES, 1) * n * k
             train_s = max(seconds - build, 1e-9)
-            rate = flops / train_s
+            loop_s = max(seconds - build - copy_s, 1e-9)
+            rate = flops / loop_s
             print(
                 f"| {label} | {k} | {bs} | {precision} | {k / seconds:.1f} | "
-                f"{k / seconds / alone[label]:.0f}× | {k / train_s:.1f} | {rate / 1e12:.2f} | "
-                f"{rate / peaks[tf32]:.0%} | {build:.2f} | {mem:.1f} |"
+                f"{k / seconds / alone[label]:.0f}× | {k / train_s:.1f} | {k / loop_s:.1f} | "
+                f"{rate / 1e12:.2f} | {rate / peaks[tf32]:.0%} | {build:.2f} | {copy_s:.3f} | "
+                f"{mem:.1f} |"
             )
         except Exception as exc:  # one failing row must not lose the others
             print(f"| {label} | {k} | {bs} | {precision} | FAILED: {type(exc).__name__}: {exc} |")
             traceback.print_exc(file=sys.stderr)
         sys.stdout.flush()
     set_tf32(False)
+    torch.backends.cudnn.benchmark = False
 
-    if not args.no_profile and time.perf_counter() - t_start < args.budget + 60:
-        from torch.profiler import ProfilerActivity, profile
-
-        k = 1024 // scale
-        masks = subset_masks(k, 64 * 20 * 2, 64 * 20, seed=1)  # 20 steps of batch 64
-        settings = FitSettings(epochs=1, batch_size=64, lr=1e-3)
-        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with profile(activities=acts) as prof:
-            train_ensemble(
-                MLP, SHAPE, N_CLASSES, X[: masks.shape[1]], y[: masks.shape[1]], masks,
-                list(range(k)), settings, device,
-            )  # fmt: skip
-            sync(device)
-        key = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        print(f"\nprofile: MLP K={k}, batch 64, 20 steps (float32), top ops by {key}")
-        print(prof.key_averages().table(sort_by=key, row_limit=15))
+    if time.perf_counter() - t_start < args.budget + 60:
+        try:
+            steady_state(device, 1024 // scale, 64, n_total, profile=not args.no_profile)
+        except Exception as exc:
+            print(f"steady state: FAILED: {type(exc).__name__}: {exc}")
+            traceback.print_exc(file=sys.stderr)
     print(f"total {time.perf_counter() - t_start:.0f}s")
 
 

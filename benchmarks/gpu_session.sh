@@ -22,8 +22,20 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c 'import torch, pydantic; print("torch", torch.__version__, "pydantic", pydantic.__version__)'
 step() { local secs=$1 name=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "=== $name rc ${PIPESTATUS[0]}"; }
-step 60 stats_agreement python3 -m benchmarks.gpu_stats_agreement
-step 230 request_cost python3 -m benchmarks.request_cost --dataset fashion-mnist --model cnn \
-  --device cuda --max-test 2000 --fraction 0.01 --fd-variant retain_sample_multiple=3.0
-step 110 pytest_gpu python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_ensemble.py
-step 150 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 90
+# STEPS picks what runs (default: all, in this order); issue 17's rerun used
+# STEPS="pytest_gpu gpu_ensemble" with BEFORE=.gpudata/ensemble_before.py, an earlier
+# pipeline_lib/training/ensemble.py (git show REV:...) for the before/after row.
+STEPS=${STEPS:-"stats_agreement request_cost pytest_gpu gpu_ensemble"}
+BEFORE=${BEFORE:-}
+for s in $STEPS; do
+  case $s in
+    stats_agreement) step 60 stats_agreement python3 -m benchmarks.gpu_stats_agreement ;;
+    request_cost) step 230 request_cost python3 -m benchmarks.request_cost --dataset fashion-mnist \
+      --model cnn --device cuda --max-test 2000 --fraction 0.01 --fd-variant retain_sample_multiple=3.0 ;;
+    pytest_gpu) step 150 pytest_gpu python3 -m pytest -q -p no:cacheprovider -m gpu \
+      tests/test_ensemble.py tests/test_methods_cuda.py ;;
+    gpu_ensemble) step 330 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 200 \
+      ${BEFORE:+--before "$BEFORE"} ;;
+    *) echo "unknown step $s" ;;
+  esac
+done
