@@ -158,8 +158,7 @@ def evaluate_request(
                 man.forget_ids,
                 mp.retain_multiple,
                 params.unlearn.seed,
-                params.attribution.lam,
-                params.attribution.estimator,
+                *ray_eval.datamodel_args(mp, params),
             )
     weights = dict(originals.model_weights())
     jobs = [

@@ -182,8 +182,7 @@ def evaluate_flow(
                     man.forget_ids,
                     mp.retain_multiple,
                     params.unlearn.seed,
-                    params.attribution.lam,
-                    params.attribution.estimator,
+                    *ray_eval.datamodel_args(mp, params),
                 )
         states = dict(originals.model_weights())
         jobs = [

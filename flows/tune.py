@@ -163,8 +163,7 @@ def tune_flow(
                 man.forget_ids,
                 mp.retain_multiple,
                 params.unlearn.seed,
-                params.attribution.lam,
-                params.attribution.estimator,
+                *ray_eval.datamodel_args(mp, params),
             )
         weights = dict(originals.model_weights())
         states = [weights[k] for k in range(tn.models)]

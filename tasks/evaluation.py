@@ -19,6 +19,7 @@ import torch
 from pipeline_lib.attribution.matching import (
     MatchTargets,
     datamodel_targets,
+    full_model_anchor,
     matching_retain_rows,
     oracle_targets,
 )
@@ -34,6 +35,7 @@ from pipeline_lib.config import (
 )
 from pipeline_lib.data.images import load_prepared
 from pipeline_lib.data.requests import load_manifests, load_request
+from pipeline_lib.methods.matching import datamodel_settings
 from tasks.ray_resources import check_gpus, task_device, task_options, task_slots
 
 
@@ -246,6 +248,12 @@ def stage_request(params: Any) -> StagedRequest:
     )
 
 
+def datamodel_args(method_params: Any, params: Any) -> tuple[float, str, bool]:
+    """(lam, estimator, anchor) of :func:`matching_targets_for` for a matching method."""
+    lam, anchor = datamodel_settings(method_params, params.attribution.lam)
+    return lam, params.attribution.estimator, anchor
+
+
 def matching_targets_for(
     source: str,
     store_root: str,
@@ -257,11 +265,14 @@ def matching_targets_for(
     seed: int,
     lam: float,
     estimator: str,
+    anchor: bool = False,
 ) -> list[MatchTargets]:
     """Targets for each original: the matching points (all of F, then multiple·|F| seeded
     retain points) are shared; DM-Direct subtracts the same Σ_F β from each original's own
-    logits. The seconds recorded are those of computing the targets once (one request); the
-    store's ridge factor is request-independent, computed once and cached in the store."""
+    logits (and, with ``anchor``, each original's own |F|·κ,
+    :func:`pipeline_lib.attribution.matching.full_model_anchor`). The seconds recorded are
+    those of computing the targets once (one request); the store's ridge factor is
+    request-independent, computed once and cached in the store."""
     factor = None
     if source == "datamodels" and estimator == "ridge_dual":
         factor = AttributionStore.open(store_root).ridge_factor(lam)
@@ -285,6 +296,10 @@ def matching_targets_for(
             original_outputs[k][cols].astype(np.float64) - shift
             for k in range(len(original_outputs))
         ]
+        if anchor:
+            full = np.stack([np.asarray(z)[cols] for z in original_outputs])
+            kappa = full_model_anchor(masks, outputs, full, len(forget_pos), lam, estimator, factor)
+            per_model = [t - a for t, a in zip(per_model, kappa, strict=True)]
     X = problem.X[torch.from_numpy(cols)]
     return [
         MatchTargets(

@@ -11,9 +11,11 @@ import pytest
 import torch
 import yaml
 
+from pipeline_lib.attribution.datamodels import forget_shift_direct, ridge_primal_reference
 from pipeline_lib.attribution.matching import (
     MatchTargets,
     datamodel_targets,
+    full_model_anchor,
     match_outputs,
     matching_retain_rows,
     oracle_targets,
@@ -44,6 +46,78 @@ def test_dm_direct_targets_recover_the_retrained_output_of_a_linear_world():
     np.testing.assert_allclose(got, retrained, atol=1e-4)
     # and it is not trivially the full output
     assert np.abs(full - retrained).max() > 0.5
+
+
+def _fixed_size_world(seed: int = 0, M: int = 400, N: int = 30, P: int = 5, C: int = 3):
+    """Outputs exactly linear in the mask, subsets of exactly N/2 points (the store's draw),
+    β with a common part (training on fewer points lowers every output)."""
+    rng = np.random.default_rng(seed)
+    beta = rng.normal(size=(P, C, N)) + 0.4
+    bias = rng.normal(size=(P, C))
+    masks = np.zeros((M, N), dtype=bool)
+    for j in range(M):
+        masks[j, rng.permutation(N)[: N // 2]] = True
+    outputs = np.einsum("mn,pcn->mpc", masks.astype(float), beta) + bias
+    return beta, bias, masks, outputs
+
+
+def test_dm_direct_anchor_recovers_the_retrained_output_with_fixed_size_subsets():
+    """With exactly-αN subsets the common part of β is invisible to the store: plain
+    DM-Direct misses |F|·κ, the full-model anchor recovers f(D \\ F) exactly."""
+    beta, bias, masks, outputs = _fixed_size_world()
+    forget = np.array([2, 7, 11, 29])
+    full = beta.sum(-1) + bias
+    keep = np.ones(masks.shape[1])
+    keep[forget] = 0
+    retrained = beta @ keep + bias
+    plain = datamodel_targets(masks, outputs, full, forget, lam=1e-6)
+    anchored = datamodel_targets(masks, outputs, full, forget, lam=1e-6, anchor=True)
+    np.testing.assert_allclose(anchored, retrained, atol=1e-4)
+    # the unanchored targets are off by about |F| times the mean coefficient
+    gap = plain - retrained
+    np.testing.assert_allclose(gap, len(forget) * beta.mean(-1), atol=1e-4)
+    assert np.abs(gap).min() > 0.5
+    # stacked trained models: one anchor each, equal to the single-model call
+    stacked = full_model_anchor(masks, outputs, np.stack([full, full + 1.0]), 4, lam=1e-6)
+    np.testing.assert_allclose(
+        stacked[0], full_model_anchor(masks, outputs, full, 4, lam=1e-6), atol=1e-12
+    )
+    np.testing.assert_allclose(stacked[1] - stacked[0], 4 / 15, atol=1e-9)  # |F| / ((1-α)N)
+
+
+def test_dm_direct_anchor_is_zero_when_subset_sizes_identify_beta():
+    """Bernoulli masks identify the common part; the anchor of an exactly linear world is 0
+    (both estimators), so anchored and plain targets agree."""
+    rng = np.random.default_rng(1)
+    M, N, P, C = 600, 20, 4, 2
+    beta = rng.normal(size=(P, C, N)) + 0.3
+    bias = rng.normal(size=(P, C))
+    masks = rng.random((M, N)) < 0.5
+    outputs = np.einsum("mn,pcn->mpc", masks.astype(float), beta) + bias
+    full = beta.sum(-1) + bias
+    np.testing.assert_allclose(full_model_anchor(masks, outputs, full, 3, lam=1e-6), 0.0, atol=1e-5)
+    forget = np.array([0, 5, 9])
+    np.testing.assert_allclose(
+        datamodel_targets(masks, outputs, full, forget, lam=1e-6, anchor=True),
+        datamodel_targets(masks, outputs, full, forget, lam=1e-6),
+        atol=1e-5,
+    )
+    with pytest.raises(ValueError, match="full logits"):
+        full_model_anchor(masks, outputs, full[:, :1], 3)
+    with pytest.raises(ValueError, match=r"\|F\|"):
+        full_model_anchor(masks, outputs, full, N)
+
+
+def test_weighted_forget_shift_matches_the_dense_weighted_sum():
+    beta, _, masks, outputs = _fixed_size_world(seed=3, M=200, N=24, P=3, C=2)
+    idx = np.array([1, 4, 8, 20])
+    w = np.array([0.5, -1.0, 2.0, 0.25])
+    dense = ridge_primal_reference(masks, outputs, lam=0.7)[0].reshape(-1, masks.shape[1])
+    want = (dense[:, idx] @ w).reshape(outputs.shape[1:])
+    got = forget_shift_direct(masks, outputs, idx, lam=0.7, weights=w)
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    with pytest.raises(ValueError, match="weights"):
+        forget_shift_direct(masks, outputs, idx, lam=0.7, weights=w[:2])
 
 
 def test_oracle_targets_are_the_mean_and_shapes_are_checked():

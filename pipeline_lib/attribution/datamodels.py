@@ -404,6 +404,7 @@ def forget_shift_direct(
     estimator: str = "ridge_dual",
     block: int = 4096,
     factor: np.ndarray | None = None,
+    weights: Any = None,
 ) -> np.ndarray:
     """Σ_{i∈F} β_i(x) for every target straight from masks and outputs, without fitting W.
 
@@ -413,6 +414,7 @@ def forget_shift_direct(
     diff_means W = Y − ȳ and the shift is uᵀ(Y − ȳ). O(M²N + M³ + M·T·C) time; this is what a
     deletion request needs (DMM targets), the full fit is for LDS and inspection.
     ``factor``: :func:`ridge_factor` of the same masks and λ, precomputed (ridge only).
+    ``weights``: (|F|,) w_i for the weighted sum Σ_{i∈F} w_i β_i (u = Σ w_i D[:, i]).
     """
     _check_estimator(estimator)
     block = _check_block(block)
@@ -426,12 +428,16 @@ def forget_shift_direct(
     f = _check_forget(forget_idx, n_train)
     if estimator == "ridge_dual" and not (np.isfinite(lam) and lam > 0):
         raise ValueError(f"ridge_dual needs lam > 0, got {lam}")
+    w = None if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w is not None and w.shape != f.shape:
+        raise ValueError(f"weights must have one entry per forget point ({f.size}), got {w.shape}")
     counts = np.count_nonzero(X, axis=0)
     centre = counts / n_models
     u = np.zeros(n_models, dtype=np.float64)
     for s in range(0, f.size, block):
         idx = f[s : s + block]
-        u += _design_cols(estimator, X[:, idx], centre[idx], n_models).sum(axis=1)
+        cols = _design_cols(estimator, X[:, idx], centre[idx], n_models)
+        u += cols.sum(axis=1) if w is None else cols @ w[s : s + block]
     if estimator == "ridge_dual":
         if factor is None:
             chol = _ridge_cholesky(X, centre, lam, block)

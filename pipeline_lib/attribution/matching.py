@@ -73,6 +73,49 @@ def matching_retain_rows(
     return np.sort(np.random.default_rng(seed).choice(n_retain, size=k, replace=False))
 
 
+def full_model_anchor(
+    masks: np.ndarray,
+    store_outputs: np.ndarray,
+    full_logits: Any,
+    n_forget: int,
+    lam: float = 1.0,
+    estimator: str = "ridge_dual",
+    factor: np.ndarray | None = None,
+) -> np.ndarray:
+    """|F|·κ, float64 of ``full_logits``' shape ((P, C), or (K, P, C) for K trained models):
+    the part of Σ_{i∈F} β_i that fixed-size subsets leave unidentified, fixed by making the
+    datamodel reproduce the trained model at S = D.
+
+    Every subset of the store has αN points, so adding κ to every β_i changes none of the
+    store's predictions; the fitted datamodels take the minimum-norm β (Σ_i β_i = 0, module
+    docstring of :mod:`pipeline_lib.attribution.datamodels`). Such a datamodel predicts about
+    the mean subset-model output at S = D, not the trained model's f_θ, so DM-Direct's
+    f_θ − Σ_F β — the datamodel's own prediction at R only when it is right at D — leaves out
+    the effect of training on fewer points (|R| = N − |F|). The trained model itself is one
+    more observation, a model whose subset is all of D; spreading the datamodel's residual
+    there over the points, β_i + κ with κ = (f_θ − f̂(D)) / Σ_i (1 − x̄_i) and
+    f̂(D) = ȳ + Σ_i (1 − x̄_i) β_i, makes it exact at D and leaves every store prediction
+    unchanged (the linear datamodel of algorithms.md §2 with its free direction pinned).
+    For exactly-αN subsets and ridge, f̂(D) ≈ ȳ and |F|·κ ≈ |F| / ((1 − α)N) · (f_θ − ȳ): a
+    linear step along the training-set size axis from the full model towards the α-subset
+    models' mean. When inclusion is not of fixed size the free direction is identified and
+    the residual (so the anchor) of an exactly linear world is 0."""
+    masks = np.asarray(masks)
+    out = np.asarray(store_outputs)
+    n_models, n_train = masks.shape
+    if not 0 <= n_forget < n_train:
+        raise ValueError(f"|F| must be in [0, {n_train}), got {n_forget}")
+    centre = np.count_nonzero(masks, axis=0) / n_models
+    rest = 1.0 - centre
+    at_full = out.astype(np.float64).mean(axis=0) + forget_shift_direct(
+        masks, out, np.arange(n_train), lam=lam, estimator=estimator, factor=factor, weights=rest
+    )
+    full = np.asarray(full_logits, dtype=np.float64)
+    if full.shape[-at_full.ndim :] != at_full.shape:
+        raise ValueError(f"full logits {full.shape} do not end in the store's {at_full.shape}")
+    return n_forget / rest.sum() * (full - at_full)
+
+
 def datamodel_targets(
     masks: np.ndarray,
     store_outputs: np.ndarray,
@@ -81,6 +124,7 @@ def datamodel_targets(
     lam: float = 1.0,
     estimator: str = "ridge_dual",
     factor: np.ndarray | None = None,
+    anchor: bool = False,
 ) -> np.ndarray:
     """DM-Direct targets (m = 1) for P matching points: f̂ = f_θ − Σ_{i∈F} β_i, (P, C) float64.
 
@@ -89,6 +133,8 @@ def datamodel_targets(
     on the same points; forget_positions — the forget points' positions in the store's
     training order (0..N-1). The linear datamodels are per (point, class) on the logits.
     ``factor``: the store's precomputed ridge factor (:func:`datamodels.ridge_factor`).
+    ``anchor``: β's unidentified common part taken from the trained model
+    (:func:`full_model_anchor`) instead of 0.
     """
     masks = np.asarray(masks)
     out = np.asarray(store_outputs)
@@ -103,9 +149,14 @@ def datamodel_targets(
         )
     # DM-Direct f − Σ_F β via the one-right-hand-side solve (datamodels.forget_shift_direct,
     # tested equal to dm_direct on fitted datamodels)
-    return full - forget_shift_direct(
+    targets = full - forget_shift_direct(
         masks, out, forget_positions, lam=lam, estimator=estimator, factor=factor
     )
+    if anchor:
+        targets -= full_model_anchor(
+            masks, out, full, len(forget_positions), lam, estimator, factor
+        )
+    return targets
 
 
 def oracle_targets(oracle_logits: Any) -> np.ndarray:

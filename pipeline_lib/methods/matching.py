@@ -10,14 +10,17 @@ from torch import nn
 from pipeline_lib.attribution.matching import match_outputs
 from pipeline_lib.methods.base import Info, UnlearnInputs, register_method
 from pipeline_lib.methods.space import Choice, IntRange, LogUniform, Uniform
-from pipeline_lib.schema import Field, Float, Int, section
+from pipeline_lib.schema import Bool, Field, Float, Int, section
 
 
 @section()
 class DmmParams:
     """Datamodel Matching (Georgiev et al., ICLR 2025): fine-tune to DM-Direct targets by MSE
     on logits over F plus ``retain_multiple``·|F| retain points; paper defaults. The datamodels
-    come from the subset-model store of the ``attribution`` section (estimator, lam)."""
+    come from the subset-model store of the ``attribution`` section (estimator; ridge penalty
+    ``lam`` unless set here). ``anchor``: the part of Σ_F β that fixed-size subsets cannot
+    identify is taken from the trained model (the datamodel reproduces it at S = D,
+    :func:`pipeline_lib.attribution.matching.full_model_anchor`) instead of 0."""
 
     epochs: Int = Field(5, ge=0)
     lr: Float = Field(5e-4, gt=0)
@@ -25,6 +28,9 @@ class DmmParams:
     lr_decay: Float = Field(0.95, gt=0, le=1)  # learning rate × lr_decay after every epoch
     retain_multiple: Float = Field(3.0, ge=0)
     weight_reg: Float = Field(0.0, ge=0)  # λ of the optional λ‖θ − θ0‖² term (0 in the paper)
+    #: ridge penalty of DMM's datamodels (None: attribution.lam)
+    lam: Float | None = Field(None, gt=0)
+    anchor: Bool = True
 
 
 @section()
@@ -42,6 +48,14 @@ class OracleMatchingParams:
     #: Seed of their oracle store; differs from ``attribution.seed`` so the targets' oracles
     #: are never the oracles an evaluation compares against.
     seed: Int = 1
+
+
+def datamodel_settings(params: object, default_lam: float) -> tuple[float, bool]:
+    """(ridge penalty, anchor) for a matching method's datamodel targets: DMM's own ``lam``
+    (else ``default_lam``, the attribution section's) and ``anchor``; OM's params have
+    neither (its targets are oracles), which gives (default_lam, False)."""
+    lam = getattr(params, "lam", None)
+    return (default_lam if lam is None else float(lam)), bool(getattr(params, "anchor", False))
 
 
 #: What ``unlearn tune`` varies for both matching methods: the fine-tuning only. Not

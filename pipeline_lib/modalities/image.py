@@ -55,6 +55,7 @@ from pipeline_lib.io import (
     write_json,
 )
 from pipeline_lib.methods import Method, UnlearnInputs, get_method
+from pipeline_lib.methods.matching import datamodel_settings
 from pipeline_lib.methods.mnemonic import CodeMixer, mnemonic_codes
 from pipeline_lib.models.image import build_model
 from pipeline_lib.stats.fisher import fisher_diagonal
@@ -238,6 +239,8 @@ def matching_targets(
     X: torch.Tensor,
     store_root: str | Path,
     attribution: AttributionConfig,
+    lam: float | None = None,
+    anchor: bool = False,
 ) -> MatchTargets:
     """Target logits of the matching points ``ids`` (forget ids first).
 
@@ -246,12 +249,15 @@ def matching_targets(
     ``source='oracles'``: the mean logits of the oracle store's models at these points.
     ``full_logits`` (P, C): the model being unlearned, on X (only used for datamodels).
     The store's ridge factor is request-independent: computed once and cached in the store
-    (like the subset models, not counted in this request's time).
+    (like the subset models, not counted in this request's time). ``lam``: the ridge penalty
+    (None: ``attribution.lam``); ``anchor``: see
+    :func:`pipeline_lib.attribution.matching.full_model_anchor`.
     """
+    lam = attribution.lam if lam is None else lam
     store = AttributionStore.open(store_root)
     factor = None
     if source == "datamodels" and attribution.estimator == "ridge_dual":
-        factor = store.ridge_factor(attribution.lam)
+        factor = store.ridge_factor(lam)
     t0 = time.perf_counter()
     n_forget = len(splits.manifests.forget_ids)
     # the flow verified every checksum when it ensured the store (train_store → check)
@@ -266,7 +272,7 @@ def matching_targets(
             )
         forget_pos = np.searchsorted(train_ids, splits.manifests.forget_ids)
         targets = datamodel_targets(
-            masks, outputs, full_logits, forget_pos, attribution.lam, attribution.estimator, factor
+            masks, outputs, full_logits, forget_pos, lam, attribution.estimator, factor, anchor
         )
     elif source == "oracles":
         if store.spec.kind != "oracles":
@@ -348,14 +354,10 @@ def unlearn_step(
         ids, X = matching_points(splits, mp.retain_multiple, unlearn_cfg.seed)
         t0 = time.perf_counter()
         full = predict_logits(original, X)
+        attribution = attribution or AttributionConfig()
+        lam, anchor = datamodel_settings(mp, attribution.lam)
         match = matching_targets(
-            method.needs_targets,
-            splits,
-            full,
-            ids,
-            X,
-            store_root,
-            attribution or AttributionConfig(),
+            method.needs_targets, splits, full, ids, X, store_root, attribution, lam, anchor
         )
         match = dataclasses.replace(match, seconds=time.perf_counter() - t0)
     inputs = unlearn_inputs(splits, method, model_cfg, train_cfg, fisher, device)
