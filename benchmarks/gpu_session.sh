@@ -36,6 +36,7 @@ for s in $STEPS; do
       tests/test_ensemble.py tests/test_methods_cuda.py ;;
     gpu_ensemble) step 330 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 200 \
       ${BEFORE:+--before "$BEFORE"} ;;
+    gpu_phases) step 200 gpu_phases python3 -m benchmarks.gpu_phases ;;
     *) echo "unknown step $s" ;;
   esac
 done
