@@ -12,20 +12,23 @@ that store (``--auth basic``: with MLflow's basic-auth app, as a team runs it) a
   tasks/mlflow_sqlite.py, no ``import mlflow``; the MLflow client for comparison) and
   against the server (``http://``: MLflow's REST API read with the standard library);
 - the function, warm (best of ``--repeat``), and the whole CLI in a fresh process
-  (interpreter start, imports, queries, printing; best and median of ``--repeat``).
+  (interpreter start, imports, queries, printing; best and median of ``--repeat`` rounds,
+  each round running every configuration once in turn, so that a change in the load of a
+  shared machine hits them alike).
 
 The REST and client answers are checked equal before anything is timed.
 
     python -m benchmarks.lineage_query [--requests 1000] [--ids 10] [--retrain-every 100] \
-        [--auth none|basic] [--auth-function once|mlflow] [--compare-tree DIR]
+        [--auth none|basic] [--auth-function once|mlflow] [--baseline-auth-function once|mlflow] \
+        [--compare-tree DIR]
 
 ``--auth-function``: how the basic-auth server checks passwords (``MLFLOW_AUTH_FUNCTION`` of
 ``infra/mlflow-server.sh``): ``once`` a request (its default) or ``mlflow`` (MLflow's own
-function, which checks three times a request).
+function, which checks three times a request). ``--baseline-auth-function``: a second
+basic-auth server over the same store with that check, its CLI timed in the same rounds.
 
 ``--compare-tree DIR``: also time the CLI of another checkout (e.g. ``git archive <commit> |
-tar -x -C DIR``) on the same stores, best of ``--repeat`` fresh processes each, and print
-the ratios.
+tar -x -C DIR``) on the same stores, in the same rounds, and print the ratios.
 """
 
 from __future__ import annotations
@@ -226,6 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         default="once",
         help="the basic-auth server's password check (MLFLOW_AUTH_FUNCTION)",
     )
+    ap.add_argument(
+        "--baseline-auth-function",
+        choices=("once", "mlflow"),
+        help="with --auth basic: a second server over the same store with this password "
+        "check, timed interleaved with the first",
+    )
     ap.add_argument("--compare-tree", help="another checkout whose CLI is timed alike")
     args = ap.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -245,11 +254,21 @@ def main(argv: list[str] | None = None) -> int:
         sample = f"digits-{(args.requests // 2) * args.ids + 3:06d}"
         t = time.perf_counter()
         basic = args.auth == "basic"
-        with serve(uri, root / "server", auth=basic, auth_function=args.auth_function) as (
-            url,
-            creds,
-        ):
+        with contextlib.ExitStack() as servers:
+            url, creds = servers.enter_context(
+                serve(uri, root / "server", auth=basic, auth_function=args.auth_function)
+            )
             print(f"mlflow server ({args.auth} auth) up in {time.perf_counter() - t:.1f}s")
+            baseline = None
+            if basic and args.baseline_auth_function:
+                baseline = servers.enter_context(
+                    serve(
+                        uri,
+                        root / "server-baseline",
+                        auth=True,
+                        auth_function=args.baseline_auth_function,
+                    )
+                )
             saved = {k: os.environ.get(k) for k in creds}
             os.environ.update(creds)
             ledger = Ledger(uri)
@@ -268,13 +287,22 @@ def main(argv: list[str] | None = None) -> int:
                     times.append(time.perf_counter() - t)
                 warm[name] = min(times)
             ledger.close()
-            # one request's round trip (the basic-auth app checks the password on each)
-            t = time.perf_counter()
+            # one request's round trip (the basic-auth app checks the password on each):
+            # best of --repeat
             from tasks import mlflow_rest
 
-            server = mlflow_rest.Server.from_env(url, os.environ)
-            mlflow_rest.model_aliases(server, MODEL)
-            round_trip = time.perf_counter() - t
+            def round_trip(server_url: str, server_creds: dict[str, str]) -> float:
+                server = mlflow_rest.Server.from_env(server_url, {**os.environ, **server_creds})
+                best = float("inf")
+                for _ in range(args.repeat):
+                    t = time.perf_counter()
+                    mlflow_rest.model_aliases(server, MODEL)
+                    best = min(best, time.perf_counter() - t)
+                return best
+
+            trips = {"server": round_trip(url, creds)}
+            if baseline is not None:
+                trips["baseline"] = round_trip(*baseline)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -293,11 +321,11 @@ def main(argv: list[str] | None = None) -> int:
                 "and the client against the server)"
             )
 
-            def fresh(tree: Path, mlflow_uri: str) -> tuple[float, float, float]:
-                """Best wall time, best CPU time (user + system of the process: less
-                sensitive to other load on the machine; the server's time is not in it) and
-                median wall time of --repeat fresh CLI processes run from ``tree`` (with the
-                params file of that tree, pointed at the generated stores)."""
+            def fresh_cli(tree: Path, mlflow_uri: str, env_creds: dict[str, str]):
+                """A fresh CLI process run from ``tree`` (with the params file of that tree,
+                pointed at the generated stores): returns its wall and CPU time (user +
+                system of the process: less sensitive to other load on the machine; the
+                server's time is not in it), after checking its answer."""
                 params = yaml.safe_load((tree / "params.yaml").read_text())
                 params["tracking"]["mlflow_uri"] = mlflow_uri
                 params["service"]["model_name"] = MODEL
@@ -306,19 +334,37 @@ def main(argv: list[str] | None = None) -> int:
                 path.write_text(yaml.safe_dump(params))
                 cli = [sys.executable, "-m", "flows.cli", "lineage", "sample", sample, "--json"]
                 cli += ["--params", str(path)]
-                walls, cpus = [], []
-                env = {**os.environ, **creds, "PYTHONPATH": str(tree)}
+                env = {**os.environ, **env_creds, "PYTHONPATH": str(tree)}
                 env.pop("MLFLOW_TRACKING_URI", None)
-                for _ in range(args.repeat):
+
+                def run() -> tuple[float, float]:
                     before = _cpu_children()
                     t = time.perf_counter()
                     proc = subprocess.run(cli, cwd=tree, capture_output=True, text=True, env=env)
-                    walls.append(time.perf_counter() - t)
-                    cpus.append(_cpu_children() - before)
+                    wall, cpu = time.perf_counter() - t, _cpu_children() - before
                     if proc.returncode != 0:
                         raise SystemExit(f"{tree}: {proc.stderr[-3000:]}")
                     assert json.loads(proc.stdout) == json.loads(json.dumps(out, default=str))
-                return min(walls), min(cpus), sorted(walls)[len(walls) // 2]
+                    return wall, cpu
+
+                return run
+
+            def interleaved(runs: dict) -> dict[str, tuple[float, float, float]]:
+                """--repeat rounds, each running every configuration once in turn (so a
+                change in the machine's load hits them alike): best wall, best CPU and
+                median wall of each."""
+                got: dict[str, list[tuple[float, float]]] = {k: [] for k in runs}
+                for _ in range(args.repeat):
+                    for key, run in runs.items():
+                        got[key].append(run())
+                return {
+                    k: (
+                        min(w for w, _ in v),
+                        min(c for _, c in v),
+                        sorted(w for w, _ in v)[len(v) // 2],
+                    )
+                    for k, v in got.items()
+                }
 
             def floor(modules: str) -> float:
                 best = float("inf")
@@ -330,16 +376,19 @@ def main(argv: list[str] | None = None) -> int:
                     best = min(best, time.perf_counter() - t)
                 return best
 
-            rows = {
-                "sqlite": fresh(REPO, uri),
-                "server": fresh(REPO, url),
-            }
+            runs = {"sqlite": fresh_cli(REPO, uri, {}), "server": fresh_cli(REPO, url, creds)}
+            if baseline is not None:
+                runs["baseline"] = fresh_cli(REPO, *baseline)
+            if args.compare_tree:
+                tree = Path(args.compare_tree).resolve()
+                runs["other-sqlite"] = fresh_cli(tree, uri, {})
+                runs["other-server"] = fresh_cli(tree, url, creds)
+            rows = interleaved(runs)
             no_query = floor("flows.cli, tasks.lineage, tasks.ledger")
             floors = {"sqlite": no_query, "server": no_query}
             other = None
             if args.compare_tree:
-                tree = Path(args.compare_tree).resolve()
-                other = {"sqlite": fresh(tree, uri), "server": fresh(tree, url)}
+                other = {"sqlite": rows["other-sqlite"], "server": rows["other-server"]}
         auth = "no auth" if not basic else f"auth: {args.auth_function}"
         print(
             f"\n{'lineage sample over ' + str(args.requests) + ' requests':<44}"
@@ -368,9 +417,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{floors['sqlite']:>23.2f}s{floors['server']:>21.2f}s"
         )
         print(
-            f"{'  one REST round trip to the server':<44}{'-':>24}{round_trip:>21.3f}s"
-            "   (2 per query)"
+            f"{'  one REST round trip to the server':<44}{'-':>24}{trips['server']:>21.3f}s"
+            "   (2 per query; best of " + str(args.repeat) + ")"
         )
+        if baseline is not None:
+            b = rows["baseline"]
+            print(
+                f"{'server (auth: ' + args.baseline_auth_function + '), same rounds:':<44}"
+                f"{'':>24}{b[0]:>21.2f}s   (fresh process: best wall; median {b[2]:.2f}s, "
+                f"CPU {b[1]:.2f}s; one round trip {trips['baseline']:.3f}s)"
+            )
         if other is not None:
             print(
                 f"{'the same CLI from ' + args.compare_tree + ', wall':<44}"
@@ -381,9 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{rows['sqlite'][0] / other['sqlite'][0]:>24.2f}"
                 f"{rows['server'][0] / other['server'][0]:>22.2f}"
             )
-        for name in ("sqlite", "server"):
+        for name in ("sqlite", "server") + (("baseline",) if baseline is not None else ()):
             goal = "met" if rows[name][0] < 2.0 else "NOT met"
-            print(f"goal: a fresh `unlearn lineage sample` under 2 s ({name}): {goal}")
+            print(f"goal: a fresh `unlearn lineage sample` under 2 s ({name}, best): {goal}")
         print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return 0
 
