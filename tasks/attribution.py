@@ -58,13 +58,16 @@ def _train_chunk_remote(
     threads: int,
     gpus: float = 0.0,
     tf32: bool = False,
+    cpu_parallel: str = "models",
 ):
     import torch
 
     torch.set_num_threads(threads)
     device = task_device(gpus, tf32)
     t0 = time.perf_counter()
-    out = train_chunk(StoreSpec(**spec), start, stop, X, y, targets_X, base_mask, device=device)
+    out = train_chunk(
+        StoreSpec(**spec), start, stop, X, y, targets_X, base_mask, device, cpu_parallel
+    )
     out["task_seconds"] = time.perf_counter() - t0
     out["node_id"] = ray.get_runtime_context().get_node_id()
     out["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -95,7 +98,7 @@ def run_store(
     refs = [ray.put(a) for a in (X, y, targets_X, base_mask)]
     slots = task_slots(cfg)
     remote = _train_chunk_remote.options(**task_options(cfg))
-    extra = (cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32)
+    extra = (cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32, cfg.cpu_parallel)
     queue = list(pending)
     in_flight: dict[Any, tuple[int, int]] = {}
     chunks = []

@@ -7,6 +7,8 @@ atol 1e-12, rtol 0.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -162,6 +164,68 @@ def test_train_step_flops_counts_linear_and_conv_layers():
     # CNN (4, 8) on 1×8×8: conv 1→4 at 8×8, pool, conv 4→8 at 4×4, pool, avgpool 2, Linear 32→10
     macs = 4 * 8 * 8 * (1 * 9) + 8 * 4 * 4 * (4 * 9) + 32 * 10
     assert train_step_flops(CNN, SHAPE, C, 5) == 2 * 3 * 5 * macs
+
+
+@pytest.mark.parametrize("cpu_parallel", ["models", "ops"])
+@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
+def test_both_cpu_parallel_settings_equal_models_trained_alone(cfg, cpu_parallel, monkeypatch):
+    """With 2 torch threads, "models" trains the K = 3 models as two groups (1 + 2) on two
+    threads with one torch thread each, "ops" as one loop over torch's 2 threads: each model
+    must equal the one trained alone either way, and the caller keeps its thread count."""
+    seen = []
+    train = ensemble._train
+
+    def spy(*args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), args[5]))
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(ensemble, "_train", spy)
+    X, y, masks = _data()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stacked = train_ensemble(cfg, SHAPE, C, X, y, masks, SEEDS, ADAM, cpu_parallel=cpu_parallel)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    if cpu_parallel == "models":  # two groups, each on its own thread with one torch thread
+        assert sorted(k for _, _, k in seen) == [1, 2]
+        assert len({name for name, _, _ in seen}) == 2
+        assert all(name.startswith("ensemble") and t == 1 for name, t, _ in seen)
+    else:
+        assert seen == [(threading.current_thread().name, 2, K)]
+    assert all(t.shape[0] == K for t in stacked.values())
+    _assert_matches_alone(stacked, _alone(cfg, X, y, masks, ADAM))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [ADAM, SGD, FitSettings(epochs=1, batch_size=8, lr=0.1, optimizer="sgd", momentum=0.0)],
+    ids=["adam", "sgd", "sgd-no-momentum"],
+)
+def test_flat_optimizer_is_torch_optims_fused_step_bit_for_bit(settings):
+    """The MLP path calls torch's fused kernels itself; five steps must give exactly what
+    torch.optim's fused optimizer gives (a torch release that changed the kernels'
+    arguments or defaults would show here)."""
+    g = torch.Generator().manual_seed(3)
+    ref = torch.randn(1000, generator=g, dtype=torch.float32)
+    flat = ensemble._FlatParams({"w": ref.clone().view(10, 100)})
+    ref.requires_grad_()
+    opt = ensemble._stacked_optimizer([ref], settings)
+    mine = ensemble._FlatOptimizer(flat, settings)
+    for _ in range(5):
+        grad = torch.randn(1000, generator=g)
+        ref.grad = grad.clone()
+        flat.grad.copy_(grad)
+        opt.step()
+        mine.step()
+        assert torch.equal(flat.data, ref.detach())
+
+
+def test_unknown_cpu_parallel_raises():
+    X, y, masks = _data()
+    with pytest.raises(ValueError, match="cpu_parallel .* 'threads'"):
+        train_ensemble(MLP, SHAPE, C, X, y, masks, SEEDS, ADAM, cpu_parallel="threads")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

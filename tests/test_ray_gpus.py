@@ -4,7 +4,8 @@ CPU machines: a local Ray started with ``num_gpus=1`` declares a GPU it does not
 0.5-GPU task is scheduled (Ray hands it GPU 0) and the refusal inside the task is what is
 tested: torch sees no CUDA, training stops with an error naming the key, and nothing is
 written. With a real GPU (marked ``gpu``, deselected by ``make test``) chunks train on CUDA
-and agree with CPU-trained chunks.
+and agree with CPU-trained chunks. The module's 2-CPU Ray also runs a chunk task with 2 CPUs
+(``ray.cpus_per_task: 2``) under both ``ray.cpu_parallel`` settings.
 """
 
 from __future__ import annotations
@@ -142,6 +143,28 @@ def test_gpu_chunk_task_is_scheduled_then_refuses_without_cuda(ray_with_declared
     stats = run_store(store, X, y, targets, RayConfig(cpus_per_task=1))
     assert stats["models_trained"] == 6 and store.pending_chunks() == []
     assert {store.chunk_meta(a)["device"] for a, _ in _spec().chunks()} == {"cpu"}
+
+
+def test_two_cpu_chunk_tasks_store_the_same_outputs_under_either_cpu_parallel(
+    ray_with_declared_gpu, tmp_path
+):
+    """cpus_per_task 2: the task runs torch with 2 threads; ``models`` trains each chunk's 3
+    models as two groups on two threads, ``ops`` as one loop over torch's 2 threads. The
+    stored outputs must agree (the models share nothing) and every model be trained."""
+    from tasks.attribution import run_store
+
+    X, y, targets = _data()
+    spec = _spec(output_dtype="float32")
+    loaded = {}
+    for mode in ("models", "ops"):
+        store = _store(tmp_path / mode, spec)
+        stats = run_store(store, X, y, targets, RayConfig(cpus_per_task=2, cpu_parallel=mode))
+        assert stats["slots"] == 1 and stats["models_trained"] == 6
+        assert store.pending_chunks() == []
+        loaded[mode] = store.load()
+    for a, b in zip(loaded["models"], loaded["ops"], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert np.abs(loaded["ops"][2]).max() > 0  # real logits, not an empty store
 
 
 @pytest.mark.slow  # ~15 s on an idle machine, minutes under load: a second worker family

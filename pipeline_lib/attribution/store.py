@@ -155,10 +155,12 @@ def train_chunk(
     targets_X: np.ndarray,
     base_mask: np.ndarray | None = None,
     device: torch.device | None = None,
+    cpu_parallel: str = "models",
 ) -> dict[str, Any]:
-    """Train models [start, stop) with the ensemble trainer on ``device`` (default CPU);
-    return their masks (bool), seeds, outputs on the targets (K, T, C) and the seconds
-    spent inside the trainer."""
+    """Train models [start, stop) with the ensemble trainer on ``device`` (default CPU;
+    ``cpu_parallel`` as in :func:`~pipeline_lib.training.ensemble.train_ensemble`); return
+    their masks (bool), seeds, outputs on the targets (K, T, C) and the seconds spent
+    inside the trainer."""
     from pipeline_lib.training.ensemble import ensemble_logits, train_ensemble
 
     masks = chunk_masks(spec, start, stop, base_mask)
@@ -173,7 +175,16 @@ def train_chunk(
     # Arrays from Ray's object store are read-only: copy before torch may write.
     Xt, yt = torch.from_numpy(np.array(X)), torch.from_numpy(np.array(y))
     stacked = train_ensemble(
-        model_cfg, shape, n_classes, Xt, yt, torch.from_numpy(masks), seeds, settings, device
+        model_cfg,
+        shape,
+        n_classes,
+        Xt,
+        yt,
+        torch.from_numpy(masks),
+        seeds,
+        settings,
+        device,
+        cpu_parallel=cpu_parallel,
     )
     outputs = ensemble_logits(
         model_cfg,

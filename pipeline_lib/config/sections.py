@@ -110,6 +110,12 @@ class RayConfig:
     num_cpus: Int | None = Field(None, gt=0)
     #: CPUs per chunk task; torch in the task uses that many threads.
     cpus_per_task: Int = Field(1, gt=0)
+    #: How a chunk task with several CPU threads trains its models: ``models`` splits the
+    #: chunk's models into one group per thread, each trained on its own thread with one
+    #: torch thread; ``ops`` trains them in one loop whose kernels use torch's intra-op
+    #: threads (an OpenMP barrier at each of the step's small kernels). Same results either
+    #: way; ``models`` was faster on 2 cores (BENCHMARKS.md, issue 17).
+    cpu_parallel: Literal["models", "ops"] = "models"
     #: GPUs per task of the attribution, oracle and originals stores, the sharded statistics
     #: and the comparison's unlearning jobs; > 0 runs them on CUDA. A fraction packs several
     #: tasks on one card (0.25: four); above 1 it must be a whole number. 0: CPU only.

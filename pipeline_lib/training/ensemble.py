@@ -113,6 +113,54 @@ def _stacked_optimizer(params: list[torch.Tensor], s: FitSettings) -> torch.opti
     raise ValueError(f"unknown optimizer {s.optimizer!r}; valid: adam, sgd")
 
 
+class _FlatOptimizer:
+    """The fused Adam / SGD update of :func:`_stacked_optimizer` over the MLP path's one flat
+    leaf, without the ``torch.optim.Optimizer`` wrapper around it.
+
+    Runs the kernels that ``torch.optim.Adam(fused=True)`` / ``SGD(fused=True)`` run
+    (``torch._fused_adam_`` after a float32 step counter ``+= 1``; ``torch._fused_sgd_``
+    with ``is_first_step`` on the first call), with torch.optim's defaults (betas 0.9/0.999,
+    eps 1e-8, no amsgrad, no dampening, no Nesterov), so the update is the same bit for bit
+    (tests/test_ensemble.py compares them). What it saves: torch.optim's per-step Python
+    bookkeeping (grouping tensors by device, state lookups: ~0.4 ms of a ~10 ms digits step
+    at K = 64) and, once per process, the ``torch._dynamo`` import that the first
+    ``Optimizer`` constructor triggers (~2 s of CPU on 2 cores: each Ray worker paid it in
+    its first chunk, BENCHMARKS.md issue 17).
+    """
+
+    def __init__(self, flat: _FlatParams, s: FitSettings) -> None:
+        if s.optimizer not in ("adam", "sgd"):
+            raise ValueError(f"unknown optimizer {s.optimizer!r}; valid: adam, sgd")
+        self.settings = s
+        self.param, self.grad = flat.data, flat.grad
+        if s.optimizer == "adam":
+            self.exp_avg = torch.zeros_like(self.param)
+            self.exp_avg_sq = torch.zeros_like(self.param)
+            # torch.optim keeps a fused optimizer's step on the parameters' device, float32
+            self.steps = torch.zeros((), dtype=torch.float32, device=self.param.device)
+        else:
+            self.momentum = [torch.empty_like(self.param)] if s.momentum != 0 else []
+            self.first = True
+
+    def step(self) -> None:
+        s = self.settings
+        if s.optimizer == "adam":
+            self.steps.add_(1)
+            torch._fused_adam_(
+                [self.param], [self.grad], [self.exp_avg], [self.exp_avg_sq], [], [self.steps],
+                lr=s.lr, beta1=0.9, beta2=0.999, weight_decay=s.weight_decay, eps=1e-8,
+                amsgrad=False, maximize=False, grad_scale=None, found_inf=None,
+            )  # fmt: skip
+        else:
+            torch._fused_sgd_(
+                [self.param], [self.grad], self.momentum,
+                weight_decay=s.weight_decay, momentum=s.momentum, lr=s.lr, dampening=0.0,
+                nesterov=False, maximize=False, is_first_step=self.first and bool(self.momentum),
+                grad_scale=None, found_inf=None,
+            )  # fmt: skip
+            self.first = False
+
+
 _Forward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
 
@@ -396,6 +444,57 @@ class _EpochRows:
 # --------------------------------------------------------------------------- fast path
 
 
+#: ``cpu_parallel`` of :func:`train_ensemble` (the ``ray.cpu_parallel`` setting).
+CPU_PARALLEL = {
+    "models": "the K models split across threads, one torch thread each",
+    "ops": "all K models in one loop, torch's intra-op threads inside each kernel",
+}
+
+
+def _train_model_groups(
+    groups: int,
+    model_cfg: ModelConfig,
+    shape: tuple[int, ...],
+    n_classes: int,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    masks: torch.Tensor,
+    seeds: Sequence[int],
+    settings: FitSettings,
+) -> dict[str, torch.Tensor]:
+    """``cpu_parallel="models"``: the K models in ``groups`` contiguous groups, each trained
+    by :func:`train_ensemble` on its own Python thread with ONE torch thread, concatenated.
+
+    Why: the small batched kernels of an ensemble step (a few hundred microseconds each)
+    scale badly over torch's intra-op threads: every kernel ends at an OpenMP barrier, and
+    one descheduled thread stalls the other. Independent groups never wait for each other
+    (torch releases the GIL inside its kernels). The models share nothing, so every model's
+    result is the one it gets in a single loop: same seeds, permutations and per-model
+    arithmetic (the equivalence tests run both settings).
+
+    ``torch.set_num_threads(1)`` inside a worker thread sets that thread's OpenMP and MKL
+    thread counts (both are per-thread settings) and torch's process default for threads
+    that start later; the caller's own count is untouched and the default is restored here.
+    """
+    before = torch.get_num_threads()
+    k = masks.shape[0]
+    bounds = [(k * i // groups, k * (i + 1) // groups) for i in range(groups)]
+
+    def train_group(lo: int, hi: int) -> dict[str, torch.Tensor]:
+        torch.set_num_threads(1)
+        return train_ensemble(
+            model_cfg, shape, n_classes, X, y, masks[lo:hi], seeds[lo:hi], settings,
+            cpu_parallel="ops",
+        )  # fmt: skip
+
+    try:
+        with ThreadPoolExecutor(max_workers=groups, thread_name_prefix="ensemble") as pool:
+            parts = list(pool.map(lambda b: train_group(*b), bounds))
+    finally:
+        torch.set_num_threads(before)
+    return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
+
+
 def train_ensemble(
     model_cfg: ModelConfig,
     shape: tuple[int, ...],
@@ -407,6 +506,7 @@ def train_ensemble(
     settings: FitSettings,
     device: torch.device | None = None,
     compile: bool = False,
+    cpu_parallel: str = "models",
 ) -> dict[str, torch.Tensor]:
     """Train K models at once; model k sees only ``X[masks[k]]``.
 
@@ -421,6 +521,12 @@ def train_ensemble(
         compile: ``torch.compile`` the forward and loss of the generic (non-MLP) path, so
             its element-wise work is fused (same results to float rounding). Meant for
             accelerators: compiling takes minutes on a small CPU. The MLP path ignores it.
+        cpu_parallel: how several torch threads are used on the CPU (see
+            :data:`CPU_PARALLEL`): ``"models"`` (default) splits the K models into as many
+            groups as torch has threads and trains each group on its own thread with one
+            torch thread; ``"ops"`` trains all K in one loop whose kernels use torch's
+            intra-op threads. Each model's result is the same either way (its arithmetic
+            does not depend on the other models).
 
     Returns:
         Stacked state dict on CPU: parameter name -> (K, *param_shape); ``unstack(sd, k)``
@@ -434,6 +540,15 @@ def train_ensemble(
     n = _check_inputs(X, y, masks, seeds)
     k = masks.shape[0]
     device = device or torch.device("cpu")
+    if cpu_parallel not in CPU_PARALLEL:
+        raise ValueError(
+            f"cpu_parallel must be one of {sorted(CPU_PARALLEL)}, got {cpu_parallel!r}"
+        )
+    groups = min(k, torch.get_num_threads())
+    if device.type == "cpu" and cpu_parallel == "models" and groups > 1 and not compile:
+        return _train_model_groups(
+            groups, model_cfg, shape, n_classes, X, y, masks, seeds, settings
+        )  # fmt: skip
     dtype = X.dtype if X.is_floating_point() else torch.get_default_dtype()
 
     template = build_model(model_cfg, shape, n_classes, seeds[0])
@@ -485,7 +600,10 @@ def _train(
     if plan is not None:  # registry MLP: hand-written backward over one flat parameter tensor
         flat = _FlatParams(params)
         del params
-        opt = _stacked_optimizer([flat.data], settings)
+        if flat.data.device.type in ("cpu", "cuda"):  # torch's fused kernels, called directly
+            opt = _FlatOptimizer(flat, settings)
+        else:
+            opt = _stacked_optimizer([flat.data], settings)
         mlp_step = _MLPStep(plan, flat)
         X2 = Xd.reshape(len(Xd), -1)
 
