@@ -37,6 +37,7 @@ for s in $STEPS; do
     gpu_ensemble) step 330 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 200 \
       ${BEFORE:+--before "$BEFORE"} ;;
     gpu_phases) step 200 gpu_phases python3 -m benchmarks.gpu_phases ;;
+    gpu_cnn_variants) step 200 gpu_cnn_variants python3 -m benchmarks.gpu_cnn_variants ;;
     *) echo "unknown step $s" ;;
   esac
 done
