@@ -7,7 +7,8 @@
 row (K = 1,024, batch 64, α = 0.5 of 60,000 × 1×28×28, TF32) into its phases, each timed
 alone: drawing the K seeded models on the CPU (pageable and page-locked), moving them to the
 card, drawing the first epoch's K permutations (one thread vs the pool the trainer uses), and
-whole calls of 1 and 5 epochs, whose difference is the per-epoch cost without the fixed ones.
+whole calls of 1, 5 and 30 epochs (30: ``train.epochs``, what an attribution chunk trains), TF32
+and float32; the 1- and 30-epoch calls give the per-epoch cost without the fixed ones.
 Then a ``torch.profiler`` table of the CNN (K = 256, batch 64, TF32) over 20 steps, for the
 CNN goal.
 """
@@ -86,23 +87,26 @@ def main(argv: list[str] | None = None) -> None:
         label = "1 thread" if workers == 1 else "the trainer's pool"
         print(f"first epoch's permutations ({label}): {timed(first, device):.3f}s")
 
-    calls = {}
-    for epochs in (1, 5):
-        settings = FitSettings(epochs=epochs, batch_size=64, lr=1e-3)
+    for tf32 in (True, False):
+        set_tf32(tf32)
+        calls = {}
+        for epochs in (1, 5, 30):  # 30: train.epochs, what an attribution chunk trains
+            settings = FitSettings(epochs=epochs, batch_size=64, lr=1e-3)
 
-        def run(s: FitSettings = settings) -> None:
-            ensemble.train_ensemble(MLP, SHAPE, N_CLASSES, X, y, masks, seeds, s, device)
+            def run(s: FitSettings = settings) -> None:
+                ensemble.train_ensemble(MLP, SHAPE, N_CLASSES, X, y, masks, seeds, s, device)
 
-        calls[epochs] = timed(run, device)
+            calls[epochs] = timed(run, device)
+            print(
+                f"train_ensemble, {'TF32' if tf32 else 'float32'}, {epochs} epoch(s): "
+                f"{calls[epochs]:.3f}s = {k * epochs / calls[epochs]:.1f} model-epochs/s"
+            )
+        per_epoch = (calls[30] - calls[1]) / 29
         print(
-            f"train_ensemble, {epochs} epoch(s): {calls[epochs]:.3f}s = "
-            f"{k * epochs / calls[epochs]:.1f} model-epochs/s"
+            f"per epoch without the fixed costs: {per_epoch:.3f}s = {k / per_epoch:.1f} "
+            f"model-epochs/s; fixed costs per call {calls[1] - per_epoch:.3f}s"
         )
-    per_epoch = (calls[5] - calls[1]) / 4
-    print(
-        f"per epoch without the fixed costs: {per_epoch:.3f}s = {k / per_epoch:.1f} model-epochs/s;"
-        f" fixed costs per call {calls[1] - per_epoch:.3f}s"
-    )
+    set_tf32(True)
 
     from torch.profiler import ProfilerActivity, profile
 
