@@ -4,10 +4,11 @@
 ``authorization_function`` of MLflow's basic-auth app (its ini file; the documented hook for
 a custom authentication function). The app calls its authorization function several times
 while it serves one request: in its ``before_request`` hook, again to ask whether the
-caller is an admin, again in some permission checks. With MLflow's own function each call
-verifies the password against its stored hash (scrypt, ~0.12 s of server CPU), so one
-authenticated REST call cost three checks (measured on MLflow 3.17: ``registered-models/get``
-and ``model-versions/search`` each ran the check three times).
+caller is an admin, and again in the response filters after the handler (which ask the
+same). With MLflow's own function each call verifies the password against its stored hash
+(scrypt, ~0.12 s of server CPU on an idle machine), so one authenticated REST call cost
+three checks (measured on MLflow 3.17 as the admin: ``registered-models/get`` and
+``model-versions/search`` each ran the check three times).
 
 :func:`authenticate_once` runs MLflow's own check (``authenticate_request_basic_auth``)
 unchanged the first time in a request and keeps a *successful* answer in that request's
