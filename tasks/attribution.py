@@ -59,6 +59,7 @@ def _train_chunk_remote(
     gpus: float = 0.0,
     tf32: bool = False,
     cpu_parallel: str = "models",
+    cpu_block_mib: float = 8.0,
 ):
     import torch
 
@@ -66,8 +67,9 @@ def _train_chunk_remote(
     device = task_device(gpus, tf32)
     t0 = time.perf_counter()
     out = train_chunk(
-        StoreSpec(**spec), start, stop, X, y, targets_X, base_mask, device, cpu_parallel
-    )
+        StoreSpec(**spec), start, stop, X, y, targets_X, base_mask, device, cpu_parallel,
+        cpu_block_mib,
+    )  # fmt: skip
     out["task_seconds"] = time.perf_counter() - t0
     out["node_id"] = ray.get_runtime_context().get_node_id()
     out["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -98,7 +100,7 @@ def run_store(
     refs = [ray.put(a) for a in (X, y, targets_X, base_mask)]
     slots = task_slots(cfg)
     remote = _train_chunk_remote.options(**task_options(cfg))
-    extra = (cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32, cfg.cpu_parallel)
+    extra = (cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32, cfg.cpu_parallel, cfg.cpu_block_mib)
     queue = list(pending)
     in_flight: dict[Any, tuple[int, int]] = {}
     chunks = []

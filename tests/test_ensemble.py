@@ -166,12 +166,30 @@ def test_train_step_flops_counts_linear_and_conv_layers():
     assert train_step_flops(CNN, SHAPE, C, 5) == 2 * 3 * 5 * macs
 
 
-@pytest.mark.parametrize("cpu_parallel", ["models", "ops"])
-@pytest.mark.parametrize("cfg", [MLP, CNN], ids=["mlp", "cnn"])
-def test_both_cpu_parallel_settings_equal_models_trained_alone(cfg, cpu_parallel, monkeypatch):
-    """With 2 torch threads, "models" trains the K = 3 models as two groups (1 + 2) on two
-    threads with one torch thread each, "ops" as one loop over torch's 2 threads: each model
-    must equal the one trained alone either way, and the caller keeps its thread count."""
+# (cpu_parallel, cpu_block_mib, cfg): the block sizes each setting trains, with 2 torch threads
+# and K = 3. 0.05 MiB holds one float64 MLP 16-16 (1,482 parameters × 8 bytes × 4 arrays);
+# blocks by size apply to the MLP only.
+BLOCKS = [
+    ("models", 8.0, MLP, [1, 2]),  # a block per thread
+    ("ops", 8.0, MLP, [3]),  # one loop over torch's two threads
+    ("models", 0.05, MLP, [1, 1, 1]),  # blocks of one model, shared out to two threads
+    ("ops", 0.05, MLP, [1, 1, 1]),  # blocks of one model, one after another
+    ("models", 0.05, CNN, [1, 2]),
+    ("ops", 0.05, CNN, [3]),
+]
+
+
+@pytest.mark.parametrize(
+    "cpu_parallel,block_mib,cfg,sizes",
+    BLOCKS,
+    ids=[f"{p}-{m}MiB-{c.name}" for p, m, c, _ in BLOCKS],
+)
+def test_cpu_blocks_and_threads_equal_models_trained_alone(
+    cpu_parallel, block_mib, cfg, sizes, monkeypatch
+):
+    """Each block is trained by its own loop: "models" on worker threads with one torch
+    thread each, "ops" on the caller's thread with its 2 torch threads. Each model must equal
+    the one trained alone whatever the blocks, and the caller keeps its thread count."""
     seen = []
     train = ensemble._train
 
@@ -184,16 +202,19 @@ def test_both_cpu_parallel_settings_equal_models_trained_alone(cfg, cpu_parallel
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        stacked = train_ensemble(cfg, SHAPE, C, X, y, masks, SEEDS, ADAM, cpu_parallel=cpu_parallel)
+        stacked = train_ensemble(
+            cfg, SHAPE, C, X, y, masks, SEEDS, ADAM, cpu_parallel=cpu_parallel,
+            cpu_block_mib=block_mib,
+        )  # fmt: skip
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
-    if cpu_parallel == "models":  # two groups, each on its own thread with one torch thread
-        assert sorted(k for _, _, k in seen) == [1, 2]
+    assert sorted(k for _, _, k in seen) == sizes
+    if cpu_parallel == "models":  # worker threads, one torch thread each
         assert len({name for name, _, _ in seen}) == 2
         assert all(name.startswith("ensemble") and t == 1 for name, t, _ in seen)
     else:
-        assert seen == [(threading.current_thread().name, 2, K)]
+        assert all(name == threading.current_thread().name and t == 2 for name, t, _ in seen)
     assert all(t.shape[0] == K for t in stacked.values())
     _assert_matches_alone(stacked, _alone(cfg, X, y, masks, ADAM))
 

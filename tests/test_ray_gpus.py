@@ -149,22 +149,26 @@ def test_two_cpu_chunk_tasks_store_the_same_outputs_under_either_cpu_parallel(
     ray_with_declared_gpu, tmp_path
 ):
     """cpus_per_task 2: the task runs torch with 2 threads; ``models`` trains each chunk's 3
-    models as two groups on two threads, ``ops`` as one loop over torch's 2 threads. The
-    stored outputs must agree (the models share nothing) and every model be trained."""
+    models as two blocks on two threads, ``ops`` as one loop over torch's 2 threads, or with
+    a tiny ``cpu_block_mib`` as three blocks of one model. The stored outputs must agree
+    (the models share nothing) and every model be trained."""
     from tasks.attribution import run_store
 
     X, y, targets = _data()
     spec = _spec(output_dtype="float32")
     loaded = {}
-    for mode in ("models", "ops"):
-        store = _store(tmp_path / mode, spec)
-        stats = run_store(store, X, y, targets, RayConfig(cpus_per_task=2, cpu_parallel=mode))
+    # 0.0003 MiB: less than one model's state (610 float32 parameters × 4 arrays): blocks of one
+    for mode, mib in (("models", 8.0), ("ops", 8.0), ("ops", 0.0003)):
+        store = _store(tmp_path / f"{mode}{mib}", spec)
+        cfg = RayConfig(cpus_per_task=2, cpu_parallel=mode, cpu_block_mib=mib)
+        stats = run_store(store, X, y, targets, cfg)
         assert stats["slots"] == 1 and stats["models_trained"] == 6
         assert store.pending_chunks() == []
-        loaded[mode] = store.load()
-    for a, b in zip(loaded["models"], loaded["ops"], strict=True):
-        np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
-    assert np.abs(loaded["ops"][2]).max() > 0  # real logits, not an empty store
+        loaded[mode, mib] = store.load()
+    for other in (("ops", 8.0), ("ops", 0.0003)):
+        for a, b in zip(loaded["models", 8.0], loaded[other], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert np.abs(loaded["ops", 8.0][2]).max() > 0  # real logits, not an empty store
 
 
 @pytest.mark.slow  # ~15 s on an idle machine, minutes under load: a second worker family

@@ -156,11 +156,12 @@ def train_chunk(
     base_mask: np.ndarray | None = None,
     device: torch.device | None = None,
     cpu_parallel: str = "models",
+    cpu_block_mib: float = 8.0,
 ) -> dict[str, Any]:
     """Train models [start, stop) with the ensemble trainer on ``device`` (default CPU;
-    ``cpu_parallel`` as in :func:`~pipeline_lib.training.ensemble.train_ensemble`); return
-    their masks (bool), seeds, outputs on the targets (K, T, C) and the seconds spent
-    inside the trainer."""
+    ``cpu_parallel`` and ``cpu_block_mib`` as in
+    :func:`~pipeline_lib.training.ensemble.train_ensemble`); return their masks (bool),
+    seeds, outputs on the targets (K, T, C) and the seconds spent inside the trainer."""
     from pipeline_lib.training.ensemble import ensemble_logits, train_ensemble
 
     masks = chunk_masks(spec, start, stop, base_mask)
@@ -185,6 +186,7 @@ def train_chunk(
         settings,
         device,
         cpu_parallel=cpu_parallel,
+        cpu_block_mib=cpu_block_mib,
     )
     outputs = ensemble_logits(
         model_cfg,

@@ -116,6 +116,11 @@ class RayConfig:
     #: threads (an OpenMP barrier at each of the step's small kernels). Same results either
     #: way; ``models`` was faster on 2 cores (BENCHMARKS.md, issue 17).
     cpu_parallel: Literal["models", "ops"] = "models"
+    #: On the CPU a chunk task trains its MLP models in blocks whose parameters, gradients
+    #: and optimizer state take at most this many MiB, one block after another (near the
+    #: core's cache instead of streaming the whole chunk's state from memory every step,
+    #: which two workers share); 0: the whole chunk at once. Same results either way.
+    cpu_block_mib: Float = Field(8.0, ge=0)
     #: GPUs per task of the attribution, oracle and originals stores, the sharded statistics
     #: and the comparison's unlearning jobs; > 0 runs them on CUDA. A fraction packs several
     #: tasks on one card (0.25: four); above 1 it must be a whole number. 0: CPU only.

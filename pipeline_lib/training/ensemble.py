@@ -450,9 +450,42 @@ CPU_PARALLEL = {
     "ops": "all K models in one loop, torch's intra-op threads inside each kernel",
 }
 
+#: ``cpu_block_mib`` of :func:`train_ensemble` (``ray.cpu_block_mib``): on the CPU the
+#: registry MLP's models are trained in blocks whose parameters, gradients and optimizer
+#: state take at most this many MiB. 8 MiB is 16-20 digits MLPs 128-128 in float32.
+CPU_BLOCK_MIB = 8.0
 
-def _train_model_groups(
-    groups: int,
+
+def _cpu_blocks(
+    k: int, template: nn.Module, dtype: torch.dtype, settings: FitSettings, threads: int,
+    block_mib: float,
+) -> list[tuple[int, int]]:  # fmt: skip
+    """Contiguous [lo, hi) blocks of the K models for the CPU: at least one per thread, a
+    multiple of ``threads`` of them (no thread idles at the end), each of at most
+    ``block_mib`` MiB of training state when the architecture is the registry MLP.
+
+    Why blocks: one fused Adam step streams every parameter, gradient and both moments (28
+    bytes per float32 parameter), and each layer's products read the stacked weights; with
+    K = 64 digits MLPs that is 27 MB per step, past the per-core cache, so the step waits on
+    memory, and two workers on two cores share that bandwidth (issue 17: two Ray workers
+    needed 59% more trainer seconds than one). A block of 16 keeps its state near the
+    core's 4 MB L2 cache; measured on 2 cores (BENCHMARKS.md) it cost no more CPU time
+    alone and nothing extra next to a second worker. Other architectures (the CNN, whose
+    activations dominate) are not blocked by size.
+    """
+    n_blocks = 1
+    if block_mib > 0 and _mlp_plan(template) is not None:
+        arrays = 4 if settings.optimizer == "adam" else 3  # params, grads, optimizer state
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        per_model = sum(p.numel() for p in template.parameters()) * itemsize * arrays
+        n_blocks = math.ceil(k / max(1, int(block_mib * 2**20 // per_model)))
+    n_blocks = min(k, threads * math.ceil(n_blocks / threads))
+    return [(k * i // n_blocks, k * (i + 1) // n_blocks) for i in range(n_blocks)]
+
+
+def _train_blocks(
+    blocks: list[tuple[int, int]],
+    threads: int,
     model_cfg: ModelConfig,
     shape: tuple[int, ...],
     n_classes: int,
@@ -462,36 +495,39 @@ def _train_model_groups(
     seeds: Sequence[int],
     settings: FitSettings,
 ) -> dict[str, torch.Tensor]:
-    """``cpu_parallel="models"``: the K models in ``groups`` contiguous groups, each trained
-    by :func:`train_ensemble` on its own Python thread with ONE torch thread, concatenated.
+    """Train each block of models by itself (one :func:`train_ensemble` loop per block),
+    concatenated in model order. With ``threads`` > 1 (``cpu_parallel="models"``) the
+    blocks are shared out to that many Python threads, each with ONE torch thread.
 
-    Why: the small batched kernels of an ensemble step (a few hundred microseconds each)
-    scale badly over torch's intra-op threads: every kernel ends at an OpenMP barrier, and
-    one descheduled thread stalls the other. Independent groups never wait for each other
-    (torch releases the GIL inside its kernels). The models share nothing, so every model's
-    result is the one it gets in a single loop: same seeds, permutations and per-model
-    arithmetic (the equivalence tests run both settings).
+    Why threads: the small batched kernels of an ensemble step (a few hundred microseconds
+    each) scale badly over torch's intra-op threads: every kernel ends at an OpenMP barrier,
+    and one descheduled thread stalls the other. Independent blocks never wait for each
+    other (torch releases the GIL inside its kernels). The models share nothing, so every
+    model's result is the one it gets in a single loop: same seeds, permutations and
+    per-model arithmetic (the equivalence tests run every setting).
 
     ``torch.set_num_threads(1)`` inside a worker thread sets that thread's OpenMP and MKL
     thread counts (both are per-thread settings) and torch's process default for threads
     that start later; the caller's own count is untouched and the default is restored here.
     """
-    before = torch.get_num_threads()
-    k = masks.shape[0]
-    bounds = [(k * i // groups, k * (i + 1) // groups) for i in range(groups)]
 
-    def train_group(lo: int, hi: int) -> dict[str, torch.Tensor]:
-        torch.set_num_threads(1)
+    def train_block(lo: int, hi: int, set_threads: bool) -> dict[str, torch.Tensor]:
+        if set_threads:
+            torch.set_num_threads(1)
         return train_ensemble(
             model_cfg, shape, n_classes, X, y, masks[lo:hi], seeds[lo:hi], settings,
-            cpu_parallel="ops",
+            cpu_parallel="ops", cpu_block_mib=0,
         )  # fmt: skip
 
-    try:
-        with ThreadPoolExecutor(max_workers=groups, thread_name_prefix="ensemble") as pool:
-            parts = list(pool.map(lambda b: train_group(*b), bounds))
-    finally:
-        torch.set_num_threads(before)
+    if threads == 1:
+        parts = [train_block(lo, hi, False) for lo, hi in blocks]
+    else:
+        before = torch.get_num_threads()
+        try:
+            with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ensemble") as pool:
+                parts = list(pool.map(lambda b: train_block(*b, True), blocks))
+        finally:
+            torch.set_num_threads(before)
     return {name: torch.cat([part[name] for part in parts]) for name in parts[0]}
 
 
@@ -507,6 +543,7 @@ def train_ensemble(
     device: torch.device | None = None,
     compile: bool = False,
     cpu_parallel: str = "models",
+    cpu_block_mib: float = CPU_BLOCK_MIB,
 ) -> dict[str, torch.Tensor]:
     """Train K models at once; model k sees only ``X[masks[k]]``.
 
@@ -522,11 +559,14 @@ def train_ensemble(
             its element-wise work is fused (same results to float rounding). Meant for
             accelerators: compiling takes minutes on a small CPU. The MLP path ignores it.
         cpu_parallel: how several torch threads are used on the CPU (see
-            :data:`CPU_PARALLEL`): ``"models"`` (default) splits the K models into as many
-            groups as torch has threads and trains each group on its own thread with one
-            torch thread; ``"ops"`` trains all K in one loop whose kernels use torch's
-            intra-op threads. Each model's result is the same either way (its arithmetic
-            does not depend on the other models).
+            :data:`CPU_PARALLEL`): ``"models"`` (default) splits the K models into blocks,
+            at least one per torch thread, trained on that many threads with one torch
+            thread each; ``"ops"`` trains the blocks one after another with torch's
+            intra-op threads inside each kernel.
+        cpu_block_mib: on the CPU, the registry MLP's models are trained in blocks whose
+            parameters, gradients and optimizer state take at most this many MiB (see
+            :func:`_cpu_blocks`); 0: no limit. Each model's result is the same whatever
+            the blocks and threads (its arithmetic does not depend on the other models).
 
     Returns:
         Stacked state dict on CPU: parameter name -> (K, *param_shape); ``unstack(sd, k)``
@@ -544,16 +584,19 @@ def train_ensemble(
         raise ValueError(
             f"cpu_parallel must be one of {sorted(CPU_PARALLEL)}, got {cpu_parallel!r}"
         )
-    groups = min(k, torch.get_num_threads())
-    if device.type == "cpu" and cpu_parallel == "models" and groups > 1 and not compile:
-        return _train_model_groups(
-            groups, model_cfg, shape, n_classes, X, y, masks, seeds, settings
-        )  # fmt: skip
     dtype = X.dtype if X.is_floating_point() else torch.get_default_dtype()
 
     template = build_model(model_cfg, shape, n_classes, seeds[0])
     if any(True for _ in template.buffers()):
         raise ValueError("train_ensemble: models with buffers (e.g. BatchNorm) are not supported")
+    if device.type == "cpu" and not compile:
+        threads = torch.get_num_threads() if cpu_parallel == "models" else 1
+        blocks = _cpu_blocks(k, template, dtype, settings, threads, cpu_block_mib)
+        if len(blocks) > 1:
+            threads = min(threads, len(blocks))
+            return _train_blocks(
+                blocks, threads, model_cfg, shape, n_classes, X, y, masks, seeds, settings
+            )  # fmt: skip
     # on an accelerator the first epoch's permutations are drawn while the models are built
     epoch_rows = _EpochRows(masks, seeds, n, settings.epochs, device)
     try:
