@@ -255,6 +255,14 @@ def test_lineage_sample(service, capsys):
     # a sample nobody forgot: every version holds it, none is reported as holding deleted data
     kept = _cli_json(capsys, "lineage", "sample", "no-such-id", "--params", service["params"])
     assert kept["forgotten_by"] == [] and kept["holding_artifacts"] == []
+    # the CLI read the service's registry from MLflow's SQLite tables (tasks/mlflow_sqlite.py):
+    # exactly what the MLflow client reads (versions with their run ids, sources, tags)
+    from tasks import mlflow_sqlite
+    from tasks.lineage import PRODUCTION_ALIAS, registry_view
+
+    direct = mlflow_sqlite.read_registry(service["uri"], MODEL, PRODUCTION_ALIAS, {})
+    assert direct is not None and len(direct[0]) == 4
+    assert direct == registry_view(service["uri"], MODEL, via="client")
 
 
 def test_lineage_model(service, capsys):
