@@ -8,7 +8,11 @@ Each configuration trains the same M digits-MLP subset models (alpha 0.5) into a
 store through ``tasks.attribution.run_store`` on a local Ray with that many CPUs, one torch
 thread per task; with ``--gpus-per-task g`` each chunk task also asks for g GPUs
 (``ray.gpus_per_task``) and trains on CUDA, so "workers" is then the number of chunk tasks
-sharing the card(s). The speed-up column divides by the first row.
+sharing the card(s). The speed-up column divides by the first row. Trainer seconds are the
+chunks' wall-clock time inside the trainer, summed; trainer CPU seconds the CPU time their
+processes got there: where the first exceeds the second, the tasks waited for a core (other
+jobs, or more runnable threads than cores); where CPU seconds grow with the workers, each
+computes slower beside the other (shared caches, memory bandwidth).
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ def main() -> None:
                 args.models / wall,
                 stats["overhead_fraction"],
                 stats["trainer_seconds"],
+                stats["trainer_cpu_seconds"],
             )
         )
         print(f"{workers} worker(s): {wall:.1f}s", file=sys.stderr)
@@ -67,12 +72,16 @@ def main() -> None:
         f"{torch.__version__}, ray {ray.__version__}, load average at end "
         f"{os.getloadavg()[0]:.2f})"
     )
-    print("| workers | wall s | models/s | speed-up vs 1 | overhead | trainer s (sum) |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| workers | wall s | models/s | speed-up vs 1 | overhead | trainer s (sum) "
+        "| trainer CPU s (sum) |"
+    )
+    print("|---|---|---|---|---|---|---|")
     base = rows[0][2]
-    for w, wall, mps, over, inside in rows:
+    for w, wall, mps, over, inside, cpu in rows:
         print(
-            f"| {w} | {wall:.1f} | {mps:.2f} | {mps / base:.2f}x | {100 * over:.1f}% | {inside:.1f} |"
+            f"| {w} | {wall:.1f} | {mps:.2f} | {mps / base:.2f}x | {100 * over:.1f}% | {inside:.1f} "
+            f"| {cpu:.1f} |"
         )
 
 

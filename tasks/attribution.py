@@ -14,16 +14,19 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 
 from pipeline_lib.attribution.store import AttributionStore, StoreSpec, train_chunk
-from pipeline_lib.config import RayConfig
 from tasks import interruption
 from tasks.ray_local import init_local
 from tasks.ray_resources import check_gpus, task_device, task_options, task_slots
+
+if TYPE_CHECKING:  # each Ray worker imports this module for its chunk task: without the
+    # config package (~1 s of imports per worker on the critical path, BENCHMARKS.md issue 17)
+    from pipeline_lib.config import RayConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,7 @@ def run_store(
     queue = list(pending)
     in_flight: dict[Any, tuple[int, int]] = {}
     chunks = []
+    cpu_seconds = 0.0  # the tasks' CPU time inside the trainer
     t0 = time.perf_counter()
     while queue or in_flight:
         while queue and len(in_flight) < 2 * slots:  # keep every slot busy, bound memory
@@ -113,6 +117,7 @@ def run_store(
         for ref in ready:
             in_flight.pop(ref)
             result = ray.get(ref)
+            cpu_seconds += result["train_cpu_seconds"]
             meta = store.write_chunk(
                 result,
                 {
@@ -136,6 +141,7 @@ def run_store(
         "chunks": chunks,
         "slots": slots,
         "trainer_seconds": inside,
+        "trainer_cpu_seconds": cpu_seconds,
         # CPU-slot time not spent inside the trainer (scheduling, transfer, writing chunks).
         "overhead_fraction": max(0.0, 1.0 - inside / (wall * parallel)),
         "nodes": sorted({c["node_id"] for c in chunks}),

@@ -17,12 +17,15 @@ torch sees no CUDA device (a CPU-only torch build, or a GPU declared to Ray by h
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 
-from pipeline_lib.config import RayConfig
 from pipeline_lib.schema import ConfigError
+
+if TYPE_CHECKING:  # not at run time: a Ray worker importing this module skips the config
+    # package and everything it registers (~1 s per worker, BENCHMARKS.md issue 17)
+    from pipeline_lib.config import RayConfig
 
 __all__ = ["CudaUnavailable", "check_gpus", "task_device", "task_options", "task_slots"]
 

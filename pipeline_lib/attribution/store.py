@@ -161,7 +161,8 @@ def train_chunk(
     """Train models [start, stop) with the ensemble trainer on ``device`` (default CPU;
     ``cpu_parallel`` and ``cpu_block_mib`` as in
     :func:`~pipeline_lib.training.ensemble.train_ensemble`); return their masks (bool),
-    seeds, outputs on the targets (K, T, C) and the seconds spent inside the trainer."""
+    seeds, outputs on the targets (K, T, C) and the seconds spent inside the trainer (wall
+    clock, and this process's CPU time: on a busy machine the two differ)."""
     from pipeline_lib.training.ensemble import ensemble_logits, train_ensemble
 
     masks = chunk_masks(spec, start, stop, base_mask)
@@ -172,7 +173,7 @@ def train_chunk(
         t["epochs"], t["batch_size"], t["lr"], t["optimizer"], t["weight_decay"], t["momentum"]
     )
     shape, n_classes = tuple(X.shape[1:]), spec.n_classes
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     # Arrays from Ray's object store are read-only: copy before torch may write.
     Xt, yt = torch.from_numpy(np.array(X)), torch.from_numpy(np.array(y))
     stacked = train_ensemble(
@@ -196,7 +197,7 @@ def train_chunk(
         torch.from_numpy(np.array(targets_X)),
         device=device,
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - cpu0
     out = {
         "start": start,
         "stop": stop,
@@ -204,6 +205,7 @@ def train_chunk(
         "seeds": np.asarray(seeds, dtype=np.int64),
         "outputs": outputs.numpy().astype(spec.output_dtype),
         "train_seconds": seconds,
+        "train_cpu_seconds": cpu_seconds,
     }
     if spec.kind in WEIGHT_KINDS:
         out["weights"] = {k: v.detach().cpu().contiguous() for k, v in stacked.items()}
