@@ -22,6 +22,10 @@ measurement is repeated ``--repeats`` times in interleaved rounds and the best i
     python benchmarks/ensemble_bench.py [--threads 2] [--ks 16,64,256] [--batches 64,128,256]
         [--epochs 3] [--loop-models 16] [--repeats 5] [--clock wall|cpu]
 
+(b') at batch ``--batch``: the trainer's CPU defaults (``cpu_parallel="models"``,
+    ``cpu_block_mib`` 8: blocks of models trained on the torch threads, one torch thread
+    each) against all K models in one loop over torch's intra-op threads
+    (``cpu_parallel="ops"``, ``cpu_block_mib=0``: the trainer before that change), same calls.
 (c) the hand-written MLP backward (the trainer's MLP path) against the generic autograd path
     (vmap over functional_call) on the same models, K = max(--ks), batch ``--batch``.
 """
@@ -191,10 +195,14 @@ def main(argv: list[str] | None = None) -> None:
             model = build_model(cfg, SHAPE, N_CLASSES, i)
             fit(model, X[loop_masks[i]], y[loop_masks[i]], settings[args.batch], i)
 
-    def ens_run(k: int, b: int) -> Callable[[], object]:
+    def ens_run(k: int, b: int, **cpu: object) -> Callable[[], object]:
         return lambda: train_ensemble(
-            cfg, SHAPE, N_CLASSES, X, y, masks[k], list(range(k)), settings[b]
+            cfg, SHAPE, N_CLASSES, X, y, masks[k], list(range(k)), settings[b], **cpu
         )
+
+    # the trainer's CPU settings before issue 17's blocks and threads: all K models in one
+    # loop, torch's intra-op threads inside each kernel
+    one_loop = {"cpu_parallel": "ops", "cpu_block_mib": 0}
 
     k_max = max(args.ks)
 
@@ -248,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
             for b in batches:
                 record_peak()
                 record((k, b), ens_run(k, b))
+            record_peak()
+            record(("one loop", k), ens_run(k, args.batch, **one_loop))
         for key, fn in diag_fns.items():
             record(key, fn, times=5)
         record_peak()
@@ -258,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
 
     peaks = {s: 2 * s**3 / best[("peak", s)] / 1e9 for s in args.peak_sizes}
     peak = max(peaks.values())
-    n_peak = args.repeats * (2 + len(args.ks) * len(batches))
+    n_peak = args.repeats * (2 + len(args.ks) * (len(batches) + 1))
     print(
         f"\nfloat32 matmul peak (best of {n_peak}, interleaved with everything else): "
         + ", ".join(f"{s}²: {g:.1f} GFLOP/s" for s, g in peaks.items())
@@ -338,6 +348,23 @@ def main(argv: list[str] | None = None) -> None:
         f"goal ≥ 40% of peak (e2e) at batch {args.batch}: {verdict} (best {at_batch[k64]:.0%} at "
         f"K={k64}); best over the sweep {fracs[closest]:.0%} at K={closest[0]}, batch {closest[1]}"
     )
+    print(
+        f"\n(b') the same calls at batch {args.batch}: the trainer's defaults (cpu_parallel "
+        f"models, cpu_block_mib {ensemble.CPU_BLOCK_MIB:g}: blocks of models on "
+        f"{torch.get_num_threads()} threads with one torch thread each) vs all K models in one "
+        "loop with torch's intra-op threads (cpu_parallel ops, cpu_block_mib 0: the trainer "
+        "before issue 17's change)"
+    )
+    print(
+        f"{'K':>5} {'default GF/s':>12} {'of peak':>7} {'one loop GF/s':>13} {'of peak':>7} {'speed-up':>8}"
+    )
+    for k in args.ks:
+        flops = flops_per_sample * n * args.epochs * k
+        new, old = flops / best[(k, args.batch)] / 1e9, flops / best[("one loop", k)] / 1e9
+        print(
+            f"{k:>5} {new:>12.1f} {new / peak:>7.0%} {old:>13.1f} {old / peak:>7.0%} "
+            f"{new / old:>7.2f}×"
+        )
 
 
 if __name__ == "__main__":
