@@ -3,6 +3,7 @@ orchestration overhead (CPU-slot time not spent inside the ensemble trainer).
 
     python -m benchmarks.ray_scaling --models 512 --chunk-size 64 --epochs 30
     python -m benchmarks.ray_scaling --gpus-per-task 0.5 --workers 1,2   # on a GPU machine
+    python -m benchmarks.ray_scaling --cpu-block-mib 0   # each chunk's 64 models in one loop
 
 Each configuration trains the same M digits-MLP subset models (alpha 0.5) into a fresh
 store through ``tasks.attribution.run_store`` on a local Ray with that many CPUs, one torch
@@ -40,6 +41,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--gpus-per-task", type=float, default=0.0)
+    ap.add_argument(
+        "--cpu-block-mib",
+        type=float,
+        default=RayConfig().cpu_block_mib,
+        help="ray.cpu_block_mib of the chunk tasks (0: each chunk's models in one loop)",
+    )
     args = ap.parse_args()
     X, y, targets, target_y, target_ids, target_split = load_split("digits")
     rows = []
@@ -50,7 +57,12 @@ def main() -> None:
             store = AttributionStore(d, spec)
             store.initialise(target_ids, target_split, target_y)
             t0 = time.perf_counter()
-            cfg = RayConfig(num_cpus=workers, cpus_per_task=1, gpus_per_task=args.gpus_per_task)
+            cfg = RayConfig(
+                num_cpus=workers,
+                cpus_per_task=1,
+                gpus_per_task=args.gpus_per_task,
+                cpu_block_mib=args.cpu_block_mib,
+            )
             stats = run_store(store, X, y, targets, cfg)
             wall = time.perf_counter() - t0
             store.check()
@@ -68,7 +80,8 @@ def main() -> None:
         print(f"{workers} worker(s): {wall:.1f}s", file=sys.stderr)
     print(
         f"python benchmarks/ray_scaling.py --models {args.models} --chunk-size {args.chunk_size} "
-        f"--epochs {args.epochs} --gpus-per-task {args.gpus_per_task:g}   (torch "
+        f"--epochs {args.epochs} --gpus-per-task {args.gpus_per_task:g} --cpu-block-mib "
+        f"{args.cpu_block_mib:g}   (torch "
         f"{torch.__version__}, ray {ray.__version__}, load average at end "
         f"{os.getloadavg()[0]:.2f})"
     )
