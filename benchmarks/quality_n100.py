@@ -12,6 +12,9 @@ In a scratch DVC project (Prefect, DVC, MLflow, local Ray, as the other benchmar
    seed 11): each method in ``--tune`` gets ``--trials`` Ray Tune trials, each unlearning the
    first ``--tune-models`` originals against all N oracles of that request, objective
    forget-KLoM mean; the best setting is written as preset ``digits-mlp`` (``--overwrite``).
+   ``--tune-small M1,M2`` also tunes those methods on a 1% validation request (val-1,
+   seed 44) into preset ``digits-mlp-1pct``, whose settings the held-out 1% request then
+   uses on top of ``digits-mlp`` (a setting tuned for 576 matching points need not suit 56).
 2. **Evaluation** on two *held-out* requests (random 10%, seed 22; random 1%, seed 33), with
    the preset selected (``unlearn.preset: digits-mlp``, so tuned methods run their tuned
    setting, the others their params.yaml defaults): N originals and N oracles through the
@@ -44,8 +47,10 @@ from benchmarks.method_comparison import scratch_project
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "digits-mlp"
+SMALL_PRESET = PRESET + "-1pct"  # --tune-small: tuned on val-1, used for heldout-1
 REQUESTS = {
     "val-10": (0.1, 11),
+    "val-1": (0.01, 44),
     "heldout-10": (0.1, 22),
     "heldout-1": (0.01, 33),
 }
@@ -62,10 +67,15 @@ def _request(root: Path, rid: str) -> Path:
 
 
 def evaluate_request(
-    root: Path, request_file: Path, methods: list[str], k: int, preset: str | None
+    root: Path,
+    request_file: Path,
+    methods: list[str],
+    k: int,
+    preset: str | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every method on one held-out request (see the module docstring); returns rows, floor,
-    problem size and phase times."""
+    problem size and phase times. ``extra``: overrides on top of the preset (they win)."""
     import torch
 
     from pipeline_lib.attribution.datamodels import margins as margins_of
@@ -86,6 +96,7 @@ def evaluate_request(
     overrides = {"request.file": str(request_file)}
     if preset:
         overrides["unlearn.preset"] = preset
+    overrides.update(extra or {})
     params = load_params(root / "params.yaml", overrides)
     request = load_request(request_file)
     params, _ = versioning.stage_data(get_modality("image"), params, request)
@@ -281,6 +292,18 @@ def main() -> int:
         "--methods", default=None, help="comma-separated (default: every approximate method)"
     )
     ap.add_argument("--tune", default="dmm,finetune", help="methods to tune ('' for none)")
+    ap.add_argument(
+        "--tune-small",
+        default="",
+        help="methods also tuned on a 1%% validation request (val-1) into preset "
+        f"{SMALL_PRESET}, whose settings heldout-1 then uses",
+    )
+    ap.add_argument(
+        "--use-preset",
+        action="store_true",
+        help="select the work folder's digits-mlp preset even when --tune is empty (reuse)",
+    )
+    ap.add_argument("--eval", default="heldout-10,heldout-1", help="held-out requests to run")
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--tune-models", type=int, default=10)
     ap.add_argument("--workdir", default="/tmp/unlearnflow-quality-n100")
@@ -323,30 +346,44 @@ def main() -> int:
     )
     k = args.unlearn_models or args.models
     tuned = [m for m in args.tune.split(",") if m]
+    small = [m for m in args.tune_small.split(",") if m]
     wall0 = time.perf_counter()
     print(
         f"N = {args.models} originals / oracles, M = {args.subset_models}, methods unlearn {k} originals each: {','.join(methods)}"
     )
-    for m in tuned:
+    small_overrides: dict[str, Any] = {}
+    for rid, m in [("val-10", m) for m in tuned] + [("val-1", m) for m in small]:
         t0 = time.perf_counter()
         r = tune_flow(
             params_path=str(root / "params.yaml"),
-            overrides={"request.file": str(files["val-10"])},
+            overrides={"request.file": str(files[rid])},
             method=m,
+            name=PRESET if rid == "val-10" else SMALL_PRESET,
             overwrite=True,
         )
         tn = r["preset"]["tuning"]
+        if rid == "val-1":
+            small_overrides.update(
+                {f"unlearn.{m}.{key}": v for key, v in r["preset"]["params"].items()}
+            )
         print(
-            f"\n### tune {m} on val-10 ({time.perf_counter() - t0:.0f}s): best forget-KLoM mean "
+            f"\n### tune {m} on {rid} ({time.perf_counter() - t0:.0f}s): best forget-KLoM mean "
             f"{tn['score']:.3f} (params.yaml setting {tn['start_score']:.3f}), trial {r['best_index']} "
             f"of {len(r['trials'])}: {r['best']['config']}"
         )
         for i, t in enumerate(r["trials"]):
             print(f"  trial {i}: {t['config']} -> {t['metrics'] or t['error']}")
     t_tune = time.perf_counter() - wall0
-    for rid in ("heldout-10", "heldout-1"):
+    for rid in args.eval.split(","):
         t0 = time.perf_counter()
-        res = evaluate_request(root, files[rid], methods, k, PRESET if tuned else None)
+        res = evaluate_request(
+            root,
+            files[rid],
+            methods,
+            k,
+            PRESET if tuned or args.use_preset else None,
+            small_overrides if rid == "heldout-1" else None,
+        )
         wall = time.perf_counter() - t0
         print(
             f"\n### {rid}: random {REQUESTS[rid][0]:.0%} forget set ({res['forget']} points), "
@@ -354,7 +391,7 @@ def main() -> int:
             f"models through the engine; {wall:.0f}s ({', '.join(f'{a} {b:.0f}s' for a, b in res['times'].items())})\n"
         )
         print(table(res["rows"]))
-        for m in tuned:
+        for m in dict.fromkeys(tuned + small):
             print(f"tuned {m}: {res['settings'].get(m)}")
         for line in goals(res["rows"], tuned):
             print("- " + line)
