@@ -574,8 +574,8 @@ def train_ensemble(
 
     Raises:
         ValueError: masks/seeds/X/y disagree in shape, rows of ``masks`` select different
-            numbers of samples (the counts are named), a subset is empty, or the optimizer
-            name is unknown.
+            numbers of samples (the counts are named), a subset is empty, the optimizer
+            name is unknown, or ``cpu_parallel`` is neither ``"models"`` nor ``"ops"``.
     """
     n = _check_inputs(X, y, masks, seeds)
     k = masks.shape[0]
