@@ -59,6 +59,8 @@ is identified only up to κ·1, and Σ_{i∈F} β_i only up to |F|·κ. Ridge pi
 representative, which has Σ_i β_i = 0 exactly (β = Aᵀ W lies in the row space of A, and
 A·1 = 0); diff_means has Σ_i β̂_i ≈ 0 (exactly in expectation: E[β̂_i] = β_i − Σ_{k≠i} β_k/(N−1)).
 DM-Direct inherits this convention; say so beside any absolute forget shift that is reported.
+DMM's targets can pin κ instead with the trained model, the one model whose subset is all of
+D (:func:`pipeline_lib.attribution.matching.full_model_anchor`, ``unlearn.dmm.anchor``).
 
 Reference implementations beside the fast paths (design.md habit 5): :func:`ridge_primal_reference`
 (dense primal normal equations), :func:`diff_means_reference` (a loop over points),
