@@ -28,9 +28,7 @@ def sums(model, X, y, device: torch.device) -> tuple[dict[str, torch.Tensor], fl
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
-    s, _ = fisher_diagonal_sum(
-        model, X, y, "true_expected", 256, 0, None, sum_dtype=torch.float64
-    )
+    s, _ = fisher_diagonal_sum(model, X, y, "true_expected", 256, 0, None, sum_dtype=torch.float64)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return {k: v.cpu() for k, v in s.items()}, time.perf_counter() - t0
@@ -46,7 +44,10 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(cuda)}, 4096 samples")
     print("| model | precision | max rel. diff vs CPU | CPU s | CUDA s |")
     print("|---|---|---|---|---|")
-    for cfg in (ModelConfig(name="mlp", hidden=(128, 128)), ModelConfig(name="cnn", channels=(16, 32))):
+    for cfg in (
+        ModelConfig(name="mlp", hidden=(128, 128)),
+        ModelConfig(name="cnn", channels=(16, 32)),
+    ):
         ref, cpu_s = sums(build_model(cfg, SHAPE, 10, 0), X, y, torch.device("cpu"))
         for tf32 in (False, True):
             torch.backends.cuda.matmul.allow_tf32 = tf32

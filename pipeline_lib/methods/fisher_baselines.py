@@ -156,7 +156,9 @@ def fisher_forgetting(
     noise_norm = 0.0
     with torch.no_grad():
         for k, p in model.named_parameters():
-            var = params.alpha * (1.0 / (i_r[k].double().cpu() + params.eps)).clamp(max=params.var_clamp)
+            var = params.alpha * (1.0 / (i_r[k].double().cpu() + params.eps)).clamp(
+                max=params.var_clamp
+            )
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64) * var.sqrt()
             p.add_(noise.to(p.device, p.dtype))
             noise_norm += float(noise.square().sum())
