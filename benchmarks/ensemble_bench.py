@@ -25,7 +25,8 @@ measurement is repeated ``--repeats`` times in interleaved rounds and the best i
 (b') at batch ``--batch``: the trainer's CPU defaults (``cpu_parallel="models"``,
     ``cpu_block_mib`` 8: blocks of models trained on the torch threads, one torch thread
     each) against all K models in one loop over torch's intra-op threads
-    (``cpu_parallel="ops"``, ``cpu_block_mib=0``: the trainer before that change), same calls.
+    (``cpu_parallel="ops"``, ``cpu_block_mib=0``: the loop structure before the blocks),
+    same calls.
 (c) the hand-written MLP backward (the trainer's MLP path) against the generic autograd path
     (vmap over functional_call) on the same models, K = max(--ks), batch ``--batch``.
 """
@@ -200,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
             cfg, SHAPE, N_CLASSES, X, y, masks[k], list(range(k)), settings[b], **cpu
         )
 
-    # the trainer's CPU settings before issue 17's blocks and threads: all K models in one
-    # loop, torch's intra-op threads inside each kernel
+    # the loop structure before issue 17's blocks and threads: all K models in one loop,
+    # torch's intra-op threads inside each kernel
     one_loop = {"cpu_parallel": "ops", "cpu_block_mib": 0}
 
     k_max = max(args.ks)
@@ -352,8 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         f"\n(b') the same calls at batch {args.batch}: the trainer's defaults (cpu_parallel "
         f"models, cpu_block_mib {ensemble.CPU_BLOCK_MIB:g}: blocks of models on "
         f"{torch.get_num_threads()} threads with one torch thread each) vs all K models in one "
-        "loop with torch's intra-op threads (cpu_parallel ops, cpu_block_mib 0: the trainer "
-        "before issue 17's change)"
+        "loop with torch's intra-op threads (cpu_parallel ops, cpu_block_mib 0: the loop "
+        "structure before the blocks)"
     )
     print(
         f"{'K':>5} {'default GF/s':>12} {'of peak':>7} {'one loop GF/s':>13} {'of peak':>7} {'speed-up':>8}"
