@@ -114,7 +114,8 @@ class RayConfig:
     #: chunk's models into one group per thread, each trained on its own thread with one
     #: torch thread; ``ops`` trains them in one loop whose kernels use torch's intra-op
     #: threads (an OpenMP barrier at each of the step's small kernels). Same results either
-    #: way; ``models`` was faster on 2 cores (BENCHMARKS.md, issue 17).
+    #: way. On 2 cores ``models`` was faster under load and at K = 256, ``ops`` at K <= 64 on
+    #: a quiet machine (BENCHMARKS.md, issue 17).
     cpu_parallel: Literal["models", "ops"] = "models"
     #: On the CPU a chunk task trains its MLP models in blocks whose parameters, gradients
     #: and optimizer state take at most this many MiB, one block after another (near the
