@@ -191,13 +191,13 @@ def test_cpu_blocks_and_threads_equal_models_trained_alone(
     thread each, "ops" on the caller's thread with its 2 torch threads. Each model must equal
     the one trained alone whatever the blocks, and the caller keeps its thread count."""
     seen = []
-    train = ensemble._train
+    rows_init = ensemble._EpochRows.__init__  # made once by every training loop
 
-    def spy(*args, **kwargs):
-        seen.append((threading.current_thread().name, torch.get_num_threads(), args[5]))
-        return train(*args, **kwargs)
+    def spy(self, masks, *args, **kwargs):
+        seen.append((threading.current_thread().name, torch.get_num_threads(), masks.shape[0]))
+        rows_init(self, masks, *args, **kwargs)
 
-    monkeypatch.setattr(ensemble, "_train", spy)
+    monkeypatch.setattr(ensemble._EpochRows, "__init__", spy)
     X, y, masks = _data()
     before = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -434,6 +434,12 @@ class _EpochRows:
         for rows in self.host_epochs():
             yield rows.to(self.device, non_blocking=True).long()
 
+    def __enter__(self) -> _EpochRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         """Stop the draw threads (pending draws are cancelled or awaited)."""
         if self.pool is not None:
@@ -598,103 +604,78 @@ def train_ensemble(
                 blocks, threads, model_cfg, shape, n_classes, X, y, masks, seeds, settings
             )  # fmt: skip
     # on an accelerator the first epoch's permutations are drawn while the models are built
-    epoch_rows = _EpochRows(masks, seeds, n, settings.epochs, device)
-    try:
-        return _train(
-            model_cfg, shape, n_classes, X, y, k, n, seeds, settings, device, compile,
-            dtype, template, epoch_rows,
-        )  # fmt: skip
-    finally:
-        epoch_rows.close()
-
-
-def _train(
-    model_cfg: ModelConfig,
-    shape: tuple[int, ...],
-    n_classes: int,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    k: int,
-    n: int,
-    seeds: Sequence[int],
-    settings: FitSettings,
-    device: torch.device,
-    compile: bool,
-    dtype: torch.dtype,
-    template: nn.Module,
-    epoch_rows: _EpochRows,
-) -> dict[str, torch.Tensor]:
-    """The body of :func:`train_ensemble` once its inputs are checked."""
-    # page-locked on CUDA so the K models go to the card asynchronously
-    stacked = _init_stacked(template, seeds, pin=device.type == "cuda")
-    if stacked is None:  # an architecture _init_stacked does not know: build each model
-        models = [build_model(model_cfg, shape, n_classes, s).to(device, dtype) for s in seeds]
-        params, _ = stack_module_state(models)  # name -> (K, ...) leaves with requires_grad
-        del models
-    else:
-        params = {
-            n: t.to(device, dtype, non_blocking=True).requires_grad_() for n, t in stacked.items()
-        }
-        del stacked
-    base = copy.deepcopy(template).to("meta")
-    plan = _mlp_plan(base)
-    Xd = X.to(device, dtype)
-    yd = y.to(device)
-    if plan is not None:  # registry MLP: hand-written backward over one flat parameter tensor
-        flat = _FlatParams(params)
-        del params
-        if flat.data.device.type in ("cpu", "cuda"):  # torch's fused kernels, called directly
-            opt = _FlatOptimizer(flat, settings)
+    with _EpochRows(masks, seeds, n, settings.epochs, device) as epoch_rows:
+        # page-locked on CUDA so the K models go to the card asynchronously
+        stacked = _init_stacked(template, seeds, pin=device.type == "cuda")
+        if stacked is None:  # an architecture _init_stacked does not know: build each model
+            models = [build_model(model_cfg, shape, n_classes, s).to(device, dtype) for s in seeds]
+            params, _ = stack_module_state(models)  # name -> (K, ...) leaves with requires_grad
+            del models
         else:
-            opt = _stacked_optimizer([flat.data], settings)
-        mlp_step = _MLPStep(plan, flat)
-        X2 = Xd.reshape(len(Xd), -1)
+            params = {
+                n: t.to(device, dtype, non_blocking=True).requires_grad_()
+                for n, t in stacked.items()
+            }
+            del stacked
+        base = copy.deepcopy(template).to("meta")
+        plan = _mlp_plan(base)
+        Xd = X.to(device, dtype)
+        yd = y.to(device)
+        if plan is not None:  # registry MLP: hand-written backward over one flat parameter tensor
+            flat = _FlatParams(params)
+            del params
+            if flat.data.device.type in ("cpu", "cuda"):  # torch's fused kernels, called directly
+                opt = _FlatOptimizer(flat, settings)
+            else:
+                opt = _stacked_optimizer([flat.data], settings)
+            mlp_step = _MLPStep(plan, flat)
+            X2 = Xd.reshape(len(Xd), -1)
 
-        def step(rows: torch.Tensor) -> torch.Tensor:
-            return mlp_step(X2, yd, rows)
+            def step(rows: torch.Tensor) -> torch.Tensor:
+                return mlp_step(X2, yd, rows)
 
-        state = flat.state
-    else:  # any other architecture: vmap over functional_call, autograd
-        forward = _vmap_forward(base)
-        opt = _stacked_optimizer(list(params.values()), settings)
+            state = flat.state
+        else:  # any other architecture: vmap over functional_call, autograd
+            forward = _vmap_forward(base)
+            opt = _stacked_optimizer(list(params.values()), settings)
 
-        def summed_loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
-            return nn.functional.cross_entropy(forward(p, xb), yb, reduction="sum")
+            def summed_loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):
+                return nn.functional.cross_entropy(forward(p, xb), yb, reduction="sum")
 
-        loss_of = torch.compile(summed_loss) if compile else summed_loss
+            loss_of = torch.compile(summed_loss) if compile else summed_loss
 
-        def step(rows: torch.Tensor) -> torch.Tensor:
-            b = rows.shape[1]
-            # one gather of all K batches; index_select is ~4x faster than Xd[rows] on CPU
-            flat_rows = rows.reshape(-1)
-            xb = Xd.index_select(0, flat_rows).view(k, b, *Xd.shape[1:])  # (K, b, *shape)
-            yb = yd.index_select(0, flat_rows).view(k, b)  # (K, b)
-            opt.zero_grad(set_to_none=True)
-            # Σ_k mean_k: the gradient for model k is its own mean-loss gradient
-            loss = loss_of(params, xb, yb)
-            (loss / b).backward()
-            return loss.detach()
+            def step(rows: torch.Tensor) -> torch.Tensor:
+                b = rows.shape[1]
+                # one gather of all K batches; index_select is ~4x faster than Xd[rows] on CPU
+                flat_rows = rows.reshape(-1)
+                xb = Xd.index_select(0, flat_rows).view(k, b, *Xd.shape[1:])  # (K, b, *shape)
+                yb = yd.index_select(0, flat_rows).view(k, b)  # (K, b)
+                opt.zero_grad(set_to_none=True)
+                # Σ_k mean_k: the gradient for model k is its own mean-loss gradient
+                loss = loss_of(params, xb, yb)
+                (loss / b).backward()
+                return loss.detach()
 
-        def state() -> dict[str, torch.Tensor]:
-            return {name: _host_copy(p) for name, p in params.items()}
+            def state() -> dict[str, torch.Tensor]:
+                return {name: _host_copy(p) for name, p in params.items()}
 
-    bs = settings.batch_size
-    t0 = time.perf_counter()
-    for epoch, idx in enumerate(epoch_rows):
-        total = torch.zeros((), dtype=dtype, device=device)
-        for start in range(0, n, bs):
-            # (K, b) rows of X; b < bs for the last partial batch
-            total += step(idx[:, start : start + bs])
-            opt.step()
-        log.info(
-            "epoch %d/%d mean loss over %d models %.4f (%.1fs)",
-            epoch + 1,
-            settings.epochs,
-            k,
-            float(total) / (n * k),
-            time.perf_counter() - t0,
-        )
-    return state()
+        bs = settings.batch_size
+        t0 = time.perf_counter()
+        for epoch, idx in enumerate(epoch_rows):
+            total = torch.zeros((), dtype=dtype, device=device)
+            for start in range(0, n, bs):
+                # (K, b) rows of X; b < bs for the last partial batch
+                total += step(idx[:, start : start + bs])
+                opt.step()
+            log.info(
+                "epoch %d/%d mean loss over %d models %.4f (%.1fs)",
+                epoch + 1,
+                settings.epochs,
+                k,
+                float(total) / (n * k),
+                time.perf_counter() - t0,
+            )
+        return state()
 
 
 @torch.no_grad()
