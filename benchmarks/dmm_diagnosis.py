@@ -46,6 +46,7 @@ import yaml
 
 from benchmarks.method_comparison import scratch_project
 from benchmarks.quality_n100 import REPO, REQUESTS, _request
+from pipeline_lib.config import apply_overrides
 
 
 def _klom(u: np.ndarray, o: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
@@ -264,13 +265,9 @@ def main() -> int:
     params["evaluate"]["n_models"] = args.models
     params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
     params["request"]["file"] = "requests/val-10.yaml"
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = params
-        for part in path:
-            node = node[part]
-        node[last] = yaml.safe_load(value)
+    params = apply_overrides(
+        params, {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    )
     scratch_project(root, params)
     files = {rid: _request(root, rid) for rid in REQUESTS}
     grid = [

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import yaml
 
+from pipeline_lib.config import apply_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -80,13 +82,9 @@ def main() -> None:
     params["evaluate"]["n_models"] = args.models
     params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
     params["request"]["file"] = "requests/bench.yaml"
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = params
-        for part in path:
-            node = node[part]
-        node[last] = yaml.safe_load(value)
+    params = apply_overrides(
+        params, {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    )
     scratch_project(root, params)
 
     from flows.evaluate import default_methods, evaluate_flow

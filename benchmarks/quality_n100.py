@@ -44,6 +44,7 @@ import numpy as np
 import yaml
 
 from benchmarks.method_comparison import scratch_project
+from pipeline_lib.config import apply_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "digits-mlp"
@@ -326,13 +327,9 @@ def main() -> int:
     params["tune"].update(trials=args.trials, models=args.tune_models)
     params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
     params["request"]["file"] = "requests/val-10.yaml"
-    for item in args.set:
-        key, value = item.split("=", 1)
-        *path, last = key.split(".")
-        node = params
-        for part in path:
-            node = node[part]
-        node[last] = yaml.safe_load(value)
+    params = apply_overrides(
+        params, {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    )
     scratch_project(root, params)
     files = {rid: _request(root, rid) for rid in REQUESTS}
 
