@@ -3,6 +3,7 @@ so they are set here at import time, pointing at a per-session temporary directo
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -73,6 +74,32 @@ def make_dvc_project(root: Path, params_text: str) -> Path:
     (root / "params.yaml").write_text(params_text)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
     return root
+
+
+def fresh_cli(
+    argv: list[str], modules: tuple[str, ...]
+) -> tuple[subprocess.CompletedProcess, list[object]]:
+    """Run ``unlearn *argv`` in a fresh interpreter (the repository as working directory).
+
+    Returns the finished process (its stdout is the command's) and, read from the last line
+    of its stderr, ``[exit code, then for each of modules whether it was imported]``."""
+    code = (
+        "import json, sys\nfrom flows.cli import main\n"
+        f"rc = main({list(argv)!r})\n"
+        f"print(json.dumps([rc] + [m in sys.modules for m in {list(modules)!r}]), file=sys.stderr)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        timeout=300,
+    )
+    try:
+        return proc, json.loads(proc.stderr.rstrip().rpartition("\n")[2])
+    except ValueError:
+        raise AssertionError(f"the CLI did not finish: {proc.stderr[-2000:]}") from None
 
 
 def free_port() -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_dvc_project
+from tests.conftest import fresh_cli, make_dvc_project
 from tests.test_flow import tiny_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -570,10 +570,6 @@ def test_light_settings_match_the_full_params(tmp_path):
 
 def test_lineage_cli_imports_neither_torch_nor_prefect(tmp_path):
     """A fresh `unlearn lineage` process loads the MLflow client and SQLAlchemy only."""
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
 
     params = tmp_path / "params.yaml"
     params.write_text(
@@ -584,21 +580,11 @@ def test_lineage_cli_imports_neither_torch_nor_prefect(tmp_path):
             }
         )
     )
-    code = (
-        "import sys\nfrom flows.cli import main\n"
-        f"rc = main(['lineage', 'sample', 'x', '--params', {str(params)!r}])\n"
-        "print(rc, 'torch' in sys.modules, 'prefect' in sys.modules, 'mlflow' in sys.modules)\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        timeout=300,
+    proc, flags = fresh_cli(
+        ["lineage", "sample", "x", "--params", str(params)], ("torch", "prefect", "mlflow")
     )
     # no such registered model: refused with exit 2, after the stores were opened
-    assert proc.stdout.split()[-4:] == ["2", "False", "False", "True"], proc.stderr[-2000:]
+    assert flags == [2, False, False, True], proc.stderr[-2000:]
     assert "no-such-model" in proc.stderr
 
 
@@ -716,30 +702,16 @@ def test_sqlite_reader_declines_what_it_has_not_verified(generated, tmp_path):
 def test_fresh_lineage_sample_on_sqlite_does_not_import_mlflow(generated):
     """A fresh `unlearn lineage sample` process on the SQLite store answers from MLflow's
     tables without importing MLflow (nor torch, nor Prefect), with the client's answer."""
-    import subprocess
-    import sys
 
     from tasks.ledger import Ledger
     from tasks.lineage import sample_lineage
-    from tests.conftest import REPO
 
     sample = _samples(**SMALL)[1]
-    code = (
-        "import sys\nfrom flows.cli import main\n"
-        f"rc = main(['lineage', 'sample', {sample!r}, '--json', '--params', "
-        f"{generated['params']!r}])\n"
-        "print(rc, 'torch' in sys.modules, 'prefect' in sys.modules, 'mlflow' in sys.modules,"
-        " file=sys.stderr)\n"
+    proc, flags = fresh_cli(
+        ["lineage", "sample", sample, "--json", "--params", generated["params"]],
+        ("torch", "prefect", "mlflow"),
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**__import__("os").environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        timeout=300,
-    )
-    assert proc.stderr.split()[-4:] == ["0", "False", "False", "False"], proc.stderr[-2000:]
+    assert flags == [0, False, False, False], proc.stderr[-2000:]
     ledger = Ledger(generated["uri"])
     try:
         expected = sample_lineage(

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import REPO, free_port
+from tests.conftest import free_port, fresh_cli
 
 pytestmark = pytest.mark.cluster
 
@@ -127,23 +125,12 @@ def test_fresh_cli_against_the_server_does_not_import_mlflow(server, creds):
     from tasks.lineage import sample_lineage
 
     sample = SAMPLES[1]
-    code = (
-        "import json, sys\nfrom flows.cli import main\n"
-        f"rc = main(['lineage', 'sample', {sample!r}, '--json', '--params', "
-        f"{server['params']!r}])\n"
-        "print(json.dumps([rc, 'mlflow' in sys.modules, 'numpy' in sys.modules]))\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
-        timeout=300,
+    proc, flags = fresh_cli(
+        ["lineage", "sample", sample, "--json", "--params", server["params"]], ("mlflow", "numpy")
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    answer, _, flags = proc.stdout.rstrip().rpartition("\n")
-    assert json.loads(flags) == [0, False, False]
+    assert flags == [0, False, False]
+    answer = proc.stdout
     ledger = Ledger(server["sqlite"])
     try:
         expected = sample_lineage(server["sqlite"], ledger, server["model"], sample)
