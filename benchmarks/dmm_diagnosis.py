@@ -73,26 +73,19 @@ def diagnose(
     from pipeline_lib.attribution.matching import MatchTargets, match_outputs
     from pipeline_lib.attribution.store import AttributionStore
     from pipeline_lib.config import RayConfig, load_params, parse_section, to_dict
-    from pipeline_lib.data.images import load_prepared
-    from pipeline_lib.data.requests import load_manifests, load_request
-    from pipeline_lib.modalities import get_modality
     from pipeline_lib.models.image import build_model
     from pipeline_lib.training.fit import predict_logits
     from tasks import attribution as ray_attr
     from tasks import evaluation as ray_eval
-    from tasks import versioning
     from tasks.stores import ensure_store
 
     t0 = time.perf_counter()
-    params = load_params(root / "params.yaml", {"request.file": str(request_file)})
-    request = load_request(request_file)
-    params, _ = versioning.stage_data(get_modality("image"), params, request)
-    prepared_dir = str(params.resolve(params.data.out_dir))
-    manifests_dir = str(params.resolve(params.request.out_dir))
-    data = load_prepared(prepared_dir)
-    man = load_manifests(manifests_dir)
-    train_ids = np.sort(data.split_ids("train"))
-    retain_mask = np.isin(train_ids, man.retain_ids)
+    st = ray_eval.stage_request(
+        load_params(root / "params.yaml", {"request.file": str(request_file)})
+    )
+    params, request, data, man = st.params, st.request, st.data, st.manifests
+    prepared_dir, manifests_dir = st.prepared_dir, st.manifests_dir
+    train_ids, retain_mask = st.train_ids, st.retain_mask
     ray_attr.connect(parse_section(RayConfig, to_dict(params.ray), "ray"))
     n, ev = params.evaluate.n_models, params.evaluate
     originals_root, _ = ensure_store(params, data, "originals", n, None, ev.originals_seed)
