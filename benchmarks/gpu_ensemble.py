@@ -115,7 +115,7 @@ def steady_state(device: torch.device, k: int, batch: int, n_total: int, profile
     stacked = {n: t.to(device) for n, t in _init_stacked(template, list(range(k))).items()}
     flat = ensemble._FlatParams(stacked)
     del stacked
-    opt = ensemble._stacked_optimizer([flat.data], FitSettings(epochs=1, batch_size=batch, lr=1e-3))
+    opt = ensemble._FlatOptimizer(flat, FitSettings(epochs=1, batch_size=batch, lr=1e-3))
     step = ensemble._MLPStep(ensemble._mlp_plan(template), flat)
     g = torch.Generator().manual_seed(3)
     X2 = torch.rand(n_total, 28 * 28, generator=g).to(device)
