@@ -1,4 +1,4 @@
-"""Unlearning quality at N = 100 on digits (issue 16): tuned methods on held-out requests.
+"""Unlearning quality at N = 100 (issue 16): tuned methods on held-out requests.
 
     python -m benchmarks.quality_n100 --models 100 --subset-models 400 --unlearn-models 20 \
         --tune dmm,finetune --trials 8 --tune-models 8 --workdir /tmp/bench-n100
@@ -6,12 +6,15 @@
 (the run in BENCHMARKS.md: 36 min on the shared 2 cores at load 13-30; ``--subset-models
 1000 --unlearn-models 100`` is the full-size run, several times longer)
 
-In a scratch DVC project (Prefect, DVC, MLflow, local Ray, as the other benchmarks):
+In a scratch DVC project (Prefect, DVC, MLflow, local Ray, as the other benchmarks), on
+params.yaml's data and model (digits MLP) unless ``--set`` says otherwise (e.g.
+``--set data.name=fashion-mnist --set data.max_train=3000``); presets are named
+``<dataset>-<model>`` (below: digits-mlp):
 
 1. **Tuning** with the real ``unlearn tune`` flow on a *validation* request (random 10%,
    seed 11): each method in ``--tune`` gets ``--trials`` Ray Tune trials, each unlearning the
    first ``--tune-models`` originals against all N oracles of that request, objective
-   forget-KLoM mean; the best setting is written as preset ``digits-mlp`` (``--overwrite``).
+   forget-KLoM mean (``--objective``: tune.objective); the best setting is written as preset ``digits-mlp`` (``--overwrite``).
    ``--tune-small M1,M2`` also tunes those methods on a 1% validation request (val-1,
    seed 44) into preset ``digits-mlp-1pct``, whose settings the held-out 1% request then
    uses on top of ``digits-mlp`` (a setting tuned for 576 matching points need not suit 56).
@@ -45,10 +48,11 @@ import yaml
 
 from benchmarks.method_comparison import scratch_project
 from pipeline_lib.config import apply_overrides
+from pipeline_lib.config.presets import PRESETS_DIR, preset_name, read_preset
 
 REPO = Path(__file__).resolve().parents[1]
-PRESET = "digits-mlp"
-SMALL_PRESET = PRESET + "-1pct"  # --tune-small: tuned on val-1, used for heldout-1
+#: --tune-small: preset <dataset>-<model>-1pct, tuned on val-1, used for heldout-1
+SMALL_SUFFIX = "-1pct"
 REQUESTS = {
     "val-10": (0.1, 11),
     "val-1": (0.01, 44),
@@ -297,15 +301,22 @@ def main() -> int:
         "--tune-small",
         default="",
         help="methods also tuned on a 1%% validation request (val-1) into preset "
-        f"{SMALL_PRESET}, whose settings heldout-1 then uses",
+        f"<dataset>-<model>{SMALL_SUFFIX}, whose settings heldout-1 then uses",
     )
     ap.add_argument(
         "--use-preset",
         action="store_true",
-        help="select the work folder's digits-mlp preset even when --tune is empty (reuse)",
+        help="select the work folder's <dataset>-<model> preset even when --tune is empty "
+        f"(reuse); heldout-1 also takes the folder's <dataset>-<model>{SMALL_SUFFIX} preset "
+        "where one exists",
     )
     ap.add_argument("--eval", default="heldout-10,heldout-1", help="held-out requests to run")
     ap.add_argument("--trials", type=int, default=12)
+    ap.add_argument(
+        "--objective",
+        default=None,
+        help="tune.objective (klom_forget_mean, klom_forget_p95, avg_gap; default params.yaml's)",
+    )
     ap.add_argument("--tune-models", type=int, default=10)
     ap.add_argument("--workdir", default="/tmp/unlearnflow-quality-n100")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -325,12 +336,15 @@ def main() -> int:
     params["attribution"].update(n_models=args.subset_models, chunk_size=50, lds_heldout=0)
     params["evaluate"]["n_models"] = args.models
     params["tune"].update(trials=args.trials, models=args.tune_models)
+    if args.objective:
+        params["tune"]["objective"] = args.objective
     params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
     params["request"]["file"] = "requests/val-10.yaml"
-    params = apply_overrides(
-        params, {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    )
+    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
+    params = apply_overrides(params, extra)
     scratch_project(root, params)
+    preset = preset_name(params["data"]["name"], params["model"]["name"])
+    small_preset = preset + SMALL_SUFFIX
     files = {rid: _request(root, rid) for rid in REQUESTS}
 
     from flows.evaluate import default_methods
@@ -355,7 +369,7 @@ def main() -> int:
             params_path=str(root / "params.yaml"),
             overrides={"request.file": str(files[rid])},
             method=m,
-            name=PRESET if rid == "val-10" else SMALL_PRESET,
+            name=preset if rid == "val-10" else small_preset,
             overwrite=True,
         )
         tn = r["preset"]["tuning"]
@@ -371,6 +385,13 @@ def main() -> int:
         for i, t in enumerate(r["trials"]):
             print(f"  trial {i}: {t['config']} -> {t['metrics'] or t['error']}")
     t_tune = time.perf_counter() - wall0
+    if args.use_preset and not small:
+        # reuse: heldout-1 takes the folder's 1% preset (tuned on val-1) where one exists
+        for file in sorted((root / PRESETS_DIR / small_preset).glob("*.yaml")):
+            p = read_preset(file)
+            small_overrides.update(
+                {f"unlearn.{p['method']}.{k}": v for k, v in p["params"].items()}
+            )
     for rid in args.eval.split(","):
         t0 = time.perf_counter()
         res = evaluate_request(
@@ -378,8 +399,9 @@ def main() -> int:
             files[rid],
             methods,
             k,
-            PRESET if tuned or args.use_preset else None,
-            small_overrides if rid == "heldout-1" else None,
+            preset if tuned or args.use_preset else None,
+            # the 1% preset over the 10% one on heldout-1; explicit --set wins over both
+            {**(small_overrides if rid == "heldout-1" else {}), **extra},
         )
         wall = time.perf_counter() - t0
         print(

@@ -33,8 +33,8 @@ from pipeline_lib.config import (
 from pipeline_lib.methods.space import Choice, Dimension, IntRange, LogUniform, Uniform
 from tasks import tracking
 
-#: What a trial reports; the objective is one of the first two (lower is better).
-OBJECTIVES = ("klom_forget_mean", "avg_gap")
+#: What a trial reports; the objective is one of these (lower is better).
+OBJECTIVES = ("klom_forget_mean", "klom_forget_p95", "avg_gap")
 REPORTED = (
     "klom_forget_mean",
     "klom_forget_p95",

@@ -278,3 +278,20 @@ def test_tune_flow_searches_logs_trials_and_writes_a_preset(prefect_api, tmp_pat
             t["metrics"]["klom_forget_mean"]
         )
         assert child.data.params["unlearn.dmm.lr"] == str(t["config"]["lr"])
+
+
+def test_p95_objective_is_accepted_and_ranks_trials_by_the_tail() -> None:
+    from tasks.tune import OBJECTIVES, best_trial
+
+    params = build_params({"tune": {"objective": "klom_forget_p95"}})
+    assert params.tune.objective == "klom_forget_p95" and "klom_forget_p95" in OBJECTIVES
+    trials = [
+        {"error": None, "metrics": {"klom_forget_mean": 1.0, "klom_forget_p95": 3.0}},
+        {"error": None, "metrics": {"klom_forget_mean": 1.2, "klom_forget_p95": 2.0}},
+        {"error": "boom", "metrics": {}},
+    ]
+    # the mean and the tail disagree: each objective picks its own trial
+    assert best_trial(trials, "klom_forget_mean")["metrics"]["klom_forget_mean"] == 1.0
+    assert best_trial(trials, "klom_forget_p95")["metrics"]["klom_forget_p95"] == 2.0
+    with pytest.raises(ConfigError, match="tune.objective"):
+        build_params({"tune": {"objective": "klom_forget_max"}})
