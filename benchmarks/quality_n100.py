@@ -319,7 +319,21 @@ def main() -> int:
     )
     ap.add_argument("--tune-models", type=int, default=10)
     ap.add_argument("--workdir", default="/tmp/unlearnflow-quality-n100")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="into the scratch project's params.yaml: data, stores, and the tuning's start "
+        "setting (a selected preset wins over these at evaluation)",
+    )
+    ap.add_argument(
+        "--eval-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="at evaluation only, over the presets (e.g. one tuned value changed)",
+    )
     args = ap.parse_args()
 
     for key, value in (
@@ -340,8 +354,12 @@ def main() -> int:
         params["tune"]["objective"] = args.objective
     params["tracking"].update(mlflow_uri=f"sqlite:///{root / 'mlflow.db'}", dvc_root=str(root))
     params["request"]["file"] = "requests/val-10.yaml"
-    extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.set)}
-    params = apply_overrides(params, extra)
+
+    def dotted(items: list[str]) -> dict[str, Any]:
+        return {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in items)}
+
+    params = apply_overrides(params, dotted(args.set))
+    extra = dotted(args.eval_set)
     scratch_project(root, params)
     preset = preset_name(params["data"]["name"], params["model"]["name"])
     small_preset = preset + SMALL_SUFFIX
@@ -400,7 +418,7 @@ def main() -> int:
             methods,
             k,
             preset if tuned or args.use_preset else None,
-            # the 1% preset over the 10% one on heldout-1; explicit --set wins over both
+            # the 1% preset over the 10% one on heldout-1; --eval-set wins over both
             {**(small_overrides if rid == "heldout-1" else {}), **extra},
         )
         wall = time.perf_counter() - t0
