@@ -19,7 +19,9 @@ that is missing is trained through the engine first). For each request:
    ``ideal shift`` (f_k + mean(oracles) − mean(originals): the best any per-request shift
    shared by all originals can do, i.e. DM-Direct with exact expected attribution), ``om``
    (the mean logits of OM's 10 oracles, the same for every original). Also the Pearson
-   correlation of DMM's margin shift with the true mean shift on F, and its mean.
+   correlation of DMM's margin shift with the true mean shift on F, and its mean; and the
+   U-LiRA AUC of the targets at F against the oracles (as if the k target sets were k
+   unlearned models: what fine-tuning exactly onto them would score).
 2. **The matching step.** The target sets named in ``--tune-only`` (all but ``none`` when
    empty) are fine-tuned toward with each setting of ``--epochs`` × ``--lr`` × ``--batch``
    (Adam, lr × ``--lr-decay`` per epoch: the method's own code,
@@ -73,6 +75,7 @@ def diagnose(
     from pipeline_lib.attribution.matching import MatchTargets, match_outputs
     from pipeline_lib.attribution.store import AttributionStore
     from pipeline_lib.config import RayConfig, load_params, parse_section, to_dict
+    from pipeline_lib.evaluation.ulira import ulira_auc
     from pipeline_lib.models.image import build_model
     from pipeline_lib.training.fit import predict_logits
     from tasks import attribution as ray_attr
@@ -161,17 +164,21 @@ def diagnose(
     print(
         "\n| targets | forget KLoM mean | forget KLoM P95 | retain-match KLoM mean | "
         "retain-match KLoM P95 | corr(shift, true) on F | mean margin shift on F (true "
-        f"{true_mshift[fi].mean():.3f}) |"
+        f"{true_mshift[fi].mean():.3f}) | U-LiRA AUC on F |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for name, ts in targets.items():
         tm = np.stack([margins_of(t.logits.numpy(), y_cols) for t in ts])
         fm, fp = _klom(tm, o_cols, fi)
         rm, rp = _klom(tm, o_cols, ri)
         sh = (tm - margins_of(orig_k[:, cols], y_cols)).mean(axis=0)
         c = np.corrcoef(sh[fi], true_mshift[fi])[0, 1] if sh[fi].std() > 0 else float("nan")
+        # U-LiRA of the targets as if they were k unlearned models (0.5: per example they
+        # look like the oracles); the matching step can only add to it
+        ul = ulira_auc(tm[:, fi], o_cols[:, fi])["auc"] if k >= 2 else float("nan")
         print(
-            f"| {name} | {fm:.3f} | {fp:.3f} | {rm:.3f} | {rp:.3f} | {c:.3f} | {sh[fi].mean():.3f} |"
+            f"| {name} | {fm:.3f} | {fp:.3f} | {rm:.3f} | {rp:.3f} | {c:.3f} | "
+            f"{sh[fi].mean():.3f} | {ul:.3f} |"
         )
 
     cfg = params.model
@@ -180,9 +187,9 @@ def diagnose(
     split = problem.split_indices()
     print(
         "\n| targets | epochs | lr | batch | lr_decay | forget KLoM mean | forget P95 | "
-        "retain P95 | val P95 | UA | seconds/model |"
+        "retain P95 | val P95 | UA | U-LiRA AUC | seconds/model |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for g in grid:
         for name, ts in targets.items():
             if name == "none" or (tune_only and name not in tune_only):
@@ -208,17 +215,21 @@ def diagnose(
             fm, fp = _klom(u, oracle_m, split["forget"])
             _, rp = _klom(u, oracle_m, split["retain"])
             _, vp = _klom(u, oracle_m, split["validation"])
+            ul = ulira_auc(u[:, split["forget"]], oracle_m[:, split["forget"]])["auc"]
             print(
                 f"| {name} | {g['epochs']} | {g['lr']:g} | {g['batch']} | {g['lr_decay']} | "
-                f"{fm:.3f} | {fp:.3f} | {rp:.3f} | {vp:.3f} | {np.mean(ua):.2f} | {secs / k:.2f} |",
+                f"{fm:.3f} | {fp:.3f} | {rp:.3f} | {vp:.3f} | {np.mean(ua):.2f} | {ul:.3f} | "
+                f"{secs / k:.2f} |",
                 flush=True,
             )
     base = np.stack([margins_of(z, labels) for z in orig_k])
     fm, fp = _klom(base, oracle_m, split["forget"])
     _, rp = _klom(base, oracle_m, split["retain"])
     _, vp = _klom(base, oracle_m, split["validation"])
+    ul = ulira_auc(base[:, split["forget"]], oracle_m[:, split["forget"]])["auc"]
     print(
-        f"| none (original) | - | - | - | - | {fm:.3f} | {fp:.3f} | {rp:.3f} | {vp:.3f} | - | - |"
+        f"| none (original) | - | - | - | - | {fm:.3f} | {fp:.3f} | {rp:.3f} | {vp:.3f} | - | "
+        f"{ul:.3f} | - |"
     )
     print(f"({request.request_id}: {time.perf_counter() - t0:.0f}s)")
 
