@@ -212,6 +212,12 @@ def tune_flow(
                 "trials": len(trials),
                 "models": tn.models,
                 "oracles": n,
+                # the store the datamodel targets came from (lam and the steps suit its size)
+                **(
+                    {"subset_models": params.attribution.n_models}
+                    if get_method(method).needs_targets == "datamodels"
+                    else {}
+                ),
                 "request_id": request.request_id,
                 "request_digest": request.digest,
                 "mlflow_run_id": run_id,

@@ -9,6 +9,7 @@ from typing import Any
 from prefect.logging import get_run_logger
 
 from pipeline_lib.config import Params, to_dict
+from pipeline_lib.config.presets import preset_store_mismatch
 from tasks import compute, tracking
 from tasks.compute import with_files
 from tasks.statistics import fisher_statistics
@@ -62,6 +63,11 @@ def attribution_store_for(
     logger = get_run_logger()
     data = load_prepared(request_data["prepared_dir"])
     if source == "datamodels":
+        warning = preset_store_mismatch(
+            to_dict(params), params.unlearn.method, params.attribution.n_models
+        )
+        if warning:
+            logger.warning(warning)
         root, stats = ensure_store(params, data, "subsets", params.attribution.n_models)
     else:
         man = load_manifests(request_data["manifests_dir"])

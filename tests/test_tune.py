@@ -12,7 +12,12 @@ import pytest
 import yaml
 
 from pipeline_lib.config import ConfigError, build_params, load_params
-from pipeline_lib.config.presets import preset_overrides, read_preset, write_preset
+from pipeline_lib.config.presets import (
+    preset_overrides,
+    preset_store_mismatch,
+    read_preset,
+    write_preset,
+)
 from pipeline_lib.methods import METHODS
 from pipeline_lib.methods.space import Choice, IntRange, LogUniform, Uniform, check_space
 from tests.conftest import REPO, make_dvc_project
@@ -259,6 +264,13 @@ def test_tune_flow_searches_logs_trials_and_writes_a_preset(prefect_api, tmp_pat
     assert preset["params"] == {**dataclasses.asdict(start), **best["config"]}
     assert preset["tuning"]["score"] == min(scores)
     assert preset["tuning"]["request_id"] == "val-1"
+    # the subset store the datamodel targets came from, and a run with another size is warned
+    n_sub = load_params(params).attribution.n_models
+    assert preset["tuning"]["subset_models"] == n_sub
+    tree = yaml.safe_load(Path(params).read_text())
+    tree["unlearn"]["preset"] = "digits-mlp"
+    assert preset_store_mismatch(tree, "dmm", n_sub) is None
+    assert f"tuned with {n_sub} subset models" in preset_store_mismatch(tree, "dmm", n_sub + 1)
     tuned = load_params(params, {"unlearn.preset": "digits-mlp"}).unlearn.dmm
     assert {k: getattr(tuned, k) for k in space} == best["config"]
 
@@ -295,3 +307,17 @@ def test_p95_objective_is_accepted_and_ranks_trials_by_the_tail() -> None:
     assert best_trial(trials, "klom_forget_p95")["metrics"]["klom_forget_p95"] == 2.0
     with pytest.raises(ConfigError, match="tune.objective"):
         build_params({"tune": {"objective": "klom_forget_max"}})
+
+
+def test_a_datamodel_preset_warns_when_the_subset_store_differs(tmp_path: Path) -> None:
+    raw = _raw()
+    raw["tracking"]["dvc_root"] = str(tmp_path)
+    path = _preset(tmp_path, "digits-mlp", "dmm", {"epochs": 40})
+    assert preset_store_mismatch({**raw, "unlearn": {"preset": "digits-mlp"}}, "dmm", 256) is None
+    write_preset(path, {**read_preset(path), "tuning": {"subset_models": 2000}}, overwrite=True)
+    tree = {**raw, "unlearn": {**raw["unlearn"], "preset": "digits-mlp"}}
+    msg = preset_store_mismatch(tree, "dmm", 256)
+    assert msg and "2000 subset models" in msg and "has 256" in msg and "digits-mlp" in msg
+    assert preset_store_mismatch(tree, "dmm", 2000) is None
+    assert preset_store_mismatch(tree, "oracle_matching", 256) is None  # no file for it
+    assert preset_store_mismatch(raw, "dmm", 256) is None  # no preset selected

@@ -130,6 +130,30 @@ def preset_overrides(tree: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def preset_store_mismatch(tree: Mapping[str, Any], method: str, n_models: int) -> str | None:
+    """A one-line warning when the preset a raw params tree selects tuned ``method`` against
+    a subset store of another size than ``n_models`` (``tuning.subset_models``, recorded for
+    the datamodel methods: their ridge penalty and step sizes were chosen for that store);
+    None when it matches, is not recorded, or no preset (or no file for the method) is
+    selected."""
+    unlearn = tree.get("unlearn") or {}
+    name = unlearn.get("preset") if isinstance(unlearn, Mapping) else None
+    if name is None:
+        return None
+    tracking = tree.get("tracking") or {}
+    root = tracking.get("dvc_root", ".") if isinstance(tracking, Mapping) else "."
+    file = preset_file(root, name, method)
+    if not file.is_file():
+        return None
+    tuned = (read_preset(file).get("tuning") or {}).get("subset_models")
+    if tuned is None or int(tuned) == int(n_models):
+        return None
+    return (
+        f"unlearn.preset {name!r}: {method} was tuned with {tuned} subset models "
+        f"(attribution.n_models); this run has {n_models}, for which its setting is untested"
+    )
+
+
 def preset_methods(root: str | Path, name: str) -> list[str]:
     """The methods a preset holds (file stems), sorted."""
     folder = preset_dir(root, name)
