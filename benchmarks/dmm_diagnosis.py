@@ -68,11 +68,16 @@ def diagnose(
     lams: list[float] | None = None,
     tune_only: list[str] | None = None,
     anchor: bool = False,
+    ms_direct: list[float] | None = None,
 ) -> None:
     import torch
 
     from pipeline_lib.attribution.datamodels import margins as margins_of
-    from pipeline_lib.attribution.matching import MatchTargets, match_outputs
+    from pipeline_lib.attribution.matching import (
+        MatchTargets,
+        match_outputs,
+        matching_retain_rows,
+    )
     from pipeline_lib.attribution.store import AttributionStore
     from pipeline_lib.config import RayConfig, load_params, parse_section, to_dict
     from pipeline_lib.evaluation.ulira import ulira_auc
@@ -113,6 +118,11 @@ def diagnose(
 
     dmm_p = params.unlearn.dmm
     targets: dict[str, list[MatchTargets]] = {}
+    # the matching points, as matching_targets_for draws them
+    rows = matching_retain_rows(
+        len(problem.forget), len(problem.retain), dmm_p.retain_multiple, params.unlearn.seed
+    )
+    cols = np.concatenate([problem.forget, problem.retain[rows]])
     for m in ms:
         # one store directory grows with M; ensuring it at m brings its manifest to m models,
         # so each M's targets are computed right after (a later M would change the store)
@@ -127,24 +137,47 @@ def diagnose(
             )  # fmt: skip
             print(f"  targets {name}: {time.perf_counter() - t1:.1f}s")
             if anchor:
-                targets[name + " anchored"] = ray_eval.matching_targets_for(
+                anchored = ray_eval.matching_targets_for(
                     "datamodels", store_m, problem, orig_k, train_ids, man.forget_ids,
                     dmm_p.retain_multiple, params.unlearn.seed, lam,
                     params.attribution.estimator, anchor=True,
                 )  # fmt: skip
+                targets[name + " anchored"] = anchored
+                # the anchor from the originals' mean instead of each original's own logits:
+                # |F|·κ_k = c·(f_k − f̂(D)) carries c = |F| / Σ_i (1 − x̄_i) of original k's
+                # seed deviation f_k − f̄, which the own-logits anchor removes from its target
+                # (a narrower spread than retraining's); add it back
+                masks = AttributionStore.open(store_m).load()[0]
+                c = len(problem.forget) / (1.0 - masks.mean(axis=0)).sum()
+                dev = orig_k - orig_k.mean(axis=0, keepdims=True)
+                targets[name + " anchored (originals' mean)"] = [
+                    MatchTargets(
+                        t.X,
+                        t.logits + torch.from_numpy((c * dev[i][cols]).astype(np.float32)),
+                        t.n_forget,
+                        t.source,
+                    )
+                    for i, t in enumerate(anchored)
+                ]
+                # DM-Direct's m (f_θ − m·Σ_F β, the paper's m = 1) on the anchored shift
+                for mult in ms_direct or []:
+                    targets[name + f" anchored m={mult:g}"] = [
+                        MatchTargets(
+                            t.X,
+                            torch.from_numpy(orig_k[i][cols].astype(np.float32))
+                            + mult
+                            * (t.logits - torch.from_numpy(orig_k[i][cols].astype(np.float32))),
+                            t.n_forget,
+                            t.source,
+                        )
+                        for i, t in enumerate(anchored)
+                    ]
     if om_root is not None:
         targets["om (10 oracles)"] = ray_eval.matching_targets_for(
             "oracles", om_root, problem, orig_k, train_ids, man.forget_ids,
             om_p.retain_multiple, params.unlearn.seed, params.attribution.lam,
             params.attribution.estimator,
         )  # fmt: skip
-    # the matching points, as matching_targets_for drew them
-    from pipeline_lib.attribution.matching import matching_retain_rows
-
-    rows = matching_retain_rows(
-        len(problem.forget), len(problem.retain), dmm_p.retain_multiple, params.unlearn.seed
-    )
-    cols = np.concatenate([problem.forget, problem.retain[rows]])
     nf = len(problem.forget)
     true_shift = oracle_out.mean(axis=0) - orig_out.mean(axis=0)  # (T, C)
     any_t = next(iter(targets.values()))[0]
@@ -251,6 +284,11 @@ def main() -> int:
     )
     ap.add_argument("--lams", default="", help="ridge penalties to compare (default: params')")
     ap.add_argument(
+        "--m-direct",
+        default="",
+        help="with --anchor: DM-Direct multipliers m to compare (paper: 1)",
+    )
+    ap.add_argument(
         "--tune-only", default="", help="';'-separated target names the grid fine-tunes toward"
     )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -286,6 +324,7 @@ def main() -> int:
             root, files[rid], ms, args.k, grid, not args.no_om,
             [float(x) for x in args.lams.split(",") if x],
             [x for x in args.tune_only.split(";") if x], args.anchor,
+            [float(x) for x in args.m_direct.split(",") if x],
         )  # fmt: skip
     print(f"\ntotal {time.perf_counter() - wall0:.0f}s")
     return 0
