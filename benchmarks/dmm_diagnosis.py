@@ -15,7 +15,10 @@ that is missing is trained through the engine first). For each request:
    the N oracles' margins on the forget and on the retain matching points. Rows:
    ``none`` (the original's own logits), ``dmm M=… [lam=…]`` (DM-Direct f − Σ_F β at each M
    and ridge penalty, plain; with ``--anchor`` also ``… anchored``, the full-model anchor of
-   :func:`pipeline_lib.attribution.matching.full_model_anchor`),
+   :func:`pipeline_lib.attribution.matching.full_model_anchor`; and
+   ``… anchored (originals' mean)``, the anchor from the mean of the k originals so each
+   target keeps its original's whole seed deviation; ``--m-direct``: ``… anchored m=…``,
+   DM-Direct's multiplier f_θ − m·Σ_F β, the paper's m = 1),
    ``ideal shift`` (f_k + mean(oracles) − mean(originals): the best any per-request shift
    shared by all originals can do, i.e. DM-Direct with exact expected attribution), ``om``
    (the mean logits of OM's 10 oracles, the same for every original). Also the Pearson
