@@ -71,6 +71,17 @@ case "$AUTH" in
     "" | basic) ;;
     *) echo "mlflow-server.sh: MLFLOW_AUTH=$AUTH unknown; valid: basic (or unset)" >&2; exit 2 ;;
 esac
+# the auth settings, checked with the rest before anything is created
+PERMISSION="${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}"
+case "$PERMISSION" in
+    READ | EDIT | MANAGE | NO_PERMISSIONS) ;;
+    *) echo "mlflow-server.sh: MLFLOW_AUTH_DEFAULT_PERMISSION=$PERMISSION unknown; valid: READ, EDIT, MANAGE, NO_PERMISSIONS" >&2; exit 2 ;;
+esac
+case "${MLFLOW_AUTH_FUNCTION:-once}" in
+    once) AUTH_FUNCTION=tasks.mlflow_auth:authenticate_once ;;
+    mlflow) AUTH_FUNCTION=mlflow.server.auth:authenticate_request_basic_auth ;;
+    *) echo "mlflow-server.sh: MLFLOW_AUTH_FUNCTION=$MLFLOW_AUTH_FUNCTION unknown; valid: once, mlflow" >&2; exit 2 ;;
+esac
 case "$HOST" in
     127.0.0.1 | localhost | ::1) ;;
     *) [ "$AUTH" = basic ] || { echo "mlflow-server.sh: MLFLOW_HOST=$HOST serves other machines: set MLFLOW_AUTH=basic (and put TLS in front, infra/README.md), or keep 127.0.0.1" >&2; exit 2; } ;;
@@ -102,20 +113,10 @@ if [ "$AUTH" = basic ]; then
     [ -x "$PY" ] || PY=python3
     "$PY" -c "import flask_wtf" 2>/dev/null \
         || { echo "mlflow-server.sh: MLflow's basic-auth app needs Flask-WTF next to mlflow: pip install -e \".[team]\"" >&2; exit 1; }
-    PERMISSION="${MLFLOW_AUTH_DEFAULT_PERMISSION:-READ}"
-    case "$PERMISSION" in
-        READ | EDIT | MANAGE | NO_PERMISSIONS) ;;
-        *) echo "mlflow-server.sh: MLFLOW_AUTH_DEFAULT_PERMISSION=$PERMISSION unknown; valid: READ, EDIT, MANAGE, NO_PERMISSIONS" >&2; exit 2 ;;
-    esac
-    case "${MLFLOW_AUTH_FUNCTION:-once}" in
-        once)
-            AUTH_FUNCTION=tasks.mlflow_auth:authenticate_once
-            # the server imports it from this checkout (also when the package is not installed)
-            export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
-            ;;
-        mlflow) AUTH_FUNCTION=mlflow.server.auth:authenticate_request_basic_auth ;;
-        *) echo "mlflow-server.sh: MLFLOW_AUTH_FUNCTION=$MLFLOW_AUTH_FUNCTION unknown; valid: once, mlflow" >&2; exit 2 ;;
-    esac
+    # the server imports tasks.mlflow_auth from this checkout (also when the package is not installed)
+    if [ "$AUTH_FUNCTION" = tasks.mlflow_auth:authenticate_once ]; then
+        export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     umask 077  # the auth config, the password file and the user store: this user only
     if [ -z "${MLFLOW_AUTH_ADMIN_PASSWORD:-}" ]; then
         [ -s "$DATA_DIR/admin_password" ] \

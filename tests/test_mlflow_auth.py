@@ -89,3 +89,31 @@ def test_password_checked_once_per_request_and_every_request(tmp_path):
     assert wrong == {"checks": 3, "users": [None] * 3, "refused": [True] * 3}
     # an unknown user is refused without a hash to check
     assert unknown == {"checks": 0, "users": [None] * 3, "refused": [True] * 3}
+
+
+def test_server_script_refuses_bad_auth_settings_before_creating_anything(tmp_path):
+    """``infra/mlflow-server.sh`` with an unknown ``MLFLOW_AUTH_FUNCTION`` or
+    ``MLFLOW_AUTH_DEFAULT_PERMISSION``: exit 2, one line naming the variable, and no data
+    folder created."""
+    for key, value in (
+        ("MLFLOW_AUTH_FUNCTION", "bogus"),
+        ("MLFLOW_AUTH_DEFAULT_PERMISSION", "OWNER"),
+    ):
+        data = tmp_path / key
+        env = {
+            **os.environ,
+            "MLFLOW_AUTH": "basic",
+            "MLFLOW_DATA_DIR": str(data),
+            key: value,
+        }
+        r = subprocess.run(
+            ["bash", str(REPO / "infra" / "mlflow-server.sh")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert r.returncode == 2, (key, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and f"{key}={value} unknown" in lines[0], r.stderr
+        assert not data.exists()
