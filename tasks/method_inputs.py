@@ -50,11 +50,13 @@ def request_cost_block(fisher: dict[str, Any] | None, method_seconds: float) -> 
 
 
 def attribution_store_for(
-    params: Params, source: str, request_data: dict[str, str]
+    params: Params, source: str, request_data: dict[str, str], method: str | None = None
 ) -> dict[str, Any]:
     """The store an output-matching method takes its targets from, trained on Ray the first
     time and reused afterwards: ``attribution.n_models`` subset models (datamodels, for dmm;
-    independent of the request) or ``oracle_matching.n_oracles`` oracles on the retain set."""
+    independent of the request) or ``oracle_matching.n_oracles`` oracles on the retain set.
+    ``method`` (default ``unlearn.method``) names the method in the warning logged when its
+    selected preset was tuned with another number of subset models."""
     import numpy as np
 
     from pipeline_lib.data.images import load_prepared
@@ -64,7 +66,7 @@ def attribution_store_for(
     data = load_prepared(request_data["prepared_dir"])
     if source == "datamodels":
         warning = preset_store_mismatch(
-            to_dict(params), params.unlearn.method, params.attribution.n_models
+            to_dict(params), method or params.unlearn.method, params.attribution.n_models
         )
         if warning:
             logger.warning(warning)
@@ -115,7 +117,9 @@ def method_extras(
             },
         )
     if "store" in needs:
-        extras["store"] = attribution_store_for(params, method.needs_targets, request_data)
+        extras["store"] = attribution_store_for(
+            params, method.needs_targets, request_data, method.name
+        )
     if "oracle" in needs:
         extras["oracle"] = oracle
     return extras, fisher

@@ -188,10 +188,13 @@ def test_bad_request_fails_before_training(prefect_api, project: Path):
         )
 
 
-def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path):
+def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path, caplog):
     """`unlearn run --method dmm`: the first request trains the subset models on Ray, a second
     request with another forget set reuses them; the DMM fine-tuning reduced the error to its
-    DM-Direct targets, and MLflow holds the method's figures."""
+    DM-Direct targets, and MLflow holds the method's figures. The second selects a preset
+    tuned with another number of subset models: the run says so in its log."""
+    import logging
+
     import ray
     from mlflow import MlflowClient
 
@@ -214,12 +217,43 @@ def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path):
         written = (store.manifest_path.stat().st_mtime_ns, store.masks_digest())
         req2 = {**REQUEST, "request_id": "req-test-0002", "forget": {"fraction": 0.05, "seed": 9}}
         (project / "requests" / "req2.yaml").write_text(yaml.safe_dump(req2))
-        second = unlearning_pipeline(
-            str(project / "params.yaml"),
-            {**overrides, "request.file": str(project / "requests" / "req2.yaml")},
+        from pipeline_lib.config.presets import write_preset
+
+        write_preset(
+            project / "presets" / "digits-mlp" / "dmm.yaml",
+            {
+                "preset": "digits-mlp",
+                "method": "dmm",
+                "dataset": "digits",
+                "model": "mlp",
+                "params": {"epochs": 20},
+                "tuning": {"subset_models": 2000},
+            },
+            overwrite=False,
         )
+        # Prefect's run loggers do not propagate: listen on them directly
+        run_loggers = [logging.getLogger(f"prefect.{n}") for n in ("flow_runs", "task_runs")]
+        for lg in run_loggers:
+            lg.addHandler(caplog.handler)
+        try:
+            with caplog.at_level(logging.WARNING):
+                second = unlearning_pipeline(
+                    str(project / "params.yaml"),
+                    {
+                        **overrides,
+                        "unlearn.preset": "digits-mlp",
+                        "request.file": str(project / "requests" / "req2.yaml"),
+                    },
+                )
+        finally:
+            for lg in run_loggers:
+                lg.removeHandler(caplog.handler)
     finally:
         ray.shutdown()
+    assert any(
+        "tuned with 2000 subset models" in r.getMessage() and "has 24" in r.getMessage()
+        for r in caplog.records
+    ), [r.getMessage() for r in caplog.records]
     assert (store.manifest_path.stat().st_mtime_ns, store.masks_digest()) == written
     for result in (first, second):
         info = result["report"]["method_info"]
