@@ -8,7 +8,8 @@
 
 In a scratch DVC project (Prefect, DVC, MLflow, local Ray, as the other benchmarks), on
 params.yaml's data and model (digits MLP) unless ``--set`` says otherwise (e.g.
-``--set data.name=fashion-mnist --set data.max_train=3000``); presets are named
+``--set data.name=fashion-mnist --set data.max_train=1500 --set data.max_test=375``, the
+subsample in BENCHMARKS.md); presets are named
 ``<dataset>-<model>`` (below: digits-mlp):
 
 1. **Tuning** with the real ``unlearn tune`` flow on a *validation* request (random 10%,
