@@ -399,7 +399,7 @@ def main() -> int:
                 {f"unlearn.{m}.{key}": v for key, v in r["preset"]["params"].items()}
             )
         print(
-            f"\n### tune {m} on {rid} ({time.perf_counter() - t0:.0f}s): best forget-KLoM mean "
+            f"\n### tune {m} on {rid} ({time.perf_counter() - t0:.0f}s): best {tn['objective']} "
             f"{tn['score']:.3f} (params.yaml setting {tn['start_score']:.3f}), trial {r['best_index']} "
             f"of {len(r['trials'])}: {r['best']['config']}"
         )
