@@ -321,3 +321,26 @@ def test_a_datamodel_preset_warns_when_the_subset_store_differs(tmp_path: Path) 
     assert preset_store_mismatch(tree, "dmm", 2000) is None
     assert preset_store_mismatch(tree, "oracle_matching", 256) is None  # no file for it
     assert preset_store_mismatch(raw, "dmm", 256) is None  # no preset selected
+
+
+def test_every_committed_preset_loads_on_its_own_dataset_and_model() -> None:
+    """presets/<name>/<method>.yaml in the repository: each parses, names its folder and
+    method, and selecting it on a params tree of its dataset and model sets the method's
+    section to the preset's values (the section's validation included)."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    folders = sorted(p for p in (REPO / "presets").iterdir() if p.is_dir())
+    assert folders, "no committed presets"
+    for folder in folders:
+        for file in sorted(folder.glob("*.yaml")):
+            p = read_preset(file)
+            assert p["preset"] == folder.name, file
+            overrides = {
+                "data.name": p["dataset"],
+                "model.name": p["model"],
+                "unlearn.preset": folder.name,
+                "tracking.dvc_root": str(REPO),
+            }
+            section = getattr(build_params(raw, overrides).unlearn, p["method"])
+            assert {k: getattr(section, k) for k in p["params"]} == p["params"], file
+            if METHODS[p["method"]].needs_targets == "datamodels":
+                assert p["tuning"]["subset_models"] > 0, file  # the store it was tuned with
