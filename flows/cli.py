@@ -1082,6 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
     tu.add_argument("--models", type=int, help="originals per trial (default: tune.models)")
     tu.add_argument(
         "--objective",
+        # tune.objective's values (pipeline_lib.config.presets.OBJECTIVES, not imported here:
+        # the config package is heavy for a parser every command builds)
         choices=("klom_forget_mean", "klom_forget_p95", "avg_gap"),
         help="default: tune.objective",
     )

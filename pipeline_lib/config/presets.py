@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 
@@ -32,6 +32,9 @@ from pipeline_lib.io import atomic_path
 from pipeline_lib.schema import ConfigError, Field, Int, Str, section
 
 PRESETS_DIR = "presets"
+#: What ``unlearn tune`` can minimise (a trial's metric of that name; lower is better).
+Objective = Literal["klom_forget_mean", "klom_forget_p95", "avg_gap"]
+OBJECTIVES: tuple[str, ...] = get_args(Objective)
 
 
 @section("tune")
@@ -46,7 +49,7 @@ class TuneConfig:
     models: Int = Field(10, gt=0)
     #: What the search minimises: forget-KLoM mean, forget-KLoM P95 (the tail: the worst
     #: forgotten points), or Avg. Gap to the oracles' mean metrics.
-    objective: Literal["klom_forget_mean", "klom_forget_p95", "avg_gap"] = "klom_forget_mean"
+    objective: Objective = "klom_forget_mean"
     #: Seed of the random search (the sampled settings).
     seed: Int = 0
     #: CPUs (and torch threads) per trial.
@@ -101,16 +104,24 @@ def read_preset(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+def _selected(tree: Mapping[str, Any]) -> tuple[str, Any] | None:
+    """(name, tracking.dvc_root) of the preset a raw params tree selects, or None."""
+    unlearn = tree.get("unlearn") or {}
+    name = unlearn.get("preset") if isinstance(unlearn, Mapping) else None
+    if name is None:
+        return None
+    tracking = tree.get("tracking") or {}
+    return name, tracking.get("dvc_root", ".") if isinstance(tracking, Mapping) else "."
+
+
 def preset_overrides(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Dotted overrides (``unlearn.<method>.<key>``) of the preset a raw params tree selects
     (``unlearn.preset``); empty when none is selected. The preset folder must exist and hold
     at least one method, each tuned on the dataset and model the tree names."""
-    unlearn = tree.get("unlearn") or {}
-    name = unlearn.get("preset") if isinstance(unlearn, Mapping) else None
-    if name is None:
+    selected = _selected(tree)
+    if selected is None:
         return {}
-    tracking = tree.get("tracking") or {}
-    root = tracking.get("dvc_root", ".") if isinstance(tracking, Mapping) else "."
+    name, root = selected
     folder = preset_dir(root, name)
     files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
     if not files:
@@ -136,12 +147,10 @@ def preset_store_mismatch(tree: Mapping[str, Any], method: str, n_models: int) -
     the datamodel methods: their ridge penalty and step sizes were chosen for that store);
     None when it matches, is not recorded, or no preset (or no file for the method) is
     selected."""
-    unlearn = tree.get("unlearn") or {}
-    name = unlearn.get("preset") if isinstance(unlearn, Mapping) else None
-    if name is None:
+    selected = _selected(tree)
+    if selected is None:
         return None
-    tracking = tree.get("tracking") or {}
-    root = tracking.get("dvc_root", ".") if isinstance(tracking, Mapping) else "."
+    name, root = selected
     file = preset_file(root, name, method)
     if not file.is_file():
         return None
