@@ -49,7 +49,7 @@ import yaml
 
 from benchmarks.method_comparison import scratch_project
 from pipeline_lib.config import apply_overrides
-from pipeline_lib.config.presets import PRESETS_DIR, preset_name, read_preset
+from pipeline_lib.config.presets import preset_dir, preset_name, preset_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 #: --tune-small: preset <dataset>-<model>-1pct, tuned on val-1, used for heldout-1
@@ -88,13 +88,9 @@ def evaluate_request(
     from pipeline_lib.attribution.store import AttributionStore
     from pipeline_lib.comparison import metrics_of_logits, summarise
     from pipeline_lib.config import RayConfig, load_params, parse_section, to_dict
-    from pipeline_lib.data.images import load_prepared
-    from pipeline_lib.data.requests import load_manifests, load_request
     from pipeline_lib.methods import get_method
-    from pipeline_lib.modalities import get_modality
     from tasks import attribution as ray_attr
     from tasks import evaluation as ray_eval
-    from tasks import versioning
     from tasks.stores import ensure_store
 
     times: dict[str, float] = {}
@@ -103,15 +99,10 @@ def evaluate_request(
     if preset:
         overrides["unlearn.preset"] = preset
     overrides.update(extra or {})
-    params = load_params(root / "params.yaml", overrides)
-    request = load_request(request_file)
-    params, _ = versioning.stage_data(get_modality("image"), params, request)
-    prepared_dir = str(params.resolve(params.data.out_dir))
-    manifests_dir = str(params.resolve(params.request.out_dir))
-    data = load_prepared(prepared_dir)
-    man = load_manifests(manifests_dir)
-    train_ids = np.sort(data.split_ids("train"))
-    retain_mask = np.isin(train_ids, man.retain_ids)
+    st = ray_eval.stage_request(load_params(root / "params.yaml", overrides))
+    params, data, man = st.params, st.data, st.manifests
+    prepared_dir, manifests_dir = st.prepared_dir, st.manifests_dir
+    train_ids, retain_mask = st.train_ids, st.retain_mask
     ray_cfg = parse_section(RayConfig, to_dict(params.ray), "ray")
     ray_attr.connect(ray_cfg)
     n, ev = params.evaluate.n_models, params.evaluate
@@ -408,10 +399,9 @@ def main() -> int:
     t_tune = time.perf_counter() - wall0
     if args.use_preset and not small:
         # reuse: heldout-1 takes the folder's 1% preset (tuned on val-1) where one exists
-        for file in sorted((root / PRESETS_DIR / small_preset).glob("*.yaml")):
-            p = read_preset(file)
+        if preset_dir(root, small_preset).is_dir():
             small_overrides.update(
-                {f"unlearn.{p['method']}.{k}": v for k, v in p["params"].items()}
+                preset_overrides(apply_overrides(params, {"unlearn.preset": small_preset}))
             )
     for rid in args.eval.split(","):
         t0 = time.perf_counter()
