@@ -61,6 +61,15 @@ def _klom(u: np.ndarray, o: np.ndarray, idx: np.ndarray) -> tuple[float, float]:
     return float(s.mean()), float(np.percentile(s, 95))
 
 
+def _with_logits(targets: list[Any], logits: Any) -> list[Any]:
+    """The same matching points with other target logits (one (P, C) row per original)."""
+    from pipeline_lib.attribution.matching import MatchTargets
+
+    return [
+        MatchTargets(t.X, z, t.n_forget, t.source) for t, z in zip(targets, logits, strict=True)
+    ]
+
+
 def diagnose(
     root: Path,
     request_file: Path,
@@ -146,35 +155,21 @@ def diagnose(
                     params.attribution.estimator, anchor=True,
                 )  # fmt: skip
                 targets[name + " anchored"] = anchored
+                plain = torch.stack([t.logits for t in targets[name]])
+                own = torch.stack([t.logits for t in anchored])
+                orig = torch.from_numpy(orig_k[:, cols].astype(np.float32))
                 # the anchor from the originals' mean instead of each original's own logits:
-                # |F|·κ_k = c·(f_k − f̂(D)) carries c = |F| / Σ_i (1 − x̄_i) of original k's
-                # seed deviation f_k − f̄, which the own-logits anchor removes from its target
-                # (a narrower spread than retraining's); add it back
-                masks = AttributionStore.open(store_m).load()[0]
-                c = len(problem.forget) / (1.0 - masks.mean(axis=0)).sum()
-                dev = orig_k - orig_k.mean(axis=0, keepdims=True)
-                targets[name + " anchored (originals' mean)"] = [
-                    MatchTargets(
-                        t.X,
-                        t.logits + torch.from_numpy((c * dev[i][cols]).astype(np.float32)),
-                        t.n_forget,
-                        t.source,
-                    )
-                    for i, t in enumerate(anchored)
-                ]
+                # |F|·κ_k = plain_k − anchored_k = c·(f_k − f̂(D)) removes c of original k's
+                # seed deviation from its target (a narrower spread than retraining's); its
+                # mean over the originals, c·(f̄ − f̂(D)), keeps every deviation
+                targets[name + " anchored (originals' mean)"] = _with_logits(
+                    anchored, plain - (plain - own).mean(dim=0)
+                )
                 # DM-Direct's m (f_θ − m·Σ_F β, the paper's m = 1) on the anchored shift
                 for mult in ms_direct or []:
-                    targets[name + f" anchored m={mult:g}"] = [
-                        MatchTargets(
-                            t.X,
-                            torch.from_numpy(orig_k[i][cols].astype(np.float32))
-                            + mult
-                            * (t.logits - torch.from_numpy(orig_k[i][cols].astype(np.float32))),
-                            t.n_forget,
-                            t.source,
-                        )
-                        for i, t in enumerate(anchored)
-                    ]
+                    targets[name + f" anchored m={mult:g}"] = _with_logits(
+                        anchored, orig + mult * (own - orig)
+                    )
     if om_root is not None:
         targets["om (10 oracles)"] = ray_eval.matching_targets_for(
             "oracles", om_root, problem, orig_k, train_ids, man.forget_ids,
