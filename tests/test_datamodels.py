@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.linear_model import Ridge
 
+from pipeline_lib.attribution import datamodels
 from pipeline_lib.attribution.datamodels import (
     ESTIMATORS,
     Datamodels,
@@ -23,6 +24,7 @@ from pipeline_lib.attribution.datamodels import (
     lds_scores,
     margins,
     predict,
+    ridge_form,
     ridge_primal_reference,
 )
 
@@ -39,10 +41,11 @@ def _subset_masks(rng: np.random.Generator, m: int, n: int, alpha: float) -> np.
     return masks
 
 
-def _small(seed: int = 0, classes: bool = True):
+def _small(seed: int = 0, classes: bool = True, m: int = 40):
+    """m models on 25 points: m > 25 takes the primal ridge system, m <= 25 the dual."""
     rng = np.random.default_rng(seed)
-    masks = _subset_masks(rng, 40, 25, 0.5)
-    shape = (40, 6, 3) if classes else (40, 6)
+    masks = _subset_masks(rng, m, 25, 0.5)
+    shape = (m, 6, 3) if classes else (m, 6)
     outputs = rng.normal(size=shape) + 0.3 * (
         masks @ rng.normal(size=(25, int(np.prod(shape[1:]))))
     ).reshape(shape)
@@ -87,8 +90,10 @@ def test_margins_errors():
 
 @pytest.mark.parametrize("classes", [False, True], ids=["MT", "MTC"])
 @pytest.mark.parametrize("lam", [0.5, 3.0])
-def test_ridge_dual_matches_primal(classes, lam):
-    masks, outputs = _small(classes=classes)
+@pytest.mark.parametrize("m", [40, 20], ids=["M>N-primal", "M<N-dual"])
+def test_ridge_dual_matches_primal(classes, lam, m):
+    masks, outputs = _small(classes=classes, m=m)
+    assert ridge_form(*masks.shape) == ("primal" if m > 25 else "dual")
     dm = fit_datamodels(masks, outputs, lam=lam)
     assert dm.estimator == "ridge_dual" and dm.weights.shape == outputs.shape
     beta_ref, intercept_ref = ridge_primal_reference(masks, outputs, lam)
@@ -98,7 +103,7 @@ def test_ridge_dual_matches_primal(classes, lam):
 
     # the primal reference is itself sklearn's Ridge with an unpenalised intercept
     sk = Ridge(alpha=lam, fit_intercept=True, solver="cholesky").fit(
-        masks.astype(float), outputs.reshape(40, -1)
+        masks.astype(float), outputs.reshape(m, -1)
     )
     np.testing.assert_allclose(beta.reshape(-1, 25), sk.coef_, **TOL)
     np.testing.assert_allclose(
@@ -143,10 +148,13 @@ def test_diff_means_matches_dense_definition(classes):
     np.testing.assert_allclose(predict(dm, new), want, **TOL)
 
 
+@pytest.mark.parametrize("m", [40, 20], ids=["primal", "dual"])
 @pytest.mark.parametrize("estimator", ESTIMATORS)
-def test_results_do_not_depend_on_block(estimator):
-    masks, outputs = _small(seed=5)
+def test_results_do_not_depend_on_block(estimator, m, monkeypatch):
+    masks, outputs = _small(seed=5, m=m)
     big = fit_datamodels(masks, outputs, estimator=estimator, block=4096)
+    # the dual kernel's lower triangle in panels of 3 columns (2,048 by default)
+    monkeypatch.setattr(datamodels, "_PANEL", 3)
     tiny = fit_datamodels(masks, outputs, estimator=estimator, block=3)
     np.testing.assert_allclose(tiny.weights, big.weights, atol=1e-12, rtol=0)
     forget = np.arange(0, 25, 2)
@@ -309,27 +317,42 @@ def test_errors():
         lds(dm, masks[:5], outputs[:5, :, 0])
 
 
+@pytest.mark.parametrize("m", [40, 16], ids=["primal", "dual"])
 @pytest.mark.parametrize("estimator", ["ridge_dual", "diff_means"])
-def test_forget_shift_direct_equals_the_fitted_shift(estimator):
-    """The one-solve fast path for Σ_F β equals fit-then-shift (and the dense β sum)."""
+def test_forget_shift_direct_equals_the_fitted_shift(estimator, m):
+    """The one-solve fast path for Σ_F β equals fit-then-shift (and the dense β sum), with the
+    primal (M > N) and the dual (M <= N) ridge system."""
     from pipeline_lib.attribution.datamodels import forget_shift_direct
 
     rng = np.random.default_rng(5)
-    masks = rng.random((40, 23)) < 0.5
-    outputs = rng.normal(size=(40, 7, 3))
+    masks = rng.random((m, 23)) < 0.5
+    outputs = rng.normal(size=(m, 7, 3))
     forget = np.array([1, 4, 22, 9])
     dm = fit_datamodels(masks, outputs, lam=0.7, estimator=estimator, block=5)
     want = forget_shift(dm, forget)
     got = forget_shift_direct(masks, outputs, forget, lam=0.7, estimator=estimator, block=5)
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(got, beta_dense(dm)[..., forget].sum(-1), rtol=1e-9, atol=1e-12)
-    if estimator == "ridge_dual":  # the precomputed, request-independent factor
+    if estimator == "ridge_dual":  # the dense primal normal equations, then the cached factor
+        beta_ref, _ = ridge_primal_reference(masks, outputs, 0.7)
+        np.testing.assert_allclose(got, beta_ref[..., forget].sum(-1), rtol=1e-9, atol=1e-12)
         from pipeline_lib.attribution.datamodels import ridge_factor
 
         L = ridge_factor(masks, lam=0.7)
-        assert L.shape == (40, 40) and np.allclose(L, np.tril(L))
+        size = min(m, 23)  # the smaller system: (N, N) primal, (M, M) dual
+        assert L.shape == (size, size) and np.allclose(L, np.tril(L))
         again = forget_shift_direct(masks, outputs, forget, lam=0.7, factor=L)
         np.testing.assert_allclose(again, want, rtol=1e-10, atol=1e-12)
+        # either system, forced, gives the same shift (push-through identity)
+        for form, n in (("dual", m), ("primal", 23)):
+            Lf = ridge_factor(masks, lam=0.7, form=form)
+            assert Lf.shape == (n, n)
+            np.testing.assert_allclose(
+                forget_shift_direct(masks, outputs, forget, lam=0.7, factor=Lf),
+                want,
+                rtol=1e-9,
+                atol=1e-12,
+            )
         with pytest.raises(ValueError, match="factor shape"):
             forget_shift_direct(masks, outputs, forget, lam=0.7, factor=L[:3, :3])
     with pytest.raises(ValueError, match="outputs must have shape"):

@@ -34,7 +34,11 @@ the primal solution β = (AᵀA + λI_N)⁻¹ Aᵀ(Y − ȳ) equals, by the push
 
 Cost: O(M²N) for the kernel AAᵀ (column blocks of ``block``: memory O(M² + M·block), never an
 (M, N) float array), O(M³) for the Cholesky factor, O(M²K) for the solve (column blocks of K);
-memory O(M² + MN/8 + MK), independent of N×K. It is the default because it is regularised,
+memory O(M² + MN/8 + MK), independent of N×K. When there are more models than points (M > N,
+e.g. 16,000 digits subset models on 1,437 points) the factored system is the primal Gram
+AᵀA + λI_N instead (:func:`ridge_form`): O(N²M + N³), memory O(N² + block·N), and W follows
+from the primal β of each block of outputs as W = (Y − ȳ − Aβ)/λ, which satisfies
+(AAᵀ + λI)W = Y − ȳ exactly. Either way W, and every result below, is the same. It is the default because it is regularised,
 uses every model jointly (each coefficient is fitted given the others, so correlated inclusions
 are accounted for), and is the least-noisy estimator of the two for a given M.
 
@@ -234,17 +238,65 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def _ridge_cholesky(X: np.ndarray, centre: np.ndarray, lam: float, block: int) -> Any:
-    """Cholesky factor of the dual ridge kernel A Aᵀ + λI, A = X − x̄ (M, N), accumulated over
-    ``block`` columns of N."""
+def ridge_form(n_models: int, n_train: int) -> str:
+    """Which ridge system the fast paths factor: "dual" (AAᵀ + λI_M) when M ≤ N, "primal"
+    (AᵀA + λI_N) when M > N — always the smaller of the two (module docstring)."""
+    return "primal" if n_models > n_train else "dual"
+
+
+def _dgemm_acc(c: np.ndarray, a: np.ndarray, b: np.ndarray, trans_b: bool = False) -> np.ndarray:
+    """c += a @ b (or a @ bᵀ) through scipy's BLAS, in place when c is Fortran-ordered."""
+    return scipy.linalg.blas.dgemm(1.0, a, b, beta=1.0, c=c, trans_b=int(trans_b), overwrite_c=1)
+
+
+_PANEL = 2048  # columns of the dual kernel per dgemm call
+
+
+def _ridge_cholesky(
+    X: np.ndarray, centre: np.ndarray, lam: float, block: int, form: str | None = None
+) -> Any:
+    """Cholesky factor (scipy ``cho_factor`` form, lower) of the smaller ridge system of the
+    masks X (M, N), A = X − x̄ (``form``: :func:`ridge_form` unless given):
+
+    - dual, AAᵀ + λI_M: accumulated over ``block`` columns of N; within a block, the lower
+      triangle in panels of columns, K[c:, c:c'] += A[c:] A[c:c']ᵀ;
+    - primal, AᵀA + λI_N: accumulated over ``block`` rows of M.
+
+    Both use general matrix products (dgemm), not dsyrk: the OpenBLAS bundled with scipy
+    1.17.1 segfaults in dsyrk for a 16,000 × 16,000 kernel of 1,024 or more columns (M = 16,000
+    digits subset models crashed the process); dgemm on the same sizes runs."""
     n_models, n_train = X.shape
-    K = np.zeros((n_models, n_models), dtype=np.float64, order="F")
-    for s in range(0, n_train, block):
-        A = X[:, s : s + block] - centre[s : s + block]  # (M, b) C-order: A.T is F-order
-        K = scipy.linalg.blas.dsyrk(1.0, A.T, beta=1.0, c=K, trans=1, lower=1, overwrite_c=1)
-        del A
+    form = ridge_form(n_models, n_train) if form is None else form
+    if form == "primal":
+        K = np.zeros((n_train, n_train), dtype=np.float64, order="F")
+        for r in range(0, n_models, block):
+            At = (X[r : r + block] - centre).T  # (N, b), a Fortran-ordered view: no copy
+            K = _dgemm_acc(K, At, At, trans_b=True)
+            del At
+    else:
+        K = np.zeros((n_models, n_models), dtype=np.float64, order="F")
+        for s in range(0, n_train, block):
+            At = (X[:, s : s + block] - centre[s : s + block]).T  # (b, M), Fortran-ordered
+            for c in range(0, n_models, _PANEL):
+                e = min(c + _PANEL, n_models)
+                K[c:, c:e] = scipy.linalg.blas.dgemm(
+                    1.0, At[:, c:], At[:, c:e], beta=1.0, c=K[c:, c:e], trans_a=1
+                )
+            del At
     K[np.diag_indices_from(K)] += lam
     return scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
+
+
+def _apply_centred(X: np.ndarray, centre: np.ndarray, v: np.ndarray, block: int) -> np.ndarray:
+    """A v = (X − x̄) v for v (N,) or (N, k), over ``block`` rows of M → (M,) or (M, k),
+    through scipy's BLAS (see fit_datamodels on the two OpenBLAS copies)."""
+    v2 = np.asfortranarray(v.reshape(v.shape[0], -1), dtype=np.float64)
+    out = np.empty((X.shape[0], v2.shape[1]), dtype=np.float64)
+    for r in range(0, X.shape[0], block):
+        Xt = X[r : r + block].astype(np.float64).T  # (N, b) Fortran-ordered
+        out[r : r + block] = scipy.linalg.blas.dgemm(1.0, Xt, v2, trans_a=1)
+    out -= centre @ v2
+    return out.reshape((X.shape[0], *v.shape[1:]))
 
 
 def fit_datamodels(
@@ -305,15 +357,24 @@ def fit_datamodels(
         # Kernel, Cholesky and solve all go through scipy's BLAS: numpy and scipy wheels bundle
         # separate OpenBLAS copies, and alternating between their thread pools on a busy
         # 2-core machine made the Cholesky up to 50x slower (spinning idle workers).
-        # dsyrk accumulates the lower triangle of A Aᵀ in place (K Fortran-ordered).
         chol = _ridge_cholesky(X, centre, lam, block)
+        primal = ridge_form(n_models, n_train) == "primal"
         for s in range(0, n_out, block):
             # Fortran order lets LAPACK potrs solve in place (no copy of the right-hand side)
             rhs = Y2[:, s : s + block].astype(np.float64, order="F")
             rhs -= bias[s : s + block]
-            W[:, s : s + block] = scipy.linalg.cho_solve(
-                chol, rhs, overwrite_b=True, check_finite=False
-            )
+            if primal:
+                # β = (AᵀA + λI)⁻¹Aᵀ(Y − ȳ), then W = (Y − ȳ − Aβ)/λ: the push-through
+                # identity gives (AAᵀ + λI)W = Y − ȳ exactly, so W is the dual solution
+                AtR = np.zeros((n_train, rhs.shape[1]), dtype=np.float64, order="F")
+                for r in range(0, n_models, block):
+                    AtR = _dgemm_acc(AtR, (X[r : r + block] - centre).T, rhs[r : r + block])
+                beta = scipy.linalg.cho_solve(chol, AtR, overwrite_b=True, check_finite=False)
+                W[:, s : s + block] = (rhs - _apply_centred(X, centre, beta, block)) / lam
+            else:
+                W[:, s : s + block] = scipy.linalg.cho_solve(
+                    chol, rhs, overwrite_b=True, check_finite=False
+                )
         del chol
     else:
         for s in range(0, n_out, block):
@@ -384,17 +445,27 @@ def forget_shift(dm: Datamodels, forget_idx: Any, block: int = 4096) -> np.ndarr
     return (u @ dm.weights.reshape(dm.n_models, -1)).reshape(dm.output_shape)
 
 
-def ridge_factor(masks: _ArrayLike, lam: float = 1.0, block: int = 4096) -> np.ndarray:
-    """Lower Cholesky factor L (M, M) of the dual ridge kernel AAᵀ + λI of ``masks``.
+def ridge_factor(
+    masks: _ArrayLike, lam: float = 1.0, block: int = 4096, form: str | None = None
+) -> np.ndarray:
+    """Lower Cholesky factor L of the ridge system of ``masks`` that the fast paths solve: the
+    dual kernel AAᵀ + λI_M, (M, M), when M ≤ N; the primal Gram AᵀA + λI_N, (N, N), when M > N
+    (:func:`ridge_form`). ``form`` ("dual" or "primal") forces one of the two, for comparing
+    them (benchmarks/ridge_forms.py); :func:`forget_shift_direct` tells them apart by shape, so
+    a forced primal factor needs M ≠ N.
 
     It depends on the masks only, not on any request or output: compute it once per store
-    (O(M²N + M³)) and pass it to :func:`forget_shift_direct`, whose per-request cost then is
-    O(M·|F| + M² + M·T·C)."""
+    (O(min(M, N)²·max(M, N) + min(M, N)³)) and pass it to :func:`forget_shift_direct`, whose
+    per-request cost then is O(M·|F| + M² + M·T·C) (dual) or O(M·N + N² + M·T·C) (primal)."""
     X = _check_masks(masks)
     if not (np.isfinite(lam) and lam > 0):
         raise ValueError(f"ridge_dual needs lam > 0, got {lam}")
+    if form not in (None, "dual", "primal"):
+        raise ValueError(f"ridge factor form must be 'dual' or 'primal', got {form!r}")
+    if form == "primal" and X.shape[0] == X.shape[1]:
+        raise ValueError("a primal factor needs M != N (at M = N its shape is the dual's)")
     centre = np.count_nonzero(X, axis=0) / X.shape[0]
-    c, _ = _ridge_cholesky(X, centre, lam, _check_block(block))
+    c, _ = _ridge_cholesky(X, centre, lam, _check_block(block), form)
     return np.tril(c)
 
 
@@ -412,9 +483,11 @@ def forget_shift_direct(
 
     Equal to ``forget_shift(fit_datamodels(masks, outputs, lam, estimator), forget_idx)``
     (tested), because Σ_F β = uᵀW with u = Σ_{i∈F} D[:, i] and W = (AAᵀ + λI)⁻¹(Y − ȳ), so
-    Σ_F β = vᵀ(Y − ȳ) with v = (AAᵀ + λI)⁻¹u: one right-hand side instead of T·C. For
-    diff_means W = Y − ȳ and the shift is uᵀ(Y − ȳ). O(M²N + M³ + M·T·C) time; this is what a
-    deletion request needs (DMM targets), the full fit is for LDS and inspection.
+    Σ_F β = vᵀ(Y − ȳ) with v = (AAᵀ + λI)⁻¹u: one right-hand side instead of T·C. When M > N
+    the same v is A(AᵀA + λI)⁻¹e, e the forget indicator (:func:`ridge_form`). For
+    diff_means W = Y − ȳ and the shift is uᵀ(Y − ȳ). O(min(M, N)²·max(M, N) + min(M, N)³ +
+    M·T·C) time; this is what a deletion request needs (DMM targets), the full fit is for LDS
+    and inspection.
     ``factor``: :func:`ridge_factor` of the same masks and λ, precomputed (ridge only).
     ``weights``: (|F|,) w_i for the weighted sum Σ_{i∈F} w_i β_i (u = Σ w_i D[:, i]).
     """
@@ -435,21 +508,37 @@ def forget_shift_direct(
         raise ValueError(f"weights must have one entry per forget point ({f.size}), got {w.shape}")
     counts = np.count_nonzero(X, axis=0)
     centre = counts / n_models
-    u = np.zeros(n_models, dtype=np.float64)
-    for s in range(0, f.size, block):
-        idx = f[s : s + block]
-        cols = _design_cols(estimator, X[:, idx], centre[idx], n_models)
-        u += cols.sum(axis=1) if w is None else cols @ w[s : s + block]
+    form = ridge_form(n_models, n_train) if estimator == "ridge_dual" else "dual"
+    chol = None
     if estimator == "ridge_dual":
         if factor is None:
             chol = _ridge_cholesky(X, centre, lam, block)
         else:
-            if factor.shape != (n_models, n_models):
+            # the factor's shape says which system it is: (M, M) dual, (N, N) primal
+            if factor.shape == (n_models, n_models):
+                form = "dual"
+            elif factor.shape == (n_train, n_train):
+                form = "primal"
+            else:
                 raise ValueError(
-                    f"factor shape {factor.shape} does not match M = {n_models} models"
+                    f"factor shape {factor.shape} fits neither ridge system of M = {n_models} "
+                    f"models and N = {n_train} points: need ({n_models}, {n_models}) (dual) or "
+                    f"({n_train}, {n_train}) (primal)"
                 )
             chol = (factor, True)
-        u = scipy.linalg.cho_solve(chol, u, check_finite=False)
+    if form == "primal":
+        # u = A(AᵀA + λI)⁻¹e with e = Σ_{i∈F} w_i 1_i, equal to (AAᵀ + λI)⁻¹Ae (push-through)
+        e = np.zeros(n_train, dtype=np.float64)
+        e[f] = 1.0 if w is None else w
+        u = _apply_centred(X, centre, scipy.linalg.cho_solve(chol, e, check_finite=False), block)
+    else:
+        u = np.zeros(n_models, dtype=np.float64)
+        for s in range(0, f.size, block):
+            idx = f[s : s + block]
+            cols = _design_cols(estimator, X[:, idx], centre[idx], n_models)
+            u += cols.sum(axis=1) if w is None else cols @ w[s : s + block]
+        if chol is not None:
+            u = scipy.linalg.cho_solve(chol, u, check_finite=False)
     # uᵀ(Y − ȳ) = uᵀY − (Σu)·ȳ, in float32 for float16/float32 store outputs (no centred
     # copy of the (M, T·C) outputs), float64 for float64 outputs
     Y2 = Y.reshape(n_models, -1)

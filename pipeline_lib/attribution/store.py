@@ -550,14 +550,18 @@ class AttributionStore:
         return pq.read_table(self.root / "targets.parquet")
 
     def ridge_factor(self, lam: float) -> np.ndarray:
-        """Cholesky factor of the store's dual ridge kernel (:func:`datamodels.ridge_factor`),
+        """Cholesky factor of the store's ridge system (:func:`datamodels.ridge_factor`: the
+        dual kernel, or the primal Gram when the store has more models than training points),
         computed once per (masks, λ) and cached in the store directory (atomic write, keyed by
         the masks digest so a grown store gets a new one): the request-independent part of
         DM-Direct, like the subset models themselves."""
-        from pipeline_lib.attribution.datamodels import ridge_factor
+        from pipeline_lib.attribution.datamodels import ridge_factor, ridge_form
 
         digest = self.masks_digest()
-        path = self.root / f"ridge-factor-{lam:g}-{digest[:16]}.npy"
+        # "ridge-factor-" names the dual factor (as before the primal form existed)
+        form = ridge_form(self.spec.n_models, self.spec.n_train)
+        tag = "ridge-factor" if form == "dual" else "ridge-factor-primal"
+        path = self.root / f"{tag}-{lam:g}-{digest[:16]}.npy"
         if path.is_file():
             return np.load(path)
         masks, _ = self.gather(np.zeros(0, dtype=np.intp), verify=False)
