@@ -214,7 +214,10 @@ def tune_flow(
                 "oracles": n,
                 # the store the datamodel targets came from (lam and the steps suit its size)
                 **(
-                    {"subset_models": params.attribution.n_models}
+                    {
+                        "subset_models": params.attribution.n_models,
+                        "subset_alpha": params.attribution.alpha,
+                    }
                     if get_method(method).needs_targets == "datamodels"
                     else {}
                 ),

@@ -66,7 +66,10 @@ def attribution_store_for(
     data = load_prepared(request_data["prepared_dir"])
     if source == "datamodels":
         warning = preset_store_mismatch(
-            to_dict(params), method or params.unlearn.method, params.attribution.n_models
+            to_dict(params),
+            method or params.unlearn.method,
+            params.attribution.n_models,
+            params.attribution.alpha,
         )
         if warning:
             logger.warning(warning)

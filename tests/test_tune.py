@@ -267,6 +267,7 @@ def test_tune_flow_searches_logs_trials_and_writes_a_preset(prefect_api, tmp_pat
     # the subset store the datamodel targets came from, and a run with another size is warned
     n_sub = load_params(params).attribution.n_models
     assert preset["tuning"]["subset_models"] == n_sub
+    assert preset["tuning"]["subset_alpha"] == load_params(params).attribution.alpha
     tree = yaml.safe_load(Path(params).read_text())
     tree["unlearn"]["preset"] = "digits-mlp"
     assert preset_store_mismatch(tree, "dmm", n_sub) is None
@@ -319,6 +320,19 @@ def test_a_datamodel_preset_warns_when_the_subset_store_differs(tmp_path: Path) 
     msg = preset_store_mismatch(tree, "dmm", 256)
     assert msg and "2000 subset models" in msg and "has 256" in msg and "digits-mlp" in msg
     assert preset_store_mismatch(tree, "dmm", 2000) is None
+    # the subset fraction is checked when the preset records it and the caller passes it
+    write_preset(
+        path,
+        {**read_preset(path), "tuning": {"subset_models": 2000, "subset_alpha": 0.7}},
+        overwrite=True,
+    )
+    assert preset_store_mismatch(tree, "dmm", 2000, 0.7) is None
+    assert preset_store_mismatch(tree, "dmm", 2000) is None
+    msg = preset_store_mismatch(tree, "dmm", 2000, 0.5)
+    assert msg and "alpha 0.7 (attribution.alpha); this run has 0.5" in msg
+    assert "subset models" not in msg
+    both = preset_store_mismatch(tree, "dmm", 256, 0.5)
+    assert both and "2000 subset models" in both and "alpha 0.7" in both
     assert preset_store_mismatch(tree, "oracle_matching", 256) is None  # no file for it
     assert preset_store_mismatch(raw, "dmm", 256) is None  # no preset selected
 

@@ -141,12 +141,15 @@ def preset_overrides(tree: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def preset_store_mismatch(tree: Mapping[str, Any], method: str, n_models: int) -> str | None:
+def preset_store_mismatch(
+    tree: Mapping[str, Any], method: str, n_models: int, alpha: float | None = None
+) -> str | None:
     """A one-line warning when the preset a raw params tree selects tuned ``method`` against
-    a subset store of another size than ``n_models`` (``tuning.subset_models``, recorded for
-    the datamodel methods: their ridge penalty and step sizes were chosen for that store);
-    None when it matches, is not recorded, or no preset (or no file for the method) is
-    selected."""
+    another subset store than this run's: another size than ``n_models``
+    (``tuning.subset_models``) or, when ``alpha`` is given, another subset fraction
+    (``tuning.subset_alpha``). Both are recorded for the datamodel methods: their ridge penalty
+    and step sizes were chosen for that store. None when the store matches, nothing is
+    recorded, or no preset (or no file for the method) is selected."""
     selected = _selected(tree)
     if selected is None:
         return None
@@ -154,12 +157,22 @@ def preset_store_mismatch(tree: Mapping[str, Any], method: str, n_models: int) -
     file = preset_file(root, name, method)
     if not file.is_file():
         return None
-    tuned = (read_preset(file).get("tuning") or {}).get("subset_models")
-    if tuned is None or int(tuned) == int(n_models):
+    tuning = read_preset(file).get("tuning") or {}
+    tuned_m, tuned_a = tuning.get("subset_models"), tuning.get("subset_alpha")
+    differs = []
+    if tuned_m is not None and int(tuned_m) != int(n_models):
+        differs.append((f"{tuned_m} subset models", f"{n_models}", "attribution.n_models"))
+    if alpha is not None and tuned_a is not None and float(tuned_a) != float(alpha):
+        differs.append((f"subsets of alpha {tuned_a:g}", f"{alpha:g}", "attribution.alpha"))
+    if not differs:
         return None
     return (
-        f"unlearn.preset {name!r}: {method} was tuned with {tuned} subset models "
-        f"(attribution.n_models); this run has {n_models}, for which its setting is untested"
+        f"unlearn.preset {name!r}: "
+        + "; ".join(
+            f"{method} was tuned with {was} ({key}); this run has {now}"
+            for was, now, key in differs
+        )
+        + ", for which its setting is untested"
     )
 
 
