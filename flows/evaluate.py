@@ -46,7 +46,7 @@ from tasks import attribution as ray_attr
 from tasks import evaluation as ray_eval
 from tasks import tracking
 from tasks.evaluation import build_problem
-from tasks.stores import Progress, ensure_store
+from tasks.stores import Progress, anchor_outputs_for, ensure_store
 
 NONE_ROW = "none (original)"
 
@@ -183,6 +183,11 @@ def evaluate_flow(
                     mp.retain_multiple,
                     params.unlearn.seed,
                     *ray_eval.datamodel_args(mp, params),
+                    anchor_outputs=(
+                        anchor_outputs_for(mp, params, data, originals)
+                        if source == "datamodels"
+                        else None
+                    ),
                 )
         states = dict(originals.model_weights())
         jobs = [

@@ -44,7 +44,7 @@ from tasks import attribution as ray_attr
 from tasks import evaluation as ray_eval
 from tasks import tracking
 from tasks import tune as ray_tune
-from tasks.stores import ensure_store
+from tasks.stores import anchor_outputs_for, ensure_store
 
 
 def check_tune(method: str, params: Params, name: str | None, overwrite: bool) -> Path:
@@ -164,6 +164,11 @@ def tune_flow(
                 mp.retain_multiple,
                 params.unlearn.seed,
                 *ray_eval.datamodel_args(mp, params),
+                anchor_outputs=(
+                    anchor_outputs_for(mp, params, data, originals)
+                    if source == "datamodels"
+                    else None
+                ),
             )
         weights = dict(originals.model_weights())
         states = [weights[k] for k in range(tn.models)]

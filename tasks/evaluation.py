@@ -266,11 +266,14 @@ def matching_targets_for(
     lam: float,
     estimator: str,
     anchor: bool = False,
+    anchor_outputs: np.ndarray | None = None,
 ) -> list[MatchTargets]:
     """Targets for each original: the matching points (all of F, then multiple·|F| seeded
     retain points) are shared; DM-Direct subtracts the same Σ_F β from each original's own
     logits (and, with ``anchor``, each original's own |F|·κ,
-    :func:`pipeline_lib.attribution.matching.full_model_anchor`). The seconds recorded are
+    :func:`pipeline_lib.attribution.matching.full_model_anchor`; with ``anchor_outputs``,
+    (K, T, C) logits of K reference models trained on D on every target point, one shared
+    |F|·κ from their mean instead). The seconds recorded are
     those of computing the targets once (one request); the store's ridge factor is
     request-independent, computed once and cached in the store."""
     factor = None
@@ -296,7 +299,11 @@ def matching_targets_for(
             original_outputs[k][cols].astype(np.float64) - shift
             for k in range(len(original_outputs))
         ]
-        if anchor:
+        if anchor and anchor_outputs is not None:
+            pin = np.asarray(anchor_outputs)[:, cols].astype(np.float64).mean(axis=0)
+            kappa = full_model_anchor(masks, outputs, pin, len(forget_pos), lam, estimator, factor)
+            per_model = [t - kappa for t in per_model]
+        elif anchor:
             full = np.stack([np.asarray(z)[cols] for z in original_outputs])
             kappa = full_model_anchor(masks, outputs, full, len(forget_pos), lam, estimator, factor)
             per_model = [t - a for t, a in zip(per_model, kappa, strict=True)]

@@ -10,6 +10,7 @@ from prefect.logging import get_run_logger
 
 from pipeline_lib.config import Params, to_dict
 from pipeline_lib.config.presets import preset_store_mismatch
+from pipeline_lib.methods.matching import anchor_reference
 from tasks import compute, tracking
 from tasks.compute import with_files
 from tasks.statistics import fisher_statistics
@@ -56,7 +57,8 @@ def attribution_store_for(
     time and reused afterwards: ``attribution.n_models`` subset models (datamodels, for dmm;
     independent of the request) or ``oracle_matching.n_oracles`` oracles on the retain set.
     ``method`` (default ``unlearn.method``) names the method in the warning logged when its
-    selected preset was tuned with another number of subset models."""
+    selected preset was tuned with another subset store. With ``unlearn.dmm.anchor_models``
+    > 0 also the store of those reference models (``anchor_root``)."""
     import numpy as np
 
     from pipeline_lib.data.images import load_prepared
@@ -64,6 +66,7 @@ def attribution_store_for(
 
     logger = get_run_logger()
     data = load_prepared(request_data["prepared_dir"])
+    ref = None
     if source == "datamodels":
         warning = preset_store_mismatch(
             to_dict(params),
@@ -74,6 +77,9 @@ def attribution_store_for(
         if warning:
             logger.warning(warning)
         root, stats = ensure_store(params, data, "subsets", params.attribution.n_models)
+        ref = anchor_reference(params.unlearn.method_params(method or params.unlearn.method))
+        if ref is not None:  # dmm's anchor from reference models trained on all of D
+            anchor_root, _ = ensure_store(params, data, "originals", ref[0], None, ref[1])
     else:
         man = load_manifests(request_data["manifests_dir"])
         train_ids = np.sort(data.split_ids("train"))
@@ -84,11 +90,14 @@ def attribution_store_for(
     logger.info(
         "attribution store %s (%d models trained now)", root, stats.get("models_trained", 0)
     )
-    return {
+    out = {
         "root": root,
         "masks_digest": stats["masks_digest"],
         "attribution": to_dict(params.attribution),
     }
+    if ref is not None:  # its directory is named by its spec's digest (seed, recipe, data)
+        out["anchor_root"] = anchor_root
+    return out
 
 
 def method_extras(

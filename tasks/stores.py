@@ -19,6 +19,7 @@ from prefect.logging import get_run_logger
 from pipeline_lib.attribution.store import AttributionStore, StoreSpec
 from pipeline_lib.config import Params, to_dict
 from pipeline_lib.data.images import Prepared, load_prepared
+from pipeline_lib.methods.matching import anchor_reference
 from tasks import attribution as ray_attr
 
 RETRY = dict(retries=2, retry_delay_seconds=2)
@@ -146,6 +147,30 @@ def ensure_store(
     spec = store_spec(params, data, kind, n_models, base_mask, seed)
     store_root = store_dir(params, spec)
     return str(store_root), train_spec(params, spec, store_root, base_mask)
+
+
+def anchor_outputs_for(
+    method_params: Any, params: Any, data: Any, originals: AttributionStore
+) -> np.ndarray | None:
+    """(K, T, C) float32 logits of dmm's anchor reference models (``anchor_models`` > 0) on
+    the target points of the evaluation's ``originals`` store, trained on Ray the first time
+    like them; None when the anchor does not use them. For use inside a flow. Their seed must
+    differ from the originals' (ValueError naming both keys)."""
+    ref = anchor_reference(method_params)
+    if ref is None:
+        return None
+    if ref[1] == params.evaluate.originals_seed:
+        raise ValueError(
+            f"unlearn.dmm.anchor_seed {ref[1]} equals evaluate.originals_seed: the reference "
+            "models would be the originals being unlearned; choose another seed"
+        )
+    root, _ = ensure_store(params, data, "originals", ref[0], None, ref[1])
+    store = AttributionStore.open(root)
+    want = originals.targets().column("sample_id").to_numpy()
+    if not np.array_equal(store.targets().column("sample_id").to_numpy(), want):
+        raise RuntimeError(f"{root}: the anchor reference models have other target points")
+    _, _, out = store.load()
+    return out.astype(np.float32)
 
 
 def store_dir(params: Params, spec: StoreSpec) -> Path:

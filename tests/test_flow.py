@@ -192,7 +192,9 @@ def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path, c
     """`unlearn run --method dmm`: the first request trains the subset models on Ray, a second
     request with another forget set reuses them; the DMM fine-tuning reduced the error to its
     DM-Direct targets, and MLflow holds the method's figures. The second selects a preset
-    tuned with another number of subset models: the run says so in its log."""
+    tuned with another number of subset models: the run says so in its log; it also takes
+    the anchor from reference models (``unlearn.dmm.anchor_models``), trained into their own
+    store."""
     import logging
 
     import ray
@@ -243,6 +245,8 @@ def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path, c
                         **overrides,
                         "unlearn.preset": "digits-mlp",
                         "request.file": str(project / "requests" / "req2.yaml"),
+                        # the anchor from 2 reference models trained on D
+                        "unlearn.dmm.anchor_models": 2,
                     },
                 )
         finally:
@@ -255,6 +259,11 @@ def test_pipeline_runs_dmm_training_the_store_once(prefect_api, project: Path, c
         for r in caplog.records
     ), [r.getMessage() for r in caplog.records]
     assert (store.manifest_path.stat().st_mtime_ns, store.masks_digest()) == written
+    refs = list((project / "artifacts" / "attribution").glob("originals-*"))
+    assert len(refs) == 1
+    ref = AttributionStore.open(refs[0])
+    assert (ref.spec.kind, ref.spec.n_models, ref.spec.seed) == ("originals", 2, 300)
+    ref.check()
     for result in (first, second):
         info = result["report"]["method_info"]
         assert info["mse_forget_after"] < info["mse_forget_before"]

@@ -85,6 +85,45 @@ def test_dm_direct_anchor_recovers_the_retrained_output_with_fixed_size_subsets(
     np.testing.assert_allclose(stacked[1] - stacked[0], 4 / 15, atol=1e-9)  # |F| / ((1-α)N)
 
 
+def test_dm_direct_anchor_from_reference_logits():
+    """``anchor_logits`` pins the anchor at other full-data outputs (the mean of reference
+    models): the same as the trained model's anchor when they are equal, and otherwise moved by
+    |F| / Σ(1 − x̄) times the difference — the share of the trained model's own deviation that
+    the reference mean leaves in its target."""
+    beta, bias, masks, outputs = _fixed_size_world()
+    forget = np.array([2, 7, 11, 29])
+    full = beta.sum(-1) + bias
+    own = datamodel_targets(masks, outputs, full, forget, lam=1e-6, anchor=True)
+    same = datamodel_targets(
+        masks, outputs, full, forget, lam=1e-6, anchor=True, anchor_logits=full
+    )
+    np.testing.assert_allclose(same, own, atol=1e-12)
+    delta = np.random.default_rng(0).normal(size=full.shape)
+    moved = datamodel_targets(
+        masks, outputs, full, forget, lam=1e-6, anchor=True, anchor_logits=full + delta
+    )
+    np.testing.assert_allclose(moved - own, -(4 / 15) * delta, atol=1e-8)  # |F| / ((1-α)N)
+    # without the anchor the reference logits are not used
+    plain = datamodel_targets(masks, outputs, full, forget, lam=1e-6)
+    np.testing.assert_allclose(
+        datamodel_targets(masks, outputs, full, forget, lam=1e-6, anchor_logits=full + delta),
+        plain,
+    )
+    with pytest.raises(ValueError, match="anchor logits shape"):
+        datamodel_targets(
+            masks, outputs, full, forget, lam=1e-6, anchor=True, anchor_logits=full[:2]
+        )
+
+
+def test_anchor_reference_reads_dmm_params():
+    from pipeline_lib.methods.matching import DmmParams, OracleMatchingParams, anchor_reference
+
+    assert anchor_reference(DmmParams()) is None  # default: the unlearned model itself
+    assert anchor_reference(DmmParams(anchor_models=8)) == (8, 300)
+    assert anchor_reference(DmmParams(anchor_models=8, anchor=False)) is None
+    assert anchor_reference(OracleMatchingParams()) is None
+
+
 def test_dm_direct_anchor_is_zero_when_subset_sizes_identify_beta():
     """Bernoulli masks identify the common part; the anchor of an exactly linear world is 0
     (both estimators), so anchored and plain targets agree."""
@@ -295,6 +334,7 @@ def test_evaluate_flow_compares_methods_and_records_runs(prefect_api, tmp_path: 
     from mlflow import MlflowClient
 
     from flows.evaluate import NONE_ROW, evaluate_flow
+    from pipeline_lib.attribution.store import AttributionStore
 
     root = make_dvc_project(tmp_path / "proj", yaml.safe_dump(_params(tmp_path / "proj")))
     (root / "requests" / "r.yaml").write_text(
@@ -306,7 +346,16 @@ def test_evaluate_flow_compares_methods_and_records_runs(prefect_api, tmp_path: 
         with open(result["files"]["comparison.csv"]) as fh:
             table = list(csv.DictReader(fh))
         md = Path(result["files"]["comparison.md"]).read_text()
-        again = evaluate_flow(params_path=str(root / "params.yaml"), methods=["dmm"])
+        # dmm's anchor from 3 reference models trained on D (their own store and seed)
+        again = evaluate_flow(
+            params_path=str(root / "params.yaml"),
+            overrides={"unlearn.dmm.anchor_models": 3},
+            methods=["dmm"],
+        )
+        refs = [
+            AttributionStore.open(d)
+            for d in (root / "artifacts" / "attribution").glob("originals-*")
+        ]
     finally:
         ray.shutdown()
     rows = {r["method"]: r for r in result["rows"]}
@@ -327,6 +376,9 @@ def test_evaluate_flow_compares_methods_and_records_runs(prefect_api, tmp_path: 
     # the second run reused every store: the same originals and oracles give the same row
     again_rows = {r["method"]: r for r in again["rows"]}
     assert again_rows[NONE_ROW]["klom_forget_p95"] == rows[NONE_ROW]["klom_forget_p95"]
+    # ... and a second originals store, of the reference models, changed dmm's targets
+    assert sorted((r.spec.n_models, r.spec.seed) for r in refs) == [(3, 300), (4, 100)]
+    assert again_rows["dmm"]["margin_gap_forget"] != rows["dmm"]["margin_gap_forget"]
 
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     parent = client.get_run(result["run_id"])
@@ -339,3 +391,20 @@ def test_evaluate_flow_compares_methods_and_records_runs(prefect_api, tmp_path: 
         assert child.data.tags["mlflow.parentRunId"] == result["run_id"]
         assert child.data.metrics["klom_forget_p95"] == pytest.approx(rows[name]["klom_forget_p95"])
     assert client.get_run(result["children"]["dmm"]).data.params["unlearn.dmm.lr"] == "0.0005"
+
+
+def test_anchor_reference_models_must_not_be_the_originals():
+    """An anchor store seeded like the evaluation's originals would hold the very models being
+    unlearned: refused before anything is trained, naming both keys."""
+    from pipeline_lib.config import load_params
+    from tasks.stores import anchor_outputs_for
+
+    params = load_params(
+        REPO / "params.yaml", {"unlearn.dmm.anchor_models": 2, "unlearn.dmm.anchor_seed": 100}
+    )
+    with pytest.raises(ValueError, match="anchor_seed 100 equals evaluate.originals_seed"):
+        anchor_outputs_for(params.unlearn.dmm, params, None, None)
+    assert (
+        anchor_outputs_for(load_params(REPO / "params.yaml").unlearn.dmm, params, None, None)
+        is None
+    )

@@ -125,6 +125,7 @@ def datamodel_targets(
     estimator: str = "ridge_dual",
     factor: np.ndarray | None = None,
     anchor: bool = False,
+    anchor_logits: Any = None,
 ) -> np.ndarray:
     """DM-Direct targets (m = 1) for P matching points: f̂ = f_θ − Σ_{i∈F} β_i, (P, C) float64.
 
@@ -134,7 +135,8 @@ def datamodel_targets(
     training order (0..N-1). The linear datamodels are per (point, class) on the logits.
     ``factor``: the store's precomputed ridge factor (:func:`datamodels.ridge_factor`).
     ``anchor``: β's unidentified common part taken from the trained model
-    (:func:`full_model_anchor`) instead of 0.
+    (:func:`full_model_anchor`) instead of 0; ``anchor_logits`` (P, C): the full-data outputs
+    that pin it, when not ``full_logits`` (the mean of reference models trained on D).
     """
     masks = np.asarray(masks)
     out = np.asarray(store_outputs)
@@ -153,9 +155,10 @@ def datamodel_targets(
         masks, out, forget_positions, lam=lam, estimator=estimator, factor=factor
     )
     if anchor:
-        targets -= full_model_anchor(
-            masks, out, full, len(forget_positions), lam, estimator, factor
-        )
+        pin = full if anchor_logits is None else np.asarray(anchor_logits, dtype=np.float64)
+        if pin.shape != full.shape:
+            raise ValueError(f"anchor logits shape {pin.shape} does not match {full.shape}")
+        targets -= full_model_anchor(masks, out, pin, len(forget_positions), lam, estimator, factor)
     return targets
 
 

@@ -19,8 +19,14 @@ class DmmParams:
     on logits over F plus ``retain_multiple``·|F| retain points; paper defaults. The datamodels
     come from the subset-model store of the ``attribution`` section (estimator; ridge penalty
     ``lam`` unless set here). ``anchor``: the part of Σ_F β that fixed-size subsets cannot
-    identify is taken from the trained model (the datamodel reproduces it at S = D,
-    :func:`pipeline_lib.attribution.matching.full_model_anchor`) instead of 0."""
+    identify is taken from a model trained on all of D (the datamodel reproduces it at S = D,
+    :func:`pipeline_lib.attribution.matching.full_model_anchor`) instead of 0: from the model
+    being unlearned (``anchor_models`` 0), or from the mean of ``anchor_models`` reference
+    models trained on D with the original's recipe (an originals store of seed
+    ``anchor_seed``, request-independent like the subset store). The model's own anchor also
+    removes a share |F|/Σ_i(1 − x̄_i) of its seed deviation, so unlearned models vary less than
+    retrained ones, which U-LiRA detects; the reference mean removes only the systematic part
+    (BENCHMARKS.md, issue 16)."""
 
     epochs: Int = Field(5, ge=0)
     lr: Float = Field(5e-4, gt=0)
@@ -31,6 +37,11 @@ class DmmParams:
     #: ridge penalty of DMM's datamodels (None: attribution.lam)
     lam: Float | None = Field(None, gt=0)
     anchor: Bool = True
+    #: reference models whose mean output at S = D pins the anchor (0: the unlearned model)
+    anchor_models: Int = Field(0, ge=0)
+    #: seed of the reference models' store; differs from evaluate.originals_seed so an
+    #: evaluation's originals are never their own reference
+    anchor_seed: Int = 300
 
 
 @section()
@@ -56,6 +67,15 @@ def datamodel_settings(params: object, default_lam: float) -> tuple[float, bool]
     neither (its targets are oracles), which gives (default_lam, False)."""
     lam = getattr(params, "lam", None)
     return (default_lam if lam is None else float(lam)), bool(getattr(params, "anchor", False))
+
+
+def anchor_reference(params: object) -> tuple[int, int] | None:
+    """(models, seed) of the reference store that pins DMM's anchor, or None when the anchor
+    is off or taken from the unlearned model itself (``anchor_models`` 0; OM: always None)."""
+    k = int(getattr(params, "anchor_models", 0) or 0)
+    if not getattr(params, "anchor", False) or k == 0:
+        return None
+    return k, int(params.anchor_seed)  # type: ignore[attr-defined]
 
 
 #: What ``unlearn tune`` varies for both matching methods: the fine-tuning only. Not

@@ -241,6 +241,7 @@ def matching_targets(
     attribution: AttributionConfig,
     lam: float | None = None,
     anchor: bool = False,
+    anchor_root: str | Path | None = None,
 ) -> MatchTargets:
     """Target logits of the matching points ``ids`` (forget ids first).
 
@@ -251,7 +252,9 @@ def matching_targets(
     The store's ridge factor is request-independent: computed once and cached in the store
     (like the subset models, not counted in this request's time). ``lam``: the ridge penalty
     (None: ``attribution.lam``); ``anchor``: see
-    :func:`pipeline_lib.attribution.matching.full_model_anchor`.
+    :func:`pipeline_lib.attribution.matching.full_model_anchor`; ``anchor_root``: a store of
+    reference models trained on all of D whose mean logits at these points pin the anchor
+    instead of ``full_logits`` (``unlearn.dmm.anchor_models``).
     """
     lam = attribution.lam if lam is None else lam
     store = AttributionStore.open(store_root)
@@ -271,8 +274,26 @@ def matching_targets(
                 f"{store_root} was trained on other data ({store.spec.n_train} points)"
             )
         forget_pos = np.searchsorted(train_ids, splits.manifests.forget_ids)
+        pin = None
+        if anchor and anchor_root is not None:
+            ref = AttributionStore.open(anchor_root)
+            if ref.spec.kind != "originals" or ref.spec.n_train != store.spec.n_train:
+                raise ValueError(
+                    f"{anchor_root} is not a store of models trained on these "
+                    f"{store.spec.n_train} points (kind {ref.spec.kind}, N {ref.spec.n_train})"
+                )
+            _, ref_out = ref.gather(ref.columns_of(ids), verify=False)
+            pin = ref_out.astype(np.float64).mean(axis=0)
         targets = datamodel_targets(
-            masks, outputs, full_logits, forget_pos, lam, attribution.estimator, factor, anchor
+            masks,
+            outputs,
+            full_logits,
+            forget_pos,
+            lam,
+            attribution.estimator,
+            factor,
+            anchor,
+            pin,
         )
     elif source == "oracles":
         if store.spec.kind != "oracles":
@@ -336,11 +357,13 @@ def unlearn_step(
     fisher: dict[str, Any] | None = None,
     store_root: str | Path | None = None,
     attribution: AttributionConfig | None = None,
+    anchor_root: str | Path | None = None,
 ) -> dict[str, Any]:
     """Apply ``unlearn_cfg.method`` to the original model. Returns path, digest, seconds, info.
 
     Output-matching methods (dmm, oracle_matching) need ``store_root``: the subset-model or
-    oracle store their targets come from; computing the targets counts as unlearning time."""
+    oracle store their targets come from; computing the targets counts as unlearning time.
+    ``anchor_root``: dmm's reference store when ``unlearn.dmm.anchor_models`` > 0."""
     method = get_method(unlearn_cfg.method)
     device = resolve_device(train_cfg.device)
     original = load_model(weights_path, model_cfg, splits.data).to(device)
@@ -357,7 +380,16 @@ def unlearn_step(
         attribution = attribution or AttributionConfig()
         lam, anchor = datamodel_settings(mp, attribution.lam)
         match = matching_targets(
-            method.needs_targets, splits, full, ids, X, store_root, attribution, lam, anchor
+            method.needs_targets,
+            splits,
+            full,
+            ids,
+            X,
+            store_root,
+            attribution,
+            lam,
+            anchor,
+            anchor_root,
         )
         match = dataclasses.replace(match, seconds=time.perf_counter() - t0)
     inputs = unlearn_inputs(splits, method, model_cfg, train_cfg, fisher, device)
@@ -417,8 +449,8 @@ def _load_params(path: str | Path, overrides: dict[str, Any] | None = None) -> P
 
 def _unlearn_kwargs(extras: dict[str, Any], sections: dict[str, Any]) -> dict[str, Any]:
     """``extras``: ``fisher`` (files and digests of I_F, I_R) and ``store`` (root, masks
-    digest and the ``attribution`` section of the attribution store) when the method needs
-    them."""
+    digest and the ``attribution`` section of the attribution store, and ``anchor_root`` when
+    dmm's anchor has reference models) when the method needs them."""
     from pipeline_lib.config import parse_section
 
     store = extras.get("store")
@@ -426,6 +458,7 @@ def _unlearn_kwargs(extras: dict[str, Any], sections: dict[str, Any]) -> dict[st
         "fisher": extras.get("fisher"),
         "store_root": store["root"] if store else None,
         "attribution": parse_section(AttributionConfig, store["attribution"]) if store else None,
+        "anchor_root": store.get("anchor_root") if store else None,
     }
 
 
