@@ -91,7 +91,7 @@ def evaluate_request(
     from pipeline_lib.methods import get_method
     from tasks import attribution as ray_attr
     from tasks import evaluation as ray_eval
-    from tasks.stores import ensure_store
+    from tasks.stores import anchor_outputs_for, ensure_store
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -167,6 +167,12 @@ def evaluate_request(
                 mp.retain_multiple,
                 params.unlearn.seed,
                 *ray_eval.datamodel_args(mp, params),
+                # unlearn.dmm.anchor_models > 0: the anchor from reference models (as the flow)
+                anchor_outputs=(
+                    anchor_outputs_for(mp, params, data, originals)
+                    if source == "datamodels"
+                    else None
+                ),
             )
     weights = dict(originals.model_weights())
     jobs = [
