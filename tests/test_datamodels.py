@@ -357,3 +357,27 @@ def test_forget_shift_direct_equals_the_fitted_shift(estimator, m):
             forget_shift_direct(masks, outputs, forget, lam=0.7, factor=L[:3, :3])
     with pytest.raises(ValueError, match="outputs must have shape"):
         forget_shift_direct(masks, outputs[:3], forget)
+
+
+def test_large_ridge_systems_use_one_blas_thread(monkeypatch):
+    """Past BLAS_ONE_THREAD_ABOVE the factor is taken with one BLAS thread (OpenBLAS segfaults
+    multi-threaded at 16,000, module comment); the results do not change."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_info
+
+    masks, outputs = _small(seed=3, m=40)
+    want = fit_datamodels(masks, outputs, lam=0.7).weights
+    seen = []
+    real = scipy.linalg.cho_factor
+
+    def spy(*args, **kwargs):
+        seen.append(max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.linalg, "cho_factor", spy)
+    monkeypatch.setattr(datamodels, "BLAS_ONE_THREAD_ABOVE", 10)  # the primal system is 25
+    got = fit_datamodels(masks, outputs, lam=0.7).weights
+    monkeypatch.setattr(datamodels, "BLAS_ONE_THREAD_ABOVE", 8192)
+    fit_datamodels(masks, outputs, lam=0.7)
+    assert seen[0] == 1
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)

@@ -73,6 +73,7 @@ Reference implementations beside the fast paths (design.md habit 5): :func:`ridg
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -251,6 +252,22 @@ def _dgemm_acc(c: np.ndarray, a: np.ndarray, b: np.ndarray, trans_b: bool = Fals
 
 _PANEL = 2048  # columns of the dual kernel per dgemm call
 
+#: Ridge systems larger than this are built and factored with one BLAS thread. The OpenBLAS
+#: 0.3.31 bundled with numpy 2.4 / scipy 1.17 segfaults, multi-threaded, in dsyrk and in the
+#: Cholesky factor (dpotrf) of a 16,000 × 16,000 matrix on this machine's Skylake-X kernels;
+#: single-threaded it runs (20.7 s for the factor). 8,000 runs multi-threaded (measured).
+BLAS_ONE_THREAD_ABOVE = 8192
+
+
+def _blas_guard(size: int) -> Any:
+    """One BLAS thread while handling a ridge system of ``size`` > BLAS_ONE_THREAD_ABOVE."""
+    if size <= BLAS_ONE_THREAD_ABOVE:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits
+
+    log.info("ridge system of %d: one BLAS thread (OpenBLAS crashes multi-threaded)", size)
+    return threadpool_limits(limits=1, user_api="blas")
+
 
 def _ridge_cholesky(
     X: np.ndarray, centre: np.ndarray, lam: float, block: int, form: str | None = None
@@ -267,6 +284,14 @@ def _ridge_cholesky(
     digits subset models crashed the process); dgemm on the same sizes runs."""
     n_models, n_train = X.shape
     form = ridge_form(n_models, n_train) if form is None else form
+    with _blas_guard(n_train if form == "primal" else n_models):
+        return _ridge_cholesky_unguarded(X, centre, lam, block, form)
+
+
+def _ridge_cholesky_unguarded(
+    X: np.ndarray, centre: np.ndarray, lam: float, block: int, form: str
+) -> Any:
+    n_models, n_train = X.shape
     if form == "primal":
         K = np.zeros((n_train, n_train), dtype=np.float64, order="F")
         for r in range(0, n_models, block):
@@ -359,22 +384,23 @@ def fit_datamodels(
         # 2-core machine made the Cholesky up to 50x slower (spinning idle workers).
         chol = _ridge_cholesky(X, centre, lam, block)
         primal = ridge_form(n_models, n_train) == "primal"
-        for s in range(0, n_out, block):
-            # Fortran order lets LAPACK potrs solve in place (no copy of the right-hand side)
-            rhs = Y2[:, s : s + block].astype(np.float64, order="F")
-            rhs -= bias[s : s + block]
-            if primal:
-                # β = (AᵀA + λI)⁻¹Aᵀ(Y − ȳ), then W = (Y − ȳ − Aβ)/λ: the push-through
-                # identity gives (AAᵀ + λI)W = Y − ȳ exactly, so W is the dual solution
-                AtR = np.zeros((n_train, rhs.shape[1]), dtype=np.float64, order="F")
-                for r in range(0, n_models, block):
-                    AtR = _dgemm_acc(AtR, (X[r : r + block] - centre).T, rhs[r : r + block])
-                beta = scipy.linalg.cho_solve(chol, AtR, overwrite_b=True, check_finite=False)
-                W[:, s : s + block] = (rhs - _apply_centred(X, centre, beta, block)) / lam
-            else:
-                W[:, s : s + block] = scipy.linalg.cho_solve(
-                    chol, rhs, overwrite_b=True, check_finite=False
-                )
+        with _blas_guard(chol[0].shape[0]):
+            for s in range(0, n_out, block):
+                # Fortran order lets LAPACK potrs solve in place (no copy of the right-hand side)
+                rhs = Y2[:, s : s + block].astype(np.float64, order="F")
+                rhs -= bias[s : s + block]
+                if primal:
+                    # β = (AᵀA + λI)⁻¹Aᵀ(Y − ȳ), then W = (Y − ȳ − Aβ)/λ: the push-through
+                    # identity gives (AAᵀ + λI)W = Y − ȳ exactly, so W is the dual solution
+                    AtR = np.zeros((n_train, rhs.shape[1]), dtype=np.float64, order="F")
+                    for r in range(0, n_models, block):
+                        AtR = _dgemm_acc(AtR, (X[r : r + block] - centre).T, rhs[r : r + block])
+                    beta = scipy.linalg.cho_solve(chol, AtR, overwrite_b=True, check_finite=False)
+                    W[:, s : s + block] = (rhs - _apply_centred(X, centre, beta, block)) / lam
+                else:
+                    W[:, s : s + block] = scipy.linalg.cho_solve(
+                        chol, rhs, overwrite_b=True, check_finite=False
+                    )
         del chol
     else:
         for s in range(0, n_out, block):
@@ -530,7 +556,9 @@ def forget_shift_direct(
         # u = A(AᵀA + λI)⁻¹e with e = Σ_{i∈F} w_i 1_i, equal to (AAᵀ + λI)⁻¹Ae (push-through)
         e = np.zeros(n_train, dtype=np.float64)
         e[f] = 1.0 if w is None else w
-        u = _apply_centred(X, centre, scipy.linalg.cho_solve(chol, e, check_finite=False), block)
+        with _blas_guard(n_train):
+            v = scipy.linalg.cho_solve(chol, e, check_finite=False)
+        u = _apply_centred(X, centre, v, block)
     else:
         u = np.zeros(n_models, dtype=np.float64)
         for s in range(0, f.size, block):
@@ -538,7 +566,8 @@ def forget_shift_direct(
             cols = _design_cols(estimator, X[:, idx], centre[idx], n_models)
             u += cols.sum(axis=1) if w is None else cols @ w[s : s + block]
         if chol is not None:
-            u = scipy.linalg.cho_solve(chol, u, check_finite=False)
+            with _blas_guard(n_models):
+                u = scipy.linalg.cho_solve(chol, u, check_finite=False)
     # uᵀ(Y − ȳ) = uᵀY − (Σu)·ȳ, in float32 for float16/float32 store outputs (no centred
     # copy of the (M, T·C) outputs), float64 for float64 outputs
     Y2 = Y.reshape(n_models, -1)
