@@ -38,9 +38,11 @@ memory O(M² + MN/8 + MK), independent of N×K. When there are more models than 
 e.g. 16,000 digits subset models on 1,437 points) the factored system is the primal Gram
 AᵀA + λI_N instead (:func:`ridge_form`): O(N²M + N³), memory O(N² + block·N), and W follows
 from the primal β of each block of outputs as W = (Y − ȳ − Aβ)/λ, which satisfies
-(AAᵀ + λI)W = Y − ȳ exactly. Either way W, and every result below, is the same. It is the default because it is regularised,
-uses every model jointly (each coefficient is fitted given the others, so correlated inclusions
-are accounted for), and is the least-noisy estimator of the two for a given M.
+(AAᵀ + λI)W = Y − ȳ exactly. Either way W, and every result below, is the same.
+
+Ridge is the default because it is regularised, uses every model jointly (each coefficient is
+fitted given the others, so correlated inclusions are accounted for), and is the least-noisy
+estimator of the two for a given M.
 
 ``diff_means``. β_i = E[f | i ∈ S] − E[f | i ∉ S] estimated by the empirical means. With
 n_i = Σ_j X_ji the inclusion count of point i,
@@ -281,7 +283,8 @@ def _ridge_cholesky(
 
     Both use general matrix products (dgemm), not dsyrk: the OpenBLAS bundled with scipy
     1.17.1 segfaults in dsyrk for a 16,000 × 16,000 kernel of 1,024 or more columns (M = 16,000
-    digits subset models crashed the process); dgemm on the same sizes runs."""
+    digits subset models crashed the process); dgemm on the same sizes runs. Its multi-threaded
+    Cholesky crashes at that size too, hence one BLAS thread past ``BLAS_ONE_THREAD_ABOVE``."""
     n_models, n_train = X.shape
     form = ridge_form(n_models, n_train) if form is None else form
     with _blas_guard(n_train if form == "primal" else n_models):
