@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,35 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `unlearn linea
     import torch
 
 
+def _owner_tag() -> str:
+    """``<pid>@<host>`` of this process, as written into atomic_path's temporary names."""
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+    return f"{os.getpid()}@{host}"
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+?)\.(?P<pid>\d+)@(?P<host>[A-Za-z0-9-]+)\..*\.tmp$")
+
+
+def stale_temps(folder: str | Path) -> list[Path]:
+    """Temporary siblings that :func:`atomic_path` left in ``folder`` when its process died
+    mid-write (SIGKILL, power loss): those named by a process of this host that no longer
+    exists. A live writer's, or another host's, are never listed."""
+    folder = Path(folder)
+    host = _owner_tag().split("@", 1)[1]
+    out = []
+    for entry in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or m["host"] != host:
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:
+            out.append(entry)
+        except (PermissionError, OverflowError):
+            pass  # alive (another user's), or not a pid
+    return out
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling path; move it onto ``target`` only if the block succeeds.
@@ -28,7 +58,11 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    # the name says whose it is, so a crashed writer's leftovers can be told apart from a live
+    # one's (stale_temps)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{target.name}.{_owner_tag()}.", suffix=".tmp", dir=target.parent)
+    )
     work = tmp / target.name
     try:
         yield work

@@ -239,3 +239,42 @@ def test_the_mlflow_server_with_basic_auth_needs_a_password(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_a_chunk_half_written_by_a_killed_process_is_removed_on_resume(tmp_path: Path):
+    """atomic_path names its temporary sibling by pid and host; a store's resume
+    (pending_chunks) removes the ones whose process is gone, and keeps a live writer's."""
+    from pipeline_lib.attribution.store import AttributionStore, StoreSpec
+    from pipeline_lib.io import _owner_tag, atomic_path, stale_temps
+
+    chunks = tmp_path / "s" / "chunks"
+    # the name atomic_path gives (a live writer: this process)
+    with atomic_path(chunks / "0000004") as work:
+        live = work.parent
+        assert live.name.startswith(f".0000004.{_owner_tag()}.") and live.name.endswith(".tmp")
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        host = _owner_tag().split("@", 1)[1]
+        gone = chunks / f".0000002.{dead.pid}@{host}.k3j2h1.tmp"
+        other_host = chunks / f".0000006.{dead.pid}@elsewhere.k3j2h1.tmp"
+        for d in (gone, other_host):
+            (d / d.name[1:8]).mkdir(parents=True)
+        assert stale_temps(chunks) == [gone]
+        spec = StoreSpec(
+            kind="subsets",
+            n_models=8,
+            alpha=0.5,
+            seed=0,
+            chunk_size=2,
+            n_train=10,
+            n_classes=2,
+            data_hash="0" * 16,
+            model={"name": "mlp"},
+            train={},
+        )
+        store = AttributionStore(tmp_path / "s", spec)
+        store.initialise(np.arange(12), np.array(["train"] * 10 + ["test"] * 2), np.zeros(12))
+        assert store.pending_chunks() == [(0, 2), (2, 4), (4, 6), (6, 8)]
+        assert not gone.exists() and other_host.exists() and live.exists()
+        work.mkdir()
+    assert not live.exists() and (chunks / "0000004").is_dir()

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline_lib.io import atomic_path, sha256_file, write_json
+from pipeline_lib.io import atomic_path, sha256_file, stale_temps, write_json
 from pipeline_lib.models.image import ModelConfig
 from pipeline_lib.schema import parse_section
 from pipeline_lib.training.fit import FitSettings
@@ -416,6 +416,9 @@ class AttributionStore:
         manifest, for a store grown again."""
         found: dict[int, dict[str, Any]] = {}
         chunks_dir = self.root / "chunks"
+        for tmp in stale_temps(chunks_dir):  # a chunk half-written by a killed process
+            log.warning("removing %s, left by a process that died writing it", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
         for d in sorted(chunks_dir.iterdir()) if chunks_dir.is_dir() else []:
             if not (d.is_dir() and d.name.isdigit()):
                 continue
