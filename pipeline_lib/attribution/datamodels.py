@@ -288,31 +288,24 @@ def _ridge_cholesky(
     n_models, n_train = X.shape
     form = ridge_form(n_models, n_train) if form is None else form
     with _blas_guard(n_train if form == "primal" else n_models):
-        return _ridge_cholesky_unguarded(X, centre, lam, block, form)
-
-
-def _ridge_cholesky_unguarded(
-    X: np.ndarray, centre: np.ndarray, lam: float, block: int, form: str
-) -> Any:
-    n_models, n_train = X.shape
-    if form == "primal":
-        K = np.zeros((n_train, n_train), dtype=np.float64, order="F")
-        for r in range(0, n_models, block):
-            At = (X[r : r + block] - centre).T  # (N, b), a Fortran-ordered view: no copy
-            K = _dgemm_acc(K, At, At, trans_b=True)
-            del At
-    else:
-        K = np.zeros((n_models, n_models), dtype=np.float64, order="F")
-        for s in range(0, n_train, block):
-            At = (X[:, s : s + block] - centre[s : s + block]).T  # (b, M), Fortran-ordered
-            for c in range(0, n_models, _PANEL):
-                e = min(c + _PANEL, n_models)
-                K[c:, c:e] = scipy.linalg.blas.dgemm(
-                    1.0, At[:, c:], At[:, c:e], beta=1.0, c=K[c:, c:e], trans_a=1
-                )
-            del At
-    K[np.diag_indices_from(K)] += lam
-    return scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
+        if form == "primal":
+            K = np.zeros((n_train, n_train), dtype=np.float64, order="F")
+            for r in range(0, n_models, block):
+                At = (X[r : r + block] - centre).T  # (N, b), a Fortran-ordered view: no copy
+                K = _dgemm_acc(K, At, At, trans_b=True)
+                del At
+        else:
+            K = np.zeros((n_models, n_models), dtype=np.float64, order="F")
+            for s in range(0, n_train, block):
+                At = (X[:, s : s + block] - centre[s : s + block]).T  # (b, M), Fortran-ordered
+                for c in range(0, n_models, _PANEL):
+                    e = min(c + _PANEL, n_models)
+                    K[c:, c:e] = scipy.linalg.blas.dgemm(
+                        1.0, At[:, c:], At[:, c:e], beta=1.0, c=K[c:, c:e], trans_a=1
+                    )
+                del At
+        K[np.diag_indices_from(K)] += lam
+        return scipy.linalg.cho_factor(K, lower=True, overwrite_a=True, check_finite=False)
 
 
 def _apply_centred(X: np.ndarray, centre: np.ndarray, v: np.ndarray, block: int) -> np.ndarray:
