@@ -1,7 +1,7 @@
 """Four ways to run one training step of K registry CNNs at once, timed on one device (issue 17).
 
     python -m benchmarks.gpu_cnn_variants               # on a machine with CUDA (~1 min)
-    python -m benchmarks.gpu_cnn_variants --device cpu --quick
+    python -m benchmarks.gpu_cnn_variants --device cpu --quick   # a dry run (Triton interpreted)
 
 The ensemble trainer's generic path (``torch.func.vmap`` over ``functional_call``) turns each
 convolution of K models into one grouped convolution with ``groups=K``. A profile on an H200
@@ -14,7 +14,10 @@ forward/backward of SmallCNN 16-32 on (K, B, 1, 28, 28) with autograd:
 - ``grouped``: the same grouped convolutions written out (NCHW), to separate vmap's own cost;
 - ``grouped-cl``: the same in channels-last memory format (cuDNN's NHWC kernels);
 - ``unfold-bmm``: each convolution as ``unfold`` (im2col) and one batched matrix product over
-  the K models, activations kept channels-last.
+  the K models, activations kept channels-last;
+- ``triton``: the trainer's ``conv_kernel="triton"``, one Triton implicit-GEMM launch per
+  convolution for all K models (pipeline_lib/training/ensemble_conv.py). After the table,
+  its tile settings are swept and its kernels profiled.
 
 First each variant's loss and gradients are compared with ``vmap``'s in float32 (TF32 off);
 then milliseconds per step (forward + backward, steady state) are printed, TF32 on, with
@@ -25,6 +28,7 @@ CNN path.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -77,6 +81,60 @@ def unfold_bmm(p: Params, x: torch.Tensor) -> torch.Tensor:
     return _head(h, p, k, b)
 
 
+# tile settings of pipeline_lib/training/ensemble_conv.py swept on the card:
+# (BLOCK_P, WGRAD_BLOCK_P, WGRAD_POSITIONS_PER_SPLIT, NUM_WARPS)
+SWEEP = [
+    (64, 64, 4096, 4),  # the defaults
+    (128, 64, 4096, 4),
+    (128, 128, 4096, 8),
+    (32, 64, 4096, 4),
+    (64, 64, 1024, 4),
+    (64, 64, 16384, 4),
+    (64, 128, 2048, 4),
+    (128, 64, 2048, 8),
+]
+
+
+def triton_sweep(step, device: torch.device, quick: bool) -> None:
+    """ms per step of the triton variant under each tile setting (TF32 on), then a profile
+    of its kernels at the defaults: what whoever tunes the kernels needs from one run."""
+    from pipeline_lib.training import ensemble_conv as ec
+
+    names = ("BLOCK_P", "WGRAD_BLOCK_P", "WGRAD_POSITIONS_PER_SPLIT", "NUM_WARPS")
+    defaults = tuple(getattr(ec, n) for n in names)
+    print("\ntriton tiles, ms per step (forward + backward, TF32 on; first row: the defaults)")
+    print("| " + " | ".join(names) + " | ms per step |")
+    print("|---|---|---|---|---|")
+    for setting in SWEEP[:2] if quick else SWEEP:
+        for n, v in zip(names, setting, strict=True):
+            setattr(ec, n, v)
+        try:
+            for i in range(2 if quick else 5):  # includes compiling this setting
+                step(i)
+            sync(device)
+            reps = 2 if quick else 20
+            t0 = time.perf_counter()
+            for i in range(reps):
+                step(i)
+            sync(device)
+            cell = f"{(time.perf_counter() - t0) / reps * 1e3:.2f}"
+        except Exception as exc:
+            cell = f"FAILED {type(exc).__name__}: {exc}"[:80]
+        print("| " + " | ".join(map(str, setting)) + f" | {cell} |")
+        sys.stdout.flush()
+    for n, v in zip(names, defaults, strict=True):
+        setattr(ec, n, v)
+    if device.type == "cuda" and not quick:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for i in range(10):
+                step(i)
+            sync(device)
+        print("\nprofile: triton variant, 10 steps, defaults, TF32 on")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -85,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("benchmarks.gpu_cnn_variants: no CUDA device (use --device cpu --quick)")
-    k, b = (8, 16) if args.quick else (256, 64)
+    k, b = (2, 2) if args.quick else (256, 64)
     template = build_model(CNN, SHAPE, N_CLASSES, 0)
     stacked = ensemble._init_stacked(template, list(range(k)))
     params = {n: t.to(device).requires_grad_() for n, t in stacked.items()}
@@ -95,11 +153,15 @@ def main(argv: list[str] | None = None) -> None:
     xs = [torch.rand(k, b, *SHAPE, generator=g).to(device) for _ in range(8)]
     ys = [torch.randint(0, N_CLASSES, (k, b), generator=g).to(device) for _ in range(8)]
 
+    if device.type == "cpu":  # the Triton kernels run in Triton's interpreter (slow)
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    tritoned = ensemble._triton_forward(base)
     variants = {
         "vmap": lambda p, x: vmapped(p, x).transpose(1, 2),  # (K, B, C)
         "grouped": lambda p, x: grouped(p, x, False),
         "grouped-cl": lambda p, x: grouped(p, x, True),
         "unfold-bmm": unfold_bmm,
+        "triton": lambda p, x: tritoned(p, x).transpose(1, 2),
     }
 
     def step(fn, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -139,20 +201,23 @@ def main(argv: list[str] | None = None) -> None:
         cells = []
         for bench in (False, True):
             torch.backends.cudnn.benchmark = bench
+            warm, reps = (1, 2) if args.quick else (5, 20)
             try:
-                for i in range(5):
+                for i in range(warm):
                     step(fn, i)
                 sync(device)
                 t0 = time.perf_counter()
-                for i in range(20):
+                for i in range(reps):
                     step(fn, i)
                 sync(device)
-                cells.append(f"{(time.perf_counter() - t0) / 20 * 1e3:.2f}")
+                cells.append(f"{(time.perf_counter() - t0) / reps * 1e3:.2f}")
             except Exception as exc:  # one failing variant must not lose the others
                 cells.append(f"FAILED {type(exc).__name__}: {exc}"[:80])
         print(f"| {name}{'' if ok[name] else ' (differs)'} | {cells[0]} | {cells[1]} |")
         sys.stdout.flush()
     torch.backends.cudnn.benchmark = False
+    if ok["triton"]:
+        triton_sweep(lambda i: step(variants["triton"], i), device, quick=args.quick)
     set_tf32(False)
 
 

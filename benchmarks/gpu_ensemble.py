@@ -9,7 +9,8 @@ model-epochs/s):
 
 - MLP 128-128, K=1024, batch 64; MLP 128-128, K=256, batch 256; CNN 16-32, K=256, batch 64;
   each in full float32 (TF32 off for matmuls and cuDNN) and with TF32 on; the CNN also with
-  ``compile=True`` (last: compiling takes a while);
+  ``compile=True`` (last: compiling takes a while), and with ``conv_kernel="triton"`` (the
+  Triton implicit-GEMM convolutions of pipeline_lib/training/ensemble_conv.py);
 - one model at a time (``fit``) on the same GPU, MLP and CNN, batch 64: the baseline of the
   speed-up column;
 - the matmul peak of this GPU measured here (8192² float32, TF32 off and on): the
@@ -187,6 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         ("cnn", CNN, 256 // scale, 64, True, False, ""),
         ("cnn", CNN, 256 // scale, 64, True, False, "cudnn.benchmark"),
     ]
+    if device.type == "cuda":  # Triton's interpreter on a CPU would take hours at these sizes
+        rows_spec.append(("cnn", CNN, 256 // scale, 64, False, False, "triton"))
+        rows_spec.append(("cnn", CNN, 256 // scale, 64, True, False, "triton"))
     if args.before:
         rows_spec.insert(0, ("mlp", MLP, 1024 // scale, 64, False, False, "before"))
     if not args.no_compile:
@@ -281,11 +285,14 @@ def main(argv: list[str] | None = None) -> None:
                 device,
             )
 
-            def run(cfg=cfg, k=k, masks=masks, settings=settings, comp=comp, fn=trainer):
-                fn(cfg, SHAPE, N_CLASSES, X, y, masks, list(range(k)), settings, device, comp)
+            kernel = {"conv_kernel": "triton"} if variant == "triton" else {}
 
-            if comp or variant == "cudnn.benchmark":
-                run()  # the first call compiles / searches cuDNN's algorithms; time the second
+            def run(cfg=cfg, k=k, masks=masks, settings=settings, comp=comp, fn=trainer, kw=kernel):
+                fn(cfg, SHAPE, N_CLASSES, X, y, masks, list(range(k)), settings, device, comp, **kw)
+
+            if comp or variant in ("cudnn.benchmark", "triton"):
+                run()  # the first call compiles (torch.compile, Triton) or searches cuDNN's
+                # algorithms; time the second
             seconds = timed(run, device)
             mem = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
             if (label, k) not in copy_cache:

@@ -22,9 +22,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 python3 -c 'import torch, pydantic; print("torch", torch.__version__, "pydantic", pydantic.__version__)'
 step() { local secs=$1 name=$2; shift 2; echo "=== $name ($(date +%T))"; timeout "$secs" "$@" 2>&1 | tee "$OUT/$name.txt"; echo "=== $name rc ${PIPESTATUS[0]}"; }
-# STEPS picks what runs (default: all, in this order); issue 17's rerun used
-# STEPS="pytest_gpu gpu_ensemble" with BEFORE=.gpudata/ensemble_before.py, an earlier
-# pipeline_lib/training/ensemble.py (git show REV:...) for the before/after row.
+# STEPS picks what runs (default: issue 15's rows and the ensemble, in this order); issue
+# 17's rerun used STEPS="pytest_gpu gpu_ensemble" with BEFORE=.gpudata/ensemble_before.py, an
+# earlier pipeline_lib/training/ensemble.py (git show REV:...) for the before/after row. The
+# Triton convolution's first run on a card (about 9 minutes):
+#   STEPS="conv_tests gpu_cnn_variants gpu_ensemble" bash benchmarks/gpu_session.sh
 STEPS=${STEPS:-"stats_agreement request_cost pytest_gpu gpu_ensemble"}
 BEFORE=${BEFORE:-}
 for s in $STEPS; do
@@ -34,10 +36,14 @@ for s in $STEPS; do
       --model cnn --device cuda --max-test 2000 --fraction 0.01 --fd-variant retain_sample_multiple=3.0 ;;
     pytest_gpu) step 150 pytest_gpu python3 -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_ensemble.py tests/test_methods_cuda.py ;;
+    # the Triton ensemble convolution compiled for the card: every test of its file, float64
+    # against conv2d and the trainer, then float32 (the `gpu` test); needs torch's triton
+    conv_tests) step 150 conv_tests python3 -m pytest -q -p no:cacheprovider -m "not slow" \
+      tests/test_ensemble_conv.py ;;
     gpu_ensemble) step 330 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 200 \
       ${BEFORE:+--before "$BEFORE"} ;;
     gpu_phases) step 200 gpu_phases python3 -m benchmarks.gpu_phases ;;
-    gpu_cnn_variants) step 200 gpu_cnn_variants python3 -m benchmarks.gpu_cnn_variants ;;
+    gpu_cnn_variants) step 260 gpu_cnn_variants python3 -m benchmarks.gpu_cnn_variants ;;
     *) echo "unknown step $s" ;;
   esac
 done

@@ -48,6 +48,7 @@ epochs of Adam; asserted at 1e-12).
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import math
 import os
@@ -309,6 +310,37 @@ def _vmap_forward(base: nn.Module) -> _Forward:
     return forward
 
 
+def _check_triton(template: nn.Module, model_cfg: ModelConfig, device: torch.device) -> None:
+    """Refuse ``conv_kernel="triton"`` where it cannot run, before any work."""
+    if not isinstance(template, SmallCNN):
+        raise ValueError(
+            f"conv_kernel 'triton' covers the registry CNN only, not {model_cfg.name!r}"
+        )
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("conv_kernel 'triton' needs the triton package (pip install triton)")
+    if device.type != "cuda":
+        from pipeline_lib.training import ensemble_conv
+
+        if not ensemble_conv.INTERPRETED:
+            raise ValueError(
+                f"conv_kernel 'triton' runs on CUDA; on {device.type} only in Triton's "
+                "interpreter (TRITON_INTERPRET=1 when it is first imported; slow: for tests)"
+            )
+
+
+def _triton_forward(base: nn.Module) -> _Forward:
+    """The registry CNN with :mod:`pipeline_lib.training.ensemble_conv`'s kernels:
+    f(params {name: (K, ...)}, x (K, B, *shape)) -> logits (K, C, B), as :func:`_vmap_forward`."""
+    from pipeline_lib.training import ensemble_conv  # needs triton: imported only when chosen
+
+    convs = sum(isinstance(m, nn.Conv2d) for m in base.modules())
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return ensemble_conv.cnn_forward(params, x, convs)
+
+    return forward
+
+
 def _init_stacked(
     template: nn.Module, seeds: Sequence[int], pin: bool = False
 ) -> dict[str, torch.Tensor] | None:
@@ -456,6 +488,12 @@ CPU_PARALLEL = {
     "ops": "all K models in one loop, torch's intra-op threads inside each kernel",
 }
 
+#: ``conv_kernel`` of :func:`train_ensemble`: how the registry CNN's convolutions run.
+CONV_KERNELS = {
+    "vmap": "torch.func.vmap: one grouped convolution (groups=K) per layer",
+    "triton": "one Triton implicit-GEMM launch per layer for all K models (ensemble_conv)",
+}
+
 #: ``cpu_block_mib`` of :func:`train_ensemble` (``ray.cpu_block_mib``): on the CPU the
 #: registry MLP's models are trained in blocks whose parameters, gradients and optimizer
 #: state take at most this many MiB. 8 MiB is 16-20 digits MLPs 128-128 in float32.
@@ -500,6 +538,7 @@ def _train_blocks(
     masks: torch.Tensor,
     seeds: Sequence[int],
     settings: FitSettings,
+    conv_kernel: str = "vmap",
 ) -> dict[str, torch.Tensor]:
     """Train each block of models by itself (one :func:`train_ensemble` loop per block),
     concatenated in model order. With ``threads`` > 1 (``cpu_parallel="models"``) the
@@ -522,7 +561,7 @@ def _train_blocks(
             torch.set_num_threads(1)
         return train_ensemble(
             model_cfg, shape, n_classes, X, y, masks[lo:hi], seeds[lo:hi], settings,
-            cpu_parallel="ops", cpu_block_mib=0,
+            cpu_parallel="ops", cpu_block_mib=0, conv_kernel=conv_kernel,
         )  # fmt: skip
 
     if threads == 1:
@@ -550,6 +589,7 @@ def train_ensemble(
     compile: bool = False,
     cpu_parallel: str = "models",
     cpu_block_mib: float = CPU_BLOCK_MIB,
+    conv_kernel: str = "vmap",
 ) -> dict[str, torch.Tensor]:
     """Train K models at once; model k sees only ``X[masks[k]]``.
 
@@ -573,6 +613,12 @@ def train_ensemble(
             parameters, gradients and optimizer state take at most this many MiB (see
             :func:`_cpu_blocks`); 0: no limit. Each model's result is the same whatever
             the blocks and threads (its arithmetic does not depend on the other models).
+        conv_kernel: how the registry CNN's convolutions run (see :data:`CONV_KERNELS`):
+            ``"vmap"`` (default), ``torch.func.vmap``, which gives one grouped convolution
+            of ``groups=K``; ``"triton"``, one Triton implicit-GEMM launch per convolution
+            for all K models (:mod:`pipeline_lib.training.ensemble_conv`; needs the
+            ``triton`` package, on a CPU only under ``TRITON_INTERPRET=1``). Same models to
+            float rounding; other architectures ignore it.
 
     Returns:
         Stacked state dict on CPU: parameter name -> (K, *param_shape); ``unstack(sd, k)``
@@ -581,7 +627,9 @@ def train_ensemble(
     Raises:
         ValueError: masks/seeds/X/y disagree in shape, rows of ``masks`` select different
             numbers of samples (the counts are named), a subset is empty, the optimizer
-            name is unknown, or ``cpu_parallel`` is neither ``"models"`` nor ``"ops"``.
+            name is unknown, ``cpu_parallel`` is neither ``"models"`` nor ``"ops"``, or
+            ``conv_kernel`` is unknown or ``"triton"`` for a model that is not the registry
+            CNN.
     """
     n = _check_inputs(X, y, masks, seeds)
     k = masks.shape[0]
@@ -590,18 +638,24 @@ def train_ensemble(
         raise ValueError(
             f"cpu_parallel must be one of {sorted(CPU_PARALLEL)}, got {cpu_parallel!r}"
         )
+    if conv_kernel not in CONV_KERNELS:
+        raise ValueError(f"conv_kernel must be one of {sorted(CONV_KERNELS)}, got {conv_kernel!r}")
     dtype = X.dtype if X.is_floating_point() else torch.get_default_dtype()
 
     template = build_model(model_cfg, shape, n_classes, seeds[0])
     if any(True for _ in template.buffers()):
         raise ValueError("train_ensemble: models with buffers (e.g. BatchNorm) are not supported")
-    if device.type == "cpu" and not compile:
+    if conv_kernel == "triton":
+        _check_triton(template, model_cfg, device)
+    # (on the CPU the Triton kernels run in Triton's interpreter, which is not thread-safe)
+    if device.type == "cpu" and not compile and conv_kernel == "vmap":
         threads = torch.get_num_threads() if cpu_parallel == "models" else 1
         blocks = _cpu_blocks(k, template, dtype, settings, threads, cpu_block_mib)
         if len(blocks) > 1:
             threads = min(threads, len(blocks))
             return _train_blocks(
-                blocks, threads, model_cfg, shape, n_classes, X, y, masks, seeds, settings
+                blocks, threads, model_cfg, shape, n_classes, X, y, masks, seeds, settings,
+                conv_kernel,
             )  # fmt: skip
     # on an accelerator the first epoch's permutations are drawn while the models are built
     with _EpochRows(masks, seeds, n, settings.epochs, device) as epoch_rows:
@@ -636,7 +690,7 @@ def train_ensemble(
 
             state = flat.state
         else:  # any other architecture: vmap over functional_call, autograd
-            forward = _vmap_forward(base)
+            forward = _triton_forward(base) if conv_kernel == "triton" else _vmap_forward(base)
             opt = _stacked_optimizer(list(params.values()), settings)
 
             def summed_loss(p: dict[str, torch.Tensor], xb: torch.Tensor, yb: torch.Tensor):

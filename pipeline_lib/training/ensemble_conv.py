@@ -1,0 +1,288 @@
+"""K models' 3×3 convolutions in one kernel launch each: Triton implicit GEMMs (issue 17).
+
+On an H200 the ensemble trainer's generic CNN path (``torch.func.vmap``) turns each
+convolution of K models into one ``groups=K`` convolution, and cuDNN runs that as one small
+kernel per group plus a layout conversion for each: 256 launches per convolution at K = 256,
+and 42 model-epochs/s at best (BENCHMARKS.md, "GPU rerun on an NVIDIA H200"). Here each
+convolution of all K models is one launch whose grid has the model as an axis.
+
+The convolution is the registry CNN's (:class:`pipeline_lib.models.image.SmallCNN`):
+3×3, stride 1, padding 1. Activations are channels-last, ``(K, B, H, W, C)``, so one model's
+B·H·W positions are the rows of a matrix and its channels the columns. For model k::
+
+    out[k, p, o] = Σ_r A_k[p, r] · Wr[k, r, o] + bias[k, o],   r = (tap, c), tap = 3·i + j,
+    A_k[(b, h, w), (tap, c)] = x[k, b, h + i − 1, w + j − 1, c]    (0 outside the image)
+
+a matrix product whose left factor ``A_k`` (im2col) is never written out: each program
+gathers the tile of it that it needs (an *implicit* GEMM). The backward pass is two more
+such products:
+
+- input gradient: the same kernel on ``g`` with the weights flipped and transposed,
+  ``dx = conv(g, W')`` where ``W'[c, o, i, j] = W[o, c, 2 − i, 2 − j]``;
+- weight gradient: ``dWr[k] = A_kᵀ g_k``, a reduction over the B·H·W positions, split
+  into ``splits`` partial sums added afterwards (more programs than K alone gives);
+- bias gradient: ``Σ_p g[k, p, o]`` (torch).
+
+Precision: the products accumulate in the output's dtype (float32 or float64). In float32
+``tl.dot`` uses TF32 unless ``input_precision="ieee"``; :func:`conv3x3` passes "tf32" exactly
+when ``torch.backends.cuda.matmul.allow_tf32`` is on, as the trainer's other products do.
+
+Without a CUDA device the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1``
+is set as this module is first imported (:data:`INTERPRETED`) and at each launch, which is how the CPU test suite checks them against
+``torch.nn.functional.conv2d`` (tests/test_ensemble_conv.py). Their speed is a GPU
+matter: ``python -m benchmarks.gpu_cnn_variants``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Tile sizes (tl.dot needs every dimension ≥ 16), read at each call: not tuned on a card
+# yet; `python -m benchmarks.gpu_cnn_variants` times a sweep of them.
+BLOCK_P = 64  # output positions per program (forward, input gradient)
+BLOCK_R = 16  # reduction step: one tap of 16 channels, or all 9 taps of one channel
+WGRAD_BLOCK_P = 64  # positions per reduction step of the weight gradient
+WGRAD_POSITIONS_PER_SPLIT = 4096  # positions summed by one weight-gradient program
+NUM_WARPS = 4  # per program, both kernels
+
+
+def _block(n: int) -> int:
+    """A tile side covering n: a power of two, at least 16 (``tl.dot``'s minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@triton.jit
+def _implicit_gemm(
+    x_ptr,  # (K, B, H, W, C) contiguous
+    w_ptr,  # (K, 9·C, O) contiguous: Wr
+    out_ptr,  # (K, B, H, W, O) contiguous
+    P,  # B·H·W positions per model
+    H,
+    W,
+    C,
+    O,  # noqa: E741
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[k, p, :] = Σ_r A_k[p, r] Wr[k, r, :] for BLOCK_P positions p of model k."""
+    k = tl.program_id(1).to(tl.int64)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_ok = p < P
+    w_at = p % W
+    h_at = (p // W) % H
+    b_at = p // (H * W)
+    o = tl.arange(0, BLOCK_O)
+    o_ok = o < O
+    R = 9 * C
+    x_k = x_ptr + k * P * C
+    w_k = w_ptr + k * R * O
+    acc = tl.full((BLOCK_P, BLOCK_O), 0, dtype=out_ptr.dtype.element_ty)
+    for r0 in range(0, R, BLOCK_R):
+        r = r0 + tl.arange(0, BLOCK_R)
+        r_ok = r < R
+        tap = r // C
+        c = r % C
+        hh = h_at[:, None] + (tap // 3 - 1)[None, :]
+        ww = w_at[:, None] + (tap % 3 - 1)[None, :]
+        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        a_ok = p_ok[:, None] & r_ok[None, :] & inside
+        a = tl.load(
+            x_k + ((b_at[:, None] * H + hh) * W + ww) * C + c[None, :], mask=a_ok, other=0.0
+        )
+        wt = tl.load(
+            w_k + r[:, None] * O + o[None, :], mask=r_ok[:, None] & o_ok[None, :], other=0.0
+        )
+        acc += tl.dot(a, wt, input_precision=PRECISION)
+    tl.store(
+        out_ptr + k * P * O + p[:, None] * O + o[None, :],
+        acc,
+        mask=p_ok[:, None] & o_ok[None, :],
+    )
+
+
+@triton.jit
+def _weight_grad(
+    x_ptr,  # (K, B, H, W, C) contiguous
+    g_ptr,  # (K, B, H, W, O) contiguous
+    out_ptr,  # (S, K, 9·C, O) contiguous: partial sums of dWr, one per split
+    P,
+    H,
+    W,
+    C,
+    O,  # noqa: E741
+    POSITIONS_PER_SPLIT,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """out[s, k, r, :] = Σ_{p in split s} A_k[p, r] g[k, p, :] for BLOCK_R rows r."""
+    k = tl.program_id(1).to(tl.int64)
+    s = tl.program_id(2)
+    K = tl.num_programs(1)
+    R = 9 * C
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < R
+    tap = r // C
+    c = r % C
+    di = tap // 3 - 1
+    dj = tap % 3 - 1
+    o = tl.arange(0, BLOCK_O)
+    o_ok = o < O
+    x_k = x_ptr + k * P * C
+    g_k = g_ptr + k * P * O
+    acc = tl.full((BLOCK_R, BLOCK_O), 0, dtype=out_ptr.dtype.element_ty)
+    # (no tl.minimum, no tl.zeros: Triton's library functions are jit functions themselves,
+    # and under the interpreter they work only if triton was imported with TRITON_INTERPRET=1)
+    first = s * POSITIONS_PER_SPLIT
+    last = tl.where(first + POSITIONS_PER_SPLIT < P, first + POSITIONS_PER_SPLIT, P)
+    for p0 in range(first, last, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < last
+        w_at = p % W
+        h_at = (p // W) % H
+        b_at = p // (H * W)
+        hh = h_at[None, :] + di[:, None]
+        ww = w_at[None, :] + dj[:, None]
+        inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+        at_ok = r_ok[:, None] & p_ok[None, :] & inside
+        at = tl.load(
+            x_k + ((b_at[None, :] * H + hh) * W + ww) * C + c[:, None], mask=at_ok, other=0.0
+        )  # (BLOCK_R, BLOCK_P): the transposed tile of A_k
+        gt = tl.load(
+            g_k + p[:, None] * O + o[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0
+        )
+        acc += tl.dot(at, gt, input_precision=PRECISION)
+    tl.store(
+        out_ptr + ((s * K + k) * R + r[:, None]) * O + o[None, :],
+        acc,
+        mask=r_ok[:, None] & o_ok[None, :],
+    )
+
+
+#: True when this module was imported under ``TRITON_INTERPRET=1``: its kernels then run in
+#: Triton's interpreter, on CPU tensors too (what the test suite does without a card).
+INTERPRETED = type(_implicit_gemm).__name__ == "InterpretedFunction"
+
+
+def _precision(t: torch.Tensor) -> str:
+    if t.dtype == torch.float32 and t.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _gemm(x: torch.Tensor, wr: torch.Tensor, o: int) -> torch.Tensor:
+    """(K, B, H, W, C) channels-last x, (K, 9·C, O) weights → (K, B, H, W, O)."""
+    k, b, h, w, c = x.shape
+    out = torch.empty(k, b, h, w, o, dtype=x.dtype, device=x.device)
+    p = b * h * w
+    grid = (triton.cdiv(p, BLOCK_P), k)
+    _implicit_gemm[grid](
+        x, wr, out, p, h, w, c, o,
+        BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, BLOCK_O=_block(o), PRECISION=_precision(x),
+        num_warps=NUM_WARPS,
+    )  # fmt: skip
+    return out
+
+
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """(K, O, C, 3, 3) → Wr (K, 9·C, O), row r = (3·i + j)·C + c."""
+    k, o, c = weight.shape[:3]
+    return weight.permute(0, 3, 4, 2, 1).reshape(k, 9 * c, o).contiguous()
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        out = _gemm(x, _rows(weight), weight.shape[1])
+        return out.add_(bias[:, None, None, None, :])
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        g = g.contiguous()
+        k, o, c = weight.shape[:3]
+        b, h, w = x.shape[1:4]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            # dx = conv(g, W'), W'[c, o, i, j] = W[o, c, 2 − i, 2 − j]
+            dx = _gemm(g, _rows(weight.flip(3, 4).transpose(1, 2)), c)
+        if ctx.needs_input_grad[1]:
+            p = b * h * w
+            per_split = WGRAD_POSITIONS_PER_SPLIT
+            splits = triton.cdiv(p, per_split)
+            partial = torch.empty(splits, k, 9 * c, o, dtype=x.dtype, device=x.device)
+            grid = (triton.cdiv(9 * c, BLOCK_R), k, splits)
+            _weight_grad[grid](
+                x, g, partial, p, h, w, c, o, per_split,
+                BLOCK_P=WGRAD_BLOCK_P, BLOCK_R=BLOCK_R, BLOCK_O=_block(o),
+                PRECISION=_precision(x), num_warps=NUM_WARPS,
+            )  # fmt: skip
+            # (K, 9·C, O) rows (i, j, c) → (K, O, C, 3, 3)
+            dw = partial.sum(0).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).contiguous()
+        if ctx.needs_input_grad[2]:
+            db = g.sum(dim=(1, 2, 3))
+        return dx, dw, db
+
+
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """K models' 3×3 convolutions (stride 1, padding 1) of their own inputs, with autograd.
+
+    Args:
+        x: (K, B, H, W, C) channels-last inputs, model k's batch in ``x[k]``.
+        weight: (K, O, C, 3, 3), model k's ``nn.Conv2d`` weight in ``weight[k]``.
+        bias: (K, O).
+
+    Returns:
+        (K, B, H, W, O), channels-last: ``out[k]`` equals
+        ``conv2d(x[k] as NCHW, weight[k], bias[k], padding=1)`` in NHWC.
+    """
+    if x.dim() != 5 or weight.dim() != 5 or weight.shape[-2:] != (3, 3):
+        raise ValueError(
+            f"conv3x3: x (K, B, H, W, C) and weight (K, O, C, 3, 3), got {tuple(x.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if weight.shape[0] != x.shape[0] or weight.shape[2] != x.shape[4]:
+        raise ValueError(
+            f"conv3x3: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree in models "
+            "or input channels"
+        )
+    return _Conv3x3.apply(x.contiguous(), weight, bias)
+
+
+def _pool(h: torch.Tensor, pool) -> torch.Tensor:
+    """A 2-D pooling of (K, B, H, W, C) channels-last activations, channels-last out."""
+    k, b, hh, ww, c = h.shape
+    out = pool(h.view(k * b, hh, ww, c).permute(0, 3, 1, 2))  # NCHW view of NHWC memory
+    return out.permute(0, 2, 3, 1).contiguous().view(k, b, *out.shape[2:], c)
+
+
+def cnn_forward(params: dict[str, torch.Tensor], x: torch.Tensor, channels: int) -> torch.Tensor:
+    """Logits (K, n_classes, B) of K registry CNNs (:class:`SmallCNN`), model k on ``x[k]``.
+
+    The network of ``SmallCNN``: per entry of ``channels``, a 3×3 convolution
+    (:func:`conv3x3`), ReLU and 2×2 max-pooling (``ceil_mode``); then adaptive average
+    pooling to 2×2, flattening in ``nn.Flatten``'s (c, i, j) order and the Linear layer.
+    ``params``: name → (K, ...) as ``torch.func.stack_module_state`` gives them
+    (``net.0.weight``, ...); ``x``: (K, B, C, H, W); ``channels``: how many convolutions.
+    """
+    import torch.nn.functional as F
+
+    h = x.permute(0, 1, 3, 4, 2).contiguous()  # (K, B, H, W, C)
+    for i in range(channels):
+        layer = f"net.{3 * i}"
+        h = conv3x3(h, params[f"{layer}.weight"], params[f"{layer}.bias"]).relu_()
+        h = _pool(h, lambda t: F.max_pool2d(t, 2, ceil_mode=True))
+    k, b = h.shape[:2]
+    h = _pool(h, lambda t: F.adaptive_avg_pool2d(t, 2))  # (K, B, 2, 2, C)
+    h = h.permute(0, 1, 4, 2, 3).reshape(k, b, -1)  # (K, B, C·4), c·4 + i·2 + j
+    head = f"net.{3 * channels + 2}"
+    logits = torch.baddbmm(
+        params[f"{head}.bias"].unsqueeze(1), h, params[f"{head}.weight"].transpose(1, 2)
+    )
+    return logits.transpose(1, 2)

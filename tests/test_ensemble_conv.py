@@ -1,0 +1,188 @@
+"""The Triton ensemble convolution (pipeline_lib/training/ensemble_conv.py) against torch.
+
+Without a CUDA device the kernels run in Triton's interpreter (TRITON_INTERPRET=1 while this
+module imports them, so the kernels are defined interpreted), so CI checks the same kernel code a card compiles: values
+and all three gradients against ``F.conv2d`` per model, the registry CNN built on it against
+the trainer's vmap path, and whole training runs against models trained alone. Float64, so
+rounding cannot hide an indexing error (asserted at 1e-12). Its speed is measured on a card
+by ``python -m benchmarks.gpu_cnn_variants``; the `gpu` test at the end repeats the trainer
+check in float32 there.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline_lib.config import ModelConfig
+from pipeline_lib.models.image import build_model
+from pipeline_lib.training import ensemble
+from pipeline_lib.training.ensemble import train_ensemble
+from pipeline_lib.training.fit import FitSettings, fit
+
+pytest.importorskip("triton")
+if torch.cuda.is_available():
+    from pipeline_lib.training import ensemble_conv
+else:  # the kernels are defined interpreted; the variable is not left to the other tests
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        from pipeline_lib.training import ensemble_conv
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    assert ensemble_conv.INTERPRETED
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """Triton's interpreter reads the variable at each launch too; set for these tests only."""
+    if ensemble_conv.INTERPRETED:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ATOL = 1e-12
+
+
+def _reference(x, w, b):
+    """Per model, torch's convolution: (K, B, H, W, C) → (K, B, H, W, O)."""
+    return torch.stack(
+        [
+            F.conv2d(x[k].permute(0, 3, 1, 2), w[k], b[k], padding=1).permute(0, 2, 3, 1)
+            for k in range(len(x))
+        ]
+    )
+
+
+def _leaves(*shapes, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=dtype).to(DEVICE).requires_grad_() for s in shapes]
+
+
+# (K, B, H, W, C, O): one input channel (9 taps < one reduction block), several channels
+# (a block per tap), odd image sides, positions not a multiple of the 64-position tile
+CASES = [(3, 2, 8, 8, 1, 4), (2, 3, 5, 7, 4, 8), (2, 1, 6, 6, 16, 32)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=["c1", "c4-odd", "c16"])
+def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, monkeypatch):
+    k, b, h, w, c, o = case
+    # several partial sums of the weight gradient, none a multiple of the tile
+    monkeypatch.setattr(ensemble_conv, "WGRAD_POSITIONS_PER_SPLIT", 24)
+    x, wt, bias = _leaves((k, b, h, w, c), (k, o, c, 3, 3), (k, o))
+    x2, wt2, bias2 = (t.detach().clone().requires_grad_() for t in (x, wt, bias))
+    out = ensemble_conv.conv3x3(x, wt, bias)
+    ref = _reference(x2, wt2, bias2)
+    assert out.shape == (k, b, h, w, o)
+    torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
+    out.backward(g.to(DEVICE))
+    ref.backward(g.to(DEVICE))
+    for got, want in ((x.grad, x2.grad), (wt.grad, wt2.grad), (bias.grad, bias2.grad)):
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_conv3x3_float32_within_float32_rounding_of_float64():
+    x, wt, bias = _leaves((2, 2, 6, 6, 4), (2, 8, 4, 3, 3), (2, 8), dtype=torch.float32)
+    with torch.no_grad():
+        got = ensemble_conv.conv3x3(x, wt, bias)
+        want = _reference(x.double(), wt.double(), bias.double())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_conv3x3_rejects_shapes_naming_them():
+    x, wt, bias = _leaves((2, 2, 6, 6, 4), (2, 8, 4, 3, 3), (2, 8))
+    with pytest.raises(ValueError, match=r"\(2, 8, 3, 3, 3\)"):
+        ensemble_conv.conv3x3(x, wt[:, :, :3], bias)
+    with pytest.raises(ValueError, match="K, B, H, W, C"):
+        ensemble_conv.conv3x3(x[0], wt, bias)
+
+
+# the registry CNN: 8×8 digits (8 → 4 → 2), and three layers on 10×10 (10 → 5 → 3 → 2:
+# ceil-mode pooling of an odd side)
+NETS = [((1, 8, 8), ModelConfig(name="cnn", channels=(4, 8))),
+        ((1, 10, 10), ModelConfig(name="cnn", channels=(2, 3, 4)))]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape,cfg", NETS, ids=["digits", "three-layers"])
+def test_cnn_forward_and_gradients_equal_the_vmap_path(shape, cfg):
+    k, b, n_classes = 3, 5, 10
+    template = build_model(cfg, shape, n_classes, 0)
+    stacked = ensemble._init_stacked(template, [4, 9, 2])
+    base = template.to("meta").double()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(k, b, *shape, generator=g, dtype=torch.float64).to(DEVICE)
+    grads = []
+    for forward in (ensemble._vmap_forward(base), ensemble._triton_forward(base)):
+        params = {n: t.double().to(DEVICE).requires_grad_() for n, t in stacked.items()}
+        logits = forward(params, x)
+        assert logits.shape == (k, n_classes, b)
+        logits.pow(2).sum().backward()
+        grads.append((logits.detach(), {n: p.grad for n, p in params.items()}))
+    (want, want_grads), (got, got_grads) = grads
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], atol=ATOL, rtol=0)
+
+
+SHAPE, N, PER_MODEL = (1, 8, 8), 40, 20
+CNN = NETS[0][1]
+ADAM = FitSettings(epochs=2, batch_size=8, lr=1e-2, optimizer="adam", weight_decay=1e-3)
+
+
+def _data(dtype):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(N, *SHAPE, generator=g, dtype=dtype)
+    y = torch.randint(0, 10, (N,), generator=g)
+    masks = torch.zeros(3, N, dtype=torch.bool)
+    for k in range(3):
+        masks[k, torch.randperm(N, generator=g)[:PER_MODEL]] = True
+    return X, y, masks
+
+
+def test_trainer_with_triton_convolutions_equals_models_trained_alone():
+    """Two epochs of Adam, batch 8 over 20 samples (a partial last batch), float64."""
+    X, y, masks = _data(torch.float64)
+    seeds = [11, 5, 23]
+    stacked = train_ensemble(CNN, SHAPE, 10, X, y, masks, seeds, ADAM, conv_kernel="triton")
+    for k, (mask, seed) in enumerate(zip(masks, seeds, strict=True)):
+        model = build_model(CNN, SHAPE, 10, seed).double()
+        fit(model, X[mask], y[mask], ADAM, seed)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(stacked[name][k], p.detach(), atol=ATOL, rtol=0)
+
+
+def test_conv_kernel_refusals_before_any_work(monkeypatch):
+    X, y, masks = _data(torch.float64)
+    mlp = ModelConfig(name="mlp", hidden=(8,))
+    with pytest.raises(ValueError, match="conv_kernel must be one of"):
+        train_ensemble(CNN, SHAPE, 10, X, y, masks, [1, 2, 3], ADAM, conv_kernel="cudnn")
+    with pytest.raises(ValueError, match="registry CNN only, not 'mlp'"):
+        train_ensemble(mlp, SHAPE, 10, X, y, masks, [1, 2, 3], ADAM, conv_kernel="triton")
+    if DEVICE.type == "cpu":  # as if imported without the interpreter
+        monkeypatch.setattr(ensemble_conv, "INTERPRETED", False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+            train_ensemble(CNN, SHAPE, 10, X, y, masks, [1, 2, 3], ADAM, conv_kernel="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_trainer_with_triton_convolutions_float32_on_cuda():
+    """On a card, TF32 off: the Triton path against models trained alone on the CPU, at the
+    float32 tolerance the other `gpu` tests state (tests/test_ensemble.py)."""
+    X, y, masks = _data(torch.float32)
+    seeds = [11, 5, 23]
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    stacked = train_ensemble(
+        CNN, SHAPE, 10, X, y, masks, seeds, ADAM, device=torch.device("cuda"),
+        conv_kernel="triton",
+    )  # fmt: skip
+    for k, (mask, seed) in enumerate(zip(masks, seeds, strict=True)):
+        model = build_model(CNN, SHAPE, 10, seed)
+        fit(model, X[mask], y[mask], ADAM, seed)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(stacked[name][k], p.detach(), atol=1e-4, rtol=1e-4)
