@@ -82,16 +82,18 @@ def unfold_bmm(p: Params, x: torch.Tensor) -> torch.Tensor:
 
 
 # tile settings of pipeline_lib/training/ensemble_conv.py swept on the card:
-# (BLOCK_P, WGRAD_BLOCK_P, WGRAD_POSITIONS_PER_SPLIT, NUM_WARPS)
+# (BLOCK_P, WGRAD_BLOCK_P, WGRAD_BLOCK_R, WGRAD_POSITIONS_PER_SPLIT, NUM_WARPS)
 SWEEP = [
-    (64, 64, 4096, 4),  # the defaults
-    (128, 64, 4096, 4),
-    (128, 128, 4096, 8),
-    (32, 64, 4096, 4),
-    (64, 64, 1024, 4),
-    (64, 64, 16384, 4),
-    (64, 128, 2048, 4),
-    (128, 64, 2048, 8),
+    (64, 64, 16, 4096, 4),  # the defaults
+    (128, 64, 16, 4096, 4),
+    (32, 64, 16, 4096, 4),
+    (64, 64, 32, 4096, 4),
+    (64, 64, 64, 4096, 4),
+    (64, 128, 32, 4096, 8),
+    (64, 64, 16, 1024, 4),
+    (64, 64, 16, 16384, 4),
+    (128, 128, 32, 2048, 8),
+    (128, 64, 64, 2048, 8),
 ]
 
 
@@ -100,11 +102,11 @@ def triton_sweep(step, device: torch.device, quick: bool) -> None:
     of its kernels at the defaults: what whoever tunes the kernels needs from one run."""
     from pipeline_lib.training import ensemble_conv as ec
 
-    names = ("BLOCK_P", "WGRAD_BLOCK_P", "WGRAD_POSITIONS_PER_SPLIT", "NUM_WARPS")
+    names = ("BLOCK_P", "WGRAD_BLOCK_P", "WGRAD_BLOCK_R", "WGRAD_POSITIONS_PER_SPLIT", "NUM_WARPS")
     defaults = tuple(getattr(ec, n) for n in names)
     print("\ntriton tiles, ms per step (forward + backward, TF32 on; first row: the defaults)")
     print("| " + " | ".join(names) + " | ms per step |")
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|")
     for setting in SWEEP[:2] if quick else SWEEP:
         for n, v in zip(names, setting, strict=True):
             setattr(ec, n, v)

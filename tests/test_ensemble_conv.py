@@ -46,14 +46,15 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = 1e-12
 
 
-def _reference(x, w, b):
+def _reference(x, w, b, relu=False):
     """Per model, torch's convolution: (K, B, H, W, C) → (K, B, H, W, O)."""
-    return torch.stack(
+    out = torch.stack(
         [
             F.conv2d(x[k].permute(0, 3, 1, 2), w[k], b[k], padding=1).permute(0, 2, 3, 1)
             for k in range(len(x))
         ]
     )
+    return F.relu(out) if relu else out
 
 
 def _leaves(*shapes, dtype=torch.float64, seed=0):
@@ -66,15 +67,18 @@ def _leaves(*shapes, dtype=torch.float64, seed=0):
 CASES = [(3, 2, 8, 8, 1, 4), (2, 3, 5, 7, 4, 8), (2, 1, 6, 6, 16, 32)]
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
 @pytest.mark.parametrize("case", CASES, ids=["c1", "c4-odd", "c16"])
-def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, monkeypatch):
+def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, relu, monkeypatch):
     k, b, h, w, c, o = case
     # several partial sums of the weight gradient, none a multiple of the tile
     monkeypatch.setattr(ensemble_conv, "WGRAD_POSITIONS_PER_SPLIT", 24)
     x, wt, bias = _leaves((k, b, h, w, c), (k, o, c, 3, 3), (k, o))
     x2, wt2, bias2 = (t.detach().clone().requires_grad_() for t in (x, wt, bias))
-    out = ensemble_conv.conv3x3(x, wt, bias)
-    ref = _reference(x2, wt2, bias2)
+    out = ensemble_conv.conv3x3(x, wt, bias, relu=relu)
+    ref = _reference(x2, wt2, bias2, relu)
+    if relu:  # the ReLU is on for some outputs and off for others
+        assert 0.2 < float((ref > 0).double().mean()) < 0.8
     assert out.shape == (k, b, h, w, o)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
@@ -82,6 +86,21 @@ def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, monkeypatch):
     ref.backward(g.to(DEVICE))
     for got, want in ((x.grad, x2.grad), (wt.grad, wt2.grad), (bias.grad, bias2.grad)):
         torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_weight_gradient_row_tiles_agree(monkeypatch):
+    """The weight gradient's rows in blocks of 16, 32 or 64 (144 rows: a partial last block)."""
+    x, wt, bias = _leaves((2, 2, 5, 5, 16), (2, 8, 16, 3, 3), (2, 8))
+    grads = []
+    for rows in (16, 32, 64):
+        monkeypatch.setattr(ensemble_conv, "WGRAD_BLOCK_R", rows)
+        wt.grad = None
+        ensemble_conv.conv3x3(x, wt, bias).pow(2).sum().backward()
+        grads.append(wt.grad.clone())
+    wt2 = wt.detach().clone().requires_grad_()
+    _reference(x.detach(), wt2, bias.detach()).pow(2).sum().backward()
+    for got in grads:
+        torch.testing.assert_close(got, wt2.grad, atol=ATOL, rtol=0)
 
 
 def test_conv3x3_float32_within_float32_rounding_of_float64():

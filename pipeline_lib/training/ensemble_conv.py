@@ -23,6 +23,9 @@ such products:
   into ``splits`` partial sums added afterwards (more programs than K alone gives);
 - bias gradient: ``Σ_p g[k, p, o]`` (torch).
 
+The bias and an optional ReLU are added in the forward kernel itself (``relu=True``); the
+backward pass then starts with autograd's ReLU rule on the saved output.
+
 Precision: the products accumulate in the output's dtype (float32 or float64). In float32
 ``tl.dot`` uses TF32 unless ``input_precision="ieee"``; :func:`conv3x3` passes "tf32" exactly
 when ``torch.backends.cuda.matmul.allow_tf32`` is on, as the trainer's other products do.
@@ -43,6 +46,7 @@ import triton.language as tl
 # yet; `python -m benchmarks.gpu_cnn_variants` times a sweep of them.
 BLOCK_P = 64  # output positions per program (forward, input gradient)
 BLOCK_R = 16  # reduction step: one tap of 16 channels, or all 9 taps of one channel
+WGRAD_BLOCK_R = 16  # weight-gradient rows per program (each such block re-reads x and g)
 WGRAD_BLOCK_P = 64  # positions per reduction step of the weight gradient
 WGRAD_POSITIONS_PER_SPLIT = 4096  # positions summed by one weight-gradient program
 NUM_WARPS = 4  # per program, both kernels
@@ -57,6 +61,7 @@ def _block(n: int) -> int:
 def _implicit_gemm(
     x_ptr,  # (K, B, H, W, C) contiguous
     w_ptr,  # (K, 9·C, O) contiguous: Wr
+    bias_ptr,  # (K, O) contiguous, read when HAS_BIAS
     out_ptr,  # (K, B, H, W, O) contiguous
     P,  # B·H·W positions per model
     H,
@@ -67,8 +72,11 @@ def _implicit_gemm(
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
     PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    RELU: tl.constexpr,
 ):
-    """out[k, p, :] = Σ_r A_k[p, r] Wr[k, r, :] for BLOCK_P positions p of model k."""
+    """out[k, p, :] = Σ_r A_k[p, r] Wr[k, r, :] (+ bias[k, :]) (then ReLU) for BLOCK_P
+    positions p of model k: the bias and the ReLU in the same pass as the product."""
     k = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
@@ -97,6 +105,10 @@ def _implicit_gemm(
             w_k + r[:, None] * O + o[None, :], mask=r_ok[:, None] & o_ok[None, :], other=0.0
         )
         acc += tl.dot(a, wt, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + k * O + o, mask=o_ok, other=0.0)[None, :]
+    if RELU:
+        acc = tl.where(acc > 0, acc, 0.0)
     tl.store(
         out_ptr + k * P * O + p[:, None] * O + o[None, :],
         acc,
@@ -175,15 +187,20 @@ def _precision(t: torch.Tensor) -> str:
     return "ieee"
 
 
-def _gemm(x: torch.Tensor, wr: torch.Tensor, o: int) -> torch.Tensor:
-    """(K, B, H, W, C) channels-last x, (K, 9·C, O) weights → (K, B, H, W, O)."""
+def _gemm(
+    x: torch.Tensor, wr: torch.Tensor, o: int, bias: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """(K, B, H, W, C) channels-last x, (K, 9·C, O) weights → (K, B, H, W, O), with the
+    (K, O) bias added and the ReLU applied in the kernel when given."""
     k, b, h, w, c = x.shape
     out = torch.empty(k, b, h, w, o, dtype=x.dtype, device=x.device)
     p = b * h * w
     grid = (triton.cdiv(p, BLOCK_P), k)
     _implicit_gemm[grid](
-        x, wr, out, p, h, w, c, o,
+        x, wr, out if bias is None else bias.contiguous(), out, p, h, w, c, o,
         BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, BLOCK_O=_block(o), PRECISION=_precision(x),
+        HAS_BIAS=bias is not None, RELU=relu,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
@@ -197,14 +214,19 @@ def _rows(weight: torch.Tensor) -> torch.Tensor:
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        out = _gemm(x, _rows(weight), weight.shape[1])
-        return out.add_(bias[:, None, None, None, :])
+    def forward(
+        ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool
+    ) -> torch.Tensor:
+        out = _gemm(x, _rows(weight), weight.shape[1], bias, relu)
+        ctx.relu = relu
+        ctx.save_for_backward(x, weight, out if relu else None)
+        return out
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        x, weight = ctx.saved_tensors
+    def backward(ctx, g: torch.Tensor, *_):
+        x, weight, out = ctx.saved_tensors
+        if ctx.relu:  # through the ReLU first: zero where it was off (autograd's own rule)
+            g = torch.ops.aten.threshold_backward(g, out, 0)
         g = g.contiguous()
         k, o, c = weight.shape[:3]
         b, h, w = x.shape[1:4]
@@ -217,30 +239,34 @@ class _Conv3x3(torch.autograd.Function):
             per_split = WGRAD_POSITIONS_PER_SPLIT
             splits = triton.cdiv(p, per_split)
             partial = torch.empty(splits, k, 9 * c, o, dtype=x.dtype, device=x.device)
-            grid = (triton.cdiv(9 * c, BLOCK_R), k, splits)
+            grid = (triton.cdiv(9 * c, WGRAD_BLOCK_R), k, splits)
             _weight_grad[grid](
                 x, g, partial, p, h, w, c, o, per_split,
-                BLOCK_P=WGRAD_BLOCK_P, BLOCK_R=BLOCK_R, BLOCK_O=_block(o),
+                BLOCK_P=WGRAD_BLOCK_P, BLOCK_R=WGRAD_BLOCK_R, BLOCK_O=_block(o),
                 PRECISION=_precision(x), num_warps=NUM_WARPS,
             )  # fmt: skip
             # (K, 9·C, O) rows (i, j, c) → (K, O, C, 3, 3)
             dw = partial.sum(0).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).contiguous()
         if ctx.needs_input_grad[2]:
             db = g.sum(dim=(1, 2, 3))
-        return dx, dw, db
+        return dx, dw, db, None
 
 
-def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def conv3x3(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool = False
+) -> torch.Tensor:
     """K models' 3×3 convolutions (stride 1, padding 1) of their own inputs, with autograd.
 
     Args:
         x: (K, B, H, W, C) channels-last inputs, model k's batch in ``x[k]``.
         weight: (K, O, C, 3, 3), model k's ``nn.Conv2d`` weight in ``weight[k]``.
         bias: (K, O).
+        relu: apply a ReLU to the result, in the same kernel (one pass over the output
+            instead of three: the product, the bias add, the ReLU).
 
     Returns:
         (K, B, H, W, O), channels-last: ``out[k]`` equals
-        ``conv2d(x[k] as NCHW, weight[k], bias[k], padding=1)`` in NHWC.
+        ``conv2d(x[k] as NCHW, weight[k], bias[k], padding=1)`` in NHWC (then ``relu``).
     """
     if x.dim() != 5 or weight.dim() != 5 or weight.shape[-2:] != (3, 3):
         raise ValueError(
@@ -252,7 +278,7 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
             f"conv3x3: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree in models "
             "or input channels"
         )
-    return _Conv3x3.apply(x.contiguous(), weight, bias)
+    return _Conv3x3.apply(x.contiguous(), weight, bias, relu)
 
 
 def _pool(h: torch.Tensor, pool) -> torch.Tensor:
@@ -276,7 +302,7 @@ def cnn_forward(params: dict[str, torch.Tensor], x: torch.Tensor, channels: int)
     h = x.permute(0, 1, 3, 4, 2).contiguous()  # (K, B, H, W, C)
     for i in range(channels):
         layer = f"net.{3 * i}"
-        h = conv3x3(h, params[f"{layer}.weight"], params[f"{layer}.bias"]).relu_()
+        h = conv3x3(h, params[f"{layer}.weight"], params[f"{layer}.bias"], relu=True)
         h = _pool(h, lambda t: F.max_pool2d(t, 2, ceil_mode=True))
     k, b = h.shape[:2]
     h = _pool(h, lambda t: F.adaptive_avg_pool2d(t, 2))  # (K, B, 2, 2, C)
