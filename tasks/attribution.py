@@ -63,6 +63,7 @@ def _train_chunk_remote(
     tf32: bool = False,
     cpu_parallel: str = "models",
     cpu_block_mib: float = 8.0,
+    conv_kernel: str = "vmap",
 ):
     import torch
 
@@ -71,7 +72,7 @@ def _train_chunk_remote(
     t0 = time.perf_counter()
     out = train_chunk(
         StoreSpec(**spec), start, stop, X, y, targets_X, base_mask, device, cpu_parallel,
-        cpu_block_mib,
+        cpu_block_mib, conv_kernel,
     )  # fmt: skip
     out["task_seconds"] = time.perf_counter() - t0
     out["node_id"] = ray.get_runtime_context().get_node_id()
@@ -103,7 +104,10 @@ def run_store(
     refs = [ray.put(a) for a in (X, y, targets_X, base_mask)]
     slots = task_slots(cfg)
     remote = _train_chunk_remote.options(**task_options(cfg))
-    extra = (cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32, cfg.cpu_parallel, cfg.cpu_block_mib)
+    extra = (
+        cfg.cpus_per_task, cfg.gpus_per_task, cfg.tf32, cfg.cpu_parallel, cfg.cpu_block_mib,
+        cfg.conv_kernel,
+    )  # fmt: skip
     queue = list(pending)
     in_flight: dict[Any, tuple[int, int]] = {}
     chunks = []

@@ -10,6 +10,8 @@ and agree with CPU-trained chunks. The module's 2-CPU Ray also runs a chunk task
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -72,6 +74,28 @@ def test_gpus_per_task_is_validated_by_the_section():
     with pytest.raises(ConfigError, match=r"^ray\.gpus_per_task: must be >= 0"):
         parse_section(RayConfig, {"gpus_per_task": -0.5}, "ray")
     assert RayConfig().gpus_per_task == 0 and RayConfig().tf32 is False  # CPU users: unchanged
+
+
+def test_conv_kernel_is_validated_by_the_section():
+    assert RayConfig().conv_kernel == "vmap"  # CPU users: unchanged
+    cfg = parse_section(RayConfig, {"gpus_per_task": 0.5, "conv_kernel": "triton"}, "ray")
+    assert cfg.conv_kernel == "triton"
+    with pytest.raises(ConfigError, match=r"^ray\.conv_kernel: triton runs on GPU tasks only"):
+        parse_section(RayConfig, {"conv_kernel": "triton"}, "ray")
+    with pytest.raises(ConfigError, match=r"^ray\.conv_kernel: "):
+        parse_section(RayConfig, {"gpus_per_task": 1, "conv_kernel": "cudnn"}, "ray")
+
+
+def test_chunk_task_hands_conv_kernel_to_the_trainer(monkeypatch):
+    """The chunk task's body (as Ray runs it) passes ``ray.conv_kernel`` down to
+    ``train_ensemble``: a kernel the trainer does not know is refused there, by name."""
+    from tasks.attribution import _train_chunk_remote
+
+    X, y, targets = _data()
+    spec = dataclasses.asdict(_spec(model={"name": "cnn", "channels": [2, 3]}))
+    body = _train_chunk_remote._function  # the plain function under @ray.remote
+    with pytest.raises(ValueError, match="conv_kernel must be one of .* got 'cudnn'"):
+        body(spec, 0, 2, X, y, targets, None, 1, 0.0, False, "models", 8.0, "cudnn")
 
 
 @pytest.fixture(scope="module")

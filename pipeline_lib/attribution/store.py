@@ -157,9 +157,10 @@ def train_chunk(
     device: torch.device | None = None,
     cpu_parallel: str = "models",
     cpu_block_mib: float = 8.0,
+    conv_kernel: str = "vmap",
 ) -> dict[str, Any]:
     """Train models [start, stop) with the ensemble trainer on ``device`` (default CPU;
-    ``cpu_parallel`` and ``cpu_block_mib`` as in
+    ``cpu_parallel``, ``cpu_block_mib`` and ``conv_kernel`` as in
     :func:`~pipeline_lib.training.ensemble.train_ensemble`); return their masks (bool),
     seeds, outputs on the targets (K, T, C) and the seconds spent inside the trainer (wall
     clock, and this process's CPU time: on a busy machine the two differ)."""
@@ -188,6 +189,7 @@ def train_chunk(
         device,
         cpu_parallel=cpu_parallel,
         cpu_block_mib=cpu_block_mib,
+        conv_kernel=conv_kernel,
     )
     outputs = ensemble_logits(
         model_cfg,

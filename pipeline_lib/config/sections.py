@@ -130,6 +130,12 @@ class RayConfig:
     #: (faster; results then differ from float32 by ~1e-3 relative). false: full float32,
     #: cuDNN's TF32 default included.
     tf32: Bool = False
+    #: How GPU tasks run the registry CNN's convolutions when training stores: ``vmap``
+    #: (one grouped convolution of groups=K per layer, which cuDNN runs as one kernel per
+    #: model) or ``triton`` (one Triton implicit-GEMM launch per layer for all the task's
+    #: models; needs the triton package and ``gpus_per_task`` > 0; same models to float
+    #: rounding). Other architectures ignore it.
+    conv_kernel: Literal["vmap", "triton"] = "vmap"
 
     @model_validator(mode="after")
     def _whole_gpus_above_one(self) -> RayConfig:
@@ -138,6 +144,11 @@ class RayConfig:
             raise ConfigError(
                 f"must be a fraction of one GPU or a whole number of GPUs, got {g:g}",
                 key="gpus_per_task",
+            )
+        if self.conv_kernel == "triton" and g == 0:
+            raise ConfigError(
+                "triton runs on GPU tasks only: set ray.gpus_per_task > 0, or use vmap",
+                key="conv_kernel",
             )
         return self
 
