@@ -16,8 +16,11 @@ forward/backward of SmallCNN 16-32 on (K, B, 1, 28, 28) with autograd:
 - ``unfold-bmm``: each convolution as ``unfold`` (im2col) and one batched matrix product over
   the K models, activations kept channels-last;
 - ``triton``: the trainer's ``conv_kernel="triton"``, one Triton implicit-GEMM launch per
-  convolution for all K models (pipeline_lib/training/ensemble_conv.py). After the table,
-  its tile settings are swept and its kernels profiled.
+  convolution for all K models, bias and ReLU in the kernel, the ReLU's backward rule
+  applied to the pooled gradient (pipeline_lib/training/ensemble_conv.py). After the
+  table, its tile settings are swept and its kernels profiled;
+- ``triton-unfused-pool``: the same convolutions with torch's max-pooling and a full-size
+  ReLU backward, to show what the pooled rule saves.
 
 First each variant's loss and gradients are compared with ``vmap``'s in float32 (TF32 off);
 then milliseconds per step (forward + backward, steady state) are printed, TF32 on, with
@@ -137,6 +140,22 @@ def triton_sweep(step, device: torch.device, quick: bool) -> None:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
 
 
+def triton_unfused(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """x (K, B, 1, H, W) → logits (K, B, C): the Triton convolutions (bias and ReLU in the
+    kernel) with torch's max-pooling and ReLU backward as separate full-size passes: the
+    trainer's path before the pooled ReLU rule (ensemble_conv._ConvReluPool)."""
+    from pipeline_lib.training import ensemble_conv as ec
+
+    k, b = x.shape[:2]
+    h = x.permute(0, 1, 3, 4, 2).contiguous()
+    for conv in ("net.0", "net.3"):
+        h = ec.conv3x3(h, p[f"{conv}.weight"], p[f"{conv}.bias"], relu=True)
+        h = ec._pool(h, lambda t: F.max_pool2d(t, 2, ceil_mode=True))
+    h = ec._pool(h, lambda t: F.adaptive_avg_pool2d(t, 2))
+    h = h.permute(0, 1, 4, 2, 3).reshape(k, b, -1)
+    return _head(h, p, k, b)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cuda")
@@ -164,6 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "grouped-cl": lambda p, x: grouped(p, x, True),
         "unfold-bmm": unfold_bmm,
         "triton": lambda p, x: tritoned(p, x).transpose(1, 2),
+        "triton-unfused-pool": triton_unfused,
     }
 
     def step(fn, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:

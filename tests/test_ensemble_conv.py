@@ -46,15 +46,24 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ATOL = 1e-12
 
 
-def _reference(x, w, b, relu=False):
-    """Per model, torch's convolution: (K, B, H, W, C) → (K, B, H, W, O)."""
-    out = torch.stack(
-        [
-            F.conv2d(x[k].permute(0, 3, 1, 2), w[k], b[k], padding=1).permute(0, 2, 3, 1)
-            for k in range(len(x))
-        ]
-    )
-    return F.relu(out) if relu else out
+def _reference(x, w, b, mode="linear"):
+    """Per model, torch's convolution (then ReLU, then 2×2 max-pooling, by ``mode``):
+    (K, B, H, W, C) → (K, B, H', W', O)."""
+    outs = []
+    for k in range(len(x)):
+        out = F.conv2d(x[k].permute(0, 3, 1, 2), w[k], b[k], padding=1)
+        if mode != "linear":
+            out = F.relu(out)
+        if mode == "relu-pool":
+            out = F.max_pool2d(out, 2, ceil_mode=True)
+        outs.append(out.permute(0, 2, 3, 1))
+    return torch.stack(outs)
+
+
+def _ours(x, w, b, mode):
+    if mode == "relu-pool":
+        return ensemble_conv.conv3x3_relu_pool(x, w, b)
+    return ensemble_conv.conv3x3(x, w, b, relu=mode == "relu")
 
 
 def _leaves(*shapes, dtype=torch.float64, seed=0):
@@ -67,19 +76,23 @@ def _leaves(*shapes, dtype=torch.float64, seed=0):
 CASES = [(3, 2, 8, 8, 1, 4), (2, 3, 5, 7, 4, 8), (2, 1, 6, 6, 16, 32)]
 
 
-@pytest.mark.parametrize("relu", [False, True], ids=["linear", "relu"])
+@pytest.mark.parametrize("mode", ["linear", "relu", "relu-pool"])
 @pytest.mark.parametrize("case", CASES, ids=["c1", "c4-odd", "c16"])
-def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, relu, monkeypatch):
+def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, mode, monkeypatch):
+    """conv3x3 (with and without its ReLU) and conv3x3_relu_pool, whose backward applies
+    the ReLU's rule to the pooled gradient; "c4-odd" pools a 5×7 image (partial windows)."""
     k, b, h, w, c, o = case
     # several partial sums of the weight gradient, none a multiple of the tile
     monkeypatch.setattr(ensemble_conv, "WGRAD_POSITIONS_PER_SPLIT", 24)
     x, wt, bias = _leaves((k, b, h, w, c), (k, o, c, 3, 3), (k, o))
     x2, wt2, bias2 = (t.detach().clone().requires_grad_() for t in (x, wt, bias))
-    out = ensemble_conv.conv3x3(x, wt, bias, relu=relu)
-    ref = _reference(x2, wt2, bias2, relu)
-    if relu:  # the ReLU is on for some outputs and off for others
-        assert 0.2 < float((ref > 0).double().mean()) < 0.8
-    assert out.shape == (k, b, h, w, o)
+    out = _ours(x, wt, bias, mode)
+    ref = _reference(x2, wt2, bias2, mode)
+    if mode != "linear":  # the ReLU is on for some outputs and off for others (pooled: some
+        # windows are all off, which the pooled ReLU rule must zero)
+        assert 0.0 < float((ref > 0).double().mean()) < 1.0
+    pooled = mode == "relu-pool"
+    assert out.shape == (k, b, -(-h // 2) if pooled else h, -(-w // 2) if pooled else w, o)
     torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
     out.backward(g.to(DEVICE))

@@ -228,28 +228,84 @@ class _Conv3x3(torch.autograd.Function):
         if ctx.relu:  # through the ReLU first: zero where it was off (autograd's own rule)
             g = torch.ops.aten.threshold_backward(g, out, 0)
         g = g.contiguous()
-        k, o, c = weight.shape[:3]
-        b, h, w = x.shape[1:4]
-        dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            # dx = conv(g, W'), W'[c, o, i, j] = W[o, c, 2 − i, 2 − j]
-            dx = _gemm(g, _rows(weight.flip(3, 4).transpose(1, 2)), c)
-        if ctx.needs_input_grad[1]:
-            p = b * h * w
-            per_split = WGRAD_POSITIONS_PER_SPLIT
-            splits = triton.cdiv(p, per_split)
-            partial = torch.empty(splits, k, 9 * c, o, dtype=x.dtype, device=x.device)
-            grid = (triton.cdiv(9 * c, WGRAD_BLOCK_R), k, splits)
-            _weight_grad[grid](
-                x, g, partial, p, h, w, c, o, per_split,
-                BLOCK_P=WGRAD_BLOCK_P, BLOCK_R=WGRAD_BLOCK_R, BLOCK_O=_block(o),
-                PRECISION=_precision(x), num_warps=NUM_WARPS,
-            )  # fmt: skip
-            # (K, 9·C, O) rows (i, j, c) → (K, O, C, 3, 3)
-            dw = partial.sum(0).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).contiguous()
-        if ctx.needs_input_grad[2]:
-            db = g.sum(dim=(1, 2, 3))
+        dx, dw = _input_and_weight_grads(ctx.needs_input_grad, x, weight, g)
+        db = g.sum(dim=(1, 2, 3)) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+def _input_and_weight_grads(
+    needs: tuple[bool, ...], x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """dx and dW of the convolution from ``g`` (K, B, H, W, O) contiguous, the gradient of
+    its output before any ReLU; each only if ``needs[0]`` / ``needs[1]``."""
+    k, o, c = weight.shape[:3]
+    b, h, w = x.shape[1:4]
+    dx = dw = None
+    if needs[0]:
+        # dx = conv(g, W'), W'[c, o, i, j] = W[o, c, 2 − i, 2 − j]
+        dx = _gemm(g, _rows(weight.flip(3, 4).transpose(1, 2)), c)
+    if needs[1]:
+        p = b * h * w
+        per_split = WGRAD_POSITIONS_PER_SPLIT
+        splits = triton.cdiv(p, per_split)
+        partial = torch.empty(splits, k, 9 * c, o, dtype=x.dtype, device=x.device)
+        grid = (triton.cdiv(9 * c, WGRAD_BLOCK_R), k, splits)
+        _weight_grad[grid](
+            x, g, partial, p, h, w, c, o, per_split,
+            BLOCK_P=WGRAD_BLOCK_P, BLOCK_R=WGRAD_BLOCK_R, BLOCK_O=_block(o),
+            PRECISION=_precision(x), num_warps=NUM_WARPS,
+        )  # fmt: skip
+        # (K, 9·C, O) rows (i, j, c) → (K, O, C, 3, 3)
+        dw = partial.sum(0).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).contiguous()
+    return dx, dw
+
+
+class _ConvReluPool(torch.autograd.Function):
+    """conv3x3 → ReLU → 2×2 max-pooling (``ceil_mode``), one layer of the registry CNN.
+
+    Forward: the convolution with its bias and ReLU in one kernel, then torch's max-pooling
+    with indices. Backward: the ReLU's rule is applied to the *pooled* gradient. That is
+    exact: the pooling sends each pooled gradient to one position of its window, the one
+    holding the window's maximum, whose ReLU output is the pooled value y; so the ReLU
+    passes it exactly when y > 0, and every other position gets 0 either way. This saves
+    the full-size ReLU pass (its read of the gradient and the output, its write), 4× larger
+    than the pooled one; the bias gradient is summed over the pooled gradient too (the
+    same values, fewer of them: the other positions are zeros).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        out = _gemm(x, _rows(weight), weight.shape[1], bias, relu=True)  # (K, B, H, W, O)
+        k, b, h, w, o = out.shape
+        y, idx = F.max_pool2d(
+            out.view(k * b, h, w, o).permute(0, 3, 1, 2), 2, ceil_mode=True, return_indices=True
+        )  # NCHW views of channels-last memory
+        ctx.save_for_backward(x, weight, out, y, idx)
+        return y.permute(0, 2, 3, 1).contiguous().view(k, b, *y.shape[2:], o)
+
+    @staticmethod
+    def backward(ctx, gy: torch.Tensor):
+        x, weight, out, y, idx = ctx.saved_tensors
+        k, b, h, w, o = out.shape
+        gy = gy.contiguous().view(k * b, *y.shape[2:], o).permute(0, 3, 1, 2)
+        gp = torch.ops.aten.threshold_backward(gy, y, 0)  # the ReLU's rule, pooled
+        g = torch.ops.aten.max_pool2d_with_indices_backward(
+            gp, out.view(k * b, h, w, o).permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0], [1, 1],
+            True, idx,
+        )  # fmt: skip
+        g = g.permute(0, 2, 3, 1).contiguous().view(k, b, h, w, o)
+        dx, dw = _input_and_weight_grads(ctx.needs_input_grad, x, weight, g)
+        db = gp.reshape(k, b, o, -1).sum(dim=(1, 3)) if ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
+def conv3x3_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``max_pool2d(relu(conv3x3(x, weight, bias)), 2, ceil_mode=True)`` per model, with
+    autograd (:class:`_ConvReluPool`): (K, B, H, W, C) → (K, B, ⌈H/2⌉, ⌈W/2⌉, O)."""
+    _check_shapes(x, weight)
+    return _ConvReluPool.apply(x.contiguous(), weight, bias)
 
 
 def conv3x3(
@@ -268,6 +324,11 @@ def conv3x3(
         (K, B, H, W, O), channels-last: ``out[k]`` equals
         ``conv2d(x[k] as NCHW, weight[k], bias[k], padding=1)`` in NHWC (then ``relu``).
     """
+    _check_shapes(x, weight)
+    return _Conv3x3.apply(x.contiguous(), weight, bias, relu)
+
+
+def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dim() != 5 or weight.dim() != 5 or weight.shape[-2:] != (3, 3):
         raise ValueError(
             f"conv3x3: x (K, B, H, W, C) and weight (K, O, C, 3, 3), got {tuple(x.shape)} "
@@ -278,7 +339,6 @@ def conv3x3(
             f"conv3x3: x {tuple(x.shape)} and weight {tuple(weight.shape)} disagree in models "
             "or input channels"
         )
-    return _Conv3x3.apply(x.contiguous(), weight, bias, relu)
 
 
 def _pool(h: torch.Tensor, pool) -> torch.Tensor:
@@ -302,8 +362,7 @@ def cnn_forward(params: dict[str, torch.Tensor], x: torch.Tensor, channels: int)
     h = x.permute(0, 1, 3, 4, 2).contiguous()  # (K, B, H, W, C)
     for i in range(channels):
         layer = f"net.{3 * i}"
-        h = conv3x3(h, params[f"{layer}.weight"], params[f"{layer}.bias"], relu=True)
-        h = _pool(h, lambda t: F.max_pool2d(t, 2, ceil_mode=True))
+        h = conv3x3_relu_pool(h, params[f"{layer}.weight"], params[f"{layer}.bias"])
     k, b = h.shape[:2]
     h = _pool(h, lambda t: F.adaptive_avg_pool2d(t, 2))  # (K, B, 2, 2, C)
     h = h.permute(0, 1, 4, 2, 3).reshape(k, b, -1)  # (K, B, C·4), c·4 + i·2 + j
