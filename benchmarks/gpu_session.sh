@@ -36,8 +36,8 @@ for s in $STEPS; do
       --model cnn --device cuda --max-test 2000 --fraction 0.01 --fd-variant retain_sample_multiple=3.0 ;;
     pytest_gpu) step 150 pytest_gpu python3 -m pytest -q -p no:cacheprovider -m gpu \
       tests/test_ensemble.py tests/test_methods_cuda.py ;;
-    # the Triton ensemble convolution compiled for the card: every test of its file, float64
-    # against conv2d and the trainer, then float32 (the `gpu` test); needs torch's triton
+    # the Triton ensemble convolution compiled for the card: every test of its file, in
+    # float32 with TF32 off, against conv2d, the vmap path and the trainer; needs triton
     conv_tests) step 150 conv_tests python3 -m pytest -q -p no:cacheprovider -m "not slow" \
       tests/test_ensemble_conv.py ;;
     gpu_ensemble) step 330 gpu_ensemble python3 -m benchmarks.gpu_ensemble --budget 200 \

@@ -26,7 +26,8 @@ such products:
 The bias and an optional ReLU are added in the forward kernel itself (``relu=True``); the
 backward pass then starts with autograd's ReLU rule on the saved output.
 
-Precision: the products accumulate in the output's dtype (float32 or float64). In float32
+Precision: the products accumulate in the output's dtype: float32 (float64 in Triton's
+interpreter only: ``tl.dot`` has had no float64 on cards in every Triton version). In float32
 ``tl.dot`` uses TF32 unless ``input_precision="ieee"``; :func:`conv3x3` passes "tf32" exactly
 when ``torch.backends.cuda.matmul.allow_tf32`` is on, as the trainer's other products do.
 
@@ -329,6 +330,10 @@ def conv3x3(
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
+    if x.dtype != torch.float32 and not (INTERPRETED and x.dtype == torch.float64):
+        raise ValueError(
+            f"conv3x3: float32 inputs (float64 only in Triton's interpreter), got {x.dtype}"
+        )
     if x.dim() != 5 or weight.dim() != 5 or weight.shape[-2:] != (3, 3):
         raise ValueError(
             f"conv3x3: x (K, B, H, W, C) and weight (K, O, C, 3, 3), got {tuple(x.shape)} "
