@@ -20,7 +20,10 @@ forward/backward of SmallCNN 16-32 on (K, B, 1, 28, 28) with autograd:
   applied to the pooled gradient (pipeline_lib/training/ensemble_conv.py). After the
   table, its tile settings are swept and its kernels profiled;
 - ``triton-unfused-pool``: the same convolutions with torch's max-pooling and a full-size
-  ReLU backward, to show what the pooled rule saves.
+  ReLU backward, to show what the pooled rule saves;
+- ``triton-unpool``: ``triton`` with ``ensemble_conv.UNPOOL_IN_KERNELS``: the backward's
+  kernels read the pooled gradient and max-pooling's argmax instead of the full-size
+  gradient that torch's max-pooling backward writes.
 
 First each variant's loss and gradients are compared with ``vmap``'s in float32 (TF32 off);
 then milliseconds per step (forward + backward, steady state) are printed, TF32 on, with
@@ -184,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
         "unfold-bmm": unfold_bmm,
         "triton": lambda p, x: tritoned(p, x).transpose(1, 2),
         "triton-unfused-pool": triton_unfused,
+        # the same forward as "triton"; its backward reads the pooled gradient and the
+        # argmax in the kernels (ensemble_conv.UNPOOL_IN_KERNELS, set below for this variant)
+        "triton-unpool": lambda p, x: tritoned(p, x).transpose(1, 2),
     }
+    from pipeline_lib.training import ensemble_conv as ec
 
     def step(fn, i: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         for t in params.values():
@@ -205,6 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     print("float32 (TF32 off), vs vmap: max |Δ| / max |ref| of loss and of every gradient")
     ok = {}
     for name, fn in variants.items():
+        ec.UNPOOL_IN_KERNELS = name == "triton-unpool"
         loss, grads = step(fn, 0)
         rel = max(
             [float((loss - ref_loss).abs() / ref_loss.abs())]
@@ -220,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| variant | cudnn.benchmark off | on |")
     print("|---|---|---|")
     for name, fn in variants.items():
+        ec.UNPOOL_IN_KERNELS = name == "triton-unpool"
         cells = []
         for bench in (False, True):
             torch.backends.cudnn.benchmark = bench
@@ -238,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {name}{'' if ok[name] else ' (differs)'} | {cells[0]} | {cells[1]} |")
         sys.stdout.flush()
     torch.backends.cudnn.benchmark = False
+    ec.UNPOOL_IN_KERNELS = False
     if ok["triton"]:
         triton_sweep(lambda i: step(variants["triton"], i), device, quick=args.quick)
     set_tf32(False)

@@ -191,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda":  # Triton's interpreter on a CPU would take hours at these sizes
         rows_spec.append(("cnn", CNN, 256 // scale, 64, False, False, "triton"))
         rows_spec.append(("cnn", CNN, 256 // scale, 64, True, False, "triton"))
+        # ensemble_conv.UNPOOL_IN_KERNELS: the backward reads the pooled gradient and argmax
+        rows_spec.append(("cnn", CNN, 256 // scale, 64, True, False, "triton-unpool"))
     if args.before:
         rows_spec.insert(0, ("mlp", MLP, 1024 // scale, 64, False, False, "before"))
     if not args.no_compile:
@@ -285,12 +287,16 @@ def main(argv: list[str] | None = None) -> None:
                 device,
             )
 
-            kernel = {"conv_kernel": "triton"} if variant == "triton" else {}
+            kernel = {"conv_kernel": "triton"} if variant.startswith("triton") else {}
+            if variant.startswith("triton"):
+                from pipeline_lib.training import ensemble_conv
+
+                ensemble_conv.UNPOOL_IN_KERNELS = variant == "triton-unpool"
 
             def run(cfg=cfg, k=k, masks=masks, settings=settings, comp=comp, fn=trainer, kw=kernel):
                 fn(cfg, SHAPE, N_CLASSES, X, y, masks, list(range(k)), settings, device, comp, **kw)
 
-            if comp or variant in ("cudnn.benchmark", "triton"):
+            if comp or variant == "cudnn.benchmark" or variant.startswith("triton"):
                 run()  # the first call compiles (torch.compile, Triton) or searches cuDNN's
                 # algorithms; time the second
             seconds = timed(run, device)

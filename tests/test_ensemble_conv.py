@@ -75,14 +75,14 @@ def _reference(x, w, b, mode="linear"):
         out = F.conv2d(x[k].permute(0, 3, 1, 2), w[k], b[k], padding=1)
         if mode != "linear":
             out = F.relu(out)
-        if mode == "relu-pool":
+        if mode.startswith("relu-pool"):
             out = F.max_pool2d(out, 2, ceil_mode=True)
         outs.append(out.permute(0, 2, 3, 1))
     return torch.stack(outs)
 
 
 def _ours(x, w, b, mode):
-    if mode == "relu-pool":
+    if mode.startswith("relu-pool"):
         return ensemble_conv.conv3x3_relu_pool(x, w, b)
     return ensemble_conv.conv3x3(x, w, b, relu=mode == "relu")
 
@@ -97,11 +97,14 @@ def _leaves(*shapes, dtype=DTYPE, seed=0):
 CASES = [(3, 2, 8, 8, 1, 4), (2, 3, 5, 7, 4, 8), (2, 1, 6, 6, 16, 32)]
 
 
-@pytest.mark.parametrize("mode", ["linear", "relu", "relu-pool"])
+@pytest.mark.parametrize("mode", ["linear", "relu", "relu-pool", "relu-pool-unpool"])
 @pytest.mark.parametrize("case", CASES, ids=["c1", "c4-odd", "c16"])
 def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, mode, monkeypatch):
     """conv3x3 (with and without its ReLU) and conv3x3_relu_pool, whose backward applies
-    the ReLU's rule to the pooled gradient; "c4-odd" pools a 5×7 image (partial windows)."""
+    the ReLU's rule to the pooled gradient, then either lets torch unpool it or has the
+    kernels read it through the argmax ("-unpool"); "c4-odd" pools a 5×7 image (partial
+    windows)."""
+    monkeypatch.setattr(ensemble_conv, "UNPOOL_IN_KERNELS", mode.endswith("-unpool"))
     k, b, h, w, c, o = case
     # several partial sums of the weight gradient, none a multiple of the tile
     monkeypatch.setattr(ensemble_conv, "WGRAD_POSITIONS_PER_SPLIT", 24)
@@ -112,7 +115,7 @@ def test_conv3x3_and_its_gradients_equal_conv2d_per_model(case, mode, monkeypatc
     if mode != "linear":  # the ReLU is on for some outputs and off for others (pooled: some
         # windows are all off, which the pooled ReLU rule must zero)
         assert 0.0 < float((ref > 0).double().mean()) < 1.0
-    pooled = mode == "relu-pool"
+    pooled = mode.startswith("relu-pool")
     assert out.shape == (k, b, -(-h // 2) if pooled else h, -(-w // 2) if pooled else w, o)
     _close(out, ref)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype)
@@ -162,8 +165,10 @@ NETS = [((1, 8, 8), ModelConfig(name="cnn", channels=(4, 8))),
         ((1, 10, 10), ModelConfig(name="cnn", channels=(2, 3, 4)))]  # fmt: skip
 
 
+@pytest.mark.parametrize("unpool", [False, True], ids=["torch-unpool", "kernel-unpool"])
 @pytest.mark.parametrize("shape,cfg", NETS, ids=["digits", "three-layers"])
-def test_cnn_forward_and_gradients_equal_the_vmap_path(shape, cfg):
+def test_cnn_forward_and_gradients_equal_the_vmap_path(shape, cfg, unpool, monkeypatch):
+    monkeypatch.setattr(ensemble_conv, "UNPOOL_IN_KERNELS", unpool)
     k, b, n_classes = 3, 5, 10
     template = build_model(cfg, shape, n_classes, 0)
     stacked = ensemble._init_stacked(template, [4, 9, 2])
@@ -198,9 +203,11 @@ def _data(dtype):
     return X, y, masks
 
 
-def test_trainer_with_triton_convolutions_equals_models_trained_alone():
+@pytest.mark.parametrize("unpool", [False, True], ids=["torch-unpool", "kernel-unpool"])
+def test_trainer_with_triton_convolutions_equals_models_trained_alone(unpool, monkeypatch):
     """Two epochs of Adam, batch 8 over 20 samples (a partial last batch), on the device,
     against each model trained alone by fit on the CPU."""
+    monkeypatch.setattr(ensemble_conv, "UNPOOL_IN_KERNELS", unpool)
     X, y, masks = _data(DTYPE)
     seeds = [11, 5, 23]
     stacked = train_ensemble(

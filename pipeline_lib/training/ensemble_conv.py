@@ -51,6 +51,11 @@ WGRAD_BLOCK_R = 16  # weight-gradient rows per program (each such block re-reads
 WGRAD_BLOCK_P = 64  # positions per reduction step of the weight gradient
 WGRAD_POSITIONS_PER_SPLIT = 4096  # positions summed by one weight-gradient program
 NUM_WARPS = 4  # per program, both kernels
+# conv → ReLU → pool's backward: False, torch's max-pooling backward writes the full-size
+# gradient, which the kernels read; True, the kernels read the pooled gradient and the
+# argmax instead (nothing full-size written). The same values; which is faster is for
+# `python -m benchmarks.gpu_cnn_variants` (variant `triton-unpool`) to tell.
+UNPOOL_IN_KERNELS = False
 
 
 def _block(n: int) -> int:
@@ -60,7 +65,8 @@ def _block(n: int) -> int:
 
 @triton.jit
 def _implicit_gemm(
-    x_ptr,  # (K, B, H, W, C) contiguous
+    x_ptr,  # (K, B, H, W, C) contiguous; with UNPOOL the pooled (K, B, H2, W2, C)
+    idx_ptr,  # with UNPOOL: (K, B, H2, W2, C) int64, max-pooling's argmax h·W + w per window
     w_ptr,  # (K, 9·C, O) contiguous: Wr
     bias_ptr,  # (K, O) contiguous, read when HAS_BIAS
     out_ptr,  # (K, B, H, W, O) contiguous
@@ -69,15 +75,22 @@ def _implicit_gemm(
     W,
     C,
     O,  # noqa: E741
+    Q,  # with UNPOOL: B·H2·W2 pooled positions per model
+    H2,
+    W2,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
     PRECISION: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     RELU: tl.constexpr,
+    UNPOOL: tl.constexpr,
 ):
     """out[k, p, :] = Σ_r A_k[p, r] Wr[k, r, :] (+ bias[k, :]) (then ReLU) for BLOCK_P
-    positions p of model k: the bias and the ReLU in the same pass as the product."""
+    positions p of model k: the bias and the ReLU in the same pass as the product.
+
+    UNPOOL: x is not stored; its value at (b, h, w, c) is the pooled x at its window if the
+    window's argmax is (h, w), else 0 (what max-pooling's backward would have written)."""
     k = tl.program_id(1).to(tl.int64)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_ok = p < P
@@ -99,9 +112,15 @@ def _implicit_gemm(
         ww = w_at[:, None] + (tap % 3 - 1)[None, :]
         inside = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
         a_ok = p_ok[:, None] & r_ok[None, :] & inside
-        a = tl.load(
-            x_k + ((b_at[:, None] * H + hh) * W + ww) * C + c[None, :], mask=a_ok, other=0.0
-        )
+        if UNPOOL:
+            q = ((b_at[:, None] * H2 + hh // 2) * W2 + ww // 2) * C + c[None, :]
+            v = tl.load(x_ptr + k * Q * C + q, mask=a_ok, other=0.0)
+            arg = tl.load(idx_ptr + k * Q * C + q, mask=a_ok, other=-1)
+            a = tl.where(arg == hh * W + ww, v, 0.0)
+        else:
+            a = tl.load(
+                x_k + ((b_at[:, None] * H + hh) * W + ww) * C + c[None, :], mask=a_ok, other=0.0
+            )
         wt = tl.load(
             w_k + r[:, None] * O + o[None, :], mask=r_ok[:, None] & o_ok[None, :], other=0.0
         )
@@ -120,20 +139,26 @@ def _implicit_gemm(
 @triton.jit
 def _weight_grad(
     x_ptr,  # (K, B, H, W, C) contiguous
-    g_ptr,  # (K, B, H, W, O) contiguous
+    g_ptr,  # (K, B, H, W, O) contiguous; with UNPOOL the pooled (K, B, H2, W2, O)
+    idx_ptr,  # with UNPOOL: (K, B, H2, W2, O) int64, max-pooling's argmax h·W + w
     out_ptr,  # (S, K, 9·C, O) contiguous: partial sums of dWr, one per split
     P,
     H,
     W,
     C,
     O,  # noqa: E741
+    Q,  # with UNPOOL: B·H2·W2
+    H2,
+    W2,
     POSITIONS_PER_SPLIT,
     BLOCK_P: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_O: tl.constexpr,
     PRECISION: tl.constexpr,
+    UNPOOL: tl.constexpr,
 ):
-    """out[s, k, r, :] = Σ_{p in split s} A_k[p, r] g[k, p, :] for BLOCK_R rows r."""
+    """out[s, k, r, :] = Σ_{p in split s} A_k[p, r] g[k, p, :] for BLOCK_R rows r (UNPOOL:
+    g read through the pooling's argmax, as in :func:`_implicit_gemm`)."""
     k = tl.program_id(1).to(tl.int64)
     s = tl.program_id(2)
     K = tl.num_programs(1)
@@ -166,9 +191,14 @@ def _weight_grad(
         at = tl.load(
             x_k + ((b_at[None, :] * H + hh) * W + ww) * C + c[:, None], mask=at_ok, other=0.0
         )  # (BLOCK_R, BLOCK_P): the transposed tile of A_k
-        gt = tl.load(
-            g_k + p[:, None] * O + o[None, :], mask=p_ok[:, None] & o_ok[None, :], other=0.0
-        )
+        g_ok = p_ok[:, None] & o_ok[None, :]
+        if UNPOOL:
+            q = ((b_at * H2 + h_at // 2) * W2 + w_at // 2)[:, None] * O + o[None, :]
+            v = tl.load(g_ptr + k * Q * O + q, mask=g_ok, other=0.0)
+            arg = tl.load(idx_ptr + k * Q * O + q, mask=g_ok, other=-1)
+            gt = tl.where(arg == (h_at * W + w_at)[:, None], v, 0.0)
+        else:
+            gt = tl.load(g_k + p[:, None] * O + o[None, :], mask=g_ok, other=0.0)
         acc += tl.dot(at, gt, input_precision=PRECISION)
     tl.store(
         out_ptr + ((s * K + k) * R + r[:, None]) * O + o[None, :],
@@ -190,18 +220,25 @@ def _precision(t: torch.Tensor) -> str:
 
 def _gemm(
     x: torch.Tensor, wr: torch.Tensor, o: int, bias: torch.Tensor | None = None,
-    relu: bool = False,
+    relu: bool = False, unpool: tuple[torch.Tensor, int, int] | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """(K, B, H, W, C) channels-last x, (K, 9·C, O) weights → (K, B, H, W, O), with the
-    (K, O) bias added and the ReLU applied in the kernel when given."""
+    (K, O) bias added and the ReLU applied in the kernel when given. ``unpool=(idx, H, W)``:
+    x is a pooled (K, B, H2, W2, C) gradient and ``idx`` its argmax (same shape); the
+    kernel reads the unpooled (K, B, H, W, C) it stands for without it being written."""
     k, b, h, w, c = x.shape
+    idx, h2, w2 = x, 1, 1  # (idx, H2, W2 unused without unpool)
+    if unpool is not None:
+        h2, w2 = h, w  # x is pooled: its sides are H2, W2
+        idx, h, w = unpool
     out = torch.empty(k, b, h, w, o, dtype=x.dtype, device=x.device)
     p = b * h * w
     grid = (triton.cdiv(p, BLOCK_P), k)
     _implicit_gemm[grid](
-        x, wr, out if bias is None else bias.contiguous(), out, p, h, w, c, o,
+        x, idx, wr, out if bias is None else bias.contiguous(), out, p, h, w, c, o,
+        b * h2 * w2, h2, w2,
         BLOCK_P=BLOCK_P, BLOCK_R=BLOCK_R, BLOCK_O=_block(o), PRECISION=_precision(x),
-        HAS_BIAS=bias is not None, RELU=relu,
+        HAS_BIAS=bias is not None, RELU=relu, UNPOOL=unpool is not None,
         num_warps=NUM_WARPS,
     )  # fmt: skip
     return out
@@ -235,16 +272,21 @@ class _Conv3x3(torch.autograd.Function):
 
 
 def _input_and_weight_grads(
-    needs: tuple[bool, ...], x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    needs: tuple[bool, ...], x: torch.Tensor, weight: torch.Tensor, g: torch.Tensor,
+    idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
     """dx and dW of the convolution from ``g`` (K, B, H, W, O) contiguous, the gradient of
-    its output before any ReLU; each only if ``needs[0]`` / ``needs[1]``."""
+    its output before any ReLU; each only if ``needs[0]`` / ``needs[1]``. With ``idx``, g
+    is the pooled gradient (K, B, H2, W2, O) and ``idx`` max-pooling's argmax (same shape):
+    the kernels read the full-size gradient through them instead."""
     k, o, c = weight.shape[:3]
     b, h, w = x.shape[1:4]
+    unpool = None if idx is None else (idx, h, w)
+    h2, w2 = g.shape[2:4]
     dx = dw = None
     if needs[0]:
         # dx = conv(g, W'), W'[c, o, i, j] = W[o, c, 2 − i, 2 − j]
-        dx = _gemm(g, _rows(weight.flip(3, 4).transpose(1, 2)), c)
+        dx = _gemm(g, _rows(weight.flip(3, 4).transpose(1, 2)), c, unpool=unpool)
     if needs[1]:
         p = b * h * w
         per_split = WGRAD_POSITIONS_PER_SPLIT
@@ -252,9 +294,10 @@ def _input_and_weight_grads(
         partial = torch.empty(splits, k, 9 * c, o, dtype=x.dtype, device=x.device)
         grid = (triton.cdiv(9 * c, WGRAD_BLOCK_R), k, splits)
         _weight_grad[grid](
-            x, g, partial, p, h, w, c, o, per_split,
+            x, g, g if idx is None else idx, partial, p, h, w, c, o, b * h2 * w2, h2, w2,
+            per_split,
             BLOCK_P=WGRAD_BLOCK_P, BLOCK_R=WGRAD_BLOCK_R, BLOCK_O=_block(o),
-            PRECISION=_precision(x), num_warps=NUM_WARPS,
+            PRECISION=_precision(x), UNPOOL=idx is not None, num_warps=NUM_WARPS,
         )  # fmt: skip
         # (K, 9·C, O) rows (i, j, c) → (K, O, C, 3, 3)
         dw = partial.sum(0).view(k, 3, 3, c, o).permute(0, 4, 3, 1, 2).contiguous()
@@ -292,12 +335,18 @@ class _ConvReluPool(torch.autograd.Function):
         k, b, h, w, o = out.shape
         gy = gy.contiguous().view(k * b, *y.shape[2:], o).permute(0, 3, 1, 2)
         gp = torch.ops.aten.threshold_backward(gy, y, 0)  # the ReLU's rule, pooled
-        g = torch.ops.aten.max_pool2d_with_indices_backward(
-            gp, out.view(k * b, h, w, o).permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0], [1, 1],
-            True, idx,
-        )  # fmt: skip
-        g = g.permute(0, 2, 3, 1).contiguous().view(k, b, h, w, o)
-        dx, dw = _input_and_weight_grads(ctx.needs_input_grad, x, weight, g)
+        if UNPOOL_IN_KERNELS:  # the kernels read the full-size gradient through idx
+            pooled = y.shape[2:]
+            g = gp.permute(0, 2, 3, 1).contiguous().view(k, b, *pooled, o)
+            arg = idx.permute(0, 2, 3, 1).contiguous().view(k, b, *pooled, o)
+            dx, dw = _input_and_weight_grads(ctx.needs_input_grad, x, weight, g, arg)
+        else:
+            g = torch.ops.aten.max_pool2d_with_indices_backward(
+                gp, out.view(k * b, h, w, o).permute(0, 3, 1, 2), [2, 2], [2, 2], [0, 0],
+                [1, 1], True, idx,
+            )  # fmt: skip
+            g = g.permute(0, 2, 3, 1).contiguous().view(k, b, h, w, o)
+            dx, dw = _input_and_weight_grads(ctx.needs_input_grad, x, weight, g)
         db = gp.reshape(k, b, o, -1).sum(dim=(1, 3)) if ctx.needs_input_grad[2] else None
         return dx, dw, db
 
