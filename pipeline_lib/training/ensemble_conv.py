@@ -25,16 +25,22 @@ such products:
 
 The bias and an optional ReLU are added in the forward kernel itself (``relu=True``); the
 backward pass then starts with autograd's ReLU rule on the saved output.
+:func:`conv3x3_relu_pool` (what :func:`cnn_forward` uses) adds the 2×2 max-pooling and
+applies the ReLU's rule to the pooled gradient instead, which is exact and 4× smaller
+(:class:`_ConvReluPool`); with :data:`UNPOOL_IN_KERNELS` the backward kernels also read the
+full-size gradient through the pooling's argmax rather than have it written.
 
-Precision: the products accumulate in the output's dtype: float32 (float64 in Triton's
-interpreter only: ``tl.dot`` has had no float64 on cards in every Triton version). In float32
-``tl.dot`` uses TF32 unless ``input_precision="ieee"``; :func:`conv3x3` passes "tf32" exactly
-when ``torch.backends.cuda.matmul.allow_tf32`` is on, as the trainer's other products do.
+Precision: the products accumulate in the output's dtype, float32. Float64 runs only in
+Triton's interpreter (the tests): a float64 ``tl.dot`` is not available on cards in every
+Triton version, so :func:`conv3x3` refuses it there. In float32 ``tl.dot`` uses TF32 unless
+``input_precision="ieee"``; the kernels get "tf32" exactly when
+``torch.backends.cuda.matmul.allow_tf32`` is on, as the trainer's other products do.
 
 Without a CUDA device the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1``
-is set as this module is first imported (:data:`INTERPRETED`) and at each launch, which is how the CPU test suite checks them against
-``torch.nn.functional.conv2d`` (tests/test_ensemble_conv.py). Their speed is a GPU
-matter: ``python -m benchmarks.gpu_cnn_variants``.
+is set as this module is first imported (:data:`INTERPRETED`) and at each launch; that is
+how the CPU test suite checks them against ``torch.nn.functional.conv2d``
+(tests/test_ensemble_conv.py). Their speed is a GPU matter:
+``python -m benchmarks.gpu_cnn_variants``.
 """
 
 from __future__ import annotations
