@@ -20,6 +20,17 @@ if TYPE_CHECKING:  # torch is imported where tensors are handled: `unlearn linea
     import torch
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists on this host (signal 0 probes without killing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, owned by another user
+    return True
+
+
 def _owner_tag() -> str:
     """``<pid>@<host>`` of this process, as written into atomic_path's temporary names."""
     host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
@@ -41,11 +52,10 @@ def stale_temps(folder: str | Path) -> list[Path]:
         if m is None or m["host"] != host:
             continue
         try:
-            os.kill(int(m["pid"]), 0)
-        except ProcessLookupError:
-            out.append(entry)
-        except (PermissionError, OverflowError):
-            pass  # alive (another user's), or not a pid
+            if not pid_alive(int(m["pid"])):
+                out.append(entry)
+        except OverflowError:
+            pass  # not a pid
     return out
 
 

@@ -44,6 +44,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, IntegrityError, ProgrammingError
 
+from pipeline_lib.io import pid_alive
 from pipeline_lib.service.lifecycle import (
     InvalidTransition,
     Status,
@@ -254,17 +255,6 @@ def ledger_url(mlflow_uri: str, override: str | None = None) -> str:
 def default_owner() -> str:
     """``host:pid`` of this process: who holds a claimed request."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host (signal 0 probes without killing)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # it exists, owned by another user
-    return True
 
 
 def _make_engine(url: str) -> Engine:

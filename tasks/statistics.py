@@ -25,7 +25,7 @@ from prefect.logging import get_logger, get_run_logger
 from pipeline_lib.config import FisherConfig, Params, to_dict
 from pipeline_lib.data.images import Prepared, load_prepared
 from pipeline_lib.data.requests import load_manifests
-from pipeline_lib.io import load_weights
+from pipeline_lib.io import load_weights, pid_alive
 from pipeline_lib.modalities.image import (
     fisher_config,
     fisher_split_ids,
@@ -71,15 +71,7 @@ def _host() -> str:
 def _alive(host: str, pid: int) -> bool:
     """Whether the process that wrote a shard directory may still be using it (another host's
     processes cannot be checked: assumed alive)."""
-    if host != _host():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host != _host() or pid_alive(pid)
 
 
 def sweep_shards(root: Path) -> list[Path]:
