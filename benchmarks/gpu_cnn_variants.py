@@ -149,14 +149,11 @@ def triton_unfused(p: Params, x: torch.Tensor) -> torch.Tensor:
     trainer's path before the pooled ReLU rule (ensemble_conv._ConvReluPool)."""
     from pipeline_lib.training import ensemble_conv as ec
 
-    k, b = x.shape[:2]
-    h = x.permute(0, 1, 3, 4, 2).contiguous()
-    for conv in ("net.0", "net.3"):
-        h = ec.conv3x3(h, p[f"{conv}.weight"], p[f"{conv}.bias"], relu=True)
-        h = ec._pool(h, lambda t: F.max_pool2d(t, 2, ceil_mode=True))
-    h = ec._pool(h, lambda t: F.adaptive_avg_pool2d(t, 2))
-    h = h.permute(0, 1, 4, 2, 3).reshape(k, b, -1)
-    return _head(h, p, k, b)
+    def layer(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        h = ec.conv3x3(h, w, bias, relu=True)
+        return ec._pool(h, lambda t: F.max_pool2d(t, 2, ceil_mode=True))
+
+    return ec.cnn_forward(p, x, 2, layer).transpose(1, 2)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -45,6 +45,8 @@ how the CPU test suite checks them against ``torch.nn.functional.conv2d``
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -360,7 +362,7 @@ class _ConvReluPool(torch.autograd.Function):
 def conv3x3_relu_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``max_pool2d(relu(conv3x3(x, weight, bias)), 2, ceil_mode=True)`` per model, with
     autograd (:class:`_ConvReluPool`): (K, B, H, W, C) → (K, B, ⌈H/2⌉, ⌈W/2⌉, O)."""
-    _check_shapes(x, weight)
+    _check_inputs(x, weight)
     return _ConvReluPool.apply(x.contiguous(), weight, bias)
 
 
@@ -380,11 +382,11 @@ def conv3x3(
         (K, B, H, W, O), channels-last: ``out[k]`` equals
         ``conv2d(x[k] as NCHW, weight[k], bias[k], padding=1)`` in NHWC (then ``relu``).
     """
-    _check_shapes(x, weight)
+    _check_inputs(x, weight)
     return _Conv3x3.apply(x.contiguous(), weight, bias, relu)
 
 
-def _check_shapes(x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor) -> None:
     if x.dtype != torch.float32 and not (INTERPRETED and x.dtype == torch.float64):
         raise ValueError(
             f"conv3x3: float32 inputs (float64 only in Triton's interpreter), got {x.dtype}"
@@ -408,21 +410,27 @@ def _pool(h: torch.Tensor, pool) -> torch.Tensor:
     return out.permute(0, 2, 3, 1).contiguous().view(k, b, *out.shape[2:], c)
 
 
-def cnn_forward(params: dict[str, torch.Tensor], x: torch.Tensor, channels: int) -> torch.Tensor:
+def cnn_forward(
+    params: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    channels: int,
+    layer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Logits (K, n_classes, B) of K registry CNNs (:class:`SmallCNN`), model k on ``x[k]``.
 
-    The network of ``SmallCNN``: per entry of ``channels``, a 3×3 convolution
-    (:func:`conv3x3`), ReLU and 2×2 max-pooling (``ceil_mode``); then adaptive average
+    The network of ``SmallCNN``: per entry of ``channels``, a 3×3 convolution, ReLU and 2×2
+    max-pooling (``ceil_mode``), by default :func:`conv3x3_relu_pool`; then adaptive average
     pooling to 2×2, flattening in ``nn.Flatten``'s (c, i, j) order and the Linear layer.
     ``params``: name → (K, ...) as ``torch.func.stack_module_state`` gives them
-    (``net.0.weight``, ...); ``x``: (K, B, C, H, W); ``channels``: how many convolutions.
+    (``net.0.weight``, ...); ``x``: (K, B, C, H, W); ``channels``: how many convolutions;
+    ``layer``: another f(h, weight, bias) for those three steps (the benchmarks compare).
     """
     import torch.nn.functional as F
 
+    layer = layer or conv3x3_relu_pool
     h = x.permute(0, 1, 3, 4, 2).contiguous()  # (K, B, H, W, C)
     for i in range(channels):
-        layer = f"net.{3 * i}"
-        h = conv3x3_relu_pool(h, params[f"{layer}.weight"], params[f"{layer}.bias"])
+        h = layer(h, params[f"net.{3 * i}.weight"], params[f"net.{3 * i}.bias"])
     k, b = h.shape[:2]
     h = _pool(h, lambda t: F.adaptive_avg_pool2d(t, 2))  # (K, B, 2, 2, C)
     h = h.permute(0, 1, 4, 2, 3).reshape(k, b, -1)  # (K, B, C·4), c·4 + i·2 + j
