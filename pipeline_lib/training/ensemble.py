@@ -61,7 +61,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from pipeline_lib.models.image import MLP, ModelConfig, SmallCNN, build_model
-from pipeline_lib.training.fit import FitSettings, fit, predict_logits
+from pipeline_lib.training.fit import FitSettings, fit, flush_denormals, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -539,6 +539,7 @@ def _train_blocks(
     seeds: Sequence[int],
     settings: FitSettings,
     conv_kernel: str = "vmap",
+    flush_denormal: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Train each block of models by itself (one :func:`train_ensemble` loop per block),
     concatenated in model order. With ``threads`` > 1 (``cpu_parallel="models"``) the
@@ -562,6 +563,7 @@ def _train_blocks(
         return train_ensemble(
             model_cfg, shape, n_classes, X, y, masks[lo:hi], seeds[lo:hi], settings,
             cpu_parallel="ops", cpu_block_mib=0, conv_kernel=conv_kernel,
+            flush_denormal=flush_denormal,
         )  # fmt: skip
 
     if threads == 1:
@@ -590,6 +592,7 @@ def train_ensemble(
     cpu_parallel: str = "models",
     cpu_block_mib: float = CPU_BLOCK_MIB,
     conv_kernel: str = "vmap",
+    flush_denormal: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Train K models at once; model k sees only ``X[masks[k]]``.
 
@@ -619,6 +622,11 @@ def train_ensemble(
             for all K models (:mod:`pipeline_lib.training.ensemble_conv`; needs the
             ``triton`` package, on a CPU only under ``TRITON_INTERPRET=1``). Same models to
             float rounding; other architectures ignore it.
+        flush_denormal: train under :func:`pipeline_lib.training.fit.flush_denormals`
+            (default), as :func:`fit` does: on the CPU, Adam moments that decay below
+            float32's smallest normal number (weights whose gradient stays zero) otherwise
+            take the CPU's slow path for denormals, up to 1.8× slower on long runs, for no
+            change in the weights. Off is for measuring it (``benchmarks/denormals.py``).
 
     Returns:
         Stacked state dict on CPU: parameter name -> (K, *param_shape); ``unstack(sd, k)``
@@ -655,7 +663,7 @@ def train_ensemble(
             threads = min(threads, len(blocks))
             return _train_blocks(
                 blocks, threads, model_cfg, shape, n_classes, X, y, masks, seeds, settings,
-                conv_kernel,
+                conv_kernel, flush_denormal,
             )  # fmt: skip
     # on an accelerator the first epoch's permutations are drawn while the models are built
     with _EpochRows(masks, seeds, n, settings.epochs, device) as epoch_rows:
@@ -715,20 +723,21 @@ def train_ensemble(
 
         bs = settings.batch_size
         t0 = time.perf_counter()
-        for epoch, idx in enumerate(epoch_rows):
-            total = torch.zeros((), dtype=dtype, device=device)
-            for start in range(0, n, bs):
-                # (K, b) rows of X; b < bs for the last partial batch
-                total += step(idx[:, start : start + bs])
-                opt.step()
-            log.info(
-                "epoch %d/%d mean loss over %d models %.4f (%.1fs)",
-                epoch + 1,
-                settings.epochs,
-                k,
-                float(total) / (n * k),
-                time.perf_counter() - t0,
-            )
+        with flush_denormals(flush_denormal):
+            for epoch, idx in enumerate(epoch_rows):
+                total = torch.zeros((), dtype=dtype, device=device)
+                for start in range(0, n, bs):
+                    # (K, b) rows of X; b < bs for the last partial batch
+                    total += step(idx[:, start : start + bs])
+                    opt.step()
+                log.info(
+                    "epoch %d/%d mean loss over %d models %.4f (%.1fs)",
+                    epoch + 1,
+                    settings.epochs,
+                    k,
+                    float(total) / (n * k),
+                    time.perf_counter() - t0,
+                )
         return state()
 
 
