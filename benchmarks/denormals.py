@@ -4,7 +4,7 @@ Adam's first moment of a weight whose gradient has become exactly zero (a dead R
 input pixel that is almost always 0) decays by β₁ = 0.9 per step and is a float32 denormal
 (< 1.2e-38) after ~800 steps; x86 CPUs compute on denormals through a slow path. The
 trainers (``fit``, ``train_ensemble``) now run their loops under
-``pipeline_lib.training.fit.flush_denormals``; ``flush_denormal=False`` is the old behaviour.
+``pipeline_lib.denormals.flush_denormals``; ``flush_denormal=False`` is the old behaviour.
 
 For each case the script trains the same models both ways, in interleaved rounds (the order
 alternates; best of ``--repeats`` kept), and prints per case: optimizer steps per model,

@@ -1,5 +1,5 @@
 """The trainers run their CPU loops with denormal floats flushed to zero
-(``pipeline_lib.training.fit.flush_denormals``), and put the caller's mode back.
+(``pipeline_lib.denormals.flush_denormals``), and put the caller's mode back.
 
 How the tests see the mode from outside: one feature of X is a float32 denormal (1e-39). One
 Adam step with a huge learning rate moves the weights that read it only if the gradient
@@ -14,11 +14,17 @@ import threading
 
 import pytest
 import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from pipeline_lib.config import ModelConfig
+from pipeline_lib.attribution.matching import MatchTargets
+from pipeline_lib.config import ModelConfig, TrainConfig
+from pipeline_lib.denormals import flush_denormals, flushing_denormals
+from pipeline_lib.methods import METHODS, UnlearnInputs
 from pipeline_lib.models.image import build_model
+from pipeline_lib.stats.fisher import fisher_diagonal
 from pipeline_lib.training.ensemble import train_ensemble
-from pipeline_lib.training.fit import FitSettings, fit, flush_denormals, flushing_denormals
+from pipeline_lib.training.fit import FitSettings, fit
 
 SHAPE, C, N, K = (6,), 3, 16, 4
 COL = 2  # the feature that holds a denormal
@@ -131,3 +137,50 @@ def test_train_ensemble_trains_flushed_by_default(cpu_parallel, block_mib, flush
         torch.set_num_threads(before)
     w0 = torch.stack([build_model(MLP, SHAPE, C, s).net[1].weight.detach() for s in seeds])
     _assert_denormal_column(stacked["net.1.weight"], w0, flushed=flush is None)
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def _method_inputs(targets: str) -> UnlearnInputs:
+    g = torch.Generator().manual_seed(3)
+    X = torch.rand(40, *SHAPE, generator=g)
+    y = torch.arange(40) % C
+    fX, fy, rX, ry = X[:8], y[:8], X[8:], y[8:]
+    T = torch.randn(40, C, generator=g)
+    model = _factory(0)
+    return UnlearnInputs(
+        forget_X=fX, forget_y=fy, retain_X=rX, retain_y=ry, model_factory=_factory,
+        train=TrainConfig(epochs=1, batch_size=8, lr=1e-2, device="cpu"),
+        fisher_forget=fisher_diagonal(model, fX, fy), fisher_retain=fisher_diagonal(model, rX, ry),
+        match=MatchTargets(X, T, 8, targets or "oracles"),
+    )  # fmt: skip
+
+
+def _factory(seed: int) -> nn.Module:
+    return build_model(MLP, SHAPE, C, seed)
+
+
+def test_every_method_trains_flushed():
+    """Every optimizer step of every unlearning method (its own Adam loop, or fit's) runs
+    with denormals flushed; seen by torch.optim's global step hook. The class-only methods
+    take no optimizer step."""
+    unflushed: dict[str, int] = {}
+    stepping = set()
+    seen: list[bool] = []
+    hook = register_optimizer_step_pre_hook(lambda *_: seen.append(flushing_denormals()))
+    try:
+        for method in METHODS.values():
+            if method.class_only:
+                continue
+            seen.clear()
+            method.fn(_factory(0), _method_inputs(method.needs_targets), method.params_type(), 0)
+            if seen:
+                stepping.add(method.name)
+            if not all(seen):
+                unflushed[method.name] = seen.count(False)
+    finally:
+        hook.remove()
+    assert unflushed == {}
+    # the methods with a loop of their own, and some through fit
+    assert {"neggrad_plus", "scrub", "dmm", "oracle_matching", "finetune", "salun"} <= stepping

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from pipeline_lib.config import replace
+from pipeline_lib.denormals import flushing_denormals
 from pipeline_lib.methods.text import (
+    LM_METHODS,
     GradientAscentParams,
     LMNegGradPlusParams,
     LMRetrainParams,
@@ -266,3 +269,29 @@ def test_influence_grad_dot_and_hvp(trained):
     )
     assert res["scores"].shape == (len(FORGET),) and np.isfinite(res["cg_residual"])
     assert original.config._attn_implementation == "sdpa"  # restored
+
+
+def test_lm_trainer_and_every_lm_method_step_flushed(trained):
+    """train_lm and every LM method take their optimizer steps with denormals flushed
+    (pipeline_lib.denormals: unused tokens' embedding rows get zero gradients, so their Adam
+    moments decay into denormals on long runs); the caller's mode is back afterwards."""
+    original, _, inputs = trained
+    seen: list[bool] = []
+    stepping, unflushed = set(), {}
+    hook = register_optimizer_step_pre_hook(lambda *_: seen.append(flushing_denormals()))
+    try:
+        for method in LM_METHODS.values():
+            seen.clear()
+            method.fn(copy.deepcopy(original), inputs, method.params_type(), 0)
+            stepping |= {method.name} if seen else set()
+            if not all(seen):
+                unflushed[method.name] = seen.count(False)
+        seen.clear()
+        lm.train_lm(lm.build_lm(CFG, seed=5), inputs.retain, replace(TRAIN, epochs=1), seed=0)
+        if not all(seen) or not seen:
+            unflushed["train_lm"] = seen.count(False)
+    finally:
+        hook.remove()
+    assert unflushed == {}
+    assert {"gradient_ascent", "neggrad_plus", "retrain"} <= stepping
+    assert not flushing_denormals()

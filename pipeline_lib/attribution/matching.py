@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.attribution.datamodels import forget_shift_direct
+from pipeline_lib.denormals import flush_denormals
 
 
 @dataclass(frozen=True)
@@ -170,6 +171,7 @@ def oracle_targets(oracle_logits: Any) -> np.ndarray:
     return z.mean(axis=0)
 
 
+@flush_denormals()
 def match_outputs(
     model: nn.Module,
     targets: MatchTargets,

@@ -8,6 +8,7 @@ import logging
 import torch
 from torch import nn
 
+from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.methods.base import Info, UnlearnInputs, batches, distill_kl, register_method
 from pipeline_lib.methods.space import IntRange, LogUniform
 from pipeline_lib.schema import Field, Float, Int, section
@@ -32,6 +33,7 @@ class ScrubParams:
     temperature: Float = Field(4.0, gt=0)
 
 
+@flush_denormals()
 def scrub_distill(
     student: nn.Module,
     teacher: nn.Module,

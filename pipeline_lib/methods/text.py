@@ -25,6 +25,7 @@ import torch
 from pydantic import model_validator
 from torch import nn
 
+from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.methods.space import Choice, Dimension, LogUniform, check_space
 from pipeline_lib.models.lm import (
     LMTrainConfig,
@@ -244,6 +245,7 @@ def calibration_target(model: nn.Module, inputs: LMUnlearnInputs, p: GradientAsc
         "parameters": Choice(("embedding", "all", "blocks")),
     },
 )
+@flush_denormals()
 def gradient_ascent(
     model: nn.Module, inputs: LMUnlearnInputs, p: GradientAscentParams, seed: int
 ) -> tuple[nn.Module, Info]:
@@ -351,6 +353,7 @@ def gradient_ascent(
     LMNegGradPlusParams,
     "beta*CE(retain) - (1-beta)*CE(forget) (NegGrad+, Kurmanji et al. 2023)",
 )
+@flush_denormals()
 def neggrad_plus(
     model: nn.Module, inputs: LMUnlearnInputs, p: LMNegGradPlusParams, seed: int
 ) -> tuple[nn.Module, Info]:

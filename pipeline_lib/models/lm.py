@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.schema import Field, Float, Int, Str, section
 
 log = logging.getLogger(__name__)
@@ -278,6 +279,7 @@ def corpus_loss(model: nn.Module, win: Windows, batch_size: int = 32) -> float:
 # --------------------------------------------------------------------------- training
 
 
+@flush_denormals()
 def train_lm(model: nn.Module, win: Windows, cfg: LMTrainConfig, seed: int) -> dict[str, float]:
     """AdamW on the windows for ``cfg.epochs`` epochs (seeded order, linear warm-up, gradient
     clipping). Trains in place; returns seconds, steps and the last epoch's mean loss."""

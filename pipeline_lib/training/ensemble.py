@@ -60,8 +60,9 @@ import torch
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.models.image import MLP, ModelConfig, SmallCNN, build_model
-from pipeline_lib.training.fit import FitSettings, fit, flush_denormals, predict_logits
+from pipeline_lib.training.fit import FitSettings, fit, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -622,7 +623,7 @@ def train_ensemble(
             for all K models (:mod:`pipeline_lib.training.ensemble_conv`; needs the
             ``triton`` package, on a CPU only under ``TRITON_INTERPRET=1``). Same models to
             float rounding; other architectures ignore it.
-        flush_denormal: train under :func:`pipeline_lib.training.fit.flush_denormals`
+        flush_denormal: train under :func:`pipeline_lib.denormals.flush_denormals`
             (default), as :func:`fit` does: on the CPU, Adam moments that decay below
             float32's smallest normal number (weights whose gradient stays zero) otherwise
             take the CPU's slow path for denormals, up to 1.8× slower on long runs, for no
