@@ -31,7 +31,7 @@ def flush_denormals(on: bool = True) -> Iterator[None]:
     ReLU unit, an input pixel that is almost always 0) decays by β₁ = 0.9 a step, and after
     ~800 steps it is below float32's smallest normal number, 1.2e-38. x86 CPUs compute on
     such denormals through a slow microcode path: training 8 MLPs on 20,000 Fashion-MNIST
-    images for 3,140 steps took 22–26 s with 11% of the first moments denormal, and 14 s
+    images for 3,140 steps took 19.6 s with 12% of the first moments denormal, and 13.1 s
     flushed, with the same weights bit for bit (``benchmarks/denormals.py``, BENCHMARKS.md).
 
     What it changes: numbers below 1.2e-38 (float32) or 2.2e-308 (float64) read and are
@@ -40,9 +40,11 @@ def flush_denormals(on: bool = True) -> Iterator[None]:
     of a float32 weight; float64 training never gets near 2.2e-308.
 
     The mode is per thread (the CPU's MXCSR register): threads started inside the block
-    inherit it, torch's already-running intra-op (OpenMP) threads do not. The trainers run
-    their CPU loops under it with one torch thread per training thread. On a GPU it changes
-    nothing (it is a CPU setting; CUDA's float32 kernels handle denormals at full speed).
+    inherit it, torch's already-running intra-op (OpenMP) threads do not. So it covers all
+    of a loop that runs on one torch thread (Ray's chunk tasks by default, and each block
+    thread of the ensemble trainer's CPU layout), and only the calling thread's share of
+    the kernels that torch splits over several threads. On a GPU it changes nothing (a CPU
+    setting; CUDA's float32 kernels handle denormals at full speed).
     """
     before = flushing_denormals()
     changed = on != before and torch.set_flush_denormal(on)
