@@ -164,7 +164,7 @@ def _factory(seed: int) -> nn.Module:
 def test_every_method_trains_flushed():
     """Every optimizer step of every unlearning method (its own Adam loop, or fit's) runs
     with denormals flushed; seen by torch.optim's global step hook. The class-only methods
-    take no optimizer step."""
+    (mnemonic_code, svd_projection: one closed-form step each, no optimizer) are left out."""
     unflushed: dict[str, int] = {}
     stepping = set()
     seen: list[bool] = []
