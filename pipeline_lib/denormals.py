@@ -1,8 +1,9 @@
 """Flushing denormal floats to zero on the CPU, for training loops.
 
 Every CPU training loop of the project runs under :func:`flush_denormals`: :func:`fit
-<pipeline_lib.training.fit.fit>`, the ensemble trainer, the unlearning methods' own Adam
-loops and the language-model trainer (BENCHMARKS.md, "Denormal floats on long CPU runs").
+<pipeline_lib.training.fit.fit>`, the ensemble trainer, every registered unlearning method
+(``register_method`` and ``register_lm_method`` wrap them), DMM/OM's output matching and the
+language-model trainer (BENCHMARKS.md, "Denormal floats on long CPU runs").
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pipeline_lib.attribution.matching import MatchTargets
+from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.methods.space import Dimension, check_space
 from pipeline_lib.registry import Registry
 from pipeline_lib.training.fit import TrainConfig
@@ -103,10 +104,12 @@ def register_method(
 ) -> Callable[[MethodFn], MethodFn]:
     """Decorator: register the decorated function as method ``name`` whose hyper-parameters
     are the section ``params_type`` (``unlearn.<name>`` of params.yaml); ``search_space``
-    declares what ``unlearn tune`` may vary (checked against the section here)."""
+    declares what ``unlearn tune`` may vary (checked against the section here). The method
+    runs under :func:`pipeline_lib.denormals.flush_denormals`, as every training loop does."""
     space = check_space(name, params_type, search_space or {})
 
     def deco(fn: MethodFn) -> MethodFn:
+        fn = flush_denormals()(fn)
         params_type.__section_key__ = f"unlearn.{name}"  # type: ignore[attr-defined]
         METHODS.add(
             name,

@@ -7,7 +7,6 @@ import logging
 import torch
 from torch import nn
 
-from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.methods.base import (
     Info,
     UnlearnInputs,
@@ -46,7 +45,6 @@ class NegGradPlusParams:
         "beta": Uniform(0.5, 0.999),
     },
 )
-@flush_denormals()
 def neggrad_plus(
     model: nn.Module, inputs: UnlearnInputs, params: NegGradPlusParams, seed: int
 ) -> tuple[nn.Module, Info]:

@@ -8,7 +8,6 @@ import logging
 import torch
 from torch import nn
 
-from pipeline_lib.denormals import flush_denormals
 from pipeline_lib.methods.base import Info, UnlearnInputs, batches, distill_kl, register_method
 from pipeline_lib.methods.space import IntRange, LogUniform
 from pipeline_lib.schema import Field, Float, Int, section
@@ -33,7 +32,6 @@ class ScrubParams:
     temperature: Float = Field(4.0, gt=0)
 
 
-@flush_denormals()
 def scrub_distill(
     student: nn.Module,
     teacher: nn.Module,

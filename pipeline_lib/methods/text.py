@@ -95,6 +95,7 @@ def register_lm_method(
     space = check_space(name, params_type, search_space or {})
 
     def deco(fn: LMMethodFn) -> LMMethodFn:
+        fn = flush_denormals()(fn)  # as every training loop (pipeline_lib.denormals)
         params_type.__section_key__ = f"unlearn.{name}"  # type: ignore[attr-defined]
         LM_METHODS.add(name, LMMethod(name, fn, params_type, needs_oracle, summary, space))
         return fn
@@ -245,7 +246,6 @@ def calibration_target(model: nn.Module, inputs: LMUnlearnInputs, p: GradientAsc
         "parameters": Choice(("embedding", "all", "blocks")),
     },
 )
-@flush_denormals()
 def gradient_ascent(
     model: nn.Module, inputs: LMUnlearnInputs, p: GradientAscentParams, seed: int
 ) -> tuple[nn.Module, Info]:
@@ -353,7 +353,6 @@ def gradient_ascent(
     LMNegGradPlusParams,
     "beta*CE(retain) - (1-beta)*CE(forget) (NegGrad+, Kurmanji et al. 2023)",
 )
-@flush_denormals()
 def neggrad_plus(
     model: nn.Module, inputs: LMUnlearnInputs, p: LMNegGradPlusParams, seed: int
 ) -> tuple[nn.Module, Info]:
