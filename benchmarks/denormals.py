@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 
 from benchmarks._common import load_split
+from benchmarks.ensemble_bench import subset_masks
 from pipeline_lib.config import ModelConfig
 from pipeline_lib.models.image import build_model
 from pipeline_lib.training import ensemble
@@ -42,35 +43,28 @@ from pipeline_lib.training.fit import FitSettings, fit
 
 MLP = ModelConfig(name="mlp", hidden=(128, 128))
 
-#: Adam states made by the trainers during the current call (the benchmark's own spies).
-_MOMENTS: list[torch.Tensor] = []
+#: Per optimizer the trainers made during the current call (the benchmark's own spies): a
+#: function giving its Adam first moments, read at the end of the call.
+_MOMENTS: list[Callable[[], list[torch.Tensor]]] = []
+_original_optimizer = fit_module._optimizer
 
 
 class _SpiedFlatOptimizer(ensemble._FlatOptimizer):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if hasattr(self, "exp_avg"):
-            _MOMENTS.append(self.exp_avg)
+        _MOMENTS.append(lambda: [self.exp_avg])
 
 
 def _spied_optimizer(params, settings):
     opt = _original_optimizer(params, settings)
-    _MOMENTS.append(opt)  # its state exists after the first step; read at the end
+    _MOMENTS.append(lambda: [s["exp_avg"] for s in opt.state.values()])
     return opt
-
-
-_original_optimizer = fit_module._optimizer
 
 
 def _denormal_share() -> float:
     """Share of Adam's first-moment entries that are float32/64 denormals (nonzero, below
     the smallest normal number), over every optimizer the last call made."""
-    tensors = []
-    for item in _MOMENTS:
-        if isinstance(item, torch.Tensor):
-            tensors.append(item)
-        else:  # a torch.optim.Adam from fit
-            tensors.extend(s["exp_avg"] for s in item.state.values() if "exp_avg" in s)
+    tensors = [t for moments in _MOMENTS for t in moments()]
     total = sum(t.numel() for t in tensors)
     tiny = sum(
         int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum().item()) for t in tensors
@@ -78,16 +72,8 @@ def _denormal_share() -> float:
     return tiny / max(total, 1)
 
 
-def _subsets(n: int, k: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    masks = torch.zeros(k, n, dtype=torch.bool)
-    for i in range(k):
-        masks[i, torch.randperm(n, generator=g)[: n // 2]] = True
-    return masks
-
-
 def _case_ensemble(X, y, k: int, epochs: int) -> Callable[[bool], dict[str, torch.Tensor]]:
-    masks = _subsets(len(X), k)
+    masks = subset_masks(k, len(X), len(X) // 2, seed=0)
     settings = FitSettings(epochs=epochs, batch_size=64, lr=1e-3)
     shape = tuple(X.shape[1:])
 
@@ -100,7 +86,7 @@ def _case_ensemble(X, y, k: int, epochs: int) -> Callable[[bool], dict[str, torc
 
 
 def _case_fit(X, y, epochs: int) -> Callable[[bool], dict[str, torch.Tensor]]:
-    mask = _subsets(len(X), 1)[0]
+    mask = subset_masks(1, len(X), len(X) // 2, seed=0)[0]
     settings = FitSettings(epochs=epochs, batch_size=64, lr=1e-3)
     shape = tuple(X.shape[1:])
 
